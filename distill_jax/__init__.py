@@ -1,0 +1,1 @@
+"""distill_jax: distil image classifiers into readable students and explain them."""
