@@ -1,0 +1,94 @@
+"""Device mesh, shardings, and multi-host start-up.
+
+One code path from one CPU to a multi-host pod: a 1-D mesh with a `data` axis over every
+device (`jax.devices()`, all processes); batches are sharded along `data`, parameters and
+optimizer state are replicated. Under multi-host, each process holds only its share of
+every global batch (`jax.make_array_from_process_local_data`).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A mesh with one `data` axis over `devices` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding that splits the leading (batch) axis over the `data` axis."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding that keeps a full copy on every device."""
+    return NamedSharding(mesh, P())
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, *, what: str = "batch_size") -> None:
+    """Raises ValueError unless the global batch divides evenly over the mesh's `data` axis."""
+    n = mesh.shape[DATA_AXIS]
+    if global_batch_size < 1 or global_batch_size % n:
+        lo = max(n, (global_batch_size // n) * n)
+        raise ValueError(
+            f"{what}={global_batch_size} must be a positive multiple of the {n} devices in the mesh; "
+            f"try {lo} or {lo + n}"
+        )
+
+
+def local_batch_size(global_batch_size: int) -> int:
+    """This process's share of a global batch (global / process_count)."""
+    return global_batch_size // jax.process_count()
+
+
+def shard_batch(batch, mesh: Mesh):
+    """Places a pytree of host (numpy) arrays on the mesh, split along the batch axis.
+
+    With one process the arrays are the global batch; with several, each process passes its
+    own contiguous share and the result is the global array.
+    """
+    sharding = data_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return jax.tree_util.tree_map(
+        lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), batch
+    )
+
+
+def replicate(tree, mesh: Mesh):
+    """Places a pytree on every device of the mesh."""
+    return jax.device_put(tree, replicated(mesh))
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Starts `jax.distributed` when asked (flags) or when the environment says so.
+
+    Explicit arguments win; otherwise JAX's own detection (TPU pods, SLURM, Open MPI) and the
+    `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` variables are used.
+    Returns True when a multi-process runtime was started.
+    """
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and "JAX_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["JAX_PROCESS_ID"])
+    auto = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"))
+    if coordinator is None and not auto:
+        return False
+    if coordinator is not None and (num_processes is None or process_id is None):
+        raise ValueError("--coordinator needs --num-processes and --process-id (or JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    return True
+
+
+def is_main_process() -> bool:
+    """True on the process that writes reports and logs (process 0)."""
+    return jax.process_index() == 0

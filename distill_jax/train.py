@@ -1,0 +1,315 @@
+"""Training state, jitted train/eval steps, and the fit loop shared by teacher and students.
+
+A train step is built from a per-example loss function
+
+    loss_fn(params, extra, batch, teacher, key) -> (losses [batch], aux: dict of [batch] arrays)
+
+where `params` are the trainable parameters, `extra` the non-trainable variable collections
+(e.g. a PCA), `batch` a dict with at least `x` and `y`, and `teacher` the frozen teacher's
+variables (an argument, never closed over, so it is not baked into the compiled program as
+a constant) or None. The step is jitted once with explicit shardings (batch split over the
+mesh's `data` axis, everything else replicated) and donates the old state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+from typing import Any, Callable, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from distill_jax import parallel
+
+LossFn = Callable[..., tuple[jax.Array, dict]]
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised when a loss or gradient became NaN/inf; the last good state is kept."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised by `fit` after SIGINT/SIGTERM, once a checkpoint of the current state is written."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue exactly where it stopped.
+
+    Fields: step (int32 scalar), params (trainable pytree), opt_state, extra (non-trainable
+    variable collections, never updated), key (PRNG key; step keys are fold_in(key, step)),
+    first_bad_step (int32 scalar; -1 while every loss and gradient has been finite).
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    extra: Any
+    key: jax.Array
+    first_bad_step: jax.Array
+
+
+def create_state(params, optimizer: optax.GradientTransformation, *, key: jax.Array, extra=None) -> TrainState:
+    """A fresh TrainState at step 0."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        extra={} if extra is None else extra,
+        key=key,
+        first_bad_step=jnp.full((), -1, jnp.int32),
+    )
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def _sgd(learning_rate, *, momentum, weight_decay):
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum or None))
+
+
+def _adam(learning_rate, *, momentum, weight_decay):
+    del momentum
+    return optax.adamw(learning_rate, weight_decay=weight_decay) if weight_decay else optax.adam(learning_rate)
+
+
+OPTIMIZERS = {"sgd": _sgd, "adam": _adam}
+SCHEDULES = {
+    "constant": lambda lr, total: optax.constant_schedule(lr),
+    "cosine": lambda lr, total: optax.cosine_decay_schedule(lr, max(total, 1)),
+}
+
+
+def make_optimizer(name: str, *, learning_rate: float, total_steps: int, momentum: float = 0.9,
+                   weight_decay: float = 0.0, schedule: str = "constant",
+                   extra: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
+    """An optax optimizer by name (`sgd`, `adam`) with a learning-rate schedule (`constant`, `cosine`).
+
+    `extra` (e.g. a pruning mask transformation) is chained after the update.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} is not known; use one of {sorted(OPTIMIZERS)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r} is not known; use one of {sorted(SCHEDULES)}")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0; got {learning_rate}")
+    lr = SCHEDULES[schedule](learning_rate, total_steps)
+    opt = OPTIMIZERS[name](lr, momentum=momentum, weight_decay=weight_decay)
+    return optax.chain(opt, extra) if extra is not None else opt
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+
+
+def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> Callable:
+    """The un-jitted train step: (state, batch, teacher) -> (state, metrics).
+
+    metrics: `loss` (batch mean) and the batch mean of every aux entry. A step whose loss or
+    gradient is not finite leaves params and optimizer state unchanged and records its step
+    number in `first_bad_step` (if it is the first).
+    """
+
+    def step(state: TrainState, batch: dict, teacher) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(state.key, state.step)
+
+        def mean_loss(params):
+            losses, aux = loss_fn(params, state.extra, batch, teacher, key)
+            return jnp.mean(losses), aux
+
+        (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+        first_bad = jnp.where((state.first_bad_step < 0) & ~finite, state.step, state.first_bad_step)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            first_bad_step=first_bad,
+        )
+        metrics = {"loss": loss, **{k: jnp.mean(v) for k, v in aux.items()}}
+        return new_state, metrics
+
+    return step
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh) -> Callable:
+    """`train_step_fn` jitted with explicit shardings over `mesh` and the old state donated."""
+    repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    return jax.jit(
+        train_step_fn(loss_fn, optimizer),
+        in_shardings=(repl, data, repl),
+        out_shardings=(repl, repl),
+        donate_argnums=0,
+    )
+
+
+def make_predict_fn(apply_fn: Callable, mesh) -> Callable:
+    """Jitted `(variables, x) -> logits` with the batch sharded over `mesh`."""
+    repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    return jax.jit(apply_fn, in_shardings=(repl, data), out_shardings=data)
+
+
+def predict(predict_fn: Callable, variables, x: np.ndarray, *, batch_size: int, mesh) -> np.ndarray:
+    """Logits for every example of `x` (the last batch is padded, the padding dropped).
+
+    Args:
+      predict_fn: from `make_predict_fn`.
+      x: [n, ...] host array.
+    Returns:
+      [n, classes] numpy array.
+    """
+    n = len(x)
+    out = []
+    for start in range(0, n, batch_size):
+        chunk = x[start : start + batch_size]
+        pad = batch_size - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+        logits = predict_fn(variables, parallel.shard_batch(chunk, mesh))
+        out.append(np.asarray(jax.device_get(logits))[: batch_size - pad])
+    return np.concatenate(out)
+
+
+# --------------------------------------------------------------------------- fit loop
+
+
+def epoch_batch_indices(n: int, batch_size: int, *, seed: int, epoch: int) -> np.ndarray:
+    """Shuffled batches of indices for one epoch: [n // batch_size, batch_size].
+
+    Deterministic in (seed, epoch), so a resumed run sees the same order. The ragged tail
+    is dropped (a different tail every epoch).
+    """
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in [1, {n}] (the number of training examples); got {batch_size}")
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    steps = n // batch_size
+    return order[: steps * batch_size].reshape(steps, batch_size)
+
+
+@dataclasses.dataclass
+class FitConfig:
+    """Budget of one training run: epochs, global batch size, data-order seed, progress bar label."""
+
+    epochs: int
+    batch_size: int
+    seed: int = 0
+    desc: str = "train"
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    show_progress: bool = True
+
+
+class _StopSignal:
+    """Turns SIGTERM into KeyboardInterrupt while a fit runs, so both save and exit the same way."""
+
+    def __enter__(self):
+        self._old = None
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False
+
+
+def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: FitConfig, *, mesh,
+        teacher=None, evaluate: Callable[[TrainState], float] | None = None,
+        save: Callable[[TrainState], None] | None = None) -> tuple[TrainState, list[dict]]:
+    """Runs `step_fn` over shuffled batches for `cfg.epochs` epochs, resuming from `state.step`.
+
+    Args:
+      state: a TrainState (fresh or restored; a restored one continues mid-epoch exactly).
+      step_fn: from `make_train_step`.
+      data: dict of host arrays with the same leading length n (at least `x`, `y`); each step
+        gets the rows of one batch of every entry (e.g. cached teacher logits).
+      evaluate: optional state -> test accuracy, called after every epoch.
+      save: optional state -> None, called every `cfg.checkpoint_every` steps, at the end, and
+        on SIGINT/SIGTERM before `Interrupted` is raised.
+    Returns:
+      (final state, history: one dict per epoch with `epoch`, `loss`, `accuracy`, `test_accuracy`).
+    Raises:
+      NonFiniteError: a loss or gradient became non-finite (the state of the last good step is saved).
+    """
+    n = len(data["y"])
+    local_bs = parallel.local_batch_size(cfg.batch_size)
+    steps_per_epoch = n // local_bs if local_bs <= n else 0
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.desc}: batch_size={cfg.batch_size} is larger than the {n} training examples")
+    total = steps_per_epoch * cfg.epochs
+    start = int(state.step)
+    history: list[dict] = []
+    bar = tqdm(total=total, initial=min(start, total), desc=cfg.desc, disable=not cfg.show_progress,
+               leave=False, dynamic_ncols=True)
+    try:
+        with _StopSignal():
+            for epoch in range(start // steps_per_epoch, cfg.epochs):
+                order = epoch_batch_indices(n, local_bs, seed=cfg.seed, epoch=epoch)
+                sums: dict[str, jax.Array] = {}
+                first = start - epoch * steps_per_epoch if epoch == start // steps_per_epoch else 0
+                for idx in order[first:]:
+                    batch = parallel.shard_batch({k: v[idx] for k, v in data.items()}, mesh)
+                    state, metrics = step_fn(state, batch, teacher)
+                    sums = metrics if not sums else jax.tree_util.tree_map(jnp.add, sums, metrics)
+                    bar.update(1)
+                    if cfg.checkpoint_every and save and int(state.step) % cfg.checkpoint_every == 0:
+                        save(state)
+                _raise_if_nonfinite(state, cfg.desc, save)
+                record = {"epoch": epoch + 1, **{k: float(v) / len(order[first:]) for k, v in sums.items()}}
+                if evaluate is not None:
+                    record["test_accuracy"] = float(evaluate(state))
+                history.append(record)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "epoch"})
+    except KeyboardInterrupt as exc:
+        if save is not None:
+            save(state)
+        raise Interrupted(f"{cfg.desc} interrupted at step {int(state.step)}; checkpoint saved") from exc
+    finally:
+        bar.close()
+    if save is not None:
+        save(state)
+    return state, history
+
+
+def _raise_if_nonfinite(state: TrainState, desc: str, save) -> None:
+    bad = int(state.first_bad_step)
+    if bad >= 0:
+        if save is not None:
+            save(state)
+        raise NonFiniteError(
+            f"{desc}: the loss or its gradient became non-finite at step {bad}; training stopped and the "
+            f"parameters of the last finite step were kept (lower the learning rate or check the data)"
+        )
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Number of train steps in one epoch of n examples (ragged tail dropped)."""
+    return n // batch_size
+
+
+def total_steps(n: int, batch_size: int, epochs: int) -> int:
+    """Number of train steps in a run."""
+    return steps_per_epoch(n, batch_size) * epochs
+
+
+def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of host logits [n, classes] against labels [n]."""
+    return float(np.mean(np.argmax(logits, -1) == labels)) if len(labels) else math.nan

@@ -1,0 +1,132 @@
+"""Models: shapes, named features, deltas, the fast conv/pool paths against lax, the soft tree."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distill_jax import models
+
+
+def _init(model, x, key=0):
+    return model.init(jax.random.PRNGKey(key), x)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 1), (2, 28, 28, 1), (2, 32, 32, 3), (1, 9, 7, 3)])
+def test_seed_cnn_any_input_size(shape):
+    x = jnp.ones(shape)
+    model = models.SeedCNN(num_classes=10)
+    v = _init(model, x)
+    logits, feats = model.apply(v, x, return_features=True)
+    assert logits.shape == (shape[0], 10)
+    assert [k for k in feats] == ["conv1", "conv2", "conv3", "conv4", "dense1"]
+    assert feats["conv1"].shape == shape[:3] + (64,)
+    assert feats["conv4"].shape[-1] == 128 and feats["dense1"].shape == (shape[0], 512)
+    # the article's architecture: 64-64-128-128 convs, dense 512
+    p = v["params"]
+    assert [p[f"conv{i}"]["kernel"].shape[-1] for i in range(1, 5)] == [64, 64, 128, 128]
+    assert p["dense1"]["kernel"].shape[-1] == 512
+
+
+def test_patch_conv_matches_lax_in_float64():
+    with jax.enable_x64(True):
+        key1, key2 = jax.random.split(jax.random.PRNGKey(0))
+        x = jax.random.normal(key1, (2, 7, 6, 5), jnp.float64)
+        k = jax.random.normal(key2, (3, 3, 5, 4), jnp.float64)
+        np.testing.assert_allclose(models.conv3x3_patches(x, k), models.conv3x3_lax(x, k), rtol=1e-12, atol=1e-12)
+        f = lambda fn: jax.grad(lambda x, k: jnp.sum(jnp.sin(fn(x, k))), argnums=(0, 1))(x, k)
+        for a, b in zip(f(models.conv3x3_patches), f(models.conv3x3_lax)):
+            np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_reshape_pool_matches_reduce_window():
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 9, 3))  # odd sizes: SAME padding
+    np.testing.assert_array_equal(models.max_pool_reshape(x), models.max_pool_lax(x))
+    g1 = jax.grad(lambda x: jnp.sum(models.max_pool_reshape(x) ** 2))(x)
+    g2 = jax.grad(lambda x: jnp.sum(models.max_pool_lax(x) ** 2))(x)
+    np.testing.assert_allclose(g1, g2, rtol=1e-6)  # no ties in random normals
+
+
+def test_seed_cnn_impls_agree_on_outputs_and_gradients():
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 12, 12, 3))
+    fast, ref = models.SeedCNN(10), models.SeedCNN(10, impl="lax")
+    v = _init(fast, x)
+    np.testing.assert_allclose(fast.apply(v, x), ref.apply(v, x), rtol=1e-4, atol=1e-5)
+    loss = lambda m: jax.grad(lambda p: jnp.sum(jax.nn.log_softmax(m.apply({"params": p}, x))[:, 0]))(v["params"])
+    for a, b in zip(jax.tree_util.tree_leaves(loss(fast)), jax.tree_util.tree_leaves(loss(ref))):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_unknown_impl_is_refused():
+    with pytest.raises(ValueError, match="impl='bogus'.*patches"):
+        _init(models.SeedCNN(10, impl="bogus"), jnp.ones((1, 8, 8, 1)))
+
+
+def test_deltas_shift_a_feature_and_give_its_gradient():
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 1))
+    model = models.SmallCNN(5)
+    v = _init(model, x)
+    fwd = models.forward_with_features(model, v)
+    _, feats = fwd(x)
+    zero = {"conv2": jnp.zeros_like(feats["conv2"])}
+    np.testing.assert_allclose(fwd(x, zero)[0], fwd(x)[0])
+    g = jax.grad(lambda d: fwd(x, {"conv2": d})[0][:, 1].sum())(zero["conv2"])
+    assert g.shape == feats["conv2"].shape and float(jnp.abs(g).sum()) > 0
+    with pytest.raises(ValueError, match="no feature.*'nope'.*conv1"):
+        fwd(x, {"nope": jnp.zeros(())})
+
+
+def test_linear_over_pca_is_exactly_affine_in_components():
+    x = jax.random.normal(jax.random.PRNGKey(4), (3, 4, 4, 1))
+    model = models.Linear(num_classes=3, n_components=5)
+    v = _init(model, x)
+    mean = jnp.linspace(0, 1, 16)
+    comps = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(5), (16, 5)))[0].T
+    v = {**v, "pca": {"mean": mean, "components": comps}}
+    logits, feats = model.apply(v, x, return_features=True)
+    z = (x.reshape(3, -1) - mean) @ comps.T
+    np.testing.assert_allclose(feats["pca"], z, rtol=1e-5, atol=1e-6)
+    w, b = v["params"]["linear"]["kernel"], v["params"]["linear"]["bias"]
+    np.testing.assert_allclose(logits, z @ w + b, rtol=1e-5, atol=1e-6)
+
+
+def test_soft_tree_path_probabilities_sum_to_one_and_match_product_of_routings():
+    depth = 3
+    x = jax.random.normal(jax.random.PRNGKey(6), (5, 4, 4, 1))
+    model = models.SoftDecisionTree(depth=depth, num_classes=4)
+    v = _init(model, x)
+    _, f = model.apply(v, x, return_features=True)
+    np.testing.assert_allclose(f["path_probs"].sum(-1), 1.0, rtol=1e-6)
+    p = f["routing"]
+    # leaf 5 = path right (node 0), left (node 2), right (node 5)
+    np.testing.assert_allclose(f["path_probs"][:, 5], p[:, 0] * (1 - p[:, 2]) * p[:, 5], rtol=1e-6)
+    np.testing.assert_allclose(f["node_reach"][:, 4], p[:, 0] * 0 + (1 - p[:, 0]) * p[:, 1], rtol=1e-6)
+
+
+def test_hard_and_soft_tree_predictions_agree_on_a_confident_tree():
+    depth = 2
+    routing = jnp.array([[0.99, 0.5, 0.02], [0.01, 0.97, 0.5]])  # example 0 -> leaf 2, example 1 -> leaf 1
+    leaf_logits = jnp.array([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [5.0, 0, 0]])
+    leaf, cls = models.tree_hard_predict(routing, leaf_logits, depth)
+    np.testing.assert_array_equal(leaf, [2, 1])
+    _, path = models.path_probabilities(routing, depth)
+    soft = jnp.argmax(path @ jax.nn.softmax(leaf_logits), -1)
+    np.testing.assert_array_equal(cls, soft)
+    np.testing.assert_array_equal(cls, [2, 1])
+
+
+def test_tree_depth_must_be_positive():
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        _init(models.SoftDecisionTree(depth=0, num_classes=3), jnp.ones((1, 2, 2, 1)))
+
+
+def test_build_registry():
+    assert isinstance(models.build("cnn", 3), models.SmallCNN)
+    with pytest.raises(ValueError, match="kind 'resnet' is not known"):
+        models.build("resnet", 3)
+
+
+def test_jitted_equals_unjitted():
+    x = jax.random.normal(jax.random.PRNGKey(7), (2, 8, 8, 1))
+    model = models.SeedCNN(10)
+    v = _init(model, x)
+    np.testing.assert_allclose(jax.jit(model.apply)(v, x), model.apply(v, x), rtol=1e-5, atol=1e-6)
