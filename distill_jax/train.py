@@ -55,7 +55,8 @@ class TrainState:
 
 
 def create_state(params, optimizer: optax.GradientTransformation, *, key: jax.Array, extra=None) -> TrainState:
-    """A fresh TrainState at step 0."""
+    """A fresh TrainState at step 0 (params are copied: the train step donates its state's buffers)."""
+    params = jax.tree_util.tree_map(jnp.array, params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -256,6 +257,7 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
         raise ValueError(f"{cfg.desc}: batch_size={cfg.batch_size} is larger than the {n} training examples")
     total = steps_per_epoch * cfg.epochs
     start = int(state.step)
+    state = parallel.replicate(state, mesh)  # committed to the step's sharding: one compilation, not two
     history: list[dict] = []
     bar = tqdm(total=total, initial=min(start, total), desc=cfg.desc, disable=not cfg.show_progress,
                leave=False, dynamic_ncols=True)
