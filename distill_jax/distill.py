@@ -1,0 +1,342 @@
+"""Distillation methods: which teacher and student outputs each needs, and its per-example loss.
+
+A *method* is a weighted sum of *terms*, written like `"kd"`, `"labels+hint"` or
+`"kd+0.5*attention"`. Each term is in the `TERMS` registry and declares what it reads:
+
+    labels     cross entropy with the labels (no teacher)                        loss-based baseline
+    kd         Hinton KD: alpha*T^2*KL(teacher_T || student_T) + (1-alpha)*CE    loss-based
+    logits     MSE between logits (Ba & Caruana 2014)                            loss-based
+    hint       FitNets hints through a learned 1x1 regressor                     model-based
+    attention  attention transfer (Zagoruyko & Komodakis 2017)                   mask-based
+    saliency   input-gradient saliency matching                                  mask-based
+
+Distilling into an interpretable model class (the soft decision tree, the linear model over
+PCA components) is model-based distillation too: for the tree, `labels` and `kd` use the
+Frosst & Hinton objective (expected cross entropy over leaves) plus its balance penalty.
+
+The frozen teacher is either run inside the step (its variables are a step argument, under
+`stop_gradient`) or, when nothing changes its inputs (no augmentation), run once over the
+training set and its outputs cached (`cache_teacher_outputs`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distill_jax import losses, models
+
+Pair = tuple[str, str]  # (student layer, teacher layer)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """Hyper-parameters of every term (each term reads the ones it needs)."""
+
+    temperature: float = 4.0
+    alpha: float = 0.9
+    hint_pairs: tuple[Pair, ...] = (("conv2", "conv2"),)
+    attention_pairs: tuple[Pair, ...] = (("conv1", "conv1"), ("conv2", "conv2"))
+    attention_p: float = 2.0
+    tree_balance: float = 0.1
+    augment_shift: int = 0
+    augment_flip: bool = False
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0; got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1]; got {self.alpha}")
+        if self.tree_balance < 0:
+            raise ValueError(f"tree_balance must be >= 0; got {self.tree_balance}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a term may read in one step. Teacher fields are None when no term needs them."""
+
+    x: jax.Array
+    labels: jax.Array
+    num_classes: int
+    student_kind: str
+    student_logits: jax.Array
+    student_features: dict
+    student_apply: Callable[[jax.Array], jax.Array]
+    aux_params: dict
+    teacher_logits: jax.Array | None
+    teacher_features: dict
+    teacher_saliency: jax.Array | None
+    cfg: MethodConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TermSpec:
+    """A loss term: its per-example loss and what it needs from teacher and student."""
+
+    loss: Callable[[Context], jax.Array]
+    teacher_logits: bool = False
+    teacher_layers: Callable[[MethodConfig], tuple[str, ...]] = lambda cfg: ()
+    student_layers: Callable[[MethodConfig], tuple[str, ...]] = lambda cfg: ()
+    teacher_saliency: bool = False
+
+
+# --------------------------------------------------------------------------- terms
+
+
+def _is_tree(ctx: Context) -> bool:
+    return ctx.student_kind == "tree"
+
+
+def _tree_loss(ctx: Context, target_probs: jax.Array) -> jax.Array:
+    f = ctx.student_features
+    return losses.soft_tree_loss(f["path_probs"], f["leaf_logits"], target_probs)
+
+
+def labels_term(ctx: Context) -> jax.Array:
+    """Cross entropy with the labels; for a soft tree, Frosst & Hinton's expected leaf cross entropy."""
+    if _is_tree(ctx):
+        return _tree_loss(ctx, jax.nn.one_hot(ctx.labels, ctx.num_classes))
+    return losses.cross_entropy(ctx.student_logits, ctx.labels)
+
+
+def kd_term(ctx: Context) -> jax.Array:
+    """Hinton KD mixed with label cross entropy; for a soft tree, leaf cross entropy against soft targets."""
+    t, alpha = ctx.cfg.temperature, ctx.cfg.alpha
+    if _is_tree(ctx):
+        soft = jax.nn.softmax(ctx.teacher_logits / t, axis=-1)
+        hard = jax.nn.one_hot(ctx.labels, ctx.num_classes)
+        return _tree_loss(ctx, alpha * soft + (1 - alpha) * hard)
+    return losses.distillation_loss(ctx.student_logits, ctx.teacher_logits, ctx.labels, temperature=t, alpha=alpha)
+
+
+def logits_term(ctx: Context) -> jax.Array:
+    return losses.logit_matching_loss(ctx.student_logits, ctx.teacher_logits)
+
+
+def hint_term(ctx: Context) -> jax.Array:
+    total = 0.0
+    for s_layer, t_layer in ctx.cfg.hint_pairs:
+        teacher = ctx.teacher_features[t_layer]
+        regressor = models.HintRegressor(teacher.shape[-1])
+        mapped = regressor.apply({"params": ctx.aux_params["hint"][_pair_key(s_layer, t_layer)]},
+                                 ctx.student_features[s_layer])
+        total = total + losses.hint_loss(mapped, teacher)
+    return total
+
+
+def attention_term(ctx: Context) -> jax.Array:
+    total = 0.0
+    for s_layer, t_layer in ctx.cfg.attention_pairs:
+        total = total + losses.attention_transfer_loss(
+            ctx.student_features[s_layer], ctx.teacher_features[t_layer], p=ctx.cfg.attention_p
+        )
+    return total
+
+
+def saliency_term(ctx: Context) -> jax.Array:
+    return losses.saliency_matching_loss(ctx.student_apply, ctx.x, ctx.labels, ctx.teacher_saliency)
+
+
+def _pairs_side(attr: str, side: int):
+    return lambda cfg: tuple(pair[side] for pair in getattr(cfg, attr))
+
+
+TERMS: dict[str, TermSpec] = {
+    "labels": TermSpec(labels_term),
+    "kd": TermSpec(kd_term, teacher_logits=True),
+    "logits": TermSpec(logits_term, teacher_logits=True),
+    "hint": TermSpec(hint_term, teacher_layers=_pairs_side("hint_pairs", 1),
+                     student_layers=_pairs_side("hint_pairs", 0)),
+    "attention": TermSpec(attention_term, teacher_layers=_pairs_side("attention_pairs", 1),
+                          student_layers=_pairs_side("attention_pairs", 0)),
+    "saliency": TermSpec(saliency_term, teacher_saliency=True),
+}
+
+_TERM_RE = re.compile(r"^\s*(?:(?P<w>[0-9.eE+-]+)\s*\*\s*)?(?P<name>[a-z_]+)\s*$")
+
+
+def parse_method(method: str) -> tuple[tuple[str, float], ...]:
+    """Parses `"kd+0.5*attention"` into `(("kd", 1.0), ("attention", 0.5))`.
+
+    Raises:
+      ValueError: an unknown term or a malformed weight (the message lists the known terms).
+    """
+    terms = []
+    for part in method.split("+"):
+        match = _TERM_RE.match(part)
+        if not match or match["name"] not in TERMS:
+            raise ValueError(f"method {method!r}: term {part.strip()!r} is not known; "
+                             f"write terms from {sorted(TERMS)} joined by '+', each optionally 'weight*term'")
+        try:
+            weight = float(match["w"]) if match["w"] else 1.0
+        except ValueError:
+            raise ValueError(f"method {method!r}: weight {match['w']!r} is not a number") from None
+        terms.append((match["name"], weight))
+    return tuple(terms)
+
+
+@dataclasses.dataclass(frozen=True)
+class Needs:
+    """Union of what a method's terms read."""
+
+    teacher_logits: bool
+    teacher_layers: tuple[str, ...]
+    student_layers: tuple[str, ...]
+    teacher_saliency: bool
+
+    @property
+    def teacher(self) -> bool:
+        return self.teacher_logits or bool(self.teacher_layers) or self.teacher_saliency
+
+
+def method_needs(method: str, cfg: MethodConfig) -> Needs:
+    specs = [TERMS[name] for name, _ in parse_method(method)]
+    return Needs(
+        teacher_logits=any(s.teacher_logits for s in specs),
+        teacher_layers=tuple(dict.fromkeys(l for s in specs for l in s.teacher_layers(cfg))),
+        student_layers=tuple(dict.fromkeys(l for s in specs for l in s.student_layers(cfg))),
+        teacher_saliency=any(s.teacher_saliency for s in specs),
+    )
+
+
+def _pair_key(student_layer: str, teacher_layer: str) -> str:
+    return f"{student_layer}->{teacher_layer}"
+
+
+# --------------------------------------------------------------------------- teacher outputs
+
+
+def teacher_outputs(teacher: nn.Module, teacher_vars, x: jax.Array, labels: jax.Array, needs: Needs) -> dict:
+    """The teacher outputs a method needs, under stop_gradient.
+
+    Returns a dict with `teacher_logits` [B, C], `teacher_feat/<layer>` arrays and
+    `teacher_saliency` [B, H, W], each present only when needed.
+    """
+    out = {}
+    if needs.teacher_logits or needs.teacher_layers:
+        logits, feats = teacher.apply(teacher_vars, x, return_features=True)
+        out["teacher_logits"] = logits
+        out.update({f"teacher_feat/{l}": feats[l] for l in needs.teacher_layers})
+    if needs.teacher_saliency:
+        out["teacher_saliency"] = losses.input_saliency(lambda z: teacher.apply(teacher_vars, z), x, labels)
+    return jax.tree_util.tree_map(jax.lax.stop_gradient, out)
+
+
+def cache_teacher_outputs(teacher: nn.Module, teacher_vars, x: np.ndarray, labels: np.ndarray, needs: Needs,
+                          *, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Runs the frozen teacher once over `x` and returns its outputs as host arrays (same keys as `teacher_outputs`)."""
+    fn = jax.jit(lambda v, xb, yb: teacher_outputs(teacher, v, xb, yb, needs))
+    chunks = [jax.device_get(fn(teacher_vars, x[i : i + batch_size], labels[i : i + batch_size]))
+              for i in range(0, len(x), batch_size)]
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+
+
+# --------------------------------------------------------------------------- the loss function
+
+
+def init_trainable(student: nn.Module, method: str, cfg: MethodConfig, key: jax.Array, sample_x: jax.Array,
+                   teacher: nn.Module | None = None, teacher_vars=None, *, extra=None) -> dict:
+    """Initial trainable parameters `{"model": student params, "aux": {"hint": regressors}}`.
+
+    Checks that the student and teacher produce every feature the method reads and that each
+    pair of features can be matched.
+
+    Raises:
+      ValueError: naming the method, the layers and the shapes that do not fit.
+    """
+    needs = method_needs(method, cfg)
+    model_key, aux_key = jax.random.split(key)
+    variables = student.init(model_key, sample_x)
+    if extra:
+        variables = {**variables, **extra}
+    s_logits, s_feats = jax.eval_shape(lambda v: student.apply(v, sample_x, return_features=True), variables)
+    _check_layers(method, "student", type(student).__name__, needs.student_layers, s_feats)
+    aux = {}
+    if needs.teacher:
+        if teacher is None:
+            raise ValueError(f"method {method!r} needs a teacher")
+        t_logits, t_feats = jax.eval_shape(lambda v: teacher.apply(v, sample_x, return_features=True), teacher_vars)
+        if t_logits.shape[-1] != s_logits.shape[-1]:
+            raise ValueError(f"method {method!r}: the student has {s_logits.shape[-1]} classes and the teacher "
+                             f"{t_logits.shape[-1]}; they must be equal")
+        _check_layers(method, "teacher", type(teacher).__name__, needs.teacher_layers, t_feats)
+        for s_layer, t_layer in _used_pairs(method, cfg, "attention"):
+            _check_spatial(method, s_layer, s_feats[s_layer].shape, t_layer, t_feats[t_layer].shape)
+        hint_pairs = _used_pairs(method, cfg, "hint")
+        for s_layer, t_layer in hint_pairs:
+            _check_spatial(method, s_layer, s_feats[s_layer].shape, t_layer, t_feats[t_layer].shape)
+        if hint_pairs:
+            keys = jax.random.split(aux_key, len(hint_pairs))
+            aux["hint"] = {
+                _pair_key(s, t): models.HintRegressor(t_feats[t].shape[-1]).init(
+                    k, jnp.zeros(s_feats[s].shape, s_feats[s].dtype))["params"]
+                for k, (s, t) in zip(keys, hint_pairs)
+            }
+    return {"model": variables["params"], "aux": aux}
+
+
+def _used_pairs(method: str, cfg: MethodConfig, term: str) -> tuple[Pair, ...]:
+    return getattr(cfg, f"{term}_pairs") if term in dict(parse_method(method)) else ()
+
+
+def _check_layers(method: str, role: str, model_name: str, wanted, features) -> None:
+    missing = [l for l in wanted if l not in features]
+    if missing:
+        raise ValueError(f"method {method!r} reads {role} feature(s) {missing}, but {model_name} produces "
+                         f"{ {k: tuple(v.shape) for k, v in features.items()} }")
+
+
+def _check_spatial(method: str, s_layer: str, s_shape, t_layer: str, t_shape) -> None:
+    ok = len(s_shape) == len(t_shape) and (
+        len(s_shape) == 2 or all(max(a, b) % min(a, b) == 0 for a, b in zip(s_shape[1:3], t_shape[1:3])))
+    if not ok:
+        raise ValueError(f"method {method!r}: student layer {s_layer!r} {tuple(s_shape)} cannot be matched to "
+                         f"teacher layer {t_layer!r} {tuple(t_shape)} (spatial sizes must divide each other)")
+
+
+def make_loss_fn(student: nn.Module, student_kind: str, method: str, cfg: MethodConfig, num_classes: int,
+                 teacher: nn.Module | None = None) -> Callable:
+    """The per-example loss `loss_fn(params, extra, batch, teacher_vars, key) -> (losses [B], aux)` for `train`.
+
+    `batch` holds `x`, `y` and, when the teacher's outputs are cached, the `teacher_*` entries
+    of `teacher_outputs`; otherwise the teacher runs here on the (possibly augmented) batch.
+    aux: `accuracy` per example. For a tree student the balance penalty (a batch-level
+    scalar) is spread evenly over the examples.
+    """
+    terms = parse_method(method)
+    needs = method_needs(method, cfg)
+
+    def loss_fn(params, extra, batch, teacher_vars, key):
+        x, y = batch["x"], batch["y"]
+        if cfg.augment_shift or cfg.augment_flip:
+            from distill_jax import data  # noqa: PLC0415 - data imports jax-heavy loaders lazily
+
+            x = data.augment(key, x, max_shift=cfg.augment_shift, flip=cfg.augment_flip)
+        variables = {"params": params["model"], **extra}
+        logits, feats = student.apply(variables, x, return_features=True)
+        if needs.teacher and "teacher_logits" not in batch and "teacher_saliency" not in batch:
+            t_out = teacher_outputs(teacher, teacher_vars, x, y, needs)
+        else:
+            t_out = {k: v for k, v in batch.items() if k.startswith("teacher_")}
+        ctx = Context(
+            x=x, labels=y, num_classes=num_classes, student_kind=student_kind,
+            student_logits=logits, student_features=feats,
+            student_apply=lambda z: student.apply({"params": params["model"], **extra}, z),
+            aux_params=params["aux"],
+            teacher_logits=t_out.get("teacher_logits"),
+            teacher_features={k.split("/", 1)[1]: v for k, v in t_out.items() if k.startswith("teacher_feat/")},
+            teacher_saliency=t_out.get("teacher_saliency"), cfg=cfg,
+        )
+        total = sum(weight * TERMS[name].loss(ctx) for name, weight in terms)
+        if student_kind == "tree" and cfg.tree_balance > 0:
+            penalty = losses.tree_balance_penalty(feats["node_reach"], feats["routing"], strength=cfg.tree_balance)
+            total = total + penalty
+        accuracy = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+        return total, {"accuracy": accuracy}
+
+    return loss_fn
