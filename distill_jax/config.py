@@ -1,0 +1,106 @@
+"""The default run configuration, its smoke variant, and validation of user-set values.
+
+Config files under `experiments/configs/` start from `default_config()` and change what
+they need. `validate` turns an out-of-range value into one ValueError naming the key, the
+value and what is allowed (the CLI prints it as one line and exits with status 2).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+STUDENT_KINDS = ("cnn", "mlp", "linear", "tree")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The main job: digits, SeedCNN teacher, six students (three kinds x labels/kd) and one attention student."""
+    c = ml_collections.ConfigDict()
+    c.dataset = "digits"
+    c.data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.image_size = ml_collections.FieldReference(None, field_type=int)
+    c.test_fraction = 0.2
+    c.seed = 0
+    c.pca_components = 24
+
+    c.teacher = ml_collections.ConfigDict(dict(
+        kind="seed_cnn", optimizer="adam", learning_rate=1e-3, momentum=0.9, weight_decay=0.0,
+        schedule="cosine", epochs=25, batch_size=64, augment_shift=0, augment_flip=False))
+    c.student = ml_collections.ConfigDict(dict(
+        optimizer="adam", learning_rate=3e-3, momentum=0.9, weight_decay=0.0,
+        schedule="cosine", epochs=40, batch_size=64))
+    # "<kind>-<method>": kind in STUDENT_KINDS, method a '+'-joined sum of distill.TERMS.
+    c.students = "cnn-labels,cnn-kd,tree-labels,tree-kd,linear-labels,linear-kd,cnn-kd+attention"
+    c.tree = ml_collections.ConfigDict(dict(depth=4))
+    c.mlp = ml_collections.ConfigDict(dict(hidden=(128,)))
+
+    c.method = ml_collections.ConfigDict(dict(
+        temperature=4.0, alpha=0.9, tree_balance=0.1, attention_p=2.0,
+        attention_pairs="conv1:conv1,conv2:conv2", hint_pairs="conv2:conv2",
+        cache_teacher=True))
+
+    c.explain = ml_collections.ConfigDict(dict(num_images=8, ig_steps=64))
+    c.eval_batch_size = 256
+    c.checkpoint_every = 0
+    c.keep_checkpoints = 2
+    return c
+
+
+def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Tiny budgets that run the whole pipeline in seconds (for tests and CI)."""
+    c = ml_collections.ConfigDict(c.to_dict())
+    c.teacher.epochs = 1
+    c.student.epochs = 1
+    c.explain.num_images = 4
+    c.explain.ig_steps = 8
+    c.tree.depth = min(c.tree.depth, 3)
+    return c
+
+
+def parse_pairs(text: str, key: str) -> tuple[tuple[str, str], ...]:
+    """`"conv1:conv1,conv2:conv3"` -> (("conv1", "conv1"), ("conv2", "conv3")) (student:teacher)."""
+    pairs = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        parts = item.split(":")
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"{key}={text!r}: each pair must be 'student_layer:teacher_layer'")
+        pairs.append((parts[0], parts[1]))
+    return tuple(pairs)
+
+
+def parse_students(text: str) -> list[tuple[str, str, str]]:
+    """`"cnn-kd,tree-labels"` -> [("cnn-kd", "cnn", "kd"), ("tree-labels", "tree", "labels")]."""
+    out = []
+    for name in filter(None, (s.strip() for s in text.split(","))):
+        kind, _, method = name.partition("-")
+        if kind not in STUDENT_KINDS or not method:
+            raise ValueError(f"students: {name!r} must be '<kind>-<method>' with kind in {list(STUDENT_KINDS)}")
+        out.append((name, kind, method))
+    if not out:
+        raise ValueError("students is empty; name at least one, e.g. 'cnn-kd'")
+    return out
+
+
+def _require(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"config value {key}={value!r} is out of range: {allowed}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first out-of-range value."""
+    _require(0 < c.test_fraction < 1, "test_fraction", c.test_fraction, "must be in (0, 1)")
+    _require(c.pca_components >= 1, "pca_components", c.pca_components, "must be >= 1")
+    for group in ("teacher", "student"):
+        g = c[group]
+        _require(g.batch_size >= 1, f"{group}.batch_size", g.batch_size, "must be >= 1")
+        _require(g.epochs >= 1, f"{group}.epochs", g.epochs, "must be >= 1")
+        _require(g.learning_rate > 0, f"{group}.learning_rate", g.learning_rate, "must be > 0")
+    _require(c.method.temperature > 0, "method.temperature", c.method.temperature, "must be > 0")
+    _require(0 <= c.method.alpha <= 1, "method.alpha", c.method.alpha, "must be in [0, 1]")
+    _require(c.method.tree_balance >= 0, "method.tree_balance", c.method.tree_balance, "must be >= 0")
+    _require(c.tree.depth >= 1, "tree.depth", c.tree.depth, "must be >= 1")
+    _require(c.tree.depth <= 12, "tree.depth", c.tree.depth, "must be <= 12 (2^depth leaves)")
+    _require(c.explain.ig_steps >= 1, "explain.ig_steps", c.explain.ig_steps, "must be >= 1")
+    _require(c.explain.num_images >= 1, "explain.num_images", c.explain.num_images, "must be >= 1")
+    _require(c.eval_batch_size >= 1, "eval_batch_size", c.eval_batch_size, "must be >= 1")
+    parse_students(c.students)
+    parse_pairs(c.method.attention_pairs, "method.attention_pairs")
+    parse_pairs(c.method.hint_pairs, "method.hint_pairs")

@@ -1,0 +1,286 @@
+"""The main job, end to end: load, preprocess, PCA, teacher, students, explanations, evaluation, report.
+
+`run(config, workdir)` is what `distill-jax run` calls. Each stage is a small function of
+plain values, so experiments can reuse the ones they need (`prepare_data`,
+`train_teacher`, `train_student`, `explain_models`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import time
+import zlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distill_jax import checkpoint, config as config_lib, data, distill, explain, metrics, models, parallel
+from distill_jax import pca as pca_lib, preprocess, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Standardized train/test images, the fitted scaler and PCA, and the dataset's description."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    class_names: tuple[str, ...]
+    name: str
+    scaler: Any
+    pca: Any
+
+
+@dataclasses.dataclass
+class Trained:
+    """A trained model: its module, variables, kind, method, test logits and training history."""
+
+    name: str
+    model: nn.Module
+    variables: dict
+    kind: str
+    method: str
+    test_logits: np.ndarray
+    history: list[dict]
+    seconds: float
+
+    @property
+    def apply_fn(self) -> Callable[[jax.Array], jax.Array]:
+        return models.apply_fn_of(self.model, self.variables)
+
+
+def prepare_data(c) -> Prepared:
+    """Loads the dataset, standardizes per channel (fit on train), fits PCA on the flattened train images."""
+    ds = data.load(c.dataset, data_dir=c.data_dir, image_size=c.image_size, seed=c.seed,
+                   test_fraction=c.test_fraction)
+    scaler = preprocess.standardize_fit(ds.x_train)
+    x_train = np.asarray(preprocess.apply(scaler, ds.x_train), np.float32)
+    x_test = np.asarray(preprocess.apply(scaler, ds.x_test), np.float32)
+    flat = x_train.reshape(len(x_train), -1)
+    k = min(c.pca_components, *flat.shape)
+    pca_state = pca_lib.fit(jnp.asarray(flat), k)
+    return Prepared(x_train, np.asarray(ds.y_train, np.int32), x_test, np.asarray(ds.y_test, np.int32),
+                    ds.num_classes, tuple(ds.class_names), ds.name, scaler, pca_state)
+
+
+def method_config(c) -> distill.MethodConfig:
+    m = c.method
+    return distill.MethodConfig(
+        temperature=m.temperature, alpha=m.alpha, tree_balance=m.tree_balance, attention_p=m.attention_p,
+        attention_pairs=config_lib.parse_pairs(m.attention_pairs, "method.attention_pairs"),
+        hint_pairs=config_lib.parse_pairs(m.hint_pairs, "method.hint_pairs"),
+        augment_shift=c.teacher.augment_shift, augment_flip=c.teacher.augment_flip,
+    )
+
+
+def build_model(kind: str, c, num_classes: int, pca_state) -> tuple[nn.Module, dict]:
+    """A model of `kind` and its non-trainable collections (the PCA for `linear`)."""
+    options = {
+        "seed_cnn": {}, "cnn": {}, "mlp": {"hidden": tuple(c.mlp.hidden)},
+        "tree": {"depth": c.tree.depth},
+        "linear": {"n_components": int(pca_state.components.shape[0])},
+    }[kind]
+    model = models.build(kind, num_classes, **options)
+    extra = {"pca": models.set_pca({}, pca_state)["pca"]} if kind == "linear" else {}
+    return model, extra
+
+
+def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, budget, prep: Prepared,
+           mcfg: distill.MethodConfig, c, mesh, ckpt_dir: str | None, *, teacher: Trained | None = None,
+           cache_teacher: bool = True, show_progress: bool = True) -> Trained:
+    start = time.perf_counter()
+    parallel.check_batch_size(budget.batch_size, mesh, what=f"{name} batch_size")
+    key = jax.random.PRNGKey(c.seed)
+    init_key, state_key = jax.random.split(jax.random.fold_in(key, zlib.crc32(name.encode()) % (2**31)))
+    sample = jnp.asarray(prep.x_train[:2])
+    t_model, t_vars = (teacher.model, teacher.variables) if teacher else (None, None)
+    params = distill.init_trainable(model, method, mcfg, init_key, sample, t_model, t_vars, extra=extra)
+    steps = train.total_steps(len(prep.y_train) // jax.process_count(),
+                              parallel.local_batch_size(budget.batch_size), budget.epochs)
+    optimizer = train.make_optimizer(budget.optimizer, learning_rate=budget.learning_rate, total_steps=steps,
+                                     momentum=budget.momentum, weight_decay=budget.weight_decay,
+                                     schedule=budget.schedule)
+    state = train.create_state(params, optimizer, key=state_key, extra=extra)
+    loss_fn = distill.make_loss_fn(model, kind, method, mcfg, prep.num_classes, t_model)
+    needs = distill.method_needs(method, mcfg)
+    arrays = {"x": prep.x_train, "y": prep.y_train}
+    use_cache = needs.teacher and cache_teacher and not (mcfg.augment_shift or mcfg.augment_flip)
+    if use_cache:
+        arrays.update(distill.cache_teacher_outputs(t_model, t_vars, prep.x_train, prep.y_train, needs))
+    step_fn = train.make_train_step(loss_fn, optimizer, mesh)
+    predict_fn = train.make_predict_fn(lambda v, x: model.apply(v, x), mesh)
+
+    def variables_of(st):
+        return {"params": st.params["model"], **st.extra}
+
+    def evaluate(st):
+        logits = train.predict(predict_fn, variables_of(st), prep.x_test, batch_size=c.eval_batch_size, mesh=mesh)
+        return train.accuracy_from_logits(logits, prep.y_test)
+
+    save = None
+    if ckpt_dir is not None:
+        manager = checkpoint.state_manager(os.path.join(ckpt_dir, name, "state"), max_to_keep=c.keep_checkpoints)
+        restored = checkpoint.restore_latest(manager, state) if c.get("resume", False) else None
+        state = restored if restored is not None else state
+        save = lambda st: checkpoint.save_state(manager, st)
+    fit_cfg = train.FitConfig(epochs=budget.epochs, batch_size=budget.batch_size, seed=c.seed, desc=name,
+                              checkpoint_every=c.checkpoint_every, show_progress=show_progress)
+    state, history = train.fit(state, step_fn, arrays, fit_cfg, mesh=mesh,
+                               teacher=t_vars if (needs.teacher and not use_cache) else None,
+                               evaluate=evaluate, save=save)
+    variables = jax.device_get(variables_of(state))
+    if ckpt_dir is not None:
+        checkpoint.save_variables(os.path.join(ckpt_dir, name, "final"), variables)
+    test_logits = train.predict(predict_fn, variables, prep.x_test, batch_size=c.eval_batch_size, mesh=mesh)
+    return Trained(name, model, variables, kind, method, test_logits, history, time.perf_counter() - start)
+
+
+def train_teacher(prep: Prepared, c, mesh, ckpt_dir: str | None, **kw) -> Trained:
+    """Trains the teacher (`c.teacher.kind`, SeedCNN by default) on labels."""
+    model, extra = build_model(c.teacher.kind, c, prep.num_classes, prep.pca)
+    return _train("teacher", c.teacher.kind, "labels", model, extra, c.teacher, prep, method_config(c), c, mesh,
+                  ckpt_dir, **kw)
+
+
+def train_student(name: str, kind: str, method: str, prep: Prepared, teacher: Trained, c, mesh,
+                  ckpt_dir: str | None, **kw) -> Trained:
+    """Trains one student `<kind>-<method>` from the teacher (or from labels alone for `labels`)."""
+    model, extra = build_model(kind, c, prep.num_classes, prep.pca)
+    return _train(name, kind, method, model, extra, c.student, prep, method_config(c), c, mesh, ckpt_dir,
+                  teacher=teacher, cache_teacher=c.method.cache_teacher, **kw)
+
+
+# --------------------------------------------------------------------------- explanations
+
+
+def explain_models(trained: list[Trained], prep: Prepared, c) -> tuple[dict, dict]:
+    """Saliency and integrated gradients for the first `c.explain.num_images` test images, for every model.
+
+    Targets are the true labels, so maps of different models explain the same decision.
+    Returns (maps: model -> {"saliency", "integrated_gradients"} arrays, scores: model -> metrics).
+    """
+    n = min(c.explain.num_images, len(prep.x_test))
+    x = jnp.asarray(prep.x_test[:n])
+    target = jnp.asarray(prep.y_test[:n])
+    maps, scores = {}, {}
+    for t in trained:
+        sal = explain.saliency(t.apply_fn, x, target)
+        ig, err = explain.integrated_gradients(t.apply_fn, x, target, steps=c.explain.ig_steps, return_error=True)
+        maps[t.name] = {"saliency": np.asarray(sal), "integrated_gradients": np.asarray(ig)}
+        scores[t.name] = {
+            "ig_completeness_error": float(jnp.mean(err)),
+            "ig_deletion_auc": float(jnp.mean(metrics.deletion_auc(t.apply_fn, x, ig, target))),
+            "saliency_deletion_auc": float(jnp.mean(metrics.deletion_auc(t.apply_fn, x, sal, target))),
+        }
+    teacher_maps = maps[trained[0].name]
+    for t in trained[1:]:
+        for method in ("saliency", "integrated_gradients"):
+            rho = metrics.spearman(jnp.asarray(maps[t.name][method]), jnp.asarray(teacher_maps[method]))
+            scores[t.name][f"{method}_spearman_vs_teacher"] = float(jnp.mean(rho))
+    return maps, scores
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def model_metrics(t: Trained, teacher: Trained | None, prep: Prepared) -> dict:
+    """accuracy and params for every model; agreement and KL(teacher || student) for students."""
+    out = {"accuracy": train.accuracy_from_logits(t.test_logits, prep.y_test),
+           "params": models.count_params(t.variables["params"]),
+           "train_seconds": round(t.seconds, 2)}
+    if teacher is not None:
+        out.update(
+            agreement=float(metrics.agreement(jnp.asarray(t.test_logits), jnp.asarray(teacher.test_logits))),
+            kl=float(metrics.mean_kl(jnp.asarray(teacher.test_logits), jnp.asarray(t.test_logits))),
+            method=t.method,
+        )
+    return out
+
+
+def versions() -> dict:
+    import flax, optax, orbax.checkpoint  # noqa: E401, PLC0415
+
+    return {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
+            "optax": optax.__version__, "orbax": orbax.checkpoint.__version__, "numpy": np.__version__,
+            "backend": jax.default_backend(), "devices": jax.device_count(), "processes": jax.process_count(),
+            "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
+
+
+def run(c, workdir: str, *, show_progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+    """Runs the whole job and writes metrics.json, figures, report.html and checkpoints into `workdir`.
+
+    Returns the metrics dict (the content of metrics.json).
+    """
+    config_lib.validate(c)
+    main = parallel.is_main_process()
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    prep = prepare_data(c)
+    timing["data"] = time.perf_counter() - t0
+    mesh = parallel.make_mesh()
+    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+
+    teacher = train_teacher(prep, c, mesh, ckpt_dir, show_progress=show_progress and main)
+    timing["teacher"] = teacher.seconds
+    if main:
+        echo(f"teacher {c.teacher.kind}: test accuracy {train.accuracy_from_logits(teacher.test_logits, prep.y_test):.4f}"
+             f" ({teacher.seconds:.1f} s)")
+    students = []
+    for name, kind, method in config_lib.parse_students(c.students):
+        s = train_student(name, kind, method, prep, teacher, c, mesh, ckpt_dir, show_progress=show_progress and main)
+        students.append(s)
+        timing[name] = s.seconds
+        if main:
+            echo(f"student {name}: test accuracy {train.accuracy_from_logits(s.test_logits, prep.y_test):.4f}"
+                 f" ({s.seconds:.1f} s)")
+
+    t1 = time.perf_counter()
+    everyone = [teacher, *students]
+    maps, scores = explain_models(everyone, prep, c)
+    timing["explain"] = time.perf_counter() - t1
+
+    result = {
+        "dataset": prep.name,
+        "config": c.to_dict(),
+        "models": {"teacher": model_metrics(teacher, None, prep),
+                   **{s.name: model_metrics(s, teacher, prep) for s in students}},
+        "explanations": scores,
+        "timing_s": timing,
+        "versions": versions(),
+    }
+    if main:
+        from distill_jax import report  # noqa: PLC0415 - matplotlib only where a report is written
+
+        t2 = time.perf_counter()
+        figures = report.write_figures(workdir, prep, everyone, maps)
+        timing["report"] = time.perf_counter() - t2
+        timing["total"] = time.perf_counter() - t0
+        _write_json(os.path.join(workdir, "metrics.json"), result)
+        report.write_html(workdir, result, figures)
+        echo(report.summary_table(result))
+    return result
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.generic,)):
+        return o.item()
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    return str(o)
