@@ -2,6 +2,7 @@
 
     distill-jax run [--config FILE] [--workdir DIR] [--dataset SPEC] [--seed N] [--smoke] [--resume]
                     [--set KEY=VALUE ...] [--coordinator HOST:PORT --num-processes N --process-id I]
+    distill-jax explain [--workdir DIR]
 
 A mistake the user can fix (bad spec, bad value, unwritable workdir, missing file) prints one
 line on stderr and exits with status 2; Ctrl-C or SIGTERM saves a checkpoint and exits with 130.
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--coordinator", help="HOST:PORT of process 0 for multi-host runs")
     run.add_argument("--num-processes", type=int)
     run.add_argument("--process-id", type=int)
+    ex = sub.add_parser("explain", help="recompute explanations, figures and report of a finished run from its checkpoints")
+    ex.add_argument("--workdir", default="runs/default", help="the workdir of a finished `distill-jax run`")
     return parser
 
 
@@ -125,7 +128,16 @@ def cmd_run(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run}
+def cmd_explain(args) -> int:
+    from distill_jax import pipeline
+
+    workdir = check_workdir(args.workdir)
+    pipeline.explain_from_checkpoints(workdir)
+    print(f"rewrote {os.path.join(workdir, 'metrics.json')} and {os.path.join(workdir, 'report.html')}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "explain": cmd_explain}
 
 
 def main(argv: list[str] | None = None) -> int:

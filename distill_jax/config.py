@@ -26,7 +26,9 @@ def default_config() -> ml_collections.ConfigDict:
         schedule="cosine", epochs=25, batch_size=64, augment_shift=0, augment_flip=False))
     c.student = ml_collections.ConfigDict(dict(
         optimizer="adam", learning_rate=3e-3, momentum=0.9, weight_decay=0.0,
-        schedule="cosine", epochs=40, batch_size=64))
+        schedule="cosine", epochs=40, batch_size=64,
+        # gradual magnitude pruning of the students' kernels (Zhu & Gupta 2017); 0 = off
+        prune_sparsity=0.0, prune_begin=0.2, prune_end=0.8))
     # "<kind>-<method>": kind in STUDENT_KINDS, method a '+'-joined sum of distill.TERMS.
     c.students = "cnn-labels,cnn-kd,tree-labels,tree-kd,linear-labels,linear-kd,cnn-kd+attention"
     c.tree = ml_collections.ConfigDict(dict(depth=4))
@@ -93,6 +95,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _require(g.batch_size >= 1, f"{group}.batch_size", g.batch_size, "must be >= 1")
         _require(g.epochs >= 1, f"{group}.epochs", g.epochs, "must be >= 1")
         _require(g.learning_rate > 0, f"{group}.learning_rate", g.learning_rate, "must be > 0")
+    _require(0 <= c.student.prune_sparsity < 1, "student.prune_sparsity", c.student.prune_sparsity,
+             "must be in [0, 1)")
+    _require(0 <= c.student.prune_begin <= c.student.prune_end <= 1, "student.prune_begin/prune_end",
+             (c.student.prune_begin, c.student.prune_end), "need 0 <= prune_begin <= prune_end <= 1")
     _require(c.method.temperature > 0, "method.temperature", c.method.temperature, "must be > 0")
     _require(0 <= c.method.alpha <= 1, "method.alpha", c.method.alpha, "must be in [0, 1]")
     _require(c.method.tree_balance >= 0, "method.tree_balance", c.method.tree_balance, "must be >= 0")

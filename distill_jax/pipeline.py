@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax import checkpoint, config as config_lib, data, distill, explain, metrics, models, parallel
-from distill_jax import pca as pca_lib, preprocess, train
+from distill_jax import pca as pca_lib, preprocess, prune, train
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,16 @@ def build_model(kind: str, c, num_classes: int, pca_state) -> tuple[nn.Module, d
     return model, extra
 
 
+def pruning_of(budget, total_steps: int):
+    """The gradual magnitude pruning transformation a budget asks for (`prune_sparsity` > 0), or None."""
+    target = budget.get("prune_sparsity", 0.0)
+    if not target:
+        return None
+    return prune.magnitude_pruning(final_sparsity=target, begin_step=int(budget.prune_begin * total_steps),
+                                   end_step=int(budget.prune_end * total_steps),
+                                   frequency=max(1, total_steps // 100))
+
+
 def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, budget, prep: Prepared,
            mcfg: distill.MethodConfig, c, mesh, ckpt_dir: str | None, *, teacher: Trained | None = None,
            cache_teacher: bool = True, show_progress: bool = True) -> Trained:
@@ -109,7 +119,7 @@ def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, bud
                               parallel.local_batch_size(budget.batch_size), budget.epochs)
     optimizer = train.make_optimizer(budget.optimizer, learning_rate=budget.learning_rate, total_steps=steps,
                                      momentum=budget.momentum, weight_decay=budget.weight_decay,
-                                     schedule=budget.schedule)
+                                     schedule=budget.schedule, extra=pruning_of(budget, steps))
     state = train.create_state(params, optimizer, key=state_key, extra=extra)
     loss_fn = distill.make_loss_fn(model, kind, method, mcfg, prep.num_classes, t_model)
     needs = distill.method_needs(method, mcfg)
@@ -197,6 +207,7 @@ def model_metrics(t: Trained, teacher: Trained | None, prep: Prepared) -> dict:
     """accuracy and params for every model; agreement and KL(teacher || student) for students."""
     out = {"accuracy": train.accuracy_from_logits(t.test_logits, prep.y_test),
            "params": models.count_params(t.variables["params"]),
+           "sparsity": round(prune.sparsity(t.variables["params"]), 4),
            "train_seconds": round(t.seconds, 2)}
     if teacher is not None:
         out.update(
@@ -244,31 +255,76 @@ def run(c, workdir: str, *, show_progress: bool = True, echo: Callable[[str], No
             echo(f"student {name}: test accuracy {train.accuracy_from_logits(s.test_logits, prep.y_test):.4f}"
                  f" ({s.seconds:.1f} s)")
 
-    t1 = time.perf_counter()
-    everyone = [teacher, *students]
-    maps, scores = explain_models(everyone, prep, c)
-    timing["explain"] = time.perf_counter() - t1
-
     result = {
         "dataset": prep.name,
         "config": c.to_dict(),
         "models": {"teacher": model_metrics(teacher, None, prep),
                    **{s.name: model_metrics(s, teacher, prep) for s in students}},
-        "explanations": scores,
         "timing_s": timing,
         "versions": versions(),
     }
+    if main:
+        _write_json(os.path.join(workdir, "history.json"), {t.name: t.history for t in [teacher, *students]})
+    return explain_and_report(result, [teacher, *students], prep, c, workdir, main=main, echo=echo)
+
+
+def explain_and_report(result: dict, everyone: list[Trained], prep: Prepared, c, workdir: str, *, main: bool = True,
+                       echo: Callable[[str], None] = print) -> dict:
+    """Explains every model, adds the scores to `result`, and writes metrics.json, figures and report.html."""
+    timing = result["timing_s"]
+    t1 = time.perf_counter()
+    maps, scores = explain_models(everyone, prep, c)
+    timing["explain"] = time.perf_counter() - t1
+    result["explanations"] = scores
     if main:
         from distill_jax import report  # noqa: PLC0415 - matplotlib only where a report is written
 
         t2 = time.perf_counter()
         figures = report.write_figures(workdir, prep, everyone, maps)
         timing["report"] = time.perf_counter() - t2
-        timing["total"] = time.perf_counter() - t0
+        timing["total"] = sum(v for k, v in timing.items() if k != "total")
         _write_json(os.path.join(workdir, "metrics.json"), result)
         report.write_html(workdir, result, figures)
         echo(report.summary_table(result))
     return result
+
+
+def load_trained(workdir: str) -> tuple[dict, list[Trained], Prepared, Any]:
+    """Reloads a finished run from `workdir`: its metrics, every model from its checkpoint, and the data.
+
+    Raises:
+      FileNotFoundError: `workdir` has no metrics.json or a model has no checkpoint.
+    """
+    import ml_collections  # noqa: PLC0415
+
+    path = os.path.join(workdir, "metrics.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist; run `distill-jax run --workdir {workdir}` first")
+    with open(path) as f:
+        result = json.load(f)
+    c = ml_collections.ConfigDict(result["config"])
+    prep = prepare_data(c)
+    mesh = parallel.make_mesh()
+    history_path = os.path.join(workdir, "history.json")
+    histories = json.load(open(history_path)) if os.path.isfile(history_path) else {}
+    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    kinds = [("teacher", c.teacher.kind, "labels")] + config_lib.parse_students(c.students)
+    trained = []
+    for name, kind, method in kinds:
+        model, extra = build_model(kind, c, prep.num_classes, prep.pca)
+        template = {**model.init(jax.random.PRNGKey(0), jnp.asarray(prep.x_train[:1])), **extra}
+        variables = checkpoint.load_variables(os.path.join(ckpt_dir, name, "final"), template)
+        predict_fn = train.make_predict_fn(lambda v, x, m=model: m.apply(v, x), mesh)
+        logits = train.predict(predict_fn, variables, prep.x_test, batch_size=c.eval_batch_size, mesh=mesh)
+        trained.append(Trained(name, model, variables, kind, method, logits, histories.get(name, []), 0.0))
+    return result, trained, prep, c
+
+
+def explain_from_checkpoints(workdir: str, *, echo: Callable[[str], None] = print) -> dict:
+    """Recomputes explanations, figures and the report of a finished run from its checkpoints (no training)."""
+    result, trained, prep, c = load_trained(workdir)
+    result["timing_s"] = {}
+    return explain_and_report(result, trained, prep, c, workdir, echo=echo)
 
 
 def _write_json(path: str, obj: dict) -> None:

@@ -55,8 +55,9 @@ class TrainState:
 
 
 def create_state(params, optimizer: optax.GradientTransformation, *, key: jax.Array, extra=None) -> TrainState:
-    """A fresh TrainState at step 0 (params are copied: the train step donates its state's buffers)."""
+    """A fresh TrainState at step 0 (params and extra are copied: the train step donates its state's buffers)."""
     params = jax.tree_util.tree_map(jnp.array, params)
+    extra = jax.tree_util.tree_map(jnp.array, extra)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -259,7 +260,7 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
     start = int(state.step)
     state = parallel.replicate(state, mesh)  # committed to the step's sharding: one compilation, not two
     history: list[dict] = []
-    bar = tqdm(total=total, initial=min(start, total), desc=cfg.desc, disable=not cfg.show_progress,
+    bar = tqdm(total=total, initial=min(start, total), desc=cfg.desc, disable=None if cfg.show_progress else True,
                leave=False, dynamic_ncols=True)
     try:
         with _StopSignal():
