@@ -1,0 +1,247 @@
+"""Tests for distill_jax.explain on analytic functions and a tiny random ReLU CNN."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distill_jax import explain
+
+B, H, W, C, K = 5, 6, 6, 2, 3
+
+
+def _linear_model(key):
+    """f_c(x) = sum(w_c * x): saliency = w_target, IG = w_target * (x - baseline) exactly."""
+    w = jax.random.normal(key, (K, H, W, C))
+    return w, lambda x: jnp.einsum("khwc,bhwc->bk", w, x)
+
+
+def _quadratic_model(key):
+    """f_c(x) = sum(a_c * x^2): IG_i = a_ci (x_i^2 - x'_i^2) in closed form."""
+    a = jax.random.uniform(key, (K, H, W, C), minval=0.5, maxval=1.5)
+    return a, lambda x: jnp.einsum("khwc,bhwc->bk", a, x**2)
+
+
+def _cnn(key, width=8):
+    """A small random ReLU CNN following the forward_fn(x, deltas=None) -> (logits, features) convention."""
+    ks = jax.random.split(key, 5)
+    p = {
+        "conv1": (jax.random.normal(ks[0], (3, 3, C, width)) / 3.0, 0.3 * jax.random.normal(ks[1], (width,))),
+        "conv2": (jax.random.normal(ks[2], (3, 3, width, width)) / (3.0 * width**0.5), 0.3 * jax.random.normal(ks[3], (width,))),
+        "head": jax.random.normal(ks[4], (width, K)),
+    }
+
+    def conv(x, kb):
+        y = jax.lax.conv_general_dilated(x, kb[0], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + kb[1]
+
+    def forward_fn(x, deltas=None):
+        deltas = deltas or {}
+        feats = {}
+        h = jax.nn.relu(conv(x, p["conv1"])) + deltas.get("conv1", 0.0)
+        feats["conv1"] = h
+        h = jax.nn.relu(conv(h, p["conv2"])) + deltas.get("conv2", 0.0)
+        feats["conv2"] = h
+        pooled = h.mean(axis=(1, 2)) + deltas.get("pooled", 0.0)
+        feats["pooled"] = pooled
+        return pooled @ p["head"], feats
+
+    return forward_fn, lambda x: forward_fn(x)[0]
+
+
+@pytest.fixture(scope="module")
+def data():
+    x = jax.random.normal(jax.random.key(1), (B, H, W, C))
+    t = jnp.array([0, 1, 2, 0, 1])
+    return x, t
+
+
+def test_saliency_and_grad_x_input_linear(data):
+    x, t = data
+    w, f = _linear_model(jax.random.key(0))
+    np.testing.assert_array_equal(explain.saliency(f, x, t, absolute=False), w[t])
+    np.testing.assert_array_equal(explain.saliency(f, x, t), jnp.abs(w[t]))
+    np.testing.assert_allclose(explain.grad_x_input(f, x, t), w[t] * x, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["riemann_trapezoid", "gauss_legendre"])
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_ig_linear_exact(data, method, chunk):
+    x, t = data
+    w, f = _linear_model(jax.random.key(0))
+    base = jax.random.normal(jax.random.key(3), x.shape)
+    np.testing.assert_allclose(explain.integrated_gradients(f, x, t, steps=16, method=method, chunk=chunk), w[t] * x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        explain.integrated_gradients(f, x, t, baseline=base, steps=7, method=method, chunk=chunk), w[t] * (x - base), rtol=1e-5, atol=1e-5
+    )
+    blurred = explain.gaussian_blur(x, sigma=1.0)
+    np.testing.assert_allclose(
+        explain.integrated_gradients(f, x, t, baseline="blur", blur_sigma=1.0, steps=4, method=method), w[t] * (x - blurred), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("method", ["riemann_trapezoid", "gauss_legendre"])
+def test_ig_quadratic_closed_form(data, method):
+    x, t = data
+    a, f = _quadratic_model(jax.random.key(2))
+    base = 0.5 * jax.random.normal(jax.random.key(4), x.shape)
+    attr, err = explain.integrated_gradients(f, x, t, baseline=base, steps=64, method=method, return_error=True)
+    np.testing.assert_allclose(attr, a[t] * (x**2 - base**2), rtol=1e-4, atol=1e-5)
+    assert float(err.max()) < 1e-4
+
+
+def test_riemann_left_converges_slowly_on_quadratic(data):
+    # the left rule is first order: its error shrinks about 4x from 8 to 32 steps on this integrand
+    x, t = data
+    a, f = _quadratic_model(jax.random.key(2))
+    exact = a[t] * x**2
+    e8 = jnp.abs(explain.integrated_gradients(f, x, t, steps=8, method="riemann_left") - exact).max()
+    e32 = jnp.abs(explain.integrated_gradients(f, x, t, steps=32, method="riemann_left") - exact).max()
+    assert 3.0 < float(e8 / e32) < 5.0
+
+
+@pytest.mark.parametrize("method", ["riemann_trapezoid", "gauss_legendre"])
+def test_ig_completeness_relu_cnn(method):
+    _, f = _cnn(jax.random.key(7))
+    x = jax.random.uniform(jax.random.key(8), (4, H, W, C))
+    t = jnp.argmax(f(x), axis=1)
+    attr, err = explain.integrated_gradients(f, x, t, steps=128, method=method, return_error=True)
+    assert float(err.max()) < 0.01
+    np.testing.assert_allclose(explain.ig_completeness_error(f, x, t, attr), err, rtol=1e-4, atol=1e-6)
+
+
+def test_ig_chunks_agree_and_jit_matches():
+    _, f = _cnn(jax.random.key(7))
+    x = jax.random.uniform(jax.random.key(8), (3, H, W, C))
+    t = jnp.array([0, 2, 1])
+    ref = explain.integrated_gradients(f, x, t, steps=10)
+    for chunk in (3, 10):
+        np.testing.assert_allclose(explain.integrated_gradients(f, x, t, steps=10, chunk=chunk), ref, rtol=1e-4, atol=1e-6)
+    jitted = jax.jit(functools.partial(explain.integrated_gradients, f, steps=10))(x, t)
+    np.testing.assert_allclose(jitted, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_multiple_targets(data):
+    x, _ = data
+    _, f = _cnn(jax.random.key(7))
+    tk = jnp.stack([jnp.zeros(B, jnp.int32), jnp.full(B, 2, jnp.int32)], axis=1)  # [B, 2]
+    for name in ("saliency", "grad_x_input", "integrated_gradients", "occlusion"):
+        kw = {"steps": 8} if name == "integrated_gradients" else {}
+        out = explain.attribute(name, f, x, tk, **kw)
+        assert out.shape == (B, 2) + x.shape[1:]
+        for j in range(2):
+            np.testing.assert_allclose(out[:, j], explain.attribute(name, f, x, tk[:, j], **kw), rtol=1e-5, atol=1e-6)
+    _, err = explain.integrated_gradients(f, x, tk, steps=8, return_error=True)
+    assert err.shape == (B, 2)
+
+
+def test_grad_cam_hand_computed(data):
+    # logits = mean_hw(A) @ V with A = relu(x @ M) (a 1x1 conv): dlogit_t/dA = V[:, t] / (h w), so
+    # Grad-CAM = relu(sum_c V[c, t] / (h w) * A_c), at input size already (identity resize).
+    x, t = data
+    m = jax.random.normal(jax.random.key(10), (C, 4))
+    v = jax.random.normal(jax.random.key(11), (4, K))
+
+    def forward_fn(x, deltas=None):
+        a = jax.nn.relu(x @ m) + (deltas or {}).get("a", 0.0)
+        return a.mean(axis=(1, 2)) @ v, {"a": a, "vec": a.mean(axis=(1, 2))}
+
+    a = jax.nn.relu(x @ m)
+    expected = jax.nn.relu(jnp.einsum("bhwc,cb->bhw", a, v[:, t] / (H * W)))
+    cam = explain.grad_cam(forward_fn, x, t, layer="a")
+    np.testing.assert_allclose(cam, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(jax.jit(functools.partial(explain.grad_cam, forward_fn, layer="a"))(x, t), cam, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="spatial"):
+        explain.grad_cam(forward_fn, x, t, layer="vec")
+
+
+def test_grad_cam_cnn_shapes_and_resize(data):
+    x, t = data
+    forward_fn, _ = _cnn(jax.random.key(7))
+    cam = explain.grad_cam(forward_fn, x, t, layer="conv2")
+    assert cam.shape == (B, H, W) and float(cam.min()) >= 0
+    cam_k = explain.grad_cam(forward_fn, x, jnp.stack([t, t], 1), layer="conv1")
+    assert cam_k.shape == (B, 2, H, W)
+    np.testing.assert_allclose(cam_k[:, 0], cam_k[:, 1])
+    with pytest.raises(ValueError, match=r"'nope'.*\['conv1', 'conv2', 'pooled'\]"):
+        explain.grad_cam(forward_fn, x, t, layer="nope")
+
+
+def test_occlusion_linear(data):
+    x, t = data
+    w, f = _linear_model(jax.random.key(0))
+    # 1x1 patches: the drop is the pixel's contribution summed over channels, for every channel
+    expected = jnp.broadcast_to(jnp.sum(w[t] * x, -1, keepdims=True), x.shape)
+    np.testing.assert_allclose(explain.occlusion(f, x, t, patch=1, stride=1), expected, rtol=1e-4, atol=1e-5)
+    # non-overlapping 3x3 patches: each pixel gets its window's total contribution
+    contrib = jnp.sum(w[t] * x, -1).reshape(B, 2, 3, 2, 3).sum((2, 4))
+    expected = jnp.broadcast_to(jnp.repeat(jnp.repeat(contrib, 3, 1), 3, 2)[..., None], x.shape)
+    occ = explain.occlusion(f, x, t, patch=3, stride=3)
+    np.testing.assert_allclose(occ, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(functools.partial(explain.occlusion, f, patch=3, stride=3))(x, t), occ, rtol=1e-6, atol=1e-6)
+    # overlapping windows (stride < patch, last window flush with the border) cover every pixel
+    assert bool(jnp.all(jnp.isfinite(explain.occlusion(f, x, t, patch=4, stride=3))))
+
+
+def test_smoothgrad(data):
+    x, t = data
+    w, f = _linear_model(jax.random.key(0))
+    sg = explain.smoothgrad(explain.saliency, f, x, t, key=jax.random.key(5), samples=5, chunk=2, absolute=False)
+    np.testing.assert_allclose(sg, w[t], rtol=1e-6)  # the gradient of a linear model does not change with noise
+    a, fq = _quadratic_model(jax.random.key(2))
+    sgq = explain.attribute("smoothgrad", fq, x, t, method="saliency", key=jax.random.key(6), samples=8, noise=0.1, absolute=False)
+    sgq_jit = jax.jit(lambda x, t: explain.smoothgrad(explain.saliency, fq, x, t, key=jax.random.key(6), samples=8, noise=0.1, absolute=False))(x, t)
+    np.testing.assert_allclose(sgq, sgq_jit, rtol=1e-5, atol=1e-6)
+    # E[2a(x + e)] = 2 a x: the mean over 8 samples is within a few noise standard deviations
+    sigma = 0.1 * (x.reshape(B, -1).max(1) - x.reshape(B, -1).min(1))
+    assert float(jnp.max(jnp.abs(sgq - 2 * a[t] * x) / (2 * a[t] * sigma[:, None, None, None]))) < 5 / np.sqrt(8) * 2
+    forward_fn, _ = _cnn(jax.random.key(7))
+    cam = explain.smoothgrad(explain.grad_cam, forward_fn, x, t, key=jax.random.key(0), samples=3, layer="conv1")
+    assert cam.shape == (B, H, W)
+
+
+def test_bad_inputs(data):
+    x, t = data
+    _, f = _linear_model(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"target values must lie in \[0, 3\)"):
+        explain.saliency(f, x, t.at[0].set(3))
+    with pytest.raises(ValueError, match="target"):
+        explain.saliency(f, x, -t)
+    with pytest.raises(ValueError, match="target must hold integer"):
+        explain.saliency(f, x, t.astype(jnp.float32))
+    with pytest.raises(ValueError, match="target must have shape"):
+        explain.saliency(f, x, t[:3])
+    with pytest.raises(ValueError, match="baseline must have the shape"):
+        explain.integrated_gradients(f, x, t, baseline=jnp.zeros((B, H, W)))
+    with pytest.raises(ValueError, match="baseline must be"):
+        explain.integrated_gradients(f, x, t, baseline="noise")
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        explain.integrated_gradients(f, x, t, steps=0)
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        explain.integrated_gradients(f, x, t, steps=1)
+    with pytest.raises(ValueError, match="method must be one of"):
+        explain.integrated_gradients(f, x, t, method="simpson")
+    with pytest.raises(ValueError, match="name must be one of"):
+        explain.attribute("lime", f, x, t)
+    with pytest.raises(ValueError, match="patch"):
+        explain.occlusion(f, x, t, patch=0)
+    # a one-example baseline broadcasts over the batch; steps=1 works for Gauss-Legendre (midpoint)
+    w, _ = _linear_model(jax.random.key(0))
+    np.testing.assert_allclose(
+        explain.integrated_gradients(f, x, t, baseline=x[0], steps=1, method="gauss_legendre"), w[t] * (x - x[0]), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_out_of_range_target_under_jit_gives_nan(data):
+    x, t = data
+    _, f = _linear_model(jax.random.key(0))
+    out = jax.jit(functools.partial(explain.saliency, f))(x, t.at[1].set(9))
+    assert bool(jnp.all(jnp.isnan(out[1]))) and bool(jnp.all(jnp.isfinite(out[jnp.array([0, 2, 3, 4])])))
+
+
+def test_jit_matches_eager(data):
+    x, t = data
+    _, f = _cnn(jax.random.key(7))
+    for fn in (explain.saliency, explain.grad_x_input):
+        np.testing.assert_allclose(jax.jit(functools.partial(fn, f))(x, t), fn(f, x, t), rtol=1e-5, atol=1e-7)
