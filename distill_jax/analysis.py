@@ -1,0 +1,337 @@
+"""Inner-product analysis: exact linear decompositions, CKA, concept vectors, soft-tree usage.
+
+Models that expose features follow the convention `forward_fn(x, deltas=None) -> (logits, features)`
+(see `explain.py`): `features` is a dict name -> [batch, ...] array and `deltas[name]` is added to
+that feature inside the network, so d logits / d feature is a gradient w.r.t. a zero delta.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from distill_jax.explain import _feature_shapes, check_layer, validate_target
+
+__all__ = [
+    "CAV_METHODS",
+    "cka_matrix",
+    "class_templates",
+    "concept_activation_vector",
+    "linear_cka",
+    "linear_contributions",
+    "node_filters",
+    "tcav_score",
+    "tree_usage",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Linear student on PCA components
+# --------------------------------------------------------------------------------------------
+def linear_contributions(
+    weights: jax.Array,
+    bias: jax.Array,
+    z: jax.Array,
+    components: jax.Array | None = None,
+    *,
+    x: jax.Array | None = None,
+    mean: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    """Exact decomposition of a linear model's logits over its inputs (and over pixels via PCA).
+
+    logit_bc = sum_j w_jc z_bj + b_c                                  (per component j)
+             = sum_i T_ci (x_bi - mean_i) + b_c,   T = W^T P  ([C, d]) (per pixel i)
+
+    with z = (x - mean) @ P^T for PCA components P [k, d]. Pixel contributions are
+    T_ci (x_bi - mean_i). If `x` is given they are exact for any P; without `x`, (x - mean) is
+    replaced by its projection z @ P, which is exact when P has orthonormal rows (PCA).
+
+    Args:
+      weights: [k, C] (the `linear` kernel). bias: [C]. z: [batch, k].
+      components: [k, d] PCA components, or None for component contributions only.
+      x: optional [batch, ...] inputs with d values each; mean: [d] PCA mean (zeros if None).
+    Returns:
+      dict with "components" [batch, C, k] (w_jc z_bj), "bias" [C], "logits" [batch, C]
+      (their sum plus bias), and given `components`, "pixels" [batch, C, d] whose sum over d plus
+      bias is the logits too.
+    Reference: the inner-product reading of linear models; PCA as in Jolliffe 2002.
+    """
+    weights, bias, z = jnp.asarray(weights), jnp.asarray(bias), jnp.asarray(z)
+    if weights.ndim != 2:
+        raise ValueError(f"weights must be [k, classes]; got shape {weights.shape}")
+    k, num_classes = weights.shape
+    if bias.shape != (num_classes,):
+        raise ValueError(f"bias must be [classes] = [{num_classes}]; got shape {bias.shape}")
+    if z.ndim != 2 or z.shape[1] != k:
+        raise ValueError(f"z must be [batch, k] = [batch, {k}]; got shape {z.shape}")
+    per_component = z[:, None, :] * weights.T[None, :, :]
+    out = {"components": per_component, "bias": bias, "logits": per_component.sum(-1) + bias}
+    if components is None:
+        return out
+    components = jnp.asarray(components)
+    if components.ndim != 2 or components.shape[0] != k:
+        raise ValueError(f"components must be [k, d] with k={k}; got shape {components.shape}")
+    d = components.shape[1]
+    if x is None:
+        centred = z @ components
+    else:
+        flat = jnp.asarray(x).reshape(z.shape[0], -1)
+        if flat.shape[1] != d:
+            raise ValueError(f"x must hold d={d} values per example; got shape {jnp.shape(x)}")
+        if mean is not None and jnp.shape(mean) != (d,):
+            raise ValueError(f"mean must be [d] = [{d}]; got shape {jnp.shape(mean)}")
+        centred = flat - (0.0 if mean is None else jnp.asarray(mean))
+    templates = class_templates(weights, components)
+    out["pixels"] = centred[:, None, :] * templates[None, :, :]
+    return out
+
+
+def class_templates(weights: jax.Array, components: jax.Array) -> jax.Array:
+    """Each class's weight vector in pixel space: T = W^T P.
+
+    Args:
+      weights: [k, C]; components: [k, d].
+    Returns:
+      [C, d] (reshape d to the image shape to view it), so logit_c = T_c . (x - mean) + b_c.
+    """
+    weights, components = jnp.asarray(weights), jnp.asarray(components)
+    if weights.ndim != 2 or components.ndim != 2 or weights.shape[0] != components.shape[0]:
+        raise ValueError(f"weights [k, C] and components [k, d] must share k; got {weights.shape} and {components.shape}")
+    return weights.T @ components
+
+
+# --------------------------------------------------------------------------------------------
+# CKA
+# --------------------------------------------------------------------------------------------
+def _centred_gram(a: jax.Array) -> jax.Array:
+    a = a - a.mean(axis=0, keepdims=True)
+    return a @ a.T
+
+
+def _cka_from_grams(k: jax.Array, l: jax.Array) -> jax.Array:
+    # k, l are centred gram matrices; <Kc, Lc>_F / (||Kc||_F ||Lc||_F)
+    return jnp.vdot(k, l) / (jnp.linalg.norm(k) * jnp.linalg.norm(l))
+
+
+def _check_pair(a, b, name_a="a", name_b="b"):
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"{name_a} and {name_b} must be [n, features]; got shapes {a.shape} and {b.shape}")
+    if a.shape[0] != b.shape[0] or a.shape[0] < 2:
+        raise ValueError(f"{name_a} and {name_b} need the same number n >= 2 of rows; got {a.shape[0]} and {b.shape[0]}")
+
+
+def linear_cka(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Linear centred kernel alignment between two representations of the same n examples.
+
+    CKA(A, B) = ||B_c^T A_c||_F^2 / (||A_c^T A_c||_F ||B_c^T B_c||_F),  A_c, B_c column-centred.
+
+    Computed in whichever of the feature form or the (equal) n x n Gram form is cheaper.
+    It is 1 for identical inputs and invariant to orthogonal transforms and isotropic scaling.
+
+    Args:
+      a: [n, p]; b: [n, q].
+    Returns:
+      scalar in [0, 1].
+    Reference: Kornblith et al. 2019, "Similarity of Neural Network Representations Revisited".
+    """
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    _check_pair(a, b)
+    n = a.shape[0]
+    if n <= min(a.shape[1], b.shape[1]):
+        return _cka_from_grams(_centred_gram(a), _centred_gram(b))
+    a = a - a.mean(axis=0)
+    b = b - b.mean(axis=0)
+    return jnp.sum((b.T @ a) ** 2) / (jnp.linalg.norm(a.T @ a) * jnp.linalg.norm(b.T @ b))
+
+
+def cka_matrix(feats_a: dict, feats_b: dict) -> tuple[list[str], list[str], jax.Array]:
+    """Linear CKA between every feature of one model and every feature of another.
+
+    Each feature [n, ...] is flattened to [n, prod(...)]; each centred n x n Gram matrix is built once.
+
+    Args:
+      feats_a, feats_b: dicts name -> [n, ...] (e.g. teacher and student features of the same inputs).
+    Returns:
+      (names_a, names_b, matrix [len(names_a), len(names_b)]), names in dict order.
+    Reference: Kornblith et al. 2019.
+    """
+    if not feats_a or not feats_b:
+        raise ValueError(f"feats_a and feats_b must be non-empty dicts; got {len(feats_a)} and {len(feats_b)} entries")
+    sizes = {v.shape[0] for v in list(feats_a.values()) + list(feats_b.values())}
+    if len(sizes) != 1 or min(sizes) < 2:
+        raise ValueError(f"every feature in feats_a and feats_b must have the same n >= 2 rows; got row counts {sorted(sizes)}")
+    grams_a = [_centred_gram(jnp.asarray(v).reshape(v.shape[0], -1)) for v in feats_a.values()]
+    grams_b = [_centred_gram(jnp.asarray(v).reshape(v.shape[0], -1)) for v in feats_b.values()]
+    ka = jnp.stack(grams_a).reshape(len(grams_a), -1)
+    kb = jnp.stack(grams_b).reshape(len(grams_b), -1)
+    matrix = (ka @ kb.T) / (jnp.linalg.norm(ka, axis=1)[:, None] * jnp.linalg.norm(kb, axis=1)[None, :])
+    return list(feats_a), list(feats_b), matrix
+
+
+# --------------------------------------------------------------------------------------------
+# Concept activation vectors (TCAV)
+# --------------------------------------------------------------------------------------------
+def _layer_features(forward_fn, x, layer: str, arg: str) -> jax.Array:
+    _, feats = _feature_shapes(forward_fn, x)
+    check_layer(feats, layer)
+    return forward_fn(x)[1][layer]
+
+
+def _cav_mean_difference(pos, neg, *, key, **_):
+    return pos.mean(0) - neg.mean(0)
+
+
+def _cav_logistic(pos, neg, *, key, steps: int = 300, learning_rate: float = 0.05, l2: float = 1e-4, **_):
+    feats = jnp.concatenate([pos, neg])
+    labels = jnp.concatenate([jnp.ones(pos.shape[0]), jnp.zeros(neg.shape[0])])
+    centre = feats.mean(0)
+    scale = jnp.maximum(jnp.std(feats), 1e-12)  # one scalar: changes conditioning, not the direction
+    feats = (feats - centre) / scale
+    # balance the two sets so a larger random set does not dominate
+    sample_w = jnp.where(labels > 0, 0.5 / pos.shape[0], 0.5 / neg.shape[0])
+    params = {"w": 1e-3 * jax.random.normal(key, (feats.shape[1],)), "b": jnp.zeros(())}
+    opt = optax.adam(learning_rate)
+
+    def loss(p):
+        logit = feats @ p["w"] + p["b"]
+        return jnp.sum(sample_w * optax.sigmoid_binary_cross_entropy(logit, labels)) + l2 * jnp.sum(p["w"] ** 2)
+
+    def step(carry, _):
+        p, s = carry
+        g = jax.grad(loss)(p)
+        upd, s = opt.update(g, s, p)
+        return (optax.apply_updates(p, upd), s), None
+
+    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+    return params["w"]
+
+
+CAV_METHODS: dict[str, Callable] = {"logistic": _cav_logistic, "mean_difference": _cav_mean_difference}
+
+
+def concept_activation_vector(
+    forward_fn: Callable,
+    concept_x: jax.Array,
+    random_x: jax.Array,
+    *,
+    layer: str,
+    key: jax.Array,
+    method: str = "logistic",
+    **method_kw,
+) -> jax.Array:
+    """Concept activation vector: the unit normal of a linear boundary between concept and random activations.
+
+    "logistic": v = w / ||w||, w from L2-regularised logistic regression (concept = 1, random = 0,
+                both sets weighted equally) trained `steps` (300) Adam steps in jnp.
+    "mean_difference": v = (mean a(concept) - mean a(random)) / ||...|| (closed form).
+
+    Args:
+      forward_fn: forward_fn(x, deltas=None) -> (logits, features).
+      concept_x: [n_c, ...] images showing the concept (n_c >= 1). random_x: [n_r, ...] (n_r >= 1).
+      layer: feature name. key: PRNG key (initialises the logistic weights; the loss is convex, so
+        the result barely depends on it). method: a key of CAV_METHODS.
+    Returns:
+      unit vector shaped like one example's feature at `layer` (e.g. [h, w, c]).
+    Reference: Kim et al. 2018, "Interpretability Beyond Feature Attribution: TCAV".
+    """
+    concept_x, random_x = jnp.asarray(concept_x), jnp.asarray(random_x)
+    if concept_x.ndim < 2 or concept_x.shape[0] == 0:
+        raise ValueError(f"concept_x must be a non-empty batch [n, ...]; got shape {concept_x.shape}")
+    if random_x.ndim < 2 or random_x.shape[0] == 0:
+        raise ValueError(f"random_x must be a non-empty batch [n, ...]; got shape {random_x.shape}")
+    if concept_x.shape[1:] != random_x.shape[1:]:
+        raise ValueError(f"concept_x and random_x must have the same example shape; got {concept_x.shape} and {random_x.shape}")
+    if method not in CAV_METHODS:
+        raise ValueError(f"method must be one of {sorted(CAV_METHODS)}; got {method!r}")
+    pos = _layer_features(forward_fn, concept_x, layer, "layer")
+    neg = _layer_features(forward_fn, random_x, layer, "layer")
+    shape = pos.shape[1:]
+    w = CAV_METHODS[method](pos.reshape(pos.shape[0], -1), neg.reshape(neg.shape[0], -1), key=key, **method_kw)
+    return (w / jnp.maximum(jnp.linalg.norm(w), 1e-12)).reshape(shape)
+
+
+def tcav_score(
+    forward_fn: Callable,
+    x: jax.Array,
+    target: jax.Array,
+    cav: jax.Array,
+    *,
+    layer: str,
+    return_derivatives: bool = False,
+):
+    """TCAV score: the fraction of examples whose target logit increases along the concept direction.
+
+    S_b = grad_{a_l} logit_target(x_b) . v_C;   TCAV = |{b : S_b > 0}| / batch.
+
+    Args:
+      forward_fn: forward_fn(x, deltas=None) -> (logits, features). x: [batch, ...].
+      target: [batch] ints. cav: shaped like one example's feature at `layer` (or flattened).
+    Returns:
+      scalar in [0, 1]; with return_derivatives, (score, S [batch]).
+    Reference: Kim et al. 2018.
+    """
+    x = jnp.asarray(x)
+    logits_s, feats = _feature_shapes(forward_fn, x)
+    check_layer(feats, layer)
+    fshape = feats[layer].shape
+    target = validate_target(target, x.shape[0], int(logits_s.shape[1]))
+    if target.ndim != 1:
+        raise ValueError(f"target must be [batch] for tcav_score; got shape {target.shape}")
+    cav = jnp.asarray(cav)
+    if cav.size != int(np.prod(fshape[1:])):
+        raise ValueError(f"cav must have the shape of one example's {layer!r} feature {fshape[1:]}; got {cav.shape}")
+
+    def f(delta):
+        logits, _ = forward_fn(x, {layer: delta})
+        return jnp.sum(jnp.take_along_axis(logits, target[:, None], axis=1))
+
+    grads = jax.grad(f)(jnp.zeros(fshape, feats[layer].dtype))
+    derivs = grads.reshape(x.shape[0], -1) @ cav.reshape(-1)
+    score = jnp.mean((derivs > 0).astype(jnp.float32))
+    return (score, derivs) if return_derivatives else score
+
+
+# --------------------------------------------------------------------------------------------
+# Soft decision tree
+# --------------------------------------------------------------------------------------------
+def tree_usage(
+    path_probs: jax.Array, labels: jax.Array, num_classes: int, *, hard_leaf: jax.Array | None = None
+) -> dict[str, jax.Array]:
+    """Per-class leaf usage of a soft decision tree.
+
+    soft_cl = mean_{b: y_b = c} P_l(x_b);   hard_cl = |{b : y_b = c, leaf_b = l}| / |{b : y_b = c}|
+
+    Args:
+      path_probs: [batch, L] leaf probabilities (rows sum to 1). labels: [batch] ints in [0, num_classes).
+      hard_leaf: [batch] leaf reached by the greedy path (`models.tree_hard_predict`); defaults to
+        argmax_l P_l(x_b).
+    Returns:
+      dict "soft" [C, L], "hard" [C, L] (rows of classes without examples are 0), "counts" [C].
+    Reference: Frosst & Hinton 2017, "Distilling a Neural Network Into a Soft Decision Tree".
+    """
+    path_probs = jnp.asarray(path_probs)
+    if path_probs.ndim != 2:
+        raise ValueError(f"path_probs must be [batch, leaves]; got shape {path_probs.shape}")
+    labels = validate_target(labels, path_probs.shape[0], num_classes, name="labels")
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be [batch]; got shape {labels.shape}")
+    n_leaves = path_probs.shape[1]
+    if hard_leaf is None:
+        hard_leaf = jnp.argmax(path_probs, axis=1)
+    onehot_y = jax.nn.one_hot(labels, num_classes, dtype=path_probs.dtype)  # [B, C]
+    counts = onehot_y.sum(0)
+    denom = jnp.maximum(counts, 1.0)[:, None]
+    soft = onehot_y.T @ path_probs / denom
+    hard = onehot_y.T @ jax.nn.one_hot(hard_leaf, n_leaves, dtype=path_probs.dtype) / denom
+    return {"soft": soft, "hard": hard, "counts": counts}
+
+
+def node_filters(kernel: jax.Array, image_shape: tuple[int, ...]) -> jax.Array:
+    """A soft tree's inner-node weight vectors as images: kernel [d, nodes] -> [nodes, *image_shape]."""
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim != 2 or kernel.shape[0] != int(np.prod(image_shape)):
+        raise ValueError(f"kernel must be [prod(image_shape)={int(np.prod(image_shape))}, nodes]; got shape {kernel.shape}")
+    return kernel.T.reshape((kernel.shape[1],) + tuple(image_shape))
