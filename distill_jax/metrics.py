@@ -1,0 +1,442 @@
+"""Accuracy, fidelity, faithfulness of attributions, sanity checks and adversarial robustness.
+
+Everything is batched: the deletion/insertion curves run `lax.map` over the steps with the whole
+batch in each call, and the robustness checks run `lax.map` over noise samples.
+Targets follow `explain.py`: [batch] ints in [0, num_classes), checked when concrete.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from distill_jax.explain import _check_x, _num_classes, gaussian_blur, ig_completeness_error, validate_target
+
+__all__ = [
+    "ATTACKS",
+    "accuracy",
+    "adversarial_accuracy",
+    "agreement",
+    "deletion_auc",
+    "fgsm",
+    "ig_completeness_error",
+    "insertion_auc",
+    "max_sensitivity",
+    "mean_kl",
+    "pgd",
+    "randomization_check",
+    "spearman",
+    "top_k_overlap",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy and fidelity
+# --------------------------------------------------------------------------------------------
+def accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Top-1 accuracy: mean_b [argmax logits_b = y_b] (over examples with mask_b = 1 when given).
+
+    Args:
+      logits: [batch, classes]; labels: [batch] ints; mask: optional [batch] bool/0-1 weights.
+    Returns:
+      scalar.
+    """
+    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be [batch, classes] and labels [batch]; got {logits.shape} and {labels.shape}")
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    if mask is None:
+        return correct.mean()
+    mask = jnp.asarray(mask, jnp.float32)
+    if mask.shape != labels.shape:
+        raise ValueError(f"mask must be [batch] = {labels.shape}; got {mask.shape}")
+    return jnp.sum(correct * mask) / jnp.maximum(mask.sum(), 1.0)
+
+
+def agreement(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+    """Top-1 fidelity: mean_b [argmax s_b = argmax t_b]. Returns a scalar."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits and teacher_logits must match; got {student_logits.shape} and {teacher_logits.shape}")
+    return jnp.mean((jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32))
+
+
+def mean_kl(teacher_logits: jax.Array, student_logits: jax.Array, *, temperature: float = 1.0) -> jax.Array:
+    """Mean KL(softmax(t/T) || softmax(s/T)) over the batch. Returns a scalar.
+
+    Reference: Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network".
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits and teacher_logits must match; got {student_logits.shape} and {teacher_logits.shape}")
+    log_p = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    log_q = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+    return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
+
+
+# --------------------------------------------------------------------------------------------
+# Deletion / insertion
+# --------------------------------------------------------------------------------------------
+def _baseline_image(x: jax.Array, baseline: Any, blur_sigma: float) -> jax.Array:
+    if isinstance(baseline, str):
+        table = {"zeros": lambda: jnp.zeros_like(x), "blur": lambda: gaussian_blur(x, sigma=blur_sigma)}
+        if baseline not in table:
+            raise ValueError(f"baseline must be a float or one of {sorted(table)}; got {baseline!r}")
+        return table[baseline]()
+    if isinstance(baseline, (int, float)):
+        return jnp.full_like(x, baseline)
+    b = jnp.asarray(baseline, x.dtype)
+    if b.shape != x.shape:
+        raise ValueError(f"baseline array must have the shape of x {x.shape}; got {b.shape}")
+    return b
+
+
+def _pixel_ranks(attribution: jax.Array, x: jax.Array) -> jax.Array:
+    """Rank 0 = most important pixel; attribution summed over channels. Returns [batch, H*W]."""
+    if attribution.shape == x.shape and x.ndim == 4:
+        score = attribution.sum(-1)
+    elif attribution.shape == x.shape[:3] and x.ndim == 4:
+        score = attribution
+    elif attribution.shape == x.shape:
+        score = attribution
+    else:
+        raise ValueError(f"attribution must have the shape of x {x.shape} or (NHWC) of x without channels {x.shape[:3]}; got {attribution.shape}")
+    flat = score.reshape(score.shape[0], -1)
+    order = jnp.argsort(-flat, axis=1)
+    return jnp.argsort(order, axis=1)
+
+
+def _perturbation_curve(apply_fn, x, attribution, target, steps, baseline, blur_sigma, insert, chunk):
+    x = _check_x(x)
+    c = _num_classes(apply_fn, x)
+    target = validate_target(target, x.shape[0], c)
+    if target.ndim != 1:
+        raise ValueError(f"target must be [batch] here; got shape {target.shape}")
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+    base = _baseline_image(x, baseline, blur_sigma)
+    ranks = _pixel_ranks(jnp.asarray(attribution), x)
+    n_pix = ranks.shape[1]
+    spatial = x.shape[1:3] if x.ndim == 4 else x.shape[1:]
+    counts = jnp.asarray(np.round(np.linspace(0, n_pix, steps + 1)).astype(np.int32))
+
+    def prob_at(k):
+        changed = (ranks < k).reshape((x.shape[0],) + tuple(spatial))
+        if x.ndim == 4:
+            changed = changed[..., None]
+        img = jnp.where(changed, x, base) if insert else jnp.where(changed, base, x)
+        p = jax.nn.softmax(apply_fn(img), axis=-1)
+        return jnp.take_along_axis(p, target[:, None], axis=1)[:, 0]
+
+    curve = jax.lax.map(prob_at, counts, batch_size=chunk).T  # [batch, steps + 1]
+    auc = jnp.sum((curve[:, 1:] + curve[:, :-1]) / 2, axis=1) / steps
+    return auc, curve
+
+
+def deletion_auc(
+    apply_fn: Callable,
+    x: jax.Array,
+    attribution: jax.Array,
+    target: jax.Array,
+    *,
+    steps: int = 16,
+    baseline: Any = "zeros",
+    blur_sigma: float = 5.0,
+    chunk: int | None = None,
+    return_curve: bool = False,
+):
+    """Deletion metric: area under p_target while the most important pixels are removed first.
+
+    Pixels are ranked by attribution (summed over channels); at step s = 0..steps the top
+    round(s * H*W / steps) pixels are replaced by the baseline (all channels). AUC by the
+    trapezoid rule on [0, 1]. Lower = more faithful attribution.
+
+    Args:
+      apply_fn: x -> logits. x: [batch, H, W, C]. attribution: like x or [batch, H, W].
+      target: [batch]. steps: >= 1. baseline: "zeros", "blur" (Gaussian, `blur_sigma`), a float, or an array like x.
+      chunk: steps evaluated together by `lax.map` (None: one at a time).
+    Returns:
+      [batch] AUC; with return_curve, (auc, curve [batch, steps + 1]).
+    Reference: Petsiuk, Das & Saenko 2018, "RISE: Randomized Input Sampling for Explanation of Black-box Models".
+    """
+    auc, curve = _perturbation_curve(apply_fn, x, attribution, target, steps, baseline, blur_sigma, False, chunk)
+    return (auc, curve) if return_curve else auc
+
+
+def insertion_auc(
+    apply_fn: Callable,
+    x: jax.Array,
+    attribution: jax.Array,
+    target: jax.Array,
+    *,
+    steps: int = 16,
+    baseline: Any = "blur",
+    blur_sigma: float = 5.0,
+    chunk: int | None = None,
+    return_curve: bool = False,
+):
+    """Insertion metric: area under p_target while the most important pixels are inserted first.
+
+    Starts from the baseline image (default blurred, as Petsiuk et al.) and copies the top
+    round(s * H*W / steps) pixels of x, s = 0..steps. Higher = more faithful. Args/Returns as `deletion_auc`.
+    Reference: Petsiuk, Das & Saenko 2018.
+    """
+    auc, curve = _perturbation_curve(apply_fn, x, attribution, target, steps, baseline, blur_sigma, True, chunk)
+    return (auc, curve) if return_curve else auc
+
+
+# --------------------------------------------------------------------------------------------
+# Agreement between maps
+# --------------------------------------------------------------------------------------------
+def _average_ranks(v: jax.Array) -> jax.Array:
+    """Ranks 0..n-1 of a 1-D array, ties sharing their average rank."""
+    s = jnp.sort(v)
+    lo = jnp.searchsorted(s, v, side="left")
+    hi = jnp.searchsorted(s, v, side="right")
+    return (lo + hi - 1).astype(jnp.float32) / 2
+
+
+def _flat_pair(a, b, what):
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    if a.shape != b.shape or a.ndim < 2:
+        raise ValueError(f"{what}: a and b must have the same shape [batch, ...]; got {a.shape} and {b.shape}")
+    return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+
+
+def spearman(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Per-example Spearman rank correlation of two flattened maps (ties get average ranks).
+
+    rho_b = pearson(rank(a_b), rank(b_b)); 0 when either map is constant.
+
+    Args:
+      a, b: [batch, ...] of the same shape.
+    Returns:
+      [batch] in [-1, 1].
+    Reference: Spearman 1904; used for attribution agreement by Adebayo et al. 2018.
+    """
+    a, b = _flat_pair(a, b, "spearman")
+    ra, rb = jax.vmap(_average_ranks)(a), jax.vmap(_average_ranks)(b)
+    ra = ra - ra.mean(1, keepdims=True)
+    rb = rb - rb.mean(1, keepdims=True)
+    den = jnp.sqrt(jnp.sum(ra**2, 1) * jnp.sum(rb**2, 1))
+    return jnp.where(den > 0, jnp.sum(ra * rb, 1) / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def top_k_overlap(a: jax.Array, b: jax.Array, *, k: int) -> jax.Array:
+    """Fraction of the k largest entries of a that are also among the k largest of b.
+
+    overlap_b = |top_k(a_b) ∩ top_k(b_b)| / k  (pass |maps| to rank by magnitude).
+
+    Args:
+      a, b: [batch, ...] of the same shape; k: 1 <= k <= entries per example.
+    Returns:
+      [batch] in [0, 1].
+    """
+    a, b = _flat_pair(a, b, "top_k_overlap")
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= a.shape[1]:
+        raise ValueError(f"k must be an int in [1, {a.shape[1]}]; got {k!r}")
+
+    def mask(v):
+        _, idx = jax.lax.top_k(v, k)
+        return jnp.zeros(v.shape, jnp.float32).at[idx].set(1.0)
+
+    ma, mb = jax.vmap(mask)(a), jax.vmap(mask)(b)
+    return jnp.sum(ma * mb, axis=1) / k
+
+
+# --------------------------------------------------------------------------------------------
+# Model-parameter randomisation (sanity check)
+# --------------------------------------------------------------------------------------------
+def _default_randomize(key: jax.Array, leaf: jax.Array) -> jax.Array:
+    """N(0, s^2) with s the leaf's own standard deviation (0.01 for constant leaves such as zero biases)."""
+    std = jnp.std(leaf)
+    scale = jnp.where(std > 0, std, 0.01)
+    return (jax.random.normal(key, leaf.shape, jnp.result_type(leaf)) * scale).astype(leaf.dtype)
+
+
+def _get_path(tree: dict, path: str):
+    node = tree
+    for part in path.split("/"):
+        if not isinstance(node, dict) or part not in node:
+            names = list(node) if isinstance(node, dict) else []
+            raise ValueError(f"layer_order entry {path!r}: no {part!r} in the params; available names: {names}")
+        node = node[part]
+    return node
+
+
+def _set_path(tree: dict, path: str, value) -> dict:
+    parts = path.split("/")
+    if len(parts) == 1:
+        return {**tree, parts[0]: value}
+    return {**tree, parts[0]: _set_path(tree[parts[0]], "/".join(parts[1:]), value)}
+
+
+def randomization_check(
+    attr_fn: Callable,
+    params: Any,
+    layer_order: Sequence[str],
+    x: jax.Array,
+    target: jax.Array,
+    *,
+    key: jax.Array,
+    randomize: Callable[[jax.Array, jax.Array], jax.Array] = _default_randomize,
+) -> list[tuple[str, float]]:
+    """Cascading model-parameter randomisation: rank correlation of maps as layers are randomised top-down.
+
+    After randomising layer_order[0..i] (cumulatively), rho_i = mean_b spearman(|M_rand(x_b)|, |M_trained(x_b)|).
+    A map that depends on the learned weights should lose correlation as more layers are randomised.
+
+    Args:
+      attr_fn: attr_fn(params, x, target) -> maps [batch, ...]; it is jitted once (params are an argument).
+      params: a (nested) dict of parameters. layer_order: names of subtrees, top (output) layer first;
+        nested names use "/" (e.g. "params/conv4").
+      x, target: inputs and their targets. key: PRNG key for the new weights.
+      randomize: (key, leaf) -> new leaf (default: normal with the leaf's standard deviation).
+    Returns:
+      [(layer, mean Spearman rho as a float)] in layer_order.
+    Reference: Adebayo et al. 2018, "Sanity Checks for Saliency Maps".
+    """
+    if len(layer_order) == 0:
+        raise ValueError("layer_order must name at least one parameter subtree")
+    for name in layer_order:
+        _get_path(params, name)
+    fn = jax.jit(attr_fn)
+    trained = jnp.abs(fn(params, x, target))
+    results = []
+    current = params
+    for name, k in zip(layer_order, jax.random.split(key, len(layer_order))):
+        sub = _get_path(current, name)
+        leaves, treedef = jax.tree_util.tree_flatten(sub)
+        keys = jax.random.split(k, max(len(leaves), 1))
+        new_sub = jax.tree_util.tree_unflatten(treedef, [randomize(kk, leaf) for kk, leaf in zip(keys, leaves)])
+        current = _set_path(current, name, new_sub)
+        rho = spearman(jnp.abs(fn(current, x, target)), trained)
+        results.append((name, float(jnp.mean(rho))))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Adversarial robustness and explanation sensitivity
+# --------------------------------------------------------------------------------------------
+def _check_attack(apply_fn, x, labels, epsilon):
+    x = _check_x(x)
+    validate_target(labels, x.shape[0], _num_classes(apply_fn, x), name="labels")
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0; got {epsilon}")
+    return x, jnp.asarray(labels).astype(jnp.int32)
+
+
+def _loss_grad(apply_fn, x, labels):
+    def loss(v):
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(apply_fn(v), labels))
+
+    return jax.grad(loss)(x)
+
+
+def _clip(x, clip):
+    return x if clip is None else jnp.clip(x, clip[0], clip[1])
+
+
+def fgsm(apply_fn: Callable, x: jax.Array, labels: jax.Array, *, epsilon: float, clip: tuple[float, float] | None = None) -> jax.Array:
+    """Fast gradient sign attack (L-inf).
+
+    x_adv = clip(x + epsilon * sign(d CE(f(x), y) / dx)).
+
+    Args:
+      x: [batch, ...]; labels: [batch]; epsilon: L-inf budget; clip: optional (lo, hi) valid input range.
+    Returns:
+      adversarial examples like x.
+    Reference: Goodfellow, Shlens & Szegedy 2015, "Explaining and Harnessing Adversarial Examples".
+    """
+    x, labels = _check_attack(apply_fn, x, labels, epsilon)
+    return _clip(x + epsilon * jnp.sign(_loss_grad(apply_fn, x, labels)), clip)
+
+
+def pgd(
+    apply_fn: Callable,
+    x: jax.Array,
+    labels: jax.Array,
+    *,
+    epsilon: float,
+    step_size: float,
+    steps: int,
+    key: jax.Array,
+    clip: tuple[float, float] | None = None,
+    random_start: bool = True,
+) -> jax.Array:
+    """Projected gradient descent attack (L-inf), on the cross-entropy.
+
+    x_0 = x + U(-eps, eps) (random_start);  x_{t+1} = P_{B_inf(x, eps)}(clip(x_t + a sign(grad CE(x_t)))).
+
+    Args:
+      epsilon: budget; step_size: a; steps: >= 1 iterations (lax.fori_loop); key: for the random start.
+    Returns:
+      adversarial examples like x.
+    Reference: Madry et al. 2018, "Towards Deep Learning Models Resistant to Adversarial Attacks".
+    """
+    x, labels = _check_attack(apply_fn, x, labels, epsilon)
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+    start = x + (jax.random.uniform(key, x.shape, x.dtype, -epsilon, epsilon) if random_start else 0.0)
+    start = _clip(start, clip)
+
+    def body(_, v):
+        v = v + step_size * jnp.sign(_loss_grad(apply_fn, v, labels))
+        return _clip(jnp.clip(v, x - epsilon, x + epsilon), clip)
+
+    return jax.lax.fori_loop(0, steps, body, start)
+
+
+ATTACKS: dict[str, Callable] = {"fgsm": fgsm, "pgd": pgd}
+
+
+def adversarial_accuracy(apply_fn: Callable, x: jax.Array, labels: jax.Array, *, attack: str = "fgsm", **attack_kw) -> jax.Array:
+    """Accuracy on adversarial examples made by `ATTACKS[attack](apply_fn, x, labels, **attack_kw)`. Returns a scalar."""
+    if attack not in ATTACKS:
+        raise ValueError(f"attack must be one of {sorted(ATTACKS)}; got {attack!r}")
+    x_adv = ATTACKS[attack](apply_fn, x, labels, **attack_kw)
+    return accuracy(apply_fn(x_adv), jnp.asarray(labels))
+
+
+def max_sensitivity(
+    attr_fn: Callable,
+    x: jax.Array,
+    target: jax.Array,
+    *,
+    key: jax.Array,
+    radius: float,
+    samples: int = 10,
+    normalize: bool = True,
+    chunk: int | None = None,
+) -> jax.Array:
+    """Max-sensitivity of an explanation under small uniform input noise (Monte Carlo).
+
+    SENS_b = max_{s} ||A(x_b + u_s) - A(x_b)||_2 / ||A(x_b)||_2,  u_s ~ U(-r, r)^d
+    (without the denominator when normalize=False).
+
+    Args:
+      attr_fn: attr_fn(x, target) -> maps [batch, ...] (close over apply_fn and options).
+      x: [batch, ...]; target: [batch]; key: PRNG key; radius: r > 0; samples: >= 1;
+      chunk: noise samples evaluated together by lax.map (None: one at a time).
+    Returns:
+      [batch].
+    Reference: Yeh et al. 2019, "On the (In)fidelity and Sensitivity of Explanations".
+    """
+    x = _check_x(x)
+    if not isinstance(samples, (int, np.integer)) or samples < 1:
+        raise ValueError(f"samples must be an integer >= 1; got {samples!r}")
+    if radius <= 0:
+        raise ValueError(f"radius must be > 0; got {radius}")
+    ref = attr_fn(x, target)
+    ref_flat = ref.reshape(ref.shape[0], -1)
+
+    def one(k):
+        noisy = x + jax.random.uniform(k, x.shape, x.dtype, -radius, radius)
+        return jnp.linalg.norm(attr_fn(noisy, target).reshape(ref_flat.shape) - ref_flat, axis=1)
+
+    dist = jax.lax.map(one, jax.random.split(key, samples), batch_size=chunk).max(axis=0)
+    if not normalize:
+        return dist
+    norm = jnp.linalg.norm(ref_flat, axis=1)
+    return dist / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny)

@@ -1,0 +1,201 @@
+"""Tests for distill_jax.metrics: fidelity, deletion/insertion, rank agreement, sanity checks, robustness."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from distill_jax import explain, metrics
+
+B, H, W, C = 6, 6, 6, 2
+
+
+def test_accuracy_agreement_kl():
+    logits = jnp.array([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0]])
+    labels = jnp.array([0, 1, 1, 1])
+    assert float(metrics.accuracy(logits, labels)) == 0.75
+    assert float(metrics.accuracy(logits, labels, mask=jnp.array([1, 1, 1, 0]))) == pytest.approx(2 / 3)
+    assert float(jax.jit(metrics.accuracy)(logits, labels)) == 0.75
+    student = jnp.array([[0.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0]])
+    assert float(metrics.agreement(student, logits)) == 0.75
+    assert float(metrics.mean_kl(logits, logits)) == pytest.approx(0.0, abs=1e-7)
+    # KL([1/2, 1/2] || [e/(1+e), 1/(1+e)]) for the first row only
+    p, q = np.array([0.5, 0.5]), np.array([np.e, 1.0]) / (1 + np.e)
+    kl = metrics.mean_kl(jnp.zeros((1, 2)), jnp.array([[1.0, 0.0]]))
+    assert float(kl) == pytest.approx(float(np.sum(p * np.log(p / q))), rel=1e-5)
+    with pytest.raises(ValueError, match="labels"):
+        metrics.accuracy(logits, labels[:2])
+
+
+def _known_pixels_model():
+    """p(class 0) = sigmoid(2 (sum_{important} x - 2)); only the pixels in `mask` matter."""
+    mask = jnp.zeros((H, W, C)).at[1:3, 2:5, :].set(1.0)  # 6 important pixels (12 values)
+
+    def apply_fn(x):
+        s = jnp.sum(mask * x, axis=(1, 2, 3)) - 2.0
+        return jnp.stack([s, -s], axis=1)
+
+    return mask, apply_fn
+
+
+@pytest.fixture(scope="module")
+def images():
+    return jax.random.uniform(jax.random.key(0), (B, H, W, C), minval=0.5, maxval=1.0)
+
+
+def test_deletion_and_insertion_rank_true_attribution_first(images):
+    mask, f = _known_pixels_model()
+    x, t = images, jnp.zeros(B, jnp.int32)
+    true_attr = explain.grad_x_input(f, x, t)
+    rand_attr = jax.random.uniform(jax.random.key(1), x.shape)
+    del_true, curve = metrics.deletion_auc(f, x, true_attr, t, steps=12, return_curve=True)
+    del_rand = metrics.deletion_auc(f, x, rand_attr, t, steps=12)
+    assert curve.shape == (B, 13)
+    assert bool(jnp.all(del_true < del_rand))
+    ins_true = metrics.insertion_auc(f, x, true_attr, t, steps=12, baseline="zeros")
+    ins_rand = metrics.insertion_auc(f, x, rand_attr, t, steps=12, baseline="zeros")
+    assert bool(jnp.all(ins_true > ins_rand))
+    # [batch, H, W] maps work too and blurred/constant baselines are accepted
+    np.testing.assert_allclose(metrics.deletion_auc(f, x, true_attr.sum(-1), t, steps=12), del_true, rtol=1e-6)
+    assert metrics.insertion_auc(f, x, true_attr, t, steps=4, baseline="blur", blur_sigma=1.0).shape == (B,)
+    assert metrics.deletion_auc(f, x, true_attr, t, steps=4, baseline=0.5).shape == (B,)
+
+
+def test_deletion_curve_hand_computed(images):
+    mask, f = _known_pixels_model()
+    x, t = images, jnp.zeros(B, jnp.int32)
+    attr = explain.grad_x_input(f, x, t)
+    p = lambda img: jax.nn.softmax(f(img))[:, 0]
+    # steps = 6 over 36 pixels: 6 pixels per step, so step 1 removes exactly the important ones
+    auc, curve = metrics.deletion_auc(f, x, attr, t, steps=6, return_curve=True)
+    np.testing.assert_allclose(curve[:, 0], p(x), rtol=1e-6)
+    np.testing.assert_allclose(curve[:, 1:], jnp.broadcast_to(p(jnp.zeros_like(x))[:, None], (B, 6)), rtol=1e-6)
+    np.testing.assert_allclose(auc, (p(x) + curve[:, 1]) / 2 / 6 + 5 * curve[:, 1] / 6, rtol=1e-5)
+    auc_i, curve_i = metrics.insertion_auc(f, x, attr, t, steps=6, baseline="zeros", return_curve=True)
+    np.testing.assert_allclose(curve_i[:, 1:], jnp.broadcast_to(p(x)[:, None], (B, 6)), rtol=1e-6)
+    jitted = jax.jit(functools.partial(metrics.deletion_auc, f, steps=6, chunk=3))(x, attr, t)
+    np.testing.assert_allclose(jitted, auc, rtol=1e-6)
+
+
+def test_deletion_bad_inputs(images):
+    _, f = _known_pixels_model()
+    x, t = images, jnp.zeros(B, jnp.int32)
+    with pytest.raises(ValueError, match="steps"):
+        metrics.deletion_auc(f, x, x, t, steps=0)
+    with pytest.raises(ValueError, match="attribution"):
+        metrics.deletion_auc(f, x, x[:, :3], t)
+    with pytest.raises(ValueError, match="target values"):
+        metrics.insertion_auc(f, x, x, t + 2)
+    with pytest.raises(ValueError, match="baseline"):
+        metrics.insertion_auc(f, x, x, t, baseline="noise")
+
+
+def test_spearman_and_top_k():
+    a = jax.random.normal(jax.random.key(2), (4, 5, 5))
+    b = a + 0.5 * jax.random.normal(jax.random.key(3), a.shape)
+    np.testing.assert_allclose(metrics.spearman(a, a), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(metrics.spearman(a, -a), -1.0, rtol=1e-6)
+    np.testing.assert_allclose(metrics.spearman(a, jnp.exp(a)), 1.0, rtol=1e-6)  # monotone transform
+    ties = jnp.round(b * 2) / 2  # many ties: average ranks, as scipy
+    expected = [spearmanr(np.ravel(a[i]), np.ravel(ties[i]))[0] for i in range(4)]
+    np.testing.assert_allclose(metrics.spearman(a, ties), expected, rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(metrics.spearman)(a, ties), expected, rtol=1e-5)
+    np.testing.assert_allclose(metrics.spearman(a, jnp.zeros_like(a)), 0.0)
+    x = jnp.array([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    y = jnp.array([[5.0, 1.0, 3.0, 4.0, 2.0]])
+    np.testing.assert_allclose(metrics.top_k_overlap(x, y, k=2), [0.5])  # {0,1} vs {0,3}
+    np.testing.assert_allclose(metrics.top_k_overlap(x, y, k=5), [1.0])
+    with pytest.raises(ValueError, match="k must be"):
+        metrics.top_k_overlap(x, y, k=6)
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.spearman(x, y[:, :3])
+
+
+def _mlp(key, sizes=(H * W * C, 32, 32, 3)):
+    keys = jax.random.split(key, len(sizes) - 1)
+    names = [f"dense{i}" for i in range(len(sizes) - 2)] + ["head"]
+    return {
+        n: {"kernel": jax.random.normal(k, (i, o)) / np.sqrt(i), "bias": 0.1 * jnp.ones(o)}
+        for n, k, i, o in zip(names, keys, sizes[:-1], sizes[1:])
+    }
+
+
+def _mlp_apply(params, x):
+    h = x.reshape(x.shape[0], -1)
+    for name in ("dense0", "dense1"):
+        h = jax.nn.relu(h @ params[name]["kernel"] + params[name]["bias"])
+    return h @ params["head"]["kernel"] + params["head"]["bias"]
+
+
+def test_randomization_check_lowers_rank_correlation(images):
+    params = _mlp(jax.random.key(4))
+    t = jnp.array([0, 1, 2, 0, 1, 2])
+
+    def attr_fn(p, x, target):
+        return explain.saliency(functools.partial(_mlp_apply, p["params"]), x, target)
+
+    result = metrics.randomization_check(attr_fn, {"params": params}, ["params/head", "params/dense1", "params/dense0"], images, t, key=jax.random.key(5))
+    layers, rhos = zip(*result)
+    assert layers == ("params/head", "params/dense1", "params/dense0")
+    assert all(r < 0.8 for r in rhos) and rhos[-1] < 0.3
+    # no randomisation, no change: the identity "randomiser" keeps rho = 1
+    same = metrics.randomization_check(attr_fn, {"params": params}, ["params/head"], images, t, key=jax.random.key(5), randomize=lambda k, leaf: leaf)
+    assert same[0][1] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match=r"'conv9'.*\['dense0', 'dense1', 'head'\]"):
+        metrics.randomization_check(attr_fn, {"params": params}, ["params/conv9"], images, t, key=jax.random.key(5))
+
+
+def _linear_classifier():
+    """Two classes separated along the first feature: logits = [x0, -x0] with |x0| >= 0.2 margin."""
+
+    def apply_fn(x):
+        s = x.reshape(x.shape[0], -1)[:, 0]
+        return jnp.stack([s, -s], axis=1)
+
+    k1, k2 = jax.random.split(jax.random.key(6))
+    labels = jax.random.bernoulli(k1, 0.5, (32,)).astype(jnp.int32)
+    x = jax.random.uniform(k2, (32, 4), minval=0.2, maxval=0.4) * jnp.where(labels == 0, 1.0, -1.0)[:, None]
+    return apply_fn, x, labels
+
+
+def test_fgsm_and_pgd_lower_accuracy():
+    f, x, y = _linear_classifier()
+    assert float(metrics.accuracy(f(x), y)) == 1.0
+    # an L-inf step of 0.1 cannot cross the 0.2 margin; 0.5 flips every example
+    assert float(metrics.adversarial_accuracy(f, x, y, attack="fgsm", epsilon=0.1)) == 1.0
+    assert float(metrics.adversarial_accuracy(f, x, y, attack="fgsm", epsilon=0.5)) == 0.0
+    x_adv = metrics.fgsm(f, x, y, epsilon=0.5, clip=(-0.3, 0.3))
+    assert float(jnp.abs(x_adv).max()) <= 0.3 + 1e-7
+    np.testing.assert_allclose(jax.jit(functools.partial(metrics.fgsm, f, epsilon=0.5))(x, y), metrics.fgsm(f, x, y, epsilon=0.5))
+    x_pgd = metrics.pgd(f, x, y, epsilon=0.5, step_size=0.1, steps=10, key=jax.random.key(7))
+    assert float(jnp.abs(x_pgd - x).max()) <= 0.5 + 1e-6
+    assert float(metrics.accuracy(f(x_pgd), y)) == 0.0
+    assert float(metrics.adversarial_accuracy(f, x, y, attack="pgd", epsilon=0.1, step_size=0.05, steps=5, key=jax.random.key(7))) == 1.0
+    with pytest.raises(ValueError, match="attack"):
+        metrics.adversarial_accuracy(f, x, y, attack="cw", epsilon=0.1)
+    with pytest.raises(ValueError, match="labels"):
+        metrics.fgsm(f, x, y + 2, epsilon=0.1)
+
+
+def test_max_sensitivity_and_completeness():
+    w = jax.random.normal(jax.random.key(8), (3, 4))
+    f = lambda x: x @ w.T
+    x = jax.random.normal(jax.random.key(9), (5, 4))
+    t = jnp.array([0, 1, 2, 0, 1])
+    sal = lambda v, tt: explain.saliency(f, v, tt, absolute=False)
+    np.testing.assert_allclose(metrics.max_sensitivity(sal, x, t, key=jax.random.key(0), radius=0.1, samples=4), 0.0, atol=1e-7)
+    # grad x input of a linear model changes by w * u: at most r ||w_t|| / ||w_t * x||
+    gxi = lambda v, tt: explain.grad_x_input(f, v, tt)
+    sens = metrics.max_sensitivity(gxi, x, t, key=jax.random.key(0), radius=0.1, samples=4)
+    bound = 0.1 * jnp.linalg.norm(w[t], axis=1) / jnp.linalg.norm(w[t] * x, axis=1)
+    assert bool(jnp.all(sens > 0)) and bool(jnp.all(sens <= bound + 1e-6))
+    jitted = jax.jit(lambda v, tt: metrics.max_sensitivity(gxi, v, tt, key=jax.random.key(0), radius=0.1, samples=4))(x, t)
+    np.testing.assert_allclose(jitted, sens, rtol=1e-5)
+    with pytest.raises(ValueError, match="radius"):
+        metrics.max_sensitivity(gxi, x, t, key=jax.random.key(0), radius=0.0)
+    # completeness: IG of a linear model is exact, a wrong attribution is not
+    ig = explain.integrated_gradients(f, x, t, steps=4)
+    np.testing.assert_allclose(metrics.ig_completeness_error(f, x, t, ig), 0.0, atol=1e-5)
+    assert bool(jnp.all(metrics.ig_completeness_error(f, x, t, 2 * ig) > 0.99))
