@@ -174,7 +174,7 @@ def cka_matrix(feats_a: dict, feats_b: dict) -> tuple[list[str], list[str], jax.
 # --------------------------------------------------------------------------------------------
 # Concept activation vectors (TCAV)
 # --------------------------------------------------------------------------------------------
-def _layer_features(forward_fn, x, layer: str, arg: str) -> jax.Array:
+def _layer_features(forward_fn, x, layer: str) -> jax.Array:
     _, feats = _feature_shapes(forward_fn, x)
     check_layer(feats, layer)
     return forward_fn(x)[1][layer]
@@ -246,8 +246,8 @@ def concept_activation_vector(
         raise ValueError(f"concept_x and random_x must have the same example shape; got {concept_x.shape} and {random_x.shape}")
     if method not in CAV_METHODS:
         raise ValueError(f"method must be one of {sorted(CAV_METHODS)}; got {method!r}")
-    pos = _layer_features(forward_fn, concept_x, layer, "layer")
-    neg = _layer_features(forward_fn, random_x, layer, "layer")
+    pos = _layer_features(forward_fn, concept_x, layer)
+    neg = _layer_features(forward_fn, random_x, layer)
     shape = pos.shape[1:]
     w = CAV_METHODS[method](pos.reshape(pos.shape[0], -1), neg.reshape(neg.shape[0], -1), key=key, **method_kw)
     return (w / jnp.maximum(jnp.linalg.norm(w), 1e-12)).reshape(shape)
