@@ -62,6 +62,24 @@ def shard_batch(batch, mesh: Mesh):
     )
 
 
+def gather(array) -> np.ndarray:
+    """A (possibly multi-host sharded) array as one host numpy array, the same on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def broadcast_from_main(tree):
+    """Process 0's value of a pytree of arrays, on every process (identity with one process)."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return multihost_utils.broadcast_one_to_all(tree)
+
+
 def replicate(tree, mesh: Mesh):
     """Places a pytree on every device of the mesh."""
     return jax.device_put(tree, replicated(mesh))

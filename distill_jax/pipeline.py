@@ -60,16 +60,24 @@ class Trained:
 
 
 def prepare_data(c) -> Prepared:
-    """Loads the dataset, standardizes per channel (fit on train), fits PCA on the flattened train images."""
+    """Loads the dataset, standardizes per channel (fit on train), fits PCA on the flattened train images.
+
+    Under multi-host, `x_train`/`y_train` are this process's share of the training split and the
+    scaler and PCA fitted on process 0's share are broadcast, so every process preprocesses alike.
+    """
     ds = data.load(c.dataset, data_dir=c.data_dir, image_size=c.image_size, seed=c.seed,
                    test_fraction=c.test_fraction)
-    scaler = preprocess.standardize_fit(ds.x_train)
-    x_train = np.asarray(preprocess.apply(scaler, ds.x_train), np.float32)
+    x_train, y_train = ds.x_train, ds.y_train
+    if jax.process_count() > 1 and not c.dataset.startswith("tfds:"):  # tfds loaders read only their own share
+        share = data.process_slice(len(x_train))
+        x_train, y_train = x_train[share], y_train[share]
+    scaler = preprocess.standardize_fit(x_train)
+    flat = np.asarray(preprocess.apply(scaler, x_train), np.float32).reshape(len(x_train), -1)
+    pca_state = pca_lib.fit(jnp.asarray(flat), min(c.pca_components, *flat.shape))
+    scaler, pca_state = parallel.broadcast_from_main((scaler, pca_state))
+    x_train = np.asarray(preprocess.apply(scaler, x_train), np.float32)
     x_test = np.asarray(preprocess.apply(scaler, ds.x_test), np.float32)
-    flat = x_train.reshape(len(x_train), -1)
-    k = min(c.pca_components, *flat.shape)
-    pca_state = pca_lib.fit(jnp.asarray(flat), k)
-    return Prepared(x_train, np.asarray(ds.y_train, np.int32), x_test, np.asarray(ds.y_test, np.int32),
+    return Prepared(x_train, np.asarray(y_train, np.int32), x_test, np.asarray(ds.y_test, np.int32),
                     ds.num_classes, tuple(ds.class_names), ds.name, scaler, pca_state)
 
 
@@ -115,8 +123,7 @@ def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, bud
     sample = jnp.asarray(prep.x_train[:2])
     t_model, t_vars = (teacher.model, teacher.variables) if teacher else (None, None)
     params = distill.init_trainable(model, method, mcfg, init_key, sample, t_model, t_vars, extra=extra)
-    steps = train.total_steps(len(prep.y_train) // jax.process_count(),
-                              parallel.local_batch_size(budget.batch_size), budget.epochs)
+    steps = train.total_steps(len(prep.y_train), parallel.local_batch_size(budget.batch_size), budget.epochs)
     optimizer = train.make_optimizer(budget.optimizer, learning_rate=budget.learning_rate, total_steps=steps,
                                      momentum=budget.momentum, weight_decay=budget.weight_decay,
                                      schedule=budget.schedule, extra=pruning_of(budget, steps))

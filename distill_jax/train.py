@@ -29,6 +29,12 @@ from distill_jax import parallel
 LossFn = Callable[..., tuple[jax.Array, dict]]
 
 
+# XLA:CPU runs each fake device's share of a collective on a shared thread pool; with several steps in
+# flight on a small machine the all-reduce rendezvous can starve and abort. On CPU, waiting for each step
+# costs nothing measurable (the host has no other work to overlap), so wait there.
+_SYNC_EVERY_STEP = jax.default_backend() == "cpu"
+
+
 class NonFiniteError(FloatingPointError):
     """Raised when a loss or gradient became NaN/inf; the last good state is kept."""
 
@@ -166,21 +172,27 @@ def make_predict_fn(apply_fn: Callable, mesh) -> Callable:
 def predict(predict_fn: Callable, variables, x: np.ndarray, *, batch_size: int, mesh) -> np.ndarray:
     """Logits for every example of `x` (the last batch is padded, the padding dropped).
 
+    Every process passes the same full `x`; under multi-host each feeds its own share of
+    every batch and the logits are gathered back, so every process returns all of them.
+
     Args:
       predict_fn: from `make_predict_fn`.
       x: [n, ...] host array.
+      batch_size: global batch; must divide by the number of devices.
     Returns:
       [n, classes] numpy array.
     """
-    n = len(x)
+    parallel.check_batch_size(batch_size, mesh, what="eval batch_size")
+    local = parallel.local_batch_size(batch_size)
+    lo = jax.process_index() * local
     out = []
-    for start in range(0, n, batch_size):
+    for start in range(0, len(x), batch_size):
         chunk = x[start : start + batch_size]
         pad = batch_size - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        logits = predict_fn(variables, parallel.shard_batch(chunk, mesh))
-        out.append(np.asarray(jax.device_get(logits))[: batch_size - pad])
+        logits = predict_fn(variables, parallel.shard_batch(chunk[lo : lo + local], mesh))
+        out.append(parallel.gather(logits)[: batch_size - pad])
     return np.concatenate(out)
 
 
@@ -212,24 +224,33 @@ class FitConfig:
     show_progress: bool = True
 
 
-class _StopSignal:
-    """Turns SIGTERM into KeyboardInterrupt while a fit runs, so both save and exit the same way."""
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a request that `fit` honours between steps.
+
+    The first signal sets `requested`; the loop then saves a checkpoint and raises
+    `Interrupted`, so no save or step is ever cut in half. A second SIGINT interrupts at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
-        self._old = None
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._raise)
-        except ValueError:  # not the main thread
-            pass
+        self.requested = None
+        self._old = {}
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
         return self
 
-    @staticmethod
-    def _raise(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+    def _handle(self, signum, frame):
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
         return False
 
 
@@ -263,7 +284,7 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
     bar = tqdm(total=total, initial=min(start, total), desc=cfg.desc, disable=None if cfg.show_progress else True,
                leave=False, dynamic_ncols=True)
     try:
-        with _StopSignal():
+        with _StopRequest() as stop:
             for epoch in range(start // steps_per_epoch, cfg.epochs):
                 order = epoch_batch_indices(n, local_bs, seed=cfg.seed, epoch=epoch)
                 sums: dict[str, jax.Array] = {}
@@ -271,8 +292,12 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
                 for idx in order[first:]:
                     batch = parallel.shard_batch({k: v[idx] for k, v in data.items()}, mesh)
                     state, metrics = step_fn(state, batch, teacher)
+                    if _SYNC_EVERY_STEP:
+                        jax.block_until_ready(metrics)
                     sums = metrics if not sums else jax.tree_util.tree_map(jnp.add, sums, metrics)
                     bar.update(1)
+                    if stop.requested:
+                        _interrupt(state, cfg.desc, save, stop.requested)
                     if cfg.checkpoint_every and save and int(state.step) % cfg.checkpoint_every == 0:
                         save(state)
                 _raise_if_nonfinite(state, cfg.desc, save)
@@ -281,15 +306,19 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
                     record["test_accuracy"] = float(evaluate(state))
                 history.append(record)
                 bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "epoch"})
-    except KeyboardInterrupt as exc:
-        if save is not None:
-            save(state)
-        raise Interrupted(f"{cfg.desc} interrupted at step {int(state.step)}; checkpoint saved") from exc
     finally:
         bar.close()
     if save is not None:
         save(state)
     return state, history
+
+
+def _interrupt(state: TrainState, desc: str, save, signal_name: str) -> None:
+    _raise_if_nonfinite(state, desc, save)
+    if save is not None:
+        save(state)
+    where = "; checkpoint saved" if save is not None else ""
+    raise Interrupted(f"{desc} interrupted by {signal_name} at step {int(state.step)}{where}")
 
 
 def _raise_if_nonfinite(state: TrainState, desc: str, save) -> None:
