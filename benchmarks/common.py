@@ -1,0 +1,122 @@
+"""Shared helpers for the benchmarks: interleaved timing, the matmul peak, allocator and machine facts.
+
+Every benchmark here compares implementations *in one process, interleaved*: each repetition
+runs every case once (round-robin), and a case's figure is the median over repetitions, so
+the noise of a shared machine hits every case alike. Trust ratios more than absolute figures.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+# Substrings of /proc/self/maps that identify a preloaded or linked allocator.
+ALLOCATORS = {"tcmalloc": "libtcmalloc", "jemalloc": "libjemalloc", "mimalloc": "libmimalloc"}
+
+
+def detect_allocator() -> str:
+    """Name of the malloc this process uses, read from /proc/self/maps (`glibc` when none is mapped)."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "unknown (no /proc/self/maps)"
+    found = [name for name, lib in ALLOCATORS.items() if lib in maps]
+    return "+".join(found) if found else "glibc"
+
+
+def tcmalloc_path() -> str | None:
+    """Path of an installed libtcmalloc_minimal (Debian: `apt-get install libtcmalloc-minimal4`), or None."""
+    for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"):
+        for name in ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"):
+            path = os.path.join(d, name)
+            if os.path.exists(path):
+                return path
+    return None
+
+
+def cpu_model() -> str:
+    """`lscpu`'s model name (falls back to platform.processor())."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def device_description() -> str:
+    """JAX backend, device kind and count, and the host CPU model with its core count."""
+    d = jax.devices()[0]
+    return f"{jax.default_backend()} ({d.device_kind}) x{jax.device_count()}; host {cpu_model()}, {os.cpu_count()} cores"
+
+
+def block(tree) -> None:
+    """Waits until every array in `tree` is computed (jax arrays; other leaves are ignored)."""
+    jax.block_until_ready(tree)
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    """Runs `fn` once; returns (seconds, its result). `fn` must block until its work is done."""
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def interleave(cases: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each case over `repeats` round-robin repetitions (each call must block).
+
+    Each repetition runs every case once, in a rotated order, so slow phases of a shared
+    machine spread over all cases instead of landing on one.
+    """
+    names = list(cases)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            samples[name].append(timed(cases[name])[0])
+    return {n: statistics.median(s) for n, s in samples.items()}
+
+
+def matmul_case(n: int = 2048) -> tuple[Callable[[], None], float]:
+    """A jitted float32 [n, n] @ [n, n] (already compiled) and its FLOP count 2 n^3.
+
+    Timing it among the other cases gives the machine's achievable float32 matmul peak
+    under the same load (the denominator of "fraction of peak").
+    """
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    block(mm(a, b))
+
+    def run():
+        block(mm(a, b))
+
+    return run, 2.0 * n**3
+
+
+def versions(*modules: str) -> str:
+    """`name version` for each importable module, comma separated (missing ones are skipped)."""
+    out = []
+    for name in modules:
+        try:
+            mod = __import__(name)
+        except ImportError:
+            continue
+        out.append(f"{name} {getattr(mod, '__version__', '?')}")
+    return ", ".join(out)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
