@@ -226,3 +226,14 @@ def test_bad_inputs():
         pca.transform(p, np.ones((3, 4), np.float32))
     with pytest.raises(ValueError, match=r"z must be \[n, 2\]"):
         pca.inverse_transform(p, np.ones((3, 3), np.float32))
+
+
+def test_covariance_blocked_scatter_path_matches_full():
+    # d >= 256 takes the upper-triangle (3/4 multiply-adds) scatter; it must equal the plain SVD fit
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(1200, 300)) * np.linspace(3, 0.1, 300)).astype(np.float32)
+    c = pca.fit(x, 12, method="covariance")
+    f = pca.fit(x, 12, method="full")
+    np.testing.assert_allclose(c.components, f.components, atol=1e-4)
+    np.testing.assert_allclose(c.explained_variance, f.explained_variance, rtol=1e-4)
+    np.testing.assert_allclose(c.explained_variance_ratio, f.explained_variance_ratio, rtol=1e-4)
