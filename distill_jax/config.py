@@ -39,7 +39,12 @@ def default_config() -> ml_collections.ConfigDict:
         attention_pairs="conv1:conv1,conv2:conv2", hint_pairs="conv2:conv2",
         cache_teacher=True))
 
-    c.explain = ml_collections.ConfigDict(dict(num_images=8, ig_steps=64))
+    c.explain = ml_collections.ConfigDict(dict(
+        num_images=8, ig_steps=64, smoothgrad_samples=16, faithfulness_steps=16, sensitivity_radius=0.1,
+        methods=("saliency", "grad_x_input", "integrated_gradients", "smoothgrad", "grad_cam", "occlusion")))
+    # FGSM/PGD budget in standardized input units (the inputs have unit variance per channel)
+    c.robustness = ml_collections.ConfigDict(dict(epsilon=0.25, pgd_steps=10, num_images=256))
+    c.analysis_images = 256  # test images for CKA and soft-tree usage
     c.eval_batch_size = 256
     c.checkpoint_every = 0
     c.keep_checkpoints = 2
@@ -53,6 +58,11 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.student.epochs = 1
     c.explain.num_images = 4
     c.explain.ig_steps = 8
+    c.explain.smoothgrad_samples = 4
+    c.explain.faithfulness_steps = 4
+    c.robustness.num_images = 32
+    c.robustness.pgd_steps = 2
+    c.analysis_images = 64
     c.tree.depth = min(c.tree.depth, 3)
     return c
 
@@ -105,6 +115,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.tree.depth >= 1, "tree.depth", c.tree.depth, "must be >= 1")
     _require(c.tree.depth <= 12, "tree.depth", c.tree.depth, "must be <= 12 (2^depth leaves)")
     _require(c.explain.ig_steps >= 1, "explain.ig_steps", c.explain.ig_steps, "must be >= 1")
+    _require(c.robustness.epsilon >= 0, "robustness.epsilon", c.robustness.epsilon, "must be >= 0")
+    _require(c.robustness.pgd_steps >= 1, "robustness.pgd_steps", c.robustness.pgd_steps, "must be >= 1")
+    _require(c.analysis_images >= 2, "analysis_images", c.analysis_images, "must be >= 2")
     _require(c.explain.num_images >= 1, "explain.num_images", c.explain.num_images, "must be >= 1")
     _require(c.eval_batch_size >= 1, "eval_batch_size", c.eval_batch_size, "must be >= 1")
     parse_students(c.students)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax import checkpoint, config as config_lib, data, distill, explain, metrics, models, parallel
+from distill_jax import audit, checkpoint, config as config_lib, data, distill, metrics, models, parallel
 from distill_jax import pca as pca_lib, preprocess, prune, train
 
 log = logging.getLogger(__name__)
@@ -180,31 +180,70 @@ def train_student(name: str, kind: str, method: str, prep: Prepared, teacher: Tr
 # --------------------------------------------------------------------------- explanations
 
 
-def explain_models(trained: list[Trained], prep: Prepared, c) -> tuple[dict, dict]:
-    """Saliency and integrated gradients for the first `c.explain.num_images` test images, for every model.
+@dataclasses.dataclass
+class Audit:
+    """What the evaluation stage found: JSON-ready scores, plus the arrays the figures draw."""
+
+    explanations: dict  # model -> {ig_completeness_error, saliency_max_sensitivity, <method>: {scores}}
+    robustness: dict  # model -> {fgsm_accuracy, pgd_accuracy}
+    analysis: dict  # JSON-ready: randomization, cka, tree usage, linear sparsity
+    images: np.ndarray  # the explained test images
+    labels: np.ndarray
+    maps: dict  # model -> method -> [n, h, w, c]
+    curves: dict  # model -> method -> {deletion, insertion}
+    linear: dict  # linear student name -> audit.linear_student(...)
+    trees: dict  # tree student name -> audit.tree_student(...)
+
+
+def audit_models(trained: list[Trained], prep: Prepared, c) -> Audit:
+    """Explains every model on the first test images, scores the maps, attacks the models, analyses the students.
 
     Targets are the true labels, so maps of different models explain the same decision.
-    Returns (maps: model -> {"saliency", "integrated_gradients"} arrays, scores: model -> metrics).
+    The first model in `trained` is the teacher.
     """
-    n = min(c.explain.num_images, len(prep.x_test))
-    x = jnp.asarray(prep.x_test[:n])
-    target = jnp.asarray(prep.y_test[:n])
-    maps, scores = {}, {}
+    e = c.explain
+    n = min(e.num_images, len(prep.x_test))
+    x, target = jnp.asarray(prep.x_test[:n]), jnp.asarray(prep.y_test[:n])
+    key = jax.random.PRNGKey(c.seed)
+    teacher = trained[0]
+    maps, curves, explanations, robust = {}, {}, {}, {}
     for t in trained:
-        sal = explain.saliency(t.apply_fn, x, target)
-        ig, err = explain.integrated_gradients(t.apply_fn, x, target, steps=c.explain.ig_steps, return_error=True)
-        maps[t.name] = {"saliency": np.asarray(sal), "integrated_gradients": np.asarray(ig)}
-        scores[t.name] = {
-            "ig_completeness_error": float(jnp.mean(err)),
-            "ig_deletion_auc": float(jnp.mean(metrics.deletion_auc(t.apply_fn, x, ig, target))),
-            "saliency_deletion_auc": float(jnp.mean(metrics.deletion_auc(t.apply_fn, x, sal, target))),
-        }
-    teacher_maps = maps[trained[0].name]
+        maps[t.name] = audit.attribution_maps(t.model, t.variables, x, target, methods=tuple(e.methods),
+                                              ig_steps=e.ig_steps, smoothgrad_samples=e.smoothgrad_samples, key=key)
+        scores, curves[t.name] = audit.faithfulness(t.model, t.variables, x, target, maps[t.name],
+                                                    None if t is teacher else maps[teacher.name],
+                                                    steps=e.faithfulness_steps)
+        explanations[t.name] = {"saliency_max_sensitivity": audit.saliency_max_sensitivity(
+            t.model, t.variables, x, target, radius=e.sensitivity_radius, key=key), **scores}
+        if "integrated_gradients" in maps[t.name]:
+            explanations[t.name]["ig_completeness_error"] = audit.ig_completeness(
+                t.model, t.variables, x, target, maps[t.name]["integrated_gradients"])
+    r = c.robustness
+    m = min(r.num_images, len(prep.x_test))
+    xr, yr = jnp.asarray(prep.x_test[:m]), jnp.asarray(prep.y_test[:m])
+    for t in trained:
+        robust[t.name] = audit.robustness(t.model, t.variables, xr, yr, epsilon=r.epsilon, pgd_steps=r.pgd_steps, key=key)
+
+    xa, ya = prep.x_test[: c.analysis_images], prep.y_test[: c.analysis_images]
+    analysis_out = {"randomization": audit.randomization(teacher.model, teacher.variables, x, target, key=key),
+                    "cka": {}, "tree": {}}
+    teacher_feats = audit.features_of(teacher.model, teacher.variables, jnp.asarray(xa))
+    linear, trees = {}, {}
     for t in trained[1:]:
-        for method in ("saliency", "integrated_gradients"):
-            rho = metrics.spearman(jnp.asarray(maps[t.name][method]), jnp.asarray(teacher_maps[method]))
-            scores[t.name][f"{method}_spearman_vs_teacher"] = float(jnp.mean(rho))
-    return maps, scores
+        feats = audit.features_of(t.model, t.variables, jnp.asarray(xa))
+        if feats:
+            analysis_out["cka"][t.name] = audit.cka(teacher_feats, feats)
+        if t.kind == "linear":
+            linear[t.name] = audit.linear_student(t.variables, x, prep.x_train.shape[1:])
+        if t.kind == "tree":
+            trees[t.name] = audit.tree_student(t.model, t.variables, jnp.asarray(xa), ya, prep.num_classes,
+                                               prep.x_train.shape[1:])
+            usage = trees[t.name]["usage"]["hard"]
+            analysis_out["tree"][t.name] = {
+                "leaves_used": int(np.sum(usage.sum(0) > 0)), "leaves": int(usage.shape[1]),
+                "top_leaf_share_per_class": [round(float(v), 4) for v in usage.max(1)],
+            }
+    return Audit(explanations, robust, analysis_out, np.asarray(x), np.asarray(target), maps, curves, linear, trees)
 
 
 # --------------------------------------------------------------------------- the job
@@ -280,14 +319,17 @@ def explain_and_report(result: dict, everyone: list[Trained], prep: Prepared, c,
     """Explains every model, adds the scores to `result`, and writes metrics.json, figures and report.html."""
     timing = result["timing_s"]
     t1 = time.perf_counter()
-    maps, scores = explain_models(everyone, prep, c)
+    found = audit_models(everyone, prep, c)
     timing["explain"] = time.perf_counter() - t1
-    result["explanations"] = scores
+    result["explanations"] = found.explanations
+    for name, scores in found.robustness.items():
+        result["models"][name].update(scores)
+    result["analysis"] = found.analysis
     if main:
         from distill_jax import report  # noqa: PLC0415 - matplotlib only where a report is written
 
         t2 = time.perf_counter()
-        figures = report.write_figures(workdir, prep, everyone, maps)
+        figures = report.write_figures(workdir, prep, everyone, found)
         timing["report"] = time.perf_counter() - t2
         timing["total"] = sum(v for k, v in timing.items() if k != "total")
         _write_json(os.path.join(workdir, "metrics.json"), result)

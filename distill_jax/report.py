@@ -86,24 +86,142 @@ def pca_components(path: str, components: np.ndarray, image_shape: tuple[int, ..
     return path
 
 
-def write_figures(workdir: str, prep, trained, maps: dict[str, dict[str, np.ndarray]]) -> dict[str, str]:
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _signed(ax, img: np.ndarray, title: str | None = None) -> None:
+    lim = np.abs(img).max() + 1e-12
+    ax.imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=7)
+
+
+def class_templates(path: str, templates: dict[str, np.ndarray], class_names: Sequence[str]) -> str:
+    """Each linear student's class weight vectors drawn in pixel space (rows: students; red raises the logit)."""
+    rows, cols = len(templates), len(class_names)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.4 * rows + 0.3), squeeze=False)
+    for i, (name, t) in enumerate(templates.items()):
+        for j in range(cols):
+            _signed(axes[i, j], t[j].sum(-1), f"{class_names[j]}" if i == 0 else None)
+        axes[i, 0].set_ylabel(name, fontsize=7)
+    return _save(fig, path)
+
+
+def soft_tree(path: str, name: str, filters: np.ndarray, leaf_probs: np.ndarray, depth: int,
+              class_names: Sequence[str]) -> str:
+    """A soft decision tree: every inner node's filter (red: pixels that send an example right) and each leaf's class distribution."""
+    n_leaves = 2**depth
+    fig = plt.figure(figsize=(max(8, 0.75 * n_leaves), 1.3 * (depth + 1) + 0.6))
+    height = 0.93 / (depth + 1)
+    for node in range(2**depth - 1):
+        d = int(np.floor(np.log2(node + 1)))
+        pos = node - (2**d - 1)
+        width = 1.0 / 2**d
+        size = min(width * 0.9, 0.9 * height * fig.get_figheight() / fig.get_figwidth())
+        ax = fig.add_axes([width * (pos + 0.5) - size / 2, 0.93 - height * (d + 0.95), size, height * 0.85])
+        _signed(ax, filters[node].sum(-1), f"node {node}")
+    for leaf in range(n_leaves):
+        ax = fig.add_axes([leaf / n_leaves + 0.1 / n_leaves, 0.02, 0.8 / n_leaves, height * 0.7])
+        ax.bar(range(len(class_names)), leaf_probs[leaf], color="#555")
+        ax.set_ylim(0, 1), ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title(f"{class_names[int(np.argmax(leaf_probs[leaf]))]}", fontsize=8)
+    fig.suptitle(f"{name}: node filters (red pixels push an example right) and leaf class distributions", fontsize=9,
+                 y=0.995)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def heatmap(path: str, panels: dict[str, tuple[list[str], list[str], np.ndarray]], title: str,
+            *, vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis") -> str:
+    """One annotated heat map per panel: (row labels, column labels, matrix)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for ax, (name, (rows, cols, m)) in zip(axes[0], panels.items()):
+        m = np.asarray(m)
+        im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+        ax.set_yticks(range(len(rows)), rows, fontsize=7), ax.set_xticks(range(len(cols)), cols, fontsize=7, rotation=90)
+        if m.size <= 64:
+            for (i, j), v in np.ndenumerate(m):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
+        ax.set_title(name, fontsize=8)
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def perturbation_curves(path: str, curves: dict[str, dict], methods: Sequence[str]) -> str:
+    """Mean deletion and insertion curves (probability of the true class) per model, for each method."""
+    fig, axes = plt.subplots(2, len(methods), figsize=(3.6 * len(methods), 6), squeeze=False)
+    for j, method in enumerate(methods):
+        for i, kind in enumerate(("deletion", "insertion")):
+            ax = axes[i, j]
+            for name, per_method in curves.items():
+                if method in per_method:
+                    c = per_method[method][kind]
+                    ax.plot(np.linspace(0, 1, len(c)), c, label=name)
+            ax.set(title=f"{kind}: {method}", xlabel=f"fraction of pixels {'removed' if i == 0 else 'inserted'}",
+                   ylabel="p(true class)", ylim=(0, 1.02))
+    axes[0, -1].legend(fontsize=6)
+    return _save(fig, path)
+
+
+def randomization_plot(path: str, results: dict[str, list]) -> str:
+    """Rank correlation with the trained model's maps as layers are randomised top-down (Adebayo et al. 2018)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for method, rows in results.items():
+        ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", label=method)
+    ax.axhline(0, color="#999", lw=0.8)
+    ax.set(ylabel="Spearman rho vs trained maps", xlabel="randomised down to layer", ylim=(-0.2, 1.05),
+           title="teacher: cascading parameter randomisation")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def write_figures(workdir: str, prep, trained, found) -> dict[str, str]:
     """Writes every figure of a run under `workdir/figures/`; returns title -> path relative to workdir."""
     out_dir = os.path.join(workdir, FIG_DIR)
     os.makedirs(out_dir, exist_ok=True)
-    n = len(next(iter(maps.values()))["saliency"])
-    images = prep.x_test[:n]
-    labels = [f"label {prep.class_names[y]}" for y in prep.y_test[:n]]
+    rel = lambda p: os.path.relpath(p, workdir)
+    labels = [f"label {prep.class_names[y]}" for y in found.labels]
     figures = {}
-    for method, title in (("saliency", "Saliency |d logit / d x|"),
-                          ("integrated_gradients", "Integrated gradients |IG|")):
+    methods = list(dict.fromkeys(m for per_model in found.maps.values() for m in per_model))
+    for method in methods:
+        maps = {name: per[method] for name, per in found.maps.items() if method in per}
         path = os.path.join(out_dir, f"{method}.png")
-        attribution_grid(path, images, {name: m[method] for name, m in maps.items()}, labels, title)
-        figures[title] = os.path.relpath(path, workdir)
-    path = training_curves(os.path.join(out_dir, "training_curves.png"), {t.name: t.history for t in trained})
-    figures["Training curves"] = os.path.relpath(path, workdir)
-    path = pca_components(os.path.join(out_dir, "pca_components.png"), np.asarray(prep.pca.components),
-                          prep.x_train.shape[1:])
-    figures["PCA components (inputs of the linear student)"] = os.path.relpath(path, workdir)
+        attribution_grid(path, found.images, maps, labels, f"{method}: |attribution| per model (true class)")
+        figures[f"Attributions: {method}"] = rel(path)
+    curve_methods = [m for m in ("saliency", "integrated_gradients", "grad_cam") if m in methods]
+    figures["Deletion and insertion curves"] = rel(perturbation_curves(
+        os.path.join(out_dir, "deletion_insertion.png"), found.curves, curve_methods))
+    figures["Sanity check: parameter randomisation"] = rel(randomization_plot(
+        os.path.join(out_dir, "randomization.png"), found.analysis["randomization"]))
+    if found.analysis["cka"]:
+        panels = {name: (d["teacher_layers"], d["student_layers"], d["matrix"]) for name, d in found.analysis["cka"].items()}
+        figures["CKA: teacher layers (rows) vs student layers"] = rel(heatmap(
+            os.path.join(out_dir, "cka.png"), panels, "linear CKA between teacher and student representations"))
+    figures["Training curves"] = rel(training_curves(os.path.join(out_dir, "training_curves.png"),
+                                                     {t.name: t.history for t in trained if t.history}))
+    figures["PCA components (inputs of the linear student)"] = rel(pca_components(
+        os.path.join(out_dir, "pca_components.png"), np.asarray(prep.pca.components), prep.x_train.shape[1:]))
+    if found.linear:
+        figures["Linear students: class templates in pixel space"] = rel(class_templates(
+            os.path.join(out_dir, "class_templates.png"), {k: v["templates"] for k, v in found.linear.items()},
+            prep.class_names))
+    for name, tree in found.trees.items():
+        figures[f"Soft tree {name}"] = rel(soft_tree(os.path.join(out_dir, f"tree_{name}.png"), name, tree["filters"],
+                                                      tree["leaf_probs"], tree["depth"], prep.class_names))
+        usage = tree["usage"]["hard"]
+        figures[f"Soft tree {name}: leaf usage per class"] = rel(heatmap(
+            os.path.join(out_dir, f"tree_usage_{name}.png"),
+            {name: ([str(c) for c in prep.class_names], [str(l) for l in range(usage.shape[1])], usage)},
+            "fraction of each class's test images that reach each leaf (greedy path)", cmap="Greys"))
     return figures
 
 
@@ -118,12 +236,14 @@ def _fmt(v) -> str:
 
 def model_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the model table (one row per model)."""
-    header = ["model", "method", "accuracy", "agreement", "kl", "params", "ig_completeness_error"]
+    header = ["model", "method", "accuracy", "agreement", "kl", "params", "fgsm_accuracy", "pgd_accuracy",
+              "ig_completeness_error"]
     rows = []
     for name, m in result["models"].items():
-        ex = result["explanations"].get(name, {})
+        ex = result.get("explanations", {}).get(name, {})
         rows.append([name, m.get("method", "labels (teacher)"), _fmt(m["accuracy"]), _fmt(m.get("agreement")),
-                     _fmt(m.get("kl")), str(m["params"]), _fmt(ex.get("ig_completeness_error"))])
+                     _fmt(m.get("kl")), str(m["params"]), _fmt(m.get("fgsm_accuracy")), _fmt(m.get("pgd_accuracy")),
+                     _fmt(ex.get("ig_completeness_error"))])
     return header, rows
 
 
@@ -143,9 +263,22 @@ def _html_table(header, rows) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+FAITHFULNESS_KEYS = ("deletion_auc", "insertion_auc", "spearman_vs_teacher", "top10_overlap_vs_teacher")
+
+
 def explanation_rows(result: dict) -> tuple[list[str], list[list[str]]]:
-    keys = sorted({k for v in result["explanations"].values() for k in v})
-    rows = [[name, *(_fmt(v.get(k)) for k in keys)] for name, v in result["explanations"].items()]
+    """Faithfulness table: one row per (model, attribution method)."""
+    rows = []
+    for name, per in result["explanations"].items():
+        for method, scores in per.items():
+            if isinstance(scores, dict):
+                rows.append([name, method, *(_fmt(scores.get(k)) for k in FAITHFULNESS_KEYS)])
+    return ["model", "method", *FAITHFULNESS_KEYS], rows
+
+
+def sensitivity_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    keys = ("ig_completeness_error", "saliency_max_sensitivity")
+    rows = [[name, *(_fmt(per.get(k)) for k in keys)] for name, per in result["explanations"].items()]
     return ["model", *keys], rows
 
 
@@ -159,6 +292,7 @@ def write_html(workdir: str, result: dict, figures: dict[str, str]) -> str:
     """Writes `workdir/report.html`: the model and explanation tables and every figure. Returns its path."""
     model_table = _html_table(*model_rows(result))
     expl_table = _html_table(*explanation_rows(result))
+    sens_table = _html_table(*sensitivity_rows(result))
     figs = "".join(f'<figure><figcaption>{html.escape(t)}</figcaption><img src="{html.escape(p)}" alt="{html.escape(t)}">'
                    f"</figure>" for t, p in figures.items())
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in result["timing_s"].items())
@@ -169,12 +303,17 @@ def write_html(workdir: str, result: dict, figures: dict[str, str]) -> str:
 <p class="note">jax {html.escape(v['jax'])} on {html.escape(v['backend'])} ({v['devices']} device(s)); {html.escape(timing)}</p>
 <h2>Models</h2>
 <p class="note">accuracy: test top-1; agreement: fraction of test images where the student's top-1 equals the teacher's;
-kl: mean KL(teacher || student) over the test set; ig_completeness_error: |sum IG - (f(x) - f(0))| / |f(x) - f(0)|.</p>
+kl: mean KL(teacher || student) over the test set; fgsm/pgd_accuracy: test accuracy under L-inf attacks of the configured
+budget; ig_completeness_error: |sum IG - (f(x) - f(0))| / |f(x) - f(0)|.</p>
 {model_table}
-<h2>Explanations</h2>
-<p class="note">deletion AUC: probability of the true class as the most-attributed pixels are removed (lower means the map
-found pixels the model needs); spearman vs teacher: rank agreement of the student's map with the teacher's.</p>
+<h2>How faithful is each explanation?</h2>
+<p class="note">deletion AUC: probability of the true class as the most-attributed pixels are removed first (lower: the map
+found pixels the model needs); insertion AUC: the same as they are inserted into a blurred image (higher is better);
+spearman / top-10% overlap vs teacher: agreement of the student's map with the teacher's map of the same method.</p>
 {expl_table}
+<p class="note">max-sensitivity: largest relative change of the saliency map under small uniform input noise (Yeh et al.
+2019; lower is more stable).</p>
+{sens_table}
 <h2>Figures</h2>
 {figs}
 </body></html>"""
