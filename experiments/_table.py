@@ -1,0 +1,130 @@
+"""Shared helpers of the paper-reproduction scripts: the paper-vs-ours table, hardware, variants, the CLI.
+
+Every script builds a list of `Row`s (one published number each, next to ours) and calls
+`write_table`, which prints the table as markdown and writes `results.md` and `results.json`
+into the work directory. Nothing here trains anything.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from typing import Sequence
+
+VARIANTS = ("full", "local", "smoke")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One published result and ours.
+
+    paper/ours are display strings (e.g. "67 errors / 10000 (0.67%)"); paper_value/ours_value the
+    comparable number (same unit, e.g. test error in %) so the difference can be computed.
+    """
+
+    result: str
+    paper: str
+    ours: str
+    setting: str
+    wall_s: float
+    paper_value: float | None = None
+    ours_value: float | None = None
+    unit: str = ""
+
+    @property
+    def difference(self) -> float | None:
+        """ours_value - paper_value (None when either is missing)."""
+        if self.paper_value is None or self.ours_value is None:
+            return None
+        return self.ours_value - self.paper_value
+
+
+def cpu_model() -> str:
+    """`lscpu`'s model name (falls back to platform.processor())."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware() -> str:
+    """One line: the accelerator (or CPU model and core count) JAX runs on."""
+    import jax  # noqa: PLC0415
+
+    devices = jax.devices()
+    if devices[0].platform == "cpu":
+        return f"{cpu_model()}, {os.cpu_count()} cores (jax cpu, {len(devices)} device(s))"
+    return f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"
+
+
+def errors_text(errors: int, n: int) -> str:
+    """`"67 / 10000 (0.67%)"`: an error count with its denominator and rate."""
+    return f"{errors} / {n} ({100.0 * errors / n:.2f}%)"
+
+
+def markdown(title: str, rows: Sequence[Row], *, variant: str, hw: str, wall_s: float, command: str) -> str:
+    """The table as markdown, with a header line naming the variant, hardware, total wall time and command."""
+    lines = [f"### {title} ({variant}{' - SCALED DOWN' if variant != 'full' else ''})", "",
+             f"- command: `{command}`", f"- hardware: {hw}", f"- total wall time: {wall_s:.1f} s", "",
+             "| result | paper | ours | ours - paper | setting | wall time |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        diff = r.difference
+        diff_text = "" if diff is None else f"{diff:+.2f}{r.unit}"
+        lines.append(f"| {r.result} | {r.paper} | {r.ours} | {diff_text} | {r.setting} | {r.wall_s:.1f} s |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(workdir: str, title: str, rows: Sequence[Row], *, variant: str, wall_s: float,
+                extra: dict | None = None, echo=print) -> dict:
+    """Prints the table and writes `results.md` and `results.json` into `workdir`; returns the JSON dict."""
+    os.makedirs(workdir, exist_ok=True)
+    hw = hardware()
+    command = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]) if sys.argv[0] else "python",
+                                                *sys.argv[1:]])
+    text = markdown(title, rows, variant=variant, hw=hw, wall_s=wall_s, command=f"python {command}")
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(text)
+    out = {"title": title, "variant": variant, "hardware": hw, "wall_s": round(wall_s, 2),
+           "date": datetime.date.today().isoformat(), "command": f"python {command}",
+           "rows": [{**dataclasses.asdict(r), "difference": r.difference} for r in rows], **(extra or {})}
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    echo(text)
+    return out
+
+
+def load_config(script_file: str, variant: str):
+    """`get_config(variant)` from `experiments/configs/<script name>.py` (next to the script)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is not known; use one of {VARIANTS}")
+    name = os.path.splitext(os.path.basename(script_file))[0]
+    path = os.path.join(os.path.dirname(os.path.abspath(script_file)), "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"experiments_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def parse_args(argv: Sequence[str] | None, description: str, default_workdir: str) -> argparse.Namespace:
+    """`--local | --smoke` (default: the paper's full setting), `--workdir`, `--data_dir`, `--seed`."""
+    p = argparse.ArgumentParser(description=description)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--local", action="store_true", help="scaled-down variant on data that ships with the package")
+    g.add_argument("--smoke", action="store_true", help="seconds-long variant for CI")
+    p.add_argument("--workdir", default=default_workdir, help="where results.md and results.json go")
+    p.add_argument("--data_dir", default=None, help="tfds data directory (full variant)")
+    p.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    args = p.parse_args(argv)
+    args.variant = "smoke" if args.smoke else "local" if args.local else "full"
+    return args
