@@ -80,9 +80,22 @@ def broadcast_from_main(tree):
     return multihost_utils.broadcast_one_to_all(tree)
 
 
-def replicate(tree, mesh: Mesh):
-    """Places a pytree on every device of the mesh."""
-    return jax.device_put(tree, replicated(mesh))
+def any_process(flag: bool) -> bool:
+    """True when `flag` is true on any process (a collective: every process must call it; plain `flag` with one)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def replicate(tree, mesh: Mesh, *, copy: bool = False):
+    """Places a pytree on every device of the mesh.
+
+    copy: never reuse the input's buffers (a donating step would delete them). XLA:CPU may alias
+    one shard of the result to the input even with `may_alias=False`, so the copy goes through the host.
+    """
+    return jax.device_put(jax.device_get(tree) if copy else tree, replicated(mesh))
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,

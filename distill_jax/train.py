@@ -29,10 +29,16 @@ from distill_jax import parallel
 LossFn = Callable[..., tuple[jax.Array, dict]]
 
 
-# XLA:CPU runs each fake device's share of a collective on a shared thread pool; with several steps in
-# flight on a small machine the all-reduce rendezvous can starve and abort. On CPU, waiting for each step
-# costs nothing measurable (the host has no other work to overlap), so wait there.
-_SYNC_EVERY_STEP = jax.default_backend() == "cpu"
+def _sync_every_step() -> bool:
+    """Whether `fit` waits for each step before dispatching the next.
+
+    XLA:CPU runs each fake device's share of a collective on a shared thread pool; with several steps
+    in flight on a small machine the all-reduce rendezvous starved and aborted ("Termination timeout for
+    all reduce ... only 3 of them arrived"). On CPU, waiting for each step costs nothing measurable (the
+    host has no other work to overlap), so wait there. A function, not a module constant: asking for the
+    backend at import time would start XLA before `jax.distributed.initialize` could run.
+    """
+    return jax.default_backend() == "cpu"
 
 
 class NonFiniteError(FloatingPointError):
@@ -123,8 +129,9 @@ def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> C
     """The un-jitted train step: (state, batch, teacher) -> (state, metrics).
 
     metrics: `loss` (batch mean) and the batch mean of every aux entry. A step whose loss or
-    gradient is not finite leaves params and optimizer state unchanged and records its step
-    number in `first_bad_step` (if it is the first).
+    gradient is not finite records its step number in `first_bad_step`; from then on the state
+    (step, params, optimizer state) stays exactly as it was before that step, so `fit` can save
+    the last good state and stop.
     """
 
     def step(state: TrainState, batch: dict, teacher) -> tuple[TrainState, dict]:
@@ -138,10 +145,11 @@ def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> C
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & _all_finite(grads)
-        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+        good = finite & (state.first_bad_step < 0)  # after the first bad step the state stays frozen
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(good, n, o), new, old)
         first_bad = jnp.where((state.first_bad_step < 0) & ~finite, state.step, state.first_bad_step)
         new_state = state.replace(
-            step=state.step + 1,
+            step=jnp.where(good, state.step + 1, state.step),
             params=keep(new_params, state.params),
             opt_state=keep(new_opt_state, state.opt_state),
             first_bad_step=first_bad,
@@ -214,7 +222,11 @@ def epoch_batch_indices(n: int, batch_size: int, *, seed: int, epoch: int) -> np
 
 @dataclasses.dataclass
 class FitConfig:
-    """Budget of one training run: epochs, global batch size, data-order seed, progress bar label."""
+    """Budget of one training run: epochs, global batch size, data-order seed, progress bar label.
+
+    `stop_check_every`: with several processes, how often (in steps) they agree on whether any of
+    them received SIGINT/SIGTERM (one tiny all-gather; a single process checks every step for free).
+    """
 
     epochs: int
     batch_size: int
@@ -222,6 +234,7 @@ class FitConfig:
     desc: str = "train"
     checkpoint_every: int = 0  # steps; 0 = only at the end
     show_progress: bool = True
+    stop_check_every: int = 10
 
 
 class _StopRequest:
@@ -248,6 +261,21 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
 
+    def agreed(self, step: int, every: int, *, force: bool = False) -> str | None:
+        """The signal name if this process (one process) or any process (several) asked to stop.
+
+        With several processes the answer is a collective: every process must ask at the same
+        steps (`step % every == 0`, or `force` at the same point), so all stop at the same step
+        and the checkpoint save that follows, itself collective, cannot deadlock.
+        """
+        if jax.process_count() == 1:
+            return self.requested
+        if not force and step % max(every, 1):
+            return None
+        if not parallel.any_process(self.requested is not None):
+            return None
+        return self.requested or "a signal on another process"
+
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
@@ -259,18 +287,24 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
         save: Callable[[TrainState], None] | None = None) -> tuple[TrainState, list[dict]]:
     """Runs `step_fn` over shuffled batches for `cfg.epochs` epochs, resuming from `state.step`.
 
+    The data order depends only on (cfg.seed, epoch), the step keys on (state.key, step), so a
+    run restored from a checkpoint ends bitwise where an uninterrupted run ends.
+
     Args:
       state: a TrainState (fresh or restored; a restored one continues mid-epoch exactly).
       step_fn: from `make_train_step`.
       data: dict of host arrays with the same leading length n (at least `x`, `y`); each step
-        gets the rows of one batch of every entry (e.g. cached teacher logits).
+        gets the rows of one batch of every entry (e.g. cached teacher logits). Under
+        multi-host, each process passes its own share of the training data.
       evaluate: optional state -> test accuracy, called after every epoch.
       save: optional state -> None, called every `cfg.checkpoint_every` steps, at the end, and
-        on SIGINT/SIGTERM before `Interrupted` is raised.
+        on SIGINT/SIGTERM before `Interrupted` is raised. Under multi-host it is called on every
+        process at the same step (orbax saves collectively).
     Returns:
       (final state, history: one dict per epoch with `epoch`, `loss`, `accuracy`, `test_accuracy`).
     Raises:
-      NonFiniteError: a loss or gradient became non-finite (the state of the last good step is saved).
+      NonFiniteError: a loss or gradient became non-finite (the state before that step is saved).
+      Interrupted: SIGINT/SIGTERM arrived (on any process); the current state was saved first.
     """
     n = len(data["y"])
     local_bs = parallel.local_batch_size(cfg.batch_size)
@@ -278,8 +312,11 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.desc}: batch_size={cfg.batch_size} is larger than the {n} training examples")
     total = steps_per_epoch * cfg.epochs
-    start = int(state.step)
-    state = parallel.replicate(state, mesh)  # committed to the step's sharding: one compilation, not two
+    start = step = int(state.step)
+    sync = _sync_every_step()
+    # committed to the step's sharding (one compilation, not two), and a copy: the step donates its
+    # input, which must not delete the caller's arrays
+    state = parallel.replicate(state, mesh, copy=True)
     history: list[dict] = []
     bar = tqdm(total=total, initial=min(start, total), desc=cfg.desc, disable=None if cfg.show_progress else True,
                leave=False, dynamic_ncols=True)
@@ -292,13 +329,16 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
                 for idx in order[first:]:
                     batch = parallel.shard_batch({k: v[idx] for k, v in data.items()}, mesh)
                     state, metrics = step_fn(state, batch, teacher)
-                    if _SYNC_EVERY_STEP:
+                    step += 1
+                    if sync:
                         jax.block_until_ready(metrics)
                     sums = metrics if not sums else jax.tree_util.tree_map(jnp.add, sums, metrics)
                     bar.update(1)
-                    if stop.requested:
-                        _interrupt(state, cfg.desc, save, stop.requested)
-                    if cfg.checkpoint_every and save and int(state.step) % cfg.checkpoint_every == 0:
+                    signal_name = stop.agreed(step, cfg.stop_check_every)
+                    if signal_name:
+                        _interrupt(state, cfg.desc, save, signal_name)
+                    if cfg.checkpoint_every and save and step % cfg.checkpoint_every == 0:
+                        _raise_if_nonfinite(state, cfg.desc, save)
                         save(state)
                 _raise_if_nonfinite(state, cfg.desc, save)
                 record = {"epoch": epoch + 1, **{k: float(v) / len(order[first:]) for k, v in sums.items()}}
@@ -306,10 +346,14 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
                     record["test_accuracy"] = float(evaluate(state))
                 history.append(record)
                 bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "epoch"})
+            signal_name = stop.agreed(step, cfg.stop_check_every, force=True)  # a signal during the last steps
     finally:
         bar.close()
     if save is not None:
         save(state)
+    if signal_name:
+        raise Interrupted(f"{cfg.desc} interrupted by {signal_name} at step {int(state.step)} (the last one); "
+                          f"{'checkpoint saved' if save is not None else 'nothing saved'}")
     return state, history
 
 
@@ -324,11 +368,12 @@ def _interrupt(state: TrainState, desc: str, save, signal_name: str) -> None:
 def _raise_if_nonfinite(state: TrainState, desc: str, save) -> None:
     bad = int(state.first_bad_step)
     if bad >= 0:
-        if save is not None:
-            save(state)
+        if save is not None:  # the state is frozen just before the bad step: save it as a good one
+            save(state.replace(first_bad_step=state.first_bad_step * 0 - 1))
         raise NonFiniteError(
             f"{desc}: the loss or its gradient became non-finite at step {bad}; training stopped and the "
-            f"parameters of the last finite step were kept (lower the learning rate or check the data)"
+            f"state before that step was kept{' (checkpoint saved)' if save is not None else ''} "
+            f"(lower the learning rate or check the data)"
         )
 
 
