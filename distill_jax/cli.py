@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the latest checkpoints in --workdir")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--compilation-cache", metavar="DIR",
+                     help="persistent XLA compilation cache: repeated runs with the same shapes skip compilation")
     run.add_argument("--coordinator", help="HOST:PORT of process 0 for multi-host runs")
     run.add_argument("--num-processes", type=int)
     run.add_argument("--process-id", type=int)
@@ -102,22 +104,34 @@ def _configure(args):
     from distill_jax import config as config_lib
 
     c = load_config(args.config)
+    if args.smoke:  # before --set, so an explicit --set wins over the smoke budget
+        c = config_lib.apply_smoke(c)
     for assignment in args.set:
         apply_override(c, assignment)
     if args.dataset is not None:
         c.dataset = args.dataset
     if args.seed is not None:
         c.seed = args.seed
-    if args.smoke:
-        c = config_lib.apply_smoke(c)
     c.resume = bool(args.resume)
     config_lib.validate(c)
     return c
 
 
+def enable_compilation_cache(path: str) -> None:
+    """Caches every compiled XLA program under `path` (must run before anything is compiled)."""
+    import jax
+
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def cmd_run(args) -> int:
     from distill_jax import parallel
 
+    if args.compilation_cache:
+        enable_compilation_cache(args.compilation_cache)
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     c = _configure(args)
     workdir = check_workdir(args.workdir)
