@@ -31,7 +31,8 @@ def default_config() -> ml_collections.ConfigDict:
         prune_sparsity=0.0, prune_begin=0.2, prune_end=0.8))
     # "<kind>-<method>": kind in STUDENT_KINDS, method a '+'-joined sum of distill.TERMS.
     c.students = "cnn-labels,cnn-kd,tree-labels,tree-kd,linear-labels,linear-kd,cnn-kd+attention"
-    c.tree = ml_collections.ConfigDict(dict(depth=4))
+    # a kind's group may override any key of `student` for that kind's students
+    c.tree = ml_collections.ConfigDict(dict(depth=5, learning_rate=1e-2))
     c.mlp = ml_collections.ConfigDict(dict(hidden=(128,)))
 
     c.method = ml_collections.ConfigDict(dict(

@@ -16,6 +16,7 @@ import zlib
 from typing import Any, Callable
 
 import flax.linen as nn
+import ml_collections
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,11 +170,20 @@ def train_teacher(prep: Prepared, c, mesh, ckpt_dir: str | None, **kw) -> Traine
                   ckpt_dir, **kw)
 
 
+def student_budget(kind: str, c):
+    """`c.student`, with any of its keys overridden by the kind's own group (e.g. `c.tree.learning_rate`)."""
+    budget = ml_collections.ConfigDict(c.student.to_dict())
+    for key, value in c.get(kind, {}).items():
+        if key in budget:
+            budget[key] = value
+    return budget
+
+
 def train_student(name: str, kind: str, method: str, prep: Prepared, teacher: Trained, c, mesh,
                   ckpt_dir: str | None, **kw) -> Trained:
     """Trains one student `<kind>-<method>` from the teacher (or from labels alone for `labels`)."""
     model, extra = build_model(kind, c, prep.num_classes, prep.pca)
-    return _train(name, kind, method, model, extra, c.student, prep, method_config(c), c, mesh, ckpt_dir,
+    return _train(name, kind, method, model, extra, student_budget(kind, c), prep, method_config(c), c, mesh, ckpt_dir,
                   teacher=teacher, cache_teacher=c.method.cache_teacher, **kw)
 
 
@@ -344,8 +354,6 @@ def load_trained(workdir: str) -> tuple[dict, list[Trained], Prepared, Any]:
     Raises:
       FileNotFoundError: `workdir` has no metrics.json or a model has no checkpoint.
     """
-    import ml_collections  # noqa: PLC0415
-
     path = os.path.join(workdir, "metrics.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist; run `distill-jax run --workdir {workdir}` first")
