@@ -1,0 +1,133 @@
+"""Tests of experiments/compare_methods.py and experiments/pruning.py: statistics by hand, smoke runs end to end."""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+if EXPERIMENTS not in sys.path:
+    sys.path.insert(0, EXPERIMENTS)
+
+import compare_methods as cm  # noqa: E402
+import pruning  # noqa: E402
+
+# A SmallCNN teacher compiles several times faster than SeedCNN; the smoke runs test the plumbing.
+FAST = ["--set", "teacher.kind=cnn", "--compilation-cache", ""]
+
+
+def test_mean_std_is_sample_std():
+    mean, std = cm.mean_std([1.0, 2.0, 4.0])
+    assert mean == pytest.approx(7 / 3)
+    assert std == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
+    assert cm.mean_std([0.5]) == (0.5, 0.0)
+
+
+def test_paired_hand_computed():
+    # d = [0.1, 0.0, 0.1]: mean 1/15, std sqrt(1/300), t = mean / (std / sqrt 3) = 2, p(|T_2| > 2) = 1 - 2/sqrt(6)
+    out = cm.paired([0.9, 0.8, 0.7], [0.8, 0.8, 0.6])
+    assert out["diff"] == pytest.approx([0.1, 0.0, 0.1])
+    assert out["mean"] == pytest.approx(1 / 15)
+    assert out["std"] == pytest.approx(math.sqrt(1 / 300))
+    assert out["t"] == pytest.approx(2.0)
+    assert out["p"] == pytest.approx(1 - 2 / math.sqrt(6))  # Student t with 2 dof: P(|T| > t) = 1 - t/sqrt(t^2+2)
+    assert (out["wins"], out["n"]) == (2, 3)
+    assert cm.paired([0.9, 0.8, 0.7], [0.8, 0.8, 0.6], better=-1)["wins"] == 0  # smaller is better (KL)
+
+
+def test_paired_degenerate_and_bad_shapes():
+    out = cm.paired([1.0, 2.0], [0.0, 1.0])  # every difference equal: no t statistic
+    assert out["t"] is None and out["p"] is None and out["std"] == 0.0
+    with pytest.raises(ValueError, match="same 1-d shape"):
+        cm.paired([1.0, 2.0], [1.0])
+
+
+def test_parse_list():
+    assert cm.parse_list(" 0, 1,2 ", "seeds", int) == [0, 1, 2]
+    with pytest.raises(ValueError, match="--seeds"):
+        cm.parse_list("a", "seeds", int)
+    with pytest.raises(ValueError, match="empty"):
+        cm.parse_list(" , ", "datasets")
+
+
+def _runs():
+    def m(seed, acc, agree=None, kl=None):
+        out = {"seed": seed, "accuracy": acc, "params": 10, "train_seconds": 1.0}
+        if agree is not None:
+            out.update(agreement=agree, kl=kl)
+        return out
+
+    return {
+        "teacher": [m(0, 0.9), m(1, 0.8)],
+        "cnn-labels": [m(0, 0.8, 0.8, 0.4), m(1, 0.7, 0.7, 0.5)],
+        "cnn-kd": [m(0, 0.85, 0.9, 0.2), m(1, 0.7, 0.8, 0.3)],
+        "tree-kd": [m(0, 0.5, 0.5, 1.0), m(1, 0.5, 0.5, 1.0)],  # no tree-labels baseline: not paired
+    }
+
+
+def test_summarize_pairs_each_distilled_student_with_its_kinds_labels_student():
+    out = cm.summarize(_runs())
+    assert set(out["summary"]) == {"teacher", "cnn-labels", "cnn-kd", "tree-kd"}
+    assert "agreement" not in out["summary"]["teacher"]
+    assert out["summary"]["cnn-kd"]["accuracy"]["mean"] == pytest.approx(0.775)
+    assert list(out["paired"]) == ["cnn-kd"]
+    p = out["paired"]["cnn-kd"]
+    assert p["baseline"] == "cnn-labels"
+    assert p["agreement"]["diff"] == pytest.approx([0.1, 0.1])
+    assert p["kl"]["diff"] == pytest.approx([-0.2, -0.2]) and p["kl"]["wins"] == 2
+    assert p["accuracy"]["diff"] == pytest.approx([0.05, 0.0]) and p["accuracy"]["wins"] == 1
+    table = cm.markdown_tables("digits", out, 2)
+    assert "| cnn-kd | cnn-labels | +0.1000 ± 0.0000 (2/2, p=n/a)" in table
+    assert "| teacher | 10 | 0.8500 ± 0.0707 | — | — |" in table
+
+
+def test_linear_readability_counts_nonzeros_per_class_and_components():
+    kernel = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0], [0.0, 0.0, 0.0], [3.0, 0.0, -1.0]])  # [components, classes]
+    out = pruning.linear_readability({"linear": {"kernel": kernel, "bias": np.ones(3)}})
+    assert out["nonzero_per_class"] == [2, 0, 2]
+    assert out["nonzero_per_class_mean"] == pytest.approx(4 / 3)
+    assert (out["nonzero_per_class_min"], out["nonzero_per_class_max"]) == (0, 2)
+    assert (out["components_used"], out["components"]) == (3, 4)
+    params = {"linear": {"kernel": kernel, "bias": np.ones(3)}, "conv": {"kernel": np.ones((2, 2, 1, 1))}}
+    assert pruning.nonzero_kernel_weights(params) == 4 + 4  # biases (ndim 1) are not counted
+
+
+@pytest.mark.parametrize("module,argv,needle", [
+    (cm, ["--seeds", "a,b"], "--seeds"),
+    (cm, ["--students", "forest-kd"], "forest-kd"),
+    (cm, ["--set", "method.alpha=2.0"], "method.alpha"),
+    (pruning, ["--sparsities", "0,1.0"], "outside [0, 1)"),
+])
+def test_bad_options_exit_2_with_one_line(module, argv, needle, tmp_path, capsys):
+    assert module.main(argv + ["--workdir", str(tmp_path), "--compilation-cache", ""]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err
+
+
+def test_compare_methods_smoke(tmp_path):
+    lines = []
+    argv = ["--smoke", "--students", "cnn-labels,cnn-kd", "--workdir", str(tmp_path), *FAST]
+    assert cm.main(argv, echo=lines.append) == 0
+    payload = json.loads((tmp_path / "compare_methods.json").read_text())
+    digits = payload["datasets"]["digits"]
+    assert [r["seed"] for r in digits["runs"]["cnn-kd"]] == [0, 1]
+    for m in digits["runs"]["cnn-kd"]:
+        assert 0 <= m["agreement"] <= 1 and m["kl"] >= 0 and np.isfinite(m["kl"])
+    diffs = [a["agreement"] - b["agreement"] for a, b in zip(digits["runs"]["cnn-kd"], digits["runs"]["cnn-labels"])]
+    assert digits["paired"]["cnn-kd"]["agreement"]["diff"] == pytest.approx(diffs)
+    assert payload["environment"]["cpu"] and payload["wall_seconds"] > 0
+    md = (tmp_path / "compare_methods.md").read_text()
+    assert "| cnn-kd | cnn-labels |" in md and "### digits (2 seeds" in md
+    assert any("digits seed 1 cnn-kd: accuracy" in l for l in lines)
+
+
+def test_pruning_smoke_reaches_target_sparsity(tmp_path):
+    assert pruning.main(["--smoke", "--workdir", str(tmp_path), *FAST], echo=lambda s: None) == 0
+    payload = json.loads((tmp_path / "pruning.json").read_text())
+    dense, sparse = payload["runs"]["linear-kd@0"][0], payload["runs"]["linear-kd@0.8"][0]
+    assert dense["sparsity"] == 0 and dense["nonzero"] == dense["components"] * 10
+    assert sparse["sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert sum(sparse["nonzero_per_class"]) == sparse["nonzero"] == round(0.2 * dense["nonzero"])
+    assert "| linear-kd@0.8 | 0.800 ± 0.000 |" in (tmp_path / "pruning.md").read_text()
