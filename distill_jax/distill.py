@@ -211,6 +211,16 @@ def _pair_key(student_layer: str, teacher_layer: str) -> str:
 # --------------------------------------------------------------------------- teacher outputs
 
 
+def forward_only(model: nn.Module) -> nn.Module:
+    """The same network for a pass with no backward: XLA's own convolution (`impl="lax"`) when the model has one.
+
+    The patch convolution wins on XLA:CPU because its *backward* is matrix products; a forward
+    pass alone runs faster through `lax.conv` (benchmarks/RESULTS.md, distillation step).
+    Parameters are shared, outputs equal to float32 rounding.
+    """
+    return model.clone(impl="lax") if getattr(model, "impl", None) == "patches" else model
+
+
 def teacher_outputs(teacher: nn.Module, teacher_vars, x: jax.Array, labels: jax.Array, needs: Needs) -> dict:
     """The teacher outputs a method needs, under stop_gradient.
 
@@ -219,7 +229,7 @@ def teacher_outputs(teacher: nn.Module, teacher_vars, x: jax.Array, labels: jax.
     """
     out = {}
     if needs.teacher_logits or needs.teacher_layers:
-        logits, feats = teacher.apply(teacher_vars, x, return_features=True)
+        logits, feats = forward_only(teacher).apply(teacher_vars, x, return_features=True)
         out["teacher_logits"] = logits
         out.update({f"teacher_feat/{l}": feats[l] for l in needs.teacher_layers})
     if needs.teacher_saliency:
