@@ -261,7 +261,7 @@ def init_trainable(student: nn.Module, method: str, cfg: MethodConfig, key: jax.
     """
     needs = method_needs(method, cfg)
     model_key, aux_key = jax.random.split(key)
-    variables = student.init(model_key, sample_x)
+    variables = jax.jit(student.init)(model_key, sample_x)  # eager init of a deep net dispatches op by op
     if extra:
         variables = {**variables, **extra}
     s_logits, s_feats = jax.eval_shape(lambda v: student.apply(v, sample_x, return_features=True), variables)
