@@ -69,7 +69,7 @@ def check_workdir(path: str) -> str:
     path = os.path.abspath(path)
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
+        probe = os.path.join(path, f".write_test.{os.getpid()}")  # per process: multi-host runs share the workdir
         with open(probe, "w"):
             pass
         os.remove(probe)
