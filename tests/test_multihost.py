@@ -203,11 +203,24 @@ def test_two_processes_on_loopback_agree_and_survive_a_sigterm_on_one_of_them(en
     workdir = str(tmp_path / "run")
     args = [*SMALL, "--set", "teacher.epochs=2", *CHEAP_EXPLAIN]
 
+    started = []
+
     def start_both(*more, train_only=True):
         port = _free_port()
-        return [_start(env, workdir, *args, *more, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                       "--process-id", str(i), train_only=train_only) for i in range(2)]
+        started.extend(_start(env, workdir, *args, *more, "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                              "2", "--process-id", str(i), train_only=train_only) for i in range(2))
+        return started[-2:]
 
+    try:
+        _two_process_checks(env, workdir, start_both, full)
+    finally:  # a failed check must not leave a partner process waiting for its coordinator
+        for p in started:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+def _two_process_checks(env, workdir, start_both, full):
     procs = start_both()
     _wait_for(lambda: 7 in _steps(workdir), procs[1])
     procs[1].send_signal(signal.SIGTERM)
