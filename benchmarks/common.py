@@ -7,9 +7,7 @@ the noise of a shared machine hits every case alike. Trust ratios more than abso
 from __future__ import annotations
 
 import os
-import platform
 import statistics
-import subprocess
 import time
 from typing import Callable
 
@@ -42,15 +40,10 @@ def tcmalloc_path() -> str | None:
 
 
 def cpu_model() -> str:
-    """`lscpu`'s model name (falls back to platform.processor())."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
+    """The host CPU's model name (what `lscpu` prints as "Model name")."""
+    from distill_jax import pipeline  # noqa: PLC0415
+
+    return pipeline.cpu_model()
 
 
 def device_description() -> str:

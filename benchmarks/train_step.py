@@ -10,7 +10,8 @@ Two steps, each at every (input shape, batch):
            (`distill.make_loss_fn(..., "labels")` + `train.make_train_step`, what `distill-jax` runs).
   distill  SeedCNN teacher forward under stop_gradient + SmallCNN student train step, Hinton KD
            (method "kd": alpha * T^2 KL + (1 - alpha) CE, T = 4, alpha = 0.9), SGD momentum 0.9.
-Variants: `jax patches` / `jax lax` (models.SeedCNN impl), `torch eager` (NCHW), `torch channels_last`,
+Variants: `jax lax_conv` / `jax patches` / `jax lax` (models.SeedCNN impl; the teacher forward of the
+distill step always runs as `impl="lax"`, see `distill.forward_only`), `torch eager` (NCHW), `torch channels_last`,
 `torch compile` (torch.compile of the models; skipped with a note when a compile exceeds
 --compile-budget). Every variant starts from the same weights and images, and the first-step
 losses are printed side by side: they agree to float32 rounding, so every variant computes the
@@ -53,7 +54,7 @@ ARCHS = {  # conv widths, dense widths: must match models.SeedCNN / models.Small
     "seed": (tuple(models.SeedCNN.conv_features), tuple(models.SeedCNN.dense_features)),
     "small": (tuple(models.SmallCNN.conv_features), tuple(models.SmallCNN.dense_features)),
 }
-JAX_IMPLS = ("patches", "lax")
+JAX_IMPLS = ("lax_conv", "patches", "lax")
 TORCH_MODES = ("eager", "channels_last", "compile")
 BASELINES = ("torch eager", "torch channels_last")
 

@@ -212,13 +212,13 @@ def _pair_key(student_layer: str, teacher_layer: str) -> str:
 
 
 def forward_only(model: nn.Module) -> nn.Module:
-    """The same network for a pass with no backward: XLA's own convolution (`impl="lax"`) when the model has one.
+    """The same network for a pass with no backward: `impl="lax"` (XLA's convolution and `reduce_window` pool).
 
-    The patch convolution wins on XLA:CPU because its *backward* is matrix products; a forward
-    pass alone runs faster through `lax.conv` (benchmarks/RESULTS.md, distillation step).
+    The other impls exist to make the *backward* pass cheap on XLA:CPU; a forward pass alone
+    runs fastest through `lax.conv` + `reduce_window` (benchmarks/RESULTS.md, distillation step).
     Parameters are shared, outputs equal to float32 rounding.
     """
-    return model.clone(impl="lax") if getattr(model, "impl", None) == "patches" else model
+    return model.clone(impl="lax") if getattr(model, "impl", "lax") != "lax" else model
 
 
 def teacher_outputs(teacher: nn.Module, teacher_vars, x: jax.Array, labels: jax.Array, needs: Needs) -> dict:

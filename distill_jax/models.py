@@ -11,10 +11,13 @@ logits with respect to that feature is `jax.grad` with respect to a zero delta (
 TCAV). `forward_with_features(model, variables)` turns a model into the
 `forward_fn(x, deltas=None) -> (logits, features)` that `explain` and `analysis` take.
 
-Convolutions and pooling have two implementations with the same parameters:
-`"patches"` (default: 3x3 convolution as one matrix product over shifted-slice patches,
-2x2 max-pool as a reshape + max; fast on XLA:CPU and fine elsewhere, see
-PERF-NOTES.md) and `"lax"` (`lax.conv_general_dilated` + `reduce_window`, the reference).
+Convolution and pooling come in three implementations (`impl`) with the same parameters:
+`"lax_conv"` (default: XLA's own convolution, `lax.conv_general_dilated`, with the 2x2 max-pool
+as the max of four strided views, whose backward is cheap where `reduce_window`'s
+select-and-scatter is slow on XLA:CPU), `"patches"` (the 3x3 convolution as one matrix product
+over shifted-slice patches, same pool) and `"lax"` (`lax.conv_general_dilated` + `reduce_window`,
+the reference).
+benchmarks/RESULTS.md has the measured speeds.
 """
 from __future__ import annotations
 
@@ -57,23 +60,29 @@ def conv3x3_lax(x: jax.Array, kernel: jax.Array) -> jax.Array:
     )
 
 
-def max_pool_reshape(x: jax.Array) -> jax.Array:
-    """2x2 max-pool, stride 2, SAME padding, as a reshape and a max over the window axes.
+def max_pool_slices(x: jax.Array) -> jax.Array:
+    """2x2 max-pool, stride 2, SAME padding, as the max of the four strided views of each window.
 
-    Odd heights/widths are padded at the end with -inf (what SAME pooling does), so an
-    h x w input gives ceil(h/2) x ceil(w/2).
+    y = max(max(x[2i, 2j], x[2i, 2j+1]), max(x[2i+1, 2j], x[2i+1, 2j+1]))
+
+    Same values and shapes as `max_pool_lax`. Its backward is elementwise selects and strided pads:
+    on XLA:CPU 3-17x faster than that of a reshape to [n, h/2, 2, w/2, 2, c] + max (a reduction over
+    two inner window axes) and 7-20x faster than `reduce_window`'s select-and-scatter
+    (benchmarks/RESULTS.md). Equal maxima share the gradient pairwise (two get half each), where
+    `reduce_window` gives it all to the first; after a ReLU, ties are at 0 and get no gradient anyway.
 
     Args:
       x: [batch, h, w, c].
     Returns:
       [batch, ceil(h/2), ceil(w/2), c].
     """
-    n, h, w, c = x.shape
+    _, h, w, _ = x.shape
     pad_h, pad_w = h % 2, w % 2
     if pad_h or pad_w:
         x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), constant_values=-jnp.inf)
-    h2, w2 = (h + pad_h) // 2, (w + pad_w) // 2
-    return x.reshape(n, h2, 2, w2, 2, c).max(axis=(2, 4))
+    top = jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2])
+    bottom = jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2])
+    return jnp.maximum(top, bottom)
 
 
 def max_pool_lax(x: jax.Array) -> jax.Array:
@@ -82,11 +91,13 @@ def max_pool_lax(x: jax.Array) -> jax.Array:
 
 
 CONV_IMPLS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "lax_conv": conv3x3_lax,
     "patches": conv3x3_patches,
     "lax": conv3x3_lax,
 }
 POOL_IMPLS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "patches": max_pool_reshape,
+    "lax_conv": max_pool_slices,
+    "patches": max_pool_slices,
     "lax": max_pool_lax,
 }
 
@@ -100,7 +111,7 @@ class Conv3x3(nn.Module):
     """3x3 SAME convolution with bias; parameters `kernel` [3, 3, c_in, c_out] and `bias` [c_out]."""
 
     features: int
-    impl: str = "patches"
+    impl: str = "lax_conv"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -148,7 +159,7 @@ class ConvNet(nn.Module):
     num_classes: int
     conv_features: Sequence[int]
     dense_features: Sequence[int]
-    impl: str = "patches"
+    impl: str = "lax_conv"
 
     @nn.compact
     def __call__(self, x, *, return_features: bool = False, deltas: Features | None = None):

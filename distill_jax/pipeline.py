@@ -274,13 +274,26 @@ def model_metrics(t: Trained, teacher: Trained | None, prep: Prepared) -> dict:
     return out
 
 
+def cpu_model() -> str:
+    """The host CPU's model name from /proc/cpuinfo (what `lscpu` prints); platform's guess elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def versions() -> dict:
+    """Versions of python and the libraries a run used, and the machine it ran on (for metrics.json)."""
     import flax, optax, orbax.checkpoint  # noqa: E401, PLC0415
 
     return {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
             "optax": optax.__version__, "orbax": orbax.checkpoint.__version__, "numpy": np.__version__,
             "backend": jax.default_backend(), "devices": jax.device_count(), "processes": jax.process_count(),
-            "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
+            "machine": platform.machine(), "processor": cpu_model(), "cpus": os.cpu_count()}
 
 
 def run(c, workdir: str, *, show_progress: bool = True, echo: Callable[[str], None] = print) -> dict:

@@ -12,9 +12,7 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 from typing import Sequence
 
@@ -47,15 +45,10 @@ class Row:
 
 
 def cpu_model() -> str:
-    """`lscpu`'s model name (falls back to platform.processor())."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or platform.machine()
+    """The host CPU's model name (what `lscpu` prints as "Model name")."""
+    from distill_jax import pipeline  # noqa: PLC0415
+
+    return pipeline.cpu_model()
 
 
 def hardware() -> str:
@@ -128,3 +121,14 @@ def parse_args(argv: Sequence[str] | None, description: str, default_workdir: st
     args = p.parse_args(argv)
     args.variant = "smoke" if args.smoke else "local" if args.local else "full"
     return args
+
+
+def main(argv: Sequence[str] | None, script_file: str, description: str, default_workdir: str, run) -> dict:
+    """A paper script's command line: parses the flags, loads its config and calls `run(config, variant, workdir)`."""
+    args = parse_args(argv, description, default_workdir)
+    c = load_config(script_file, args.variant)
+    if args.data_dir:
+        c.data_dir = args.data_dir
+    if args.seed is not None:
+        c.seed = args.seed
+    return run(c, args.variant, args.workdir)

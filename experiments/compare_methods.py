@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from typing import Callable
@@ -202,16 +201,10 @@ def markdown_tables(dataset: str, result: dict, n_seeds: int) -> str:
 
 
 def environment() -> dict:
-    """Machine and versions the run used (`lscpu` model name when available)."""
+    """Machine and versions the run used (CPU model name as `lscpu` prints it)."""
     from distill_jax import pipeline  # noqa: PLC0415
 
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), model)
-    except OSError:
-        pass
-    return {"cpu": model, "cpus": os.cpu_count(), **pipeline.versions()}
+    return {"cpu": pipeline.cpu_model(), **pipeline.versions()}
 
 
 def write_outputs(workdir: str, stem: str, markdown: str, payload: dict) -> tuple[str, str]:

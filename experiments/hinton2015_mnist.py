@@ -210,13 +210,7 @@ def run(c, variant: str, workdir: str, *, echo=print) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = _table.parse_args(argv, __doc__.splitlines()[0], "runs/hinton2015")
-    c = _table.load_config(__file__, args.variant)
-    if args.data_dir:
-        c.data_dir = args.data_dir
-    if args.seed is not None:
-        c.seed = args.seed
-    return run(c, args.variant, args.workdir)
+    return _table.main(argv, __file__, __doc__.splitlines()[0], "runs/hinton2015", run)
 
 
 if __name__ == "__main__":

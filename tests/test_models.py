@@ -38,22 +38,33 @@ def test_patch_conv_matches_lax_in_float64():
             np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
 
 
-def test_reshape_pool_matches_reduce_window():
+def test_slice_pool_matches_reduce_window():
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 9, 3))  # odd sizes: SAME padding
-    np.testing.assert_array_equal(models.max_pool_reshape(x), models.max_pool_lax(x))
-    g1 = jax.grad(lambda x: jnp.sum(models.max_pool_reshape(x) ** 2))(x)
+    np.testing.assert_array_equal(models.max_pool_slices(x), models.max_pool_lax(x))
+    g1 = jax.grad(lambda x: jnp.sum(models.max_pool_slices(x) ** 2))(x)
     g2 = jax.grad(lambda x: jnp.sum(models.max_pool_lax(x) ** 2))(x)
     np.testing.assert_allclose(g1, g2, rtol=1e-6)  # no ties in random normals
 
 
-def test_seed_cnn_impls_agree_on_outputs_and_gradients():
+def test_slice_pool_splits_the_gradient_of_two_equal_maxima():
+    x = jnp.array([[1.0, 3.0], [3.0, 0.0]]).reshape(1, 2, 2, 1)
+    g = jax.grad(lambda x: jnp.sum(models.max_pool_slices(x)))(x)
+    np.testing.assert_array_equal(g.reshape(2, 2), [[0.0, 0.5], [0.5, 0.0]])
+
+
+@pytest.mark.parametrize("impl", ["lax_conv", "patches"])
+def test_seed_cnn_impls_agree_on_outputs_and_gradients(impl):
     x = jax.random.normal(jax.random.PRNGKey(2), (3, 12, 12, 3))
-    fast, ref = models.SeedCNN(10), models.SeedCNN(10, impl="lax")
+    fast, ref = models.SeedCNN(10, impl=impl), models.SeedCNN(10, impl="lax")
     v = _init(fast, x)
     np.testing.assert_allclose(fast.apply(v, x), ref.apply(v, x), rtol=1e-4, atol=1e-5)
     loss = lambda m: jax.grad(lambda p: jnp.sum(jax.nn.log_softmax(m.apply({"params": p}, x))[:, 0]))(v["params"])
     for a, b in zip(jax.tree_util.tree_leaves(loss(fast)), jax.tree_util.tree_leaves(loss(ref))):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_default_impl_is_the_fast_one():
+    assert models.SeedCNN(10).impl == models.SmallCNN(10).impl == "lax_conv"
 
 
 def test_unknown_impl_is_refused():
