@@ -291,7 +291,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ibs", type=int, nargs="*", default=None, help="Captum internal_batch_size values (default 16 64 256)")
     p.add_argument("--batch-chunk", type=int, nargs="*", default=None,
                    help="extra JAX variants with batch_chunk=G (default 4)")
-    p.add_argument("--impl", choices=sorted(models.CONV_IMPLS), default="patches")
+    p.add_argument("--impl", choices=sorted(models.CONV_IMPLS), default="patches",
+                   help="SeedCNN impl (default patches: what distill_jax runs attributions with, models.for_attribution)")
     p.add_argument("--frameworks", nargs="+", choices=("jax", "torch"), default=["jax", "torch"])
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads(N) for the Captum variants (default: torch's own choice)")

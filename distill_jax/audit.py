@@ -26,8 +26,11 @@ def _apply(model: nn.Module, variables):
 
 @functools.lru_cache(maxsize=None)  # linen modules hash and compare by their fields
 def _per_model(kernel: Callable, model: nn.Module, *static):
-    """`kernel(model, *static, variables, ...)` jitted once per model class and static options."""
-    return jax.jit(functools.partial(kernel, model, *static))
+    """`kernel(model, *static, variables, ...)` jitted once per model class and static options.
+
+    Conv models run as `models.for_attribution(model)`: the kernels here loop over the network.
+    """
+    return jax.jit(functools.partial(kernel, models.for_attribution(model), *static))
 
 
 def spatial_layer(model: nn.Module, variables, sample_x: jax.Array) -> str | None:
@@ -66,7 +69,7 @@ def _attribution_fn(method: str, model: nn.Module, layer: str | None, *, ig_step
 
 @functools.lru_cache(maxsize=None)  # linen modules hash and compare by their fields
 def _compiled(method: str, model: nn.Module, layer, ig_steps, smoothgrad_samples, occlusion_patch):
-    fn = _attribution_fn(method, model, layer, ig_steps=ig_steps, smoothgrad_samples=smoothgrad_samples,
+    fn = _attribution_fn(method, models.for_attribution(model), layer, ig_steps=ig_steps, smoothgrad_samples=smoothgrad_samples,
                          occlusion_patch=occlusion_patch)
     return None if fn is None else jax.jit(fn)
 

@@ -102,6 +102,18 @@ POOL_IMPLS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+def for_attribution(model: nn.Module) -> nn.Module:
+    """The same network (same parameters, outputs equal to float32 rounding) as `impl="patches"` if it is `"lax_conv"`.
+
+    Attributions run the network inside loops (integrated gradients' scan over path points,
+    SmoothGrad's samples, PGD's steps, deletion curves). XLA:CPU ran `lax.conv` inside a loop
+    body about 2x slower than at the top level, while the patch convolution's matrix products
+    kept their speed: integrated gradients, 64 steps x 16 images, 0.46-0.60 s with patches
+    against 1.08-1.14 s with `lax_conv` (benchmarks/RESULTS.md). Other models are returned as they are.
+    """
+    return model.clone(impl="patches") if getattr(model, "impl", None) == "lax_conv" else model
+
+
 def _check_impl(impl: str) -> None:
     if impl not in CONV_IMPLS:
         raise ValueError(f"impl={impl!r} is not known; use one of {sorted(CONV_IMPLS)}")

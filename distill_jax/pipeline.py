@@ -153,9 +153,15 @@ def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, bud
         save = lambda st: checkpoint.save_state(manager, st)
     fit_cfg = train.FitConfig(epochs=budget.epochs, batch_size=budget.batch_size, seed=c.seed, desc=name,
                               checkpoint_every=c.checkpoint_every, show_progress=show_progress)
+    history_path = (os.path.join(os.path.dirname(ckpt_dir), "history.json")
+                    if ckpt_dir is not None and parallel.is_main_process() else None)
+    resume = c.get("resume", False)
+    record = (lambda h: record_history(history_path, name, h, resume=resume)) if history_path else None
     state, history = train.fit(state, step_fn, arrays, fit_cfg, mesh=mesh,
                                teacher=t_vars if (needs.teacher and not use_cache) else None,
-                               evaluate=evaluate, save=save)
+                               evaluate=evaluate, save=save, on_epoch=record)
+    if record is not None:  # a finished model resumed runs no epoch: its history comes from the file
+        history = record(history)
     variables = jax.device_get(variables_of(state))
     if ckpt_dir is not None:
         checkpoint.save_variables(os.path.join(ckpt_dir, name, "final"), variables)
@@ -332,8 +338,6 @@ def run(c, workdir: str, *, show_progress: bool = True, echo: Callable[[str], No
         "timing_s": timing,
         "versions": versions(),
     }
-    if main:
-        _write_json(os.path.join(workdir, "history.json"), {t.name: t.history for t in [teacher, *students]})
     return explain_and_report(result, [teacher, *students], prep, c, workdir, main=main, echo=echo)
 
 
@@ -395,6 +399,26 @@ def explain_from_checkpoints(workdir: str, *, echo: Callable[[str], None] = prin
     result, trained, prep, c = load_trained(workdir)
     result["timing_s"] = {}
     return explain_and_report(result, trained, prep, c, workdir, echo=echo)
+
+
+def record_history(path: str, name: str, history: list[dict], *, resume: bool) -> list[dict]:
+    """Writes model `name`'s per-epoch history into the history.json at `path` as soon as it has trained.
+
+    A fresh run starts the file anew with the teacher. On `--resume` a model continues from its
+    checkpoint and `fit` reports only the epochs it ran now, so the epochs recorded by the earlier
+    run are kept and the new ones replace any with the same number. Returns the merged history.
+    """
+    fresh_start = name == "teacher" and not resume
+    previous = {}
+    if not fresh_start and os.path.isfile(path):
+        with open(path) as f:
+            previous = json.load(f)
+    earlier = previous.get(name, []) if resume else []
+    ran_now = {entry["epoch"] for entry in history}
+    merged = sorted([e for e in earlier if e["epoch"] not in ran_now] + list(history), key=lambda e: e["epoch"])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _write_json(path, {**previous, name: merged})
+    return merged
 
 
 def _write_json(path: str, obj: dict) -> None:

@@ -291,7 +291,8 @@ class _StopRequest:
 
 def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: FitConfig, *, mesh,
         teacher=None, evaluate: Callable[[TrainState], float] | None = None,
-        save: Callable[[TrainState], None] | None = None) -> tuple[TrainState, list[dict]]:
+        save: Callable[[TrainState], None] | None = None,
+        on_epoch: Callable[[list[dict]], None] | None = None) -> tuple[TrainState, list[dict]]:
     """Runs `step_fn` over shuffled batches for `cfg.epochs` epochs, resuming from `state.step`.
 
     The data order depends only on (cfg.seed, epoch), the step keys on (state.key, step), so a
@@ -307,6 +308,8 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
       save: optional state -> None, called every `cfg.checkpoint_every` steps, at the end, and
         on SIGINT/SIGTERM before `Interrupted` is raised. Under multi-host it is called on every
         process at the same step (orbax saves collectively).
+      on_epoch: optional history-so-far -> None, called after every epoch (e.g. to write it to disk,
+        so an interrupted run keeps the epochs it finished).
     Returns:
       (final state, history: one dict per epoch with `epoch`, `loss`, `accuracy`, `test_accuracy`).
     Raises:
@@ -352,6 +355,8 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
                 if evaluate is not None:
                     record["test_accuracy"] = float(evaluate(state))
                 history.append(record)
+                if on_epoch is not None:
+                    on_epoch(list(history))
                 bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "epoch"})
             signal_name = stop.agreed(step, cfg.stop_check_every, force=True)  # a signal during the last steps
     finally:

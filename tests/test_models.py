@@ -141,3 +141,14 @@ def test_jitted_equals_unjitted():
     model = models.SeedCNN(10)
     v = _init(model, x)
     np.testing.assert_allclose(jax.jit(model.apply)(v, x), model.apply(v, x), rtol=1e-5, atol=1e-6)
+
+
+def test_for_attribution_keeps_parameters_and_outputs():
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 1))
+    model = models.SmallCNN(10)
+    v = _init(model, x)
+    twin = models.for_attribution(model)
+    assert twin.impl == "patches"
+    np.testing.assert_allclose(twin.apply(v, x), model.apply(v, x), rtol=1e-5, atol=1e-5)
+    mlp = models.MLP(10)
+    assert models.for_attribution(mlp) is mlp
