@@ -136,7 +136,8 @@ def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, bud
     if use_cache:
         arrays.update(distill.cache_teacher_outputs(t_model, t_vars, prep.x_train, prep.y_train, needs))
     step_fn = train.make_train_step(loss_fn, optimizer, mesh)
-    predict_fn = train.make_predict_fn(lambda v, x: model.apply(v, x), mesh)
+    evaluator = distill.forward_only(model)  # evaluation runs no backward: the fastest forward impl
+    predict_fn = train.make_predict_fn(lambda v, x: evaluator.apply(v, x), mesh)
 
     def variables_of(st):
         return {"params": st.params["model"], **st.extra}
@@ -388,7 +389,7 @@ def load_trained(workdir: str) -> tuple[dict, list[Trained], Prepared, Any]:
         model, extra = build_model(kind, c, prep.num_classes, prep.pca)
         template = {**model.init(jax.random.PRNGKey(0), jnp.asarray(prep.x_train[:1])), **extra}
         variables = checkpoint.load_variables(os.path.join(ckpt_dir, name, "final"), template)
-        predict_fn = train.make_predict_fn(lambda v, x, m=model: m.apply(v, x), mesh)
+        predict_fn = train.make_predict_fn(lambda v, x, m=distill.forward_only(model): m.apply(v, x), mesh)
         logits = train.predict(predict_fn, variables, prep.x_test, batch_size=c.eval_batch_size, mesh=mesh)
         trained.append(Trained(name, model, variables, kind, method, logits, histories.get(name, []), 0.0))
     return result, trained, prep, c
