@@ -67,7 +67,7 @@ def max_pool_slices(x: jax.Array) -> jax.Array:
 
     Same values and shapes as `max_pool_lax`. Its backward is elementwise selects and strided pads:
     on XLA:CPU 3-17x faster than that of a reshape to [n, h/2, 2, w/2, 2, c] + max (a reduction over
-    two inner window axes) and 7-20x faster than `reduce_window`'s select-and-scatter
+    two inner window axes) and 7-38x faster than `reduce_window`'s select-and-scatter
     (benchmarks/RESULTS.md). Equal maxima share the gradient pairwise (two get half each), where
     `reduce_window` gives it all to the first; after a ReLU, ties are at 0 and get no gradient anyway.
 
