@@ -107,7 +107,8 @@ def for_attribution(model: nn.Module) -> nn.Module:
 
     Attributions run the network inside loops (integrated gradients' scan over path points,
     SmoothGrad's samples, PGD's steps, deletion curves). XLA:CPU ran `lax.conv` inside a loop
-    body about 2x slower than at the top level, while the patch convolution's matrix products
+    body about 2x slower than at the top level (an open XLA:CPU issue, jax-ml/jax#12868; far worse
+    when weight gradients are taken in the loop), while the patch convolution's matrix products
     kept their speed: integrated gradients, 64 steps x 16 images, 0.46-0.60 s with patches
     against 1.08-1.14 s with `lax_conv` (benchmarks/RESULTS.md). Other models are returned as they are.
     """
