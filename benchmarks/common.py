@@ -14,6 +14,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from distill_jax import pipeline
+
 # Substrings of /proc/self/maps that identify a preloaded or linked allocator.
 ALLOCATORS = {"tcmalloc": "libtcmalloc", "jemalloc": "libjemalloc", "mimalloc": "libmimalloc"}
 
@@ -39,17 +41,10 @@ def tcmalloc_path() -> str | None:
     return None
 
 
-def cpu_model() -> str:
-    """The host CPU's model name (what `lscpu` prints as "Model name")."""
-    from distill_jax import pipeline  # noqa: PLC0415
-
-    return pipeline.cpu_model()
-
-
 def device_description() -> str:
     """JAX backend, device kind and count, and the host CPU model with its core count."""
     d = jax.devices()[0]
-    return f"{jax.default_backend()} ({d.device_kind}) x{jax.device_count()}; host {cpu_model()}, {os.cpu_count()} cores"
+    return f"{jax.default_backend()} ({d.device_kind}) x{jax.device_count()}; host {pipeline.cpu_model()}, {os.cpu_count()} cores"
 
 
 def block(tree) -> None:

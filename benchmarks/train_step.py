@@ -11,7 +11,7 @@ Two steps, each at every (input shape, batch):
   distill  SeedCNN teacher forward under stop_gradient + SmallCNN student train step, Hinton KD
            (method "kd": alpha * T^2 KL + (1 - alpha) CE, T = 4, alpha = 0.9), SGD momentum 0.9.
 Variants: `jax lax_conv` / `jax patches` / `jax lax` (models.SeedCNN impl; the teacher forward of the
-distill step always runs as `impl="lax"`, see `distill.forward_only`), `torch eager` (NCHW), `torch channels_last`,
+distill step always runs as `impl="lax"`, see `models.forward_only`), `torch eager` (NCHW), `torch channels_last`,
 `torch compile` (torch.compile of the models; skipped with a note when a compile exceeds
 --compile-budget). Every variant starts from the same weights and images, and the first-step
 losses are printed side by side: they agree to float32 rounding, so every variant computes the

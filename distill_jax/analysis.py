@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill_jax.explain import _feature_shapes, check_layer, validate_target
+from distill_jax.attribution_core import validate_target
+from distill_jax.explain import _feature_shapes, check_layer
 
 __all__ = [
     "CAV_METHODS",

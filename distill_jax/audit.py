@@ -69,8 +69,8 @@ def _attribution_fn(method: str, model: nn.Module, layer: str | None, *, ig_step
 
 @functools.lru_cache(maxsize=None)  # linen modules hash and compare by their fields
 def _compiled(method: str, model: nn.Module, layer, ig_steps, smoothgrad_samples, occlusion_patch):
-    fn = _attribution_fn(method, models.for_attribution(model), layer, ig_steps=ig_steps, smoothgrad_samples=smoothgrad_samples,
-                         occlusion_patch=occlusion_patch)
+    fn = _attribution_fn(method, models.for_attribution(model), layer, ig_steps=ig_steps,
+                         smoothgrad_samples=smoothgrad_samples, occlusion_patch=occlusion_patch)
     return None if fn is None else jax.jit(fn)
 
 

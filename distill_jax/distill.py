@@ -70,17 +70,24 @@ class Context:
     aux_params: dict
     teacher_logits: jax.Array | None
     teacher_features: dict
+    teacher_attention: dict
     teacher_saliency: jax.Array | None
     cfg: MethodConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class TermSpec:
-    """A loss term: its per-example loss and what it needs from teacher and student."""
+    """A loss term: its per-example loss and what it needs from teacher and student.
+
+    `teacher_layers` are read as whole feature maps [B, H, W, C]; `teacher_attention` layers only as
+    their attention energy maps [B, H, W] (`losses.attention_energy_map`), a C-th of the size, which
+    is what a teacher cache keeps for attention transfer.
+    """
 
     loss: Callable[[Context], jax.Array]
     teacher_logits: bool = False
     teacher_layers: Callable[[MethodConfig], tuple[str, ...]] = lambda cfg: ()
+    teacher_attention: Callable[[MethodConfig], tuple[str, ...]] = lambda cfg: ()
     student_layers: Callable[[MethodConfig], tuple[str, ...]] = lambda cfg: ()
     teacher_saliency: bool = False
 
@@ -132,9 +139,8 @@ def hint_term(ctx: Context) -> jax.Array:
 def attention_term(ctx: Context) -> jax.Array:
     total = 0.0
     for s_layer, t_layer in ctx.cfg.attention_pairs:
-        total = total + losses.attention_transfer_loss(
-            ctx.student_features[s_layer], ctx.teacher_features[t_layer], p=ctx.cfg.attention_p
-        )
+        student_map = losses.attention_energy_map(ctx.student_features[s_layer], p=ctx.cfg.attention_p)
+        total = total + losses.attention_transfer_from_maps(student_map, ctx.teacher_attention[t_layer])
     return total
 
 
@@ -152,7 +158,7 @@ TERMS: dict[str, TermSpec] = {
     "logits": TermSpec(logits_term, teacher_logits=True),
     "hint": TermSpec(hint_term, teacher_layers=_pairs_side("hint_pairs", 1),
                      student_layers=_pairs_side("hint_pairs", 0)),
-    "attention": TermSpec(attention_term, teacher_layers=_pairs_side("attention_pairs", 1),
+    "attention": TermSpec(attention_term, teacher_attention=_pairs_side("attention_pairs", 1),
                           student_layers=_pairs_side("attention_pairs", 0)),
     "saliency": TermSpec(saliency_term, teacher_saliency=True),
 }
@@ -188,10 +194,17 @@ class Needs:
     teacher_layers: tuple[str, ...]
     student_layers: tuple[str, ...]
     teacher_saliency: bool
+    teacher_attention: tuple[str, ...] = ()
+    attention_p: float = 2.0
 
     @property
     def teacher(self) -> bool:
-        return self.teacher_logits or bool(self.teacher_layers) or self.teacher_saliency
+        return self.teacher_logits or bool(self.teacher_layers) or bool(self.teacher_attention) or self.teacher_saliency
+
+    @property
+    def teacher_forward(self) -> bool:
+        """Whether the teacher's forward pass (logits and features) must run."""
+        return self.teacher_logits or bool(self.teacher_layers) or bool(self.teacher_attention)
 
 
 def method_needs(method: str, cfg: MethodConfig) -> Needs:
@@ -201,6 +214,8 @@ def method_needs(method: str, cfg: MethodConfig) -> Needs:
         teacher_layers=tuple(dict.fromkeys(l for s in specs for l in s.teacher_layers(cfg))),
         student_layers=tuple(dict.fromkeys(l for s in specs for l in s.student_layers(cfg))),
         teacher_saliency=any(s.teacher_saliency for s in specs),
+        teacher_attention=tuple(dict.fromkeys(l for s in specs for l in s.teacher_attention(cfg))),
+        attention_p=cfg.attention_p,
     )
 
 
@@ -211,39 +226,71 @@ def _pair_key(student_layer: str, teacher_layer: str) -> str:
 # --------------------------------------------------------------------------- teacher outputs
 
 
-def forward_only(model: nn.Module) -> nn.Module:
-    """The same network for a pass with no backward: `impl="lax"` (XLA's convolution and `reduce_window` pool).
-
-    The other impls exist to make the *backward* pass cheap on XLA:CPU; a forward pass alone
-    runs fastest through `lax.conv` + `reduce_window` (benchmarks/RESULTS.md, distillation step).
-    Parameters are shared, outputs equal to float32 rounding.
-    """
-    return model.clone(impl="lax") if getattr(model, "impl", "lax") != "lax" else model
-
-
 def teacher_outputs(teacher: nn.Module, teacher_vars, x: jax.Array, labels: jax.Array, needs: Needs) -> dict:
     """The teacher outputs a method needs, under stop_gradient.
 
-    Returns a dict with `teacher_logits` [B, C], `teacher_feat/<layer>` arrays and
-    `teacher_saliency` [B, H, W], each present only when needed.
+    Returns a dict with `teacher_logits` [B, C], `teacher_feat/<layer>` feature maps,
+    `teacher_attention/<layer>` attention energy maps [B, H, W] and `teacher_saliency`,
+    each present only when needed.
     """
     out = {}
-    if needs.teacher_logits or needs.teacher_layers:
-        logits, feats = forward_only(teacher).apply(teacher_vars, x, return_features=True)
-        out["teacher_logits"] = logits
+    if needs.teacher_forward:
+        logits, feats = models.forward_only(teacher).apply(teacher_vars, x, return_features=True)
+        if needs.teacher_logits:
+            out["teacher_logits"] = logits
         out.update({f"teacher_feat/{l}": feats[l] for l in needs.teacher_layers})
+        out.update({f"teacher_attention/{l}": losses.attention_energy_map(feats[l], p=needs.attention_p)
+                    for l in needs.teacher_attention})
     if needs.teacher_saliency:
         out["teacher_saliency"] = losses.input_saliency(lambda z: teacher.apply(teacher_vars, z), x, labels)
     return jax.tree_util.tree_map(jax.lax.stop_gradient, out)
 
 
+def _identity(x):
+    return x
+
+
+def teacher_cache_shapes(teacher: nn.Module, teacher_vars, sample_x: jax.Array, needs: Needs, *,
+                         inputs: Callable[[jax.Array], jax.Array] = _identity) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shape and dtype of one example's cached outputs (no computation): key -> ShapeDtypeStruct without the batch axis."""
+    out = jax.eval_shape(lambda v, xb: teacher_outputs(teacher, v, inputs(xb), jnp.zeros(xb.shape[:1], jnp.int32), needs),
+                         teacher_vars, sample_x[:1])
+    return {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in out.items()}
+
+
+def teacher_cache_bytes(teacher: nn.Module, teacher_vars, sample_x: jax.Array, needs: Needs, n: int, *,
+                        inputs: Callable[[jax.Array], jax.Array] = _identity) -> int:
+    """Host memory `cache_teacher_outputs` would take for `n` examples, in bytes."""
+    shapes = teacher_cache_shapes(teacher, teacher_vars, sample_x, needs, inputs=inputs)
+    return n * sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in shapes.values())
+
+
 def cache_teacher_outputs(teacher: nn.Module, teacher_vars, x: np.ndarray, labels: np.ndarray, needs: Needs,
-                          *, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Runs the frozen teacher once over `x` and returns its outputs as host arrays (same keys as `teacher_outputs`)."""
-    fn = jax.jit(lambda v, xb, yb: teacher_outputs(teacher, v, xb, yb, needs))
-    chunks = [jax.device_get(fn(teacher_vars, x[i : i + batch_size], labels[i : i + batch_size]))
-              for i in range(0, len(x), batch_size)]
-    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+                          *, batch_size: int = 256,
+                          inputs: Callable[[jax.Array], jax.Array] = _identity) -> dict[str, np.ndarray]:
+    """Runs the frozen teacher once over `x` and returns its outputs as host arrays (same keys as `teacher_outputs`).
+
+    The outputs are written into arrays allocated once at their final size, so the peak host memory
+    is the cache itself plus one batch (`teacher_cache_bytes` says how much beforehand).
+
+    Args:
+      x: [n, ...] host images as stored (e.g. uint8); `inputs` maps a batch of them to the teacher's
+        input on the device (e.g. standardization), inside the jitted call.
+      labels: [n] ints (saliency targets).
+    Returns:
+      key -> [n, ...] numpy array.
+    """
+    n = len(x)
+    if n == 0:
+        return {}
+    shapes = teacher_cache_shapes(teacher, teacher_vars, jnp.asarray(x[:1]), needs, inputs=inputs)
+    out = {k: np.empty((n,) + s.shape, s.dtype) for k, s in shapes.items()}
+    fn = jax.jit(lambda v, xb, yb: teacher_outputs(teacher, v, inputs(xb), yb, needs))
+    for i in range(0, n, batch_size):
+        chunk = jax.device_get(fn(teacher_vars, x[i : i + batch_size], labels[i : i + batch_size]))
+        for k, v in chunk.items():
+            out[k][i : i + len(v)] = v
+    return out
 
 
 # --------------------------------------------------------------------------- the loss function
@@ -274,7 +321,7 @@ def init_trainable(student: nn.Module, method: str, cfg: MethodConfig, key: jax.
         if t_logits.shape[-1] != s_logits.shape[-1]:
             raise ValueError(f"method {method!r}: the student has {s_logits.shape[-1]} classes and the teacher "
                              f"{t_logits.shape[-1]}; they must be equal")
-        _check_layers(method, "teacher", type(teacher).__name__, needs.teacher_layers, t_feats)
+        _check_layers(method, "teacher", type(teacher).__name__, needs.teacher_layers + needs.teacher_attention, t_feats)
         for s_layer, t_layer in _used_pairs(method, cfg, "attention"):
             _check_spatial(method, s_layer, s_feats[s_layer].shape, t_layer, t_feats[t_layer].shape)
         hint_pairs = _used_pairs(method, cfg, "hint")
@@ -329,7 +376,7 @@ def make_loss_fn(student: nn.Module, student_kind: str, method: str, cfg: Method
             x = data.augment(key, x, max_shift=cfg.augment_shift, flip=cfg.augment_flip)
         variables = {"params": params["model"], **extra}
         logits, feats = student.apply(variables, x, return_features=True)
-        if needs.teacher and "teacher_logits" not in batch and "teacher_saliency" not in batch:
+        if needs.teacher and not any(k.startswith("teacher_") for k in batch):
             t_out = teacher_outputs(teacher, teacher_vars, x, y, needs)
         else:
             t_out = {k: v for k, v in batch.items() if k.startswith("teacher_")}
@@ -340,6 +387,7 @@ def make_loss_fn(student: nn.Module, student_kind: str, method: str, cfg: Method
             aux_params=params["aux"],
             teacher_logits=t_out.get("teacher_logits"),
             teacher_features={k.split("/", 1)[1]: v for k, v in t_out.items() if k.startswith("teacher_feat/")},
+            teacher_attention={k.split("/", 1)[1]: v for k, v in t_out.items() if k.startswith("teacher_attention/")},
             teacher_saliency=t_out.get("teacher_saliency"), cfg=cfg,
         )
         total = sum(weight * TERMS[name].loss(ctx) for name, weight in terms)

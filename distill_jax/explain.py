@@ -22,14 +22,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ApplyFn = Callable[[jax.Array], jax.Array]
-ForwardFn = Callable[..., tuple[jax.Array, dict]]
+from distill_jax.attribution_core import (  # noqa: F401 - gaussian_blur, validate_target, BASELINES are public here
+    BASELINES, ApplyFn, ForwardFn, check_x, gaussian_blur, in_groups, input_grad, mask_invalid, num_classes_of,
+    per_target, resolve_baseline, target_logits, validate_target,
+)
+# methods kept in modules of their own, re-exported: `explain.<method>` is the public name
+from distill_jax.gradient_attributions import blur_ig, gradient_shap, guided_ig, smoothgrad_squared, vargrad
+from distill_jax.perturbation_attributions import feature_ablation, kernel_shap, lime, rise
 
 __all__ = [
     "METHODS",
     "IG_RULES",
     "attribute",
+    "blur_ig",
+    "feature_ablation",
     "gaussian_blur",
+    "gradient_shap",
+    "guided_ig",
+    "kernel_shap",
+    "lime",
+    "rise",
+    "smoothgrad_squared",
+    "vargrad",
     "grad_cam",
     "grad_x_input",
     "integrated_gradients",
@@ -40,116 +54,6 @@ __all__ = [
     "smoothgrad",
     "validate_target",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# Shared checks and helpers
-# --------------------------------------------------------------------------------------------
-def _is_concrete(a: Any) -> bool:
-    return not isinstance(a, jax.core.Tracer)
-
-
-def validate_target(target: Any, batch: int, num_classes: int, *, name: str = "target") -> jax.Array:
-    """Checks `target` ([batch] or [batch, K] ints in [0, num_classes)) and returns it as int32.
-
-    Raises ValueError naming `name` for a wrong shape, a non-integer dtype, or (when the values are
-    concrete) a value outside [0, num_classes). Traced values are only shape-checked.
-    """
-    target = jnp.asarray(target)
-    if target.ndim not in (1, 2) or target.shape[0] != batch:
-        raise ValueError(f"{name} must have shape [batch] or [batch, K] with batch={batch}; got shape {target.shape}")
-    if not jnp.issubdtype(target.dtype, jnp.integer):
-        raise ValueError(f"{name} must hold integer class indices; got dtype {target.dtype}")
-    if _is_concrete(target) and target.size:
-        values = np.asarray(target)
-        lo, hi = int(values.min()), int(values.max())
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(
-                f"{name} values must lie in [0, {num_classes}) (the logits have {num_classes} classes); "
-                f"got values in [{lo}, {hi}]"
-            )
-    return target.astype(jnp.int32)
-
-
-def _num_classes(apply_fn: ApplyFn, x: jax.Array) -> int:
-    out = jax.eval_shape(apply_fn, x)
-    if len(out.shape) != 2 or out.shape[0] != x.shape[0]:
-        raise ValueError(f"apply_fn must return logits [batch, classes] = [{x.shape[0]}, C]; got shape {out.shape}")
-    return int(out.shape[1])
-
-
-def _check_x(x: Any) -> jax.Array:
-    x = jnp.asarray(x)
-    if x.ndim < 2 or not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"x must be a float array [batch, ...]; got shape {x.shape} dtype {x.dtype}")
-    return x
-
-
-def _mask_invalid(attr: jax.Array, target: jax.Array, num_classes: int) -> jax.Array:
-    """NaN for examples whose (traced) target is out of range; the identity otherwise."""
-    valid = (target >= 0) & (target < num_classes)
-    return jnp.where(valid.reshape(valid.shape + (1,) * (attr.ndim - 1)), attr, jnp.nan)
-
-
-def _per_target(core: Callable, x: jax.Array, target: jax.Array, num_classes: int, **kw):
-    """Runs `core(x, target_1d, **kw)` for [batch] targets, or vmaps it over the K axis of [batch, K]."""
-
-    def one(t):
-        out = core(x, t, **kw)
-        if isinstance(out, tuple):
-            return tuple(_mask_invalid(o, t, num_classes) for o in out)
-        return _mask_invalid(out, t, num_classes)
-
-    if target.ndim == 1:
-        return one(target)
-    return jax.vmap(one, in_axes=1, out_axes=1)(target)
-
-
-def _target_logits(apply_fn: ApplyFn, x: jax.Array, target: jax.Array) -> jax.Array:
-    """logits[b, target_b] -> [batch] (targets are clipped into range; see `_mask_invalid`)."""
-    logits = apply_fn(x)
-    t = jnp.clip(target, 0, logits.shape[1] - 1)
-    return jnp.take_along_axis(logits, t[:, None], axis=1)[:, 0]
-
-
-def _input_grad(apply_fn: ApplyFn, x: jax.Array, target: jax.Array) -> jax.Array:
-    return jax.grad(lambda v: jnp.sum(_target_logits(apply_fn, v, target)))(x)
-
-
-def gaussian_blur(x: jax.Array, *, sigma: float = 5.0, truncate: float = 3.0) -> jax.Array:
-    """Separable Gaussian blur over the spatial axes of NHWC images (edges: reflect padding).
-
-    k(t) ∝ exp(-t^2 / (2 sigma^2)), |t| <= ceil(truncate * sigma), applied along H then W per channel.
-
-    Args:
-      x: [batch, H, W, C] images. sigma: standard deviation in pixels (> 0).
-    Returns:
-      [batch, H, W, C] blurred images (the blurred-input baseline of Sturmfels et al. 2020,
-      "Visualizing the Impact of Feature Attribution Baselines", Distill).
-    """
-    if x.ndim != 4:
-        raise ValueError(f"gaussian_blur needs NHWC images [batch, H, W, C]; got shape {x.shape}")
-    if sigma <= 0:
-        raise ValueError(f"sigma must be > 0; got {sigma}")
-    radius = int(np.ceil(truncate * sigma))
-    t = np.arange(-radius, radius + 1, dtype=np.float32)
-    k = np.exp(-(t**2) / (2 * sigma**2))
-    k = jnp.asarray(k / k.sum(), x.dtype)
-
-    def blur_axis(v, axis):
-        size = v.shape[axis]
-        r = min(radius, size - 1)
-        pad = [(0, 0)] * v.ndim
-        pad[axis] = (r, r)
-        v = jnp.pad(v, pad, mode="reflect") if r > 0 else v
-        kk = k[radius - r : radius + r + 1]
-        # sum of shifted slices: cheap for the small kernels used here, and differentiable
-        out = 0.0
-        for i in range(2 * r + 1):
-            out = out + kk[i] * jax.lax.slice_in_dim(v, i, i + size, axis=axis)
-        return out
-
-    return blur_axis(blur_axis(x, 1), 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,15 +72,15 @@ def saliency(apply_fn: ApplyFn, x: jax.Array, target: jax.Array, *, absolute: bo
       like x ([batch, K, ...] for [batch, K] targets).
     Reference: Simonyan, Vedaldi & Zisserman 2014, "Deep Inside Convolutional Networks".
     """
-    x = _check_x(x)
-    c = _num_classes(apply_fn, x)
+    x = check_x(x)
+    c = num_classes_of(apply_fn, x)
     target = validate_target(target, x.shape[0], c)
 
     def core(v, t):
-        g = _input_grad(apply_fn, v, t)
+        g = input_grad(apply_fn, v, t)
         return jnp.abs(g) if absolute else g
 
-    return _per_target(core, x, target, c)
+    return per_target(core, x, target, c)
 
 
 def grad_x_input(apply_fn: ApplyFn, x: jax.Array, target: jax.Array) -> jax.Array:
@@ -187,10 +91,10 @@ def grad_x_input(apply_fn: ApplyFn, x: jax.Array, target: jax.Array) -> jax.Arra
     Args/Returns: as `saliency`.
     Reference: Shrikumar et al. 2016, "Not Just a Black Box".
     """
-    x = _check_x(x)
-    c = _num_classes(apply_fn, x)
+    x = check_x(x)
+    c = num_classes_of(apply_fn, x)
     target = validate_target(target, x.shape[0], c)
-    return _per_target(lambda v, t: v * _input_grad(apply_fn, v, t), x, target, c)
+    return per_target(lambda v, t: v * input_grad(apply_fn, v, t), x, target, c)
 
 
 # --- integrated gradients --------------------------------------------------------------------
@@ -231,36 +135,6 @@ def path_rule(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     if method not in IG_RULES:
         raise ValueError(f"method must be one of {sorted(IG_RULES)}; got {method!r}")
     return IG_RULES[method](int(steps))
-
-
-def _baseline_zeros(x, **_):
-    return jnp.zeros_like(x)
-
-
-def _baseline_blur(x, *, blur_sigma: float = 5.0, **_):
-    return gaussian_blur(x, sigma=blur_sigma)
-
-
-BASELINES: dict[str, Callable[..., jax.Array]] = {"zeros": _baseline_zeros, "blur": _baseline_blur}
-
-
-def _resolve_baseline(x: jax.Array, baseline: Any, **kw) -> jax.Array:
-    if baseline is None:
-        return jnp.zeros_like(x)
-    if isinstance(baseline, str):
-        if baseline not in BASELINES:
-            raise ValueError(f"baseline must be None, an array like x, or one of {sorted(BASELINES)}; got {baseline!r}")
-        return BASELINES[baseline](x, **kw)
-    if isinstance(baseline, (int, float)):
-        return jnp.full_like(x, baseline)
-    b = jnp.asarray(baseline, x.dtype)
-    if b.shape == x.shape[1:]:
-        b = jnp.broadcast_to(b, x.shape)
-    if b.shape != x.shape:
-        raise ValueError(
-            f"baseline must have the shape of x {x.shape} (or of one example {x.shape[1:]}); got shape {b.shape}"
-        )
-    return b
 
 
 def integrated_gradients(
@@ -311,8 +185,8 @@ def integrated_gradients(
       attributions like x (or [batch, K, ...]); with return_error, (attributions, error).
     Reference: Sundararajan, Taly & Yan 2017, "Axiomatic Attribution for Deep Networks".
     """
-    x = _check_x(x)
-    c = _num_classes(apply_fn, x)
+    x = check_x(x)
+    c = num_classes_of(apply_fn, x)
     target = validate_target(target, x.shape[0], c)
     if not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise ValueError(f"chunk must be an integer >= 1; got {chunk!r}")
@@ -324,18 +198,18 @@ def integrated_gradients(
     pad = n_chunks * chunk - len(alphas)
     alphas = jnp.asarray(np.pad(alphas, (0, pad)).reshape(n_chunks, chunk), x.dtype)
     weights = jnp.asarray(np.pad(weights, (0, pad)).reshape(n_chunks, chunk), x.dtype)
-    base = _resolve_baseline(x, baseline, blur_sigma=blur_sigma)
+    base = resolve_baseline(x, baseline, blur_sigma=blur_sigma)
     group = x.shape[0] if batch_chunk is None else min(int(batch_chunk), x.shape[0])
 
     def core(v, t):
         diff = v - base
-        acc = _in_groups(lambda b, d, tt: _ig_path_sum(apply_fn, b, d, tt, alphas, weights), group, base, diff, t)
+        acc = in_groups(lambda b, d, tt: _ig_path_sum(apply_fn, b, d, tt, alphas, weights), group, base, diff, t)
         attr = diff * acc
         if not return_error:
             return attr
         return attr, _completeness(apply_fn, v, base, t, attr, eps)
 
-    return _per_target(core, x, target, c)
+    return per_target(core, x, target, c)
 
 
 def _ig_path_sum(apply_fn, base, diff, t, alphas, weights):
@@ -347,31 +221,15 @@ def _ig_path_sum(apply_fn, base, diff, t, alphas, weights):
     def body(acc, aw):
         a, w = aw
         path = (base[None] + a.reshape(shape) * diff[None]).reshape((chunk * diff.shape[0],) + diff.shape[1:])
-        g = _input_grad(apply_fn, path, tiled_t).reshape((chunk,) + diff.shape)
+        g = input_grad(apply_fn, path, tiled_t).reshape((chunk,) + diff.shape)
         return acc + jnp.tensordot(w, g, axes=1), None
 
     acc, _ = jax.lax.scan(body, jnp.zeros_like(diff), (alphas, weights))
     return acc
 
 
-def _in_groups(fn: Callable, group: int, *arrays: jax.Array) -> jax.Array:
-    """fn(*arrays) computed `group` examples at a time (`lax.map`); the batch is zero-padded to a multiple."""
-    batch = arrays[0].shape[0]
-    if group >= batch:
-        return fn(*arrays)
-    n = -(-batch // group)
-    pad = n * group - batch
-
-    def split(a):
-        a = jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
-        return a.reshape((n, group) + a.shape[1:])
-
-    out = jax.lax.map(lambda args: fn(*args), tuple(split(a) for a in arrays))
-    return out.reshape((n * group,) + out.shape[2:])[:batch]
-
-
 def _completeness(apply_fn, x, base, t, attr, eps):
-    delta = _target_logits(apply_fn, x, t) - _target_logits(apply_fn, base, t)
+    delta = target_logits(apply_fn, x, t) - target_logits(apply_fn, base, t)
     total = jnp.sum(attr.reshape(attr.shape[0], -1), axis=1)
     return jnp.abs(total - delta) / jnp.maximum(jnp.abs(delta), eps)
 
@@ -396,10 +254,10 @@ def ig_completeness_error(
       [batch] (or [batch, K]).
     Reference: Sundararajan et al. 2017 (the completeness axiom).
     """
-    x = _check_x(x)
-    c = _num_classes(apply_fn, x)
+    x = check_x(x)
+    c = num_classes_of(apply_fn, x)
     target = validate_target(target, x.shape[0], c)
-    base = _resolve_baseline(x, baseline, blur_sigma=blur_sigma)
+    base = resolve_baseline(x, baseline, blur_sigma=blur_sigma)
     expected = x.shape if target.ndim == 1 else x.shape[:1] + target.shape[1:] + x.shape[1:]
     if attribution.shape != expected:
         raise ValueError(f"attribution must have shape {expected}; got {attribution.shape}")
@@ -440,7 +298,7 @@ def smoothgrad(
       what method_fn returns for x (like x, [batch, K, ...], or [batch, H, W] for grad_cam).
     Reference: Smilkov et al. 2017, "SmoothGrad: removing noise by adding noise".
     """
-    x = _check_x(x)
+    x = check_x(x)
     if not isinstance(samples, (int, np.integer)) or samples < 1:
         raise ValueError(f"samples must be an integer >= 1; got {samples!r}")
     if not isinstance(chunk, (int, np.integer)) or chunk < 1:
@@ -504,7 +362,7 @@ def grad_cam(forward_fn: ForwardFn, x: jax.Array, target: jax.Array, *, layer: s
       [batch, H, W] (or [batch, K, H, W]).
     Reference: Selvaraju et al. 2017, "Grad-CAM".
     """
-    x = _check_x(x)
+    x = check_x(x)
     if x.ndim != 4:
         raise ValueError(f"grad_cam needs NHWC images x [batch, H, W, C]; got shape {x.shape}")
     logits_s, feats_s = _feature_shapes(forward_fn, x)
@@ -526,7 +384,7 @@ def grad_cam(forward_fn: ForwardFn, x: jax.Array, target: jax.Array, *, layer: s
         cam = jax.nn.relu(jnp.sum(alpha * feat, axis=-1))
         return jax.image.resize(cam, (v.shape[0],) + v.shape[1:3], method=method)
 
-    return _per_target(core, x, target, c)
+    return per_target(core, x, target, c)
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -567,10 +425,10 @@ def occlusion(
       like x (or [batch, K, H, W, C]).
     Reference: Zeiler & Fergus 2014, "Visualizing and Understanding Convolutional Networks".
     """
-    x = _check_x(x)
+    x = check_x(x)
     if x.ndim != 4:
         raise ValueError(f"occlusion needs NHWC images x [batch, H, W, C]; got shape {x.shape}")
-    c = _num_classes(apply_fn, x)
+    c = num_classes_of(apply_fn, x)
     target = validate_target(target, x.shape[0], c)
     (ph, pw), (sh, sw) = _pair(patch, "patch"), _pair(stride, "stride")
     _, height, width, _ = x.shape
@@ -586,22 +444,23 @@ def occlusion(
     count = jnp.asarray(masks.sum(axis=0), x.dtype)  # every pixel is covered at least once
 
     def core(v, t):
-        full = _target_logits(apply_fn, v, t)
+        full = target_logits(apply_fn, v, t)
 
         def drop(m):
             m4 = m[None, :, :, None]
-            return full - _target_logits(apply_fn, v * (1 - m4) + value * m4, t)
+            return full - target_logits(apply_fn, v * (1 - m4) + value * m4, t)
 
         diffs = jax.lax.map(drop, masks_j, batch_size=chunk)  # [P, batch]
         heat = jnp.einsum("pb,phw->bhw", diffs, masks_j) / count
         return jnp.broadcast_to(heat[..., None], v.shape)
 
-    return _per_target(core, x, target, c)
+    return per_target(core, x, target, c)
 
 
 # --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
+
 def _smoothgrad_by_name(apply_fn, x, target, *, method: str | Callable = "saliency", **kw):
     fn = METHODS[method] if isinstance(method, str) else method
     return smoothgrad(fn, apply_fn, x, target, **kw)
@@ -614,6 +473,15 @@ METHODS: dict[str, Callable[..., Any]] = {
     "grad_cam": grad_cam,  # takes forward_fn instead of apply_fn, and layer=
     "occlusion": occlusion,
     "smoothgrad": _smoothgrad_by_name,  # method= a METHODS name or function; key= required
+    "smoothgrad_squared": smoothgrad_squared,  # key= required
+    "vargrad": vargrad,  # key= required
+    "gradient_shap": gradient_shap,  # key= required; baselines= a [m, ...] distribution (default: zeros)
+    "guided_ig": guided_ig,
+    "blur_ig": blur_ig,  # NHWC images only
+    "feature_ablation": feature_ablation,
+    "rise": rise,  # key= required
+    "kernel_shap": kernel_shap,  # key= required unless exact=True
+    "lime": lime,  # key= required
 }
 
 

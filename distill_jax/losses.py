@@ -575,11 +575,59 @@ def attention_transfer_loss(
             f"{tuple(t_shape)}; the batch sizes must be equal"
         )
     _check_p(fn, p)
-    h, w = _common_grid(fn, "student_features", s_shape, "teacher_features", t_shape)
-    maps = []
-    for feats in (student_features, teacher_features):
-        energy = _average_pool(_attention_energy(feats, p), h, w)
-        maps.append(_l2_normalize(energy.reshape(energy.shape[0], -1)))
+    _common_grid(fn, "student_features", s_shape, "teacher_features", t_shape)
+    return attention_transfer_from_maps(attention_energy_map(student_features, p=p),
+                                        attention_energy_map(teacher_features, p=p))
+
+
+def attention_energy_map(features: jax.Array, *, p=2) -> jax.Array:
+    """One layer's attention energy on its own grid, scaled to unit L2 norm: what a teacher cache keeps.
+
+    Formula: ``E = sum_c |A_c|^p`` (shape ``[batch, H, W]``), returned as ``E / max(||E||_2, 1e-12)``.
+    Average pooling is linear, so pooling this map to a coarser grid and normalising again gives the
+    same map as pooling ``E`` itself: a layer's ``[batch, H, W]`` map stands in for its
+    ``[batch, H, W, C]`` features in `attention_transfer_from_maps` at a ``C``-th of the memory.
+
+    Args:
+      features: ``[batch, H, W, C]`` floating activations.
+      p: exponent ``>= 1`` (keyword-only).
+
+    Returns:
+      ``[batch, H, W]``.
+    """
+    fn = "attention_energy_map"
+    _check_rank(fn, "features", features, (4,), "[batch, H, W, C]")
+    _check_floating(fn, "features", features)
+    _check_p(fn, p)
+    energy = _attention_energy(features, p)
+    flat = _l2_normalize(energy.reshape(energy.shape[0], -1))
+    return flat.reshape(energy.shape)
+
+
+def attention_transfer_from_maps(student_map: jax.Array, teacher_map: jax.Array) -> jax.Array:
+    """Attention transfer between two energy maps (`attention_energy_map`), per example.
+
+    Formula: ``|| P(S) / ||P(S)|| - P(T) / ||P(T)|| ||_2^2``, where ``P`` average-pools the finer map to
+    the coarser grid (the identity on the coarser one). Equals `attention_transfer_loss` on the
+    features the maps came from.
+
+    Args:
+      student_map: ``[batch, H1, W1]``; teacher_map: ``[batch, H2, W2]``; the larger height and width
+        must each be integer multiples of the smaller.
+
+    Returns:
+      ``[batch]`` losses in [0, 2].
+    """
+    fn = "attention_transfer_from_maps"
+    for name, m in (("student_map", student_map), ("teacher_map", teacher_map)):
+        _check_rank(fn, name, m, (3,), "[batch, H, W]")
+        _check_floating(fn, name, m)
+    s_shape, t_shape = jnp.shape(student_map), jnp.shape(teacher_map)
+    if s_shape[0] != t_shape[0]:
+        raise _fail(fn, f"student_map has shape {tuple(s_shape)} but teacher_map has shape {tuple(t_shape)}; "
+                        "the batch sizes must be equal")
+    h, w = _common_grid(fn, "student_map", s_shape, "teacher_map", t_shape)
+    maps = [_l2_normalize(_average_pool(m, h, w).reshape(m.shape[0], -1)) for m in (student_map, teacher_map)]
     return jnp.sum(jnp.square(maps[0] - maps[1]), axis=-1)
 
 

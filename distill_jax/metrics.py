@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill_jax.explain import _check_x, _num_classes, gaussian_blur, ig_completeness_error, validate_target
+from distill_jax.attribution_core import check_x, gaussian_blur, num_classes_of, validate_target
+from distill_jax.explain import ig_completeness_error
+from distill_jax.stats import flat_pair, spearman
 
 __all__ = [
     "ATTACKS",
@@ -108,8 +110,8 @@ def _pixel_ranks(attribution: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def _perturbation_curve(apply_fn, x, attribution, target, steps, baseline, blur_sigma, insert, chunk):
-    x = _check_x(x)
-    c = _num_classes(apply_fn, x)
+    x = check_x(x)
+    c = num_classes_of(apply_fn, x)
     target = validate_target(target, x.shape[0], c)
     if target.ndim != 1:
         raise ValueError(f"target must be [batch] here; got shape {target.shape}")
@@ -189,40 +191,6 @@ def insertion_auc(
 # --------------------------------------------------------------------------------------------
 # Agreement between maps
 # --------------------------------------------------------------------------------------------
-def _average_ranks(v: jax.Array) -> jax.Array:
-    """Ranks 0..n-1 of a 1-D array, ties sharing their average rank."""
-    s = jnp.sort(v)
-    lo = jnp.searchsorted(s, v, side="left")
-    hi = jnp.searchsorted(s, v, side="right")
-    return (lo + hi - 1).astype(jnp.float32) / 2
-
-
-def _flat_pair(a, b, what):
-    a, b = jnp.asarray(a), jnp.asarray(b)
-    if a.shape != b.shape or a.ndim < 2:
-        raise ValueError(f"{what}: a and b must have the same shape [batch, ...]; got {a.shape} and {b.shape}")
-    return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-
-
-def spearman(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Per-example Spearman rank correlation of two flattened maps (ties get average ranks).
-
-    rho_b = pearson(rank(a_b), rank(b_b)); 0 when either map is constant.
-
-    Args:
-      a, b: [batch, ...] of the same shape.
-    Returns:
-      [batch] in [-1, 1].
-    Reference: Spearman 1904; used for attribution agreement by Adebayo et al. 2018.
-    """
-    a, b = _flat_pair(a, b, "spearman")
-    ra, rb = jax.vmap(_average_ranks)(a), jax.vmap(_average_ranks)(b)
-    ra = ra - ra.mean(1, keepdims=True)
-    rb = rb - rb.mean(1, keepdims=True)
-    den = jnp.sqrt(jnp.sum(ra**2, 1) * jnp.sum(rb**2, 1))
-    return jnp.where(den > 0, jnp.sum(ra * rb, 1) / jnp.where(den > 0, den, 1.0), 0.0)
-
-
 def top_k_overlap(a: jax.Array, b: jax.Array, *, k: int) -> jax.Array:
     """Fraction of the k largest entries of a that are also among the k largest of b.
 
@@ -233,7 +201,7 @@ def top_k_overlap(a: jax.Array, b: jax.Array, *, k: int) -> jax.Array:
     Returns:
       [batch] in [0, 1].
     """
-    a, b = _flat_pair(a, b, "top_k_overlap")
+    a, b = flat_pair(a, b, "top_k_overlap")
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= a.shape[1]:
         raise ValueError(f"k must be an int in [1, {a.shape[1]}]; got {k!r}")
 
@@ -320,8 +288,8 @@ def randomization_check(
 # Adversarial robustness and explanation sensitivity
 # --------------------------------------------------------------------------------------------
 def _check_attack(apply_fn, x, labels, epsilon):
-    x = _check_x(x)
-    validate_target(labels, x.shape[0], _num_classes(apply_fn, x), name="labels")
+    x = check_x(x)
+    validate_target(labels, x.shape[0], num_classes_of(apply_fn, x), name="labels")
     if epsilon < 0:
         raise ValueError(f"epsilon must be >= 0; got {epsilon}")
     return x, jnp.asarray(labels).astype(jnp.int32)
@@ -423,7 +391,7 @@ def max_sensitivity(
       [batch].
     Reference: Yeh et al. 2019, "On the (In)fidelity and Sensitivity of Explanations".
     """
-    x = _check_x(x)
+    x = check_x(x)
     if not isinstance(samples, (int, np.integer)) or samples < 1:
         raise ValueError(f"samples must be an integer >= 1; got {samples!r}")
     if radius <= 0:

@@ -102,6 +102,16 @@ POOL_IMPLS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+def forward_only(model: nn.Module) -> nn.Module:
+    """The same network for a pass with no backward: `impl="lax"` (XLA's convolution and `reduce_window` pool).
+
+    The other impls exist to make the *backward* pass cheap on XLA:CPU; a forward pass alone
+    runs fastest through `lax.conv` + `reduce_window` (benchmarks/RESULTS.md, distillation step).
+    Parameters are shared, outputs equal to float32 rounding. Models without `impl` are returned as they are.
+    """
+    return model.clone(impl="lax") if getattr(model, "impl", "lax") != "lax" else model
+
+
 def for_attribution(model: nn.Module) -> nn.Module:
     """The same network (same parameters, outputs equal to float32 rounding) as `impl="patches"` if it is `"lax_conv"`.
 

@@ -29,7 +29,13 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Prepared:
-    """Standardized train/test images, the fitted scaler and PCA, and the dataset's description."""
+    """The images as stored, the fitted scaler and PCA, and the dataset's description.
+
+    `x_train`/`x_test` are [n, h, w, c] host arrays exactly as loaded: uint8 in [0, 255] for 8-bit
+    sources (a quarter of the memory of float32), float32 in [0, 1] otherwise. Models never see them
+    directly: `inputs(x)` turns a batch into standardized float32 model inputs, on the device and
+    inside the jitted steps.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -40,6 +46,34 @@ class Prepared:
     name: str
     scaler: Any
     pca: Any
+
+    def inputs(self, x) -> jax.Array:
+        """Model inputs [n, h, w, c] float32 for stored images `x` (see `model_inputs`)."""
+        return model_inputs(self.scaler, x)
+
+
+def model_inputs(scaler, x) -> jax.Array:
+    """Standardized float32 model inputs from stored images; jittable.
+
+    Formula: ``u = x / 255`` for uint8 ``x`` (``u = x`` for float images in [0, 1]), then
+    ``(u - mean) / std`` with the scaler fitted on the training images.
+
+    Args:
+      scaler: a `preprocess.Standardizer` (or any `preprocess` scaler) fitted on ``u``.
+      x: [n, h, w, c] uint8 or float.
+    Returns:
+      [n, h, w, c] float32.
+    """
+    x = jnp.asarray(x)
+    unit = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+    return preprocess.apply(scaler, unit)
+
+
+def _batched_inputs(scaler, x: np.ndarray, *, batch_size: int = 4096):
+    """Flattened model inputs [b, h*w*c] of consecutive batches of `x` (streamed, never all at once)."""
+    to_flat = jax.jit(lambda v: model_inputs(scaler, v).reshape(v.shape[0], -1))
+    for start in range(0, len(x), batch_size):
+        yield to_flat(x[start : start + batch_size])
 
 
 @dataclasses.dataclass
@@ -61,24 +95,26 @@ class Trained:
 
 
 def prepare_data(c) -> Prepared:
-    """Loads the dataset, standardizes per channel (fit on train), fits PCA on the flattened train images.
+    """Loads the dataset, fits the per-channel standardizer and the PCA of the flattened standardized train images.
 
-    Under multi-host, `x_train`/`y_train` are this process's share of the training split and the
-    scaler and PCA fitted on process 0's share are broadcast, so every process preprocesses alike.
+    The images stay as loaded (uint8 for 8-bit sources); the PCA streams standardized batches
+    (`pca.fit_batches`), so no float copy of the training set is kept. Under multi-host,
+    `x_train`/`y_train` are this process's share of the training split and the scaler and PCA fitted
+    on process 0's share are broadcast, so every process preprocesses alike.
     """
     ds = data.load(c.dataset, data_dir=c.data_dir, image_size=c.image_size, seed=c.seed,
-                   test_fraction=c.test_fraction)
+                   test_fraction=c.test_fraction, keep_uint8=True)
     x_train, y_train = ds.x_train, ds.y_train
+    if c.get("train_limit", 0):  # a quick run on the first N training images
+        x_train, y_train = x_train[: c.train_limit], y_train[: c.train_limit]
     if jax.process_count() > 1 and not c.dataset.startswith("tfds:"):  # tfds loaders read only their own share
         share = data.process_slice(len(x_train))
         x_train, y_train = x_train[share], y_train[share]
-    scaler = preprocess.standardize_fit(x_train)
-    flat = np.asarray(preprocess.apply(scaler, x_train), np.float32).reshape(len(x_train), -1)
-    pca_state = pca_lib.fit(jnp.asarray(flat), min(c.pca_components, *flat.shape))
+    scaler = preprocess.standardize_fit(data.as_float01(x_train))
+    n_components = min(c.pca_components, len(x_train), int(np.prod(x_train.shape[1:])))
+    pca_state = pca_lib.fit_batches(_batched_inputs(scaler, x_train), n_components)
     scaler, pca_state = parallel.broadcast_from_main((scaler, pca_state))
-    x_train = np.asarray(preprocess.apply(scaler, x_train), np.float32)
-    x_test = np.asarray(preprocess.apply(scaler, ds.x_test), np.float32)
-    return Prepared(x_train, np.asarray(y_train, np.int32), x_test, np.asarray(ds.y_test, np.int32),
+    return Prepared(x_train, np.asarray(y_train, np.int32), ds.x_test, np.asarray(ds.y_test, np.int32),
                     ds.num_classes, tuple(ds.class_names), ds.name, scaler, pca_state)
 
 
@@ -116,12 +152,12 @@ def pruning_of(budget, total_steps: int):
 
 def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, budget, prep: Prepared,
            mcfg: distill.MethodConfig, c, mesh, ckpt_dir: str | None, *, teacher: Trained | None = None,
-           cache_teacher: bool = True, show_progress: bool = True) -> Trained:
+           cache_teacher: bool = True, show_progress: bool | None = None) -> Trained:
     start = time.perf_counter()
     parallel.check_batch_size(budget.batch_size, mesh, what=f"{name} batch_size")
     key = jax.random.PRNGKey(c.seed)
     init_key, state_key = jax.random.split(jax.random.fold_in(key, zlib.crc32(name.encode()) % (2**31)))
-    sample = jnp.asarray(prep.x_train[:2])
+    sample = prep.inputs(prep.x_train[:2])
     t_model, t_vars = (teacher.model, teacher.variables) if teacher else (None, None)
     params = distill.init_trainable(model, method, mcfg, init_key, sample, t_model, t_vars, extra=extra)
     steps = train.total_steps(len(prep.y_train), parallel.local_batch_size(budget.batch_size), budget.epochs)
@@ -129,15 +165,15 @@ def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, bud
                                      momentum=budget.momentum, weight_decay=budget.weight_decay,
                                      schedule=budget.schedule, extra=pruning_of(budget, steps))
     state = train.create_state(params, optimizer, key=state_key, extra=extra)
-    loss_fn = distill.make_loss_fn(model, kind, method, mcfg, prep.num_classes, t_model)
+    loss_fn = train.with_inputs(distill.make_loss_fn(model, kind, method, mcfg, prep.num_classes, t_model), prep.inputs)
     needs = distill.method_needs(method, mcfg)
     arrays = {"x": prep.x_train, "y": prep.y_train}
-    use_cache = needs.teacher and cache_teacher and not (mcfg.augment_shift or mcfg.augment_flip)
+    use_cache = cache_teacher and _teacher_cache_fits(name, needs, mcfg, t_model, t_vars, prep, c)
     if use_cache:
-        arrays.update(distill.cache_teacher_outputs(t_model, t_vars, prep.x_train, prep.y_train, needs))
+        arrays.update(distill.cache_teacher_outputs(t_model, t_vars, prep.x_train, prep.y_train, needs,
+                                                    inputs=prep.inputs))
     step_fn = train.make_train_step(loss_fn, optimizer, mesh)
-    evaluator = distill.forward_only(model)  # evaluation runs no backward: the fastest forward impl
-    predict_fn = train.make_predict_fn(lambda v, x: evaluator.apply(v, x), mesh)
+    predict_fn = make_predict_fn(model, prep, mesh)
 
     def variables_of(st):
         return {"params": st.params["model"], **st.extra}
@@ -168,6 +204,30 @@ def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, bud
         checkpoint.save_variables(os.path.join(ckpt_dir, name, "final"), variables)
     test_logits = train.predict(predict_fn, variables, prep.x_test, batch_size=c.eval_batch_size, mesh=mesh)
     return Trained(name, model, variables, kind, method, test_logits, history, time.perf_counter() - start)
+
+
+def _teacher_cache_fits(name: str, needs: distill.Needs, mcfg: distill.MethodConfig, t_model, t_vars,
+                        prep: Prepared, c) -> bool:
+    """Whether to run the teacher once and cache its outputs, rather than inside every step.
+
+    Only when a term reads the teacher, no augmentation changes the inputs between epochs, and the
+    cache fits in `c.method.cache_limit_mb` of host memory (whole feature maps for hints can be
+    gigabytes at 60,000 images; logits and attention maps are small).
+    """
+    if not needs.teacher or mcfg.augment_shift or mcfg.augment_flip:
+        return False
+    size = distill.teacher_cache_bytes(t_model, t_vars, prep.x_train[:1], needs, len(prep.x_train), inputs=prep.inputs)
+    if size > c.method.cache_limit_mb * 2**20:
+        log.info("%s: the teacher's outputs would take %.0f MB (> method.cache_limit_mb=%s): running the teacher "
+                 "inside each step instead", name, size / 2**20, c.method.cache_limit_mb)
+        return False
+    return True
+
+
+def make_predict_fn(model: nn.Module, prep: Prepared, mesh) -> Callable:
+    """Jitted `(variables, stored images) -> logits`, sharded over `mesh`: inputs made on the device, forward only."""
+    evaluator = models.forward_only(model)  # evaluation runs no backward: the fastest forward impl
+    return train.make_predict_fn(lambda v, x: evaluator.apply(v, prep.inputs(x)), mesh)
 
 
 def train_teacher(prep: Prepared, c, mesh, ckpt_dir: str | None, **kw) -> Trained:
@@ -212,54 +272,90 @@ class Audit:
     trees: dict  # tree student name -> audit.tree_student(...)
 
 
-def audit_models(trained: list[Trained], prep: Prepared, c) -> Audit:
-    """Explains every model on the first test images, scores the maps, attacks the models, analyses the students.
+def purpose_key(seed: int, purpose: str) -> jax.Array:
+    """An independent PRNG key per use (SmoothGrad noise, sensitivity noise, randomisation, attack starts).
 
-    Targets are the true labels, so maps of different models explain the same decision.
-    The first model in `trained` is the teacher.
+    One key shared by several uses would give them the same noise bits; `fold_in` of a hash of the
+    purpose's name gives each its own stream, the same in every run with the same seed.
     """
-    e = c.explain
-    n = min(e.num_images, len(prep.x_test))
-    x, target = jnp.asarray(prep.x_test[:n]), jnp.asarray(prep.y_test[:n])
-    key = jax.random.PRNGKey(c.seed)
-    teacher = trained[0]
-    maps, curves, explanations, robust = {}, {}, {}, {}
-    for t in trained:
-        maps[t.name] = audit.attribution_maps(t.model, t.variables, x, target, methods=tuple(e.methods),
-                                              ig_steps=e.ig_steps, smoothgrad_samples=e.smoothgrad_samples, key=key)
-        scores, curves[t.name] = audit.faithfulness(t.model, t.variables, x, target, maps[t.name],
-                                                    None if t is teacher else maps[teacher.name],
-                                                    steps=e.faithfulness_steps)
-        explanations[t.name] = {"saliency_max_sensitivity": audit.saliency_max_sensitivity(
-            t.model, t.variables, x, target, radius=e.sensitivity_radius, key=key), **scores}
-        if "integrated_gradients" in maps[t.name]:
-            explanations[t.name]["ig_completeness_error"] = audit.ig_completeness(
-                t.model, t.variables, x, target, maps[t.name]["integrated_gradients"])
-    r = c.robustness
-    m = min(r.num_images, len(prep.x_test))
-    xr, yr = jnp.asarray(prep.x_test[:m]), jnp.asarray(prep.y_test[:m])
-    for t in trained:
-        robust[t.name] = audit.robustness(t.model, t.variables, xr, yr, epsilon=r.epsilon, pgd_steps=r.pgd_steps, key=key)
+    return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(purpose.encode()) % (2**31))
 
-    xa, ya = prep.x_test[: c.analysis_images], prep.y_test[: c.analysis_images]
-    analysis_out = {"randomization": audit.randomization(teacher.model, teacher.variables, x, target, key=key),
-                    "cka": {}, "tree": {}}
-    teacher_feats = audit.features_of(teacher.model, teacher.variables, jnp.asarray(xa))
+
+def test_sample(prep: Prepared, n: int, *, seed: int) -> tuple[jax.Array, jax.Array]:
+    """`n` test images stratified by class (one per class before any repeats) as model inputs, and their labels."""
+    idx = data.stratified_indices(prep.y_test, n, seed=seed)
+    return prep.inputs(prep.x_test[idx]), jnp.asarray(prep.y_test[idx])
+
+
+def _explain_stage(t: Trained, teacher: Trained, maps: dict, x, target, e, seed: int) -> tuple[dict, dict, dict]:
+    """One model's attribution maps, their faithfulness scores and curves (teacher's maps for agreement)."""
+    model_maps = audit.attribution_maps(t.model, t.variables, x, target, methods=tuple(e.methods),
+                                        ig_steps=e.ig_steps, smoothgrad_samples=e.smoothgrad_samples,
+                                        key=purpose_key(seed, "smoothgrad"))
+    scores, curves = audit.faithfulness(t.model, t.variables, x, target, model_maps,
+                                        None if t is teacher else maps[teacher.name], steps=e.faithfulness_steps)
+    scores = {"saliency_max_sensitivity": audit.saliency_max_sensitivity(
+        t.model, t.variables, x, target, radius=e.sensitivity_radius, key=purpose_key(seed, "max_sensitivity")),
+        **scores}
+    if "integrated_gradients" in model_maps:
+        scores["ig_completeness_error"] = audit.ig_completeness(t.model, t.variables, x, target,
+                                                                model_maps["integrated_gradients"])
+    return model_maps, scores, curves
+
+
+def _analysis_stage(trained: list[Trained], prep: Prepared, x, target, xa, ya, seed: int) -> tuple[dict, dict, dict]:
+    """Randomisation check of the teacher, CKA of each student to the teacher, linear and soft-tree read-outs."""
+    teacher = trained[0]
+    out = {"randomization": audit.randomization(teacher.model, teacher.variables, x, target,
+                                                key=purpose_key(seed, "randomization")),
+           "cka": {}, "tree": {}}
+    teacher_feats = audit.features_of(teacher.model, teacher.variables, xa)
     linear, trees = {}, {}
+    image_shape = prep.x_train.shape[1:]
     for t in trained[1:]:
-        feats = audit.features_of(t.model, t.variables, jnp.asarray(xa))
+        feats = audit.features_of(t.model, t.variables, xa)
         if feats:
-            analysis_out["cka"][t.name] = audit.cka(teacher_feats, feats)
+            out["cka"][t.name] = audit.cka(teacher_feats, feats)
         if t.kind == "linear":
-            linear[t.name] = audit.linear_student(t.variables, x, prep.x_train.shape[1:])
+            linear[t.name] = audit.linear_student(t.variables, x, image_shape)
         if t.kind == "tree":
-            trees[t.name] = audit.tree_student(t.model, t.variables, jnp.asarray(xa), ya, prep.num_classes,
-                                               prep.x_train.shape[1:])
+            trees[t.name] = audit.tree_student(t.model, t.variables, xa, np.asarray(ya), prep.num_classes, image_shape)
             usage = trees[t.name]["usage"]["hard"]
-            analysis_out["tree"][t.name] = {
+            out["tree"][t.name] = {
                 "leaves_used": int(np.sum(usage.sum(0) > 0)), "leaves": int(usage.shape[1]),
                 "top_leaf_share_per_class": [round(float(v), 4) for v in usage.max(1)],
             }
+    return out, linear, trees
+
+
+def audit_models(trained: list[Trained], prep: Prepared, c, *, show_progress: bool | None = None) -> Audit:
+    """Explains every model on a class-stratified test sample, scores the maps, attacks the models, analyses the students.
+
+    Targets are the true labels, so maps of different models explain the same decision.
+    The first model in `trained` is the teacher. Accuracy, agreement and KL come from the whole test
+    set (`model_metrics`); this stage works on samples: `explain.num_images` images for the maps,
+    `robustness.num_images` for the attacks, `analysis_images` for CKA and tree usage.
+    `show_progress`: None shows a bar on a terminal only, True always, False never.
+    """
+    e, r = c.explain, c.robustness
+    x, target = test_sample(prep, e.num_images, seed=c.seed)
+    xr, yr = test_sample(prep, r.num_images, seed=c.seed)
+    xa, ya = test_sample(prep, c.analysis_images, seed=c.seed)
+    teacher = trained[0]
+    maps, curves, explanations, robust = {}, {}, {}, {}
+    stages = [(t, "explain") for t in trained] + [(t, "attack") for t in trained] + [(None, "analysis")]
+    with train.progress_bar(len(stages), desc="audit", show=show_progress) as bar:
+        for t, stage in stages:
+            bar.set_postfix_str(f"{stage} {t.name if t else 'students'}")
+            if stage == "explain":
+                maps[t.name], explanations[t.name], curves[t.name] = _explain_stage(t, teacher, maps, x, target, e,
+                                                                                   c.seed)
+            elif stage == "attack":
+                robust[t.name] = audit.robustness(t.model, t.variables, xr, yr, epsilon=r.epsilon,
+                                                  pgd_steps=r.pgd_steps, key=purpose_key(c.seed, "attack"))
+            else:
+                analysis_out, linear, trees = _analysis_stage(trained, prep, x, target, xa, ya, c.seed)
+            bar.update(1)
     return Audit(explanations, robust, analysis_out, np.asarray(x), np.asarray(target), maps, curves, linear, trees)
 
 
@@ -293,6 +389,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (0.0 where the OS does not report it)."""
+    try:
+        import resource  # noqa: PLC0415 - POSIX only
+    except ImportError:
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if platform.system() == "Darwin" else 2**10), 1)  # bytes on macOS, KB on Linux
+
+
 def versions() -> dict:
     """Versions of python and the libraries a run used, and the machine it ran on (for metrics.json)."""
     import flax, optax, orbax.checkpoint  # noqa: E401, PLC0415
@@ -303,30 +409,37 @@ def versions() -> dict:
             "machine": platform.machine(), "processor": cpu_model(), "cpus": os.cpu_count()}
 
 
-def run(c, workdir: str, *, show_progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+def run(c, workdir: str, *, show_progress: bool | None = None, echo: Callable[[str], None] = print) -> dict:
     """Runs the whole job and writes metrics.json, figures, report.html and checkpoints into `workdir`.
 
+    `show_progress`: progress bars for each model's training and the audit (None: only on a
+    terminal; True: always; False: never); only process 0 draws them.
     Returns the metrics dict (the content of metrics.json).
     """
     config_lib.validate(c)
     main = parallel.is_main_process()
+    show_progress = show_progress if main else False
     timing: dict[str, float] = {}
+    memory: dict[str, float] = {}  # stage -> peak resident memory of the process so far, MB
     t0 = time.perf_counter()
     prep = prepare_data(c)
     timing["data"] = time.perf_counter() - t0
+    memory["data"] = peak_rss_mb()
     mesh = parallel.make_mesh()
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
 
-    teacher = train_teacher(prep, c, mesh, ckpt_dir, show_progress=show_progress and main)
+    teacher = train_teacher(prep, c, mesh, ckpt_dir, show_progress=show_progress)
     timing["teacher"] = teacher.seconds
+    memory["teacher"] = peak_rss_mb()
     if main:
         echo(f"teacher {c.teacher.kind}: test accuracy {train.accuracy_from_logits(teacher.test_logits, prep.y_test):.4f}"
              f" ({teacher.seconds:.1f} s)")
     students = []
     for name, kind, method in config_lib.parse_students(c.students):
-        s = train_student(name, kind, method, prep, teacher, c, mesh, ckpt_dir, show_progress=show_progress and main)
+        s = train_student(name, kind, method, prep, teacher, c, mesh, ckpt_dir, show_progress=show_progress)
         students.append(s)
         timing[name] = s.seconds
+        memory[name] = peak_rss_mb()
         if main:
             echo(f"student {name}: test accuracy {train.accuracy_from_logits(s.test_logits, prep.y_test):.4f}"
                  f" ({s.seconds:.1f} s)")
@@ -337,18 +450,22 @@ def run(c, workdir: str, *, show_progress: bool = True, echo: Callable[[str], No
         "models": {"teacher": model_metrics(teacher, None, prep),
                    **{s.name: model_metrics(s, teacher, prep) for s in students}},
         "timing_s": timing,
+        "peak_rss_mb": memory,
         "versions": versions(),
     }
-    return explain_and_report(result, [teacher, *students], prep, c, workdir, main=main, echo=echo)
+    return explain_and_report(result, [teacher, *students], prep, c, workdir, main=main, echo=echo,
+                              show_progress=show_progress)
 
 
 def explain_and_report(result: dict, everyone: list[Trained], prep: Prepared, c, workdir: str, *, main: bool = True,
-                       echo: Callable[[str], None] = print) -> dict:
+                       echo: Callable[[str], None] = print, show_progress: bool | None = None) -> dict:
     """Explains every model, adds the scores to `result`, and writes metrics.json, figures and report.html."""
     timing = result["timing_s"]
     t1 = time.perf_counter()
-    found = audit_models(everyone, prep, c)
+    found = audit_models(everyone, prep, c, show_progress=show_progress if main else False)
     timing["explain"] = time.perf_counter() - t1
+    memory = result.setdefault("peak_rss_mb", {})
+    memory["explain"] = peak_rss_mb()
     result["explanations"] = found.explanations
     for name, scores in found.robustness.items():
         result["models"][name].update(scores)
@@ -359,6 +476,7 @@ def explain_and_report(result: dict, everyone: list[Trained], prep: Prepared, c,
         t2 = time.perf_counter()
         figures = report.write_figures(workdir, prep, everyone, found)
         timing["report"] = time.perf_counter() - t2
+        memory["report"] = peak_rss_mb()
         timing["total"] = sum(v for k, v in timing.items() if k != "total")
         _write_json(os.path.join(workdir, "metrics.json"), result)
         report.write_html(workdir, result, figures)
@@ -387,9 +505,9 @@ def load_trained(workdir: str) -> tuple[dict, list[Trained], Prepared, Any]:
     trained = []
     for name, kind, method in kinds:
         model, extra = build_model(kind, c, prep.num_classes, prep.pca)
-        template = {**model.init(jax.random.PRNGKey(0), jnp.asarray(prep.x_train[:1])), **extra}
+        template = {**model.init(jax.random.PRNGKey(0), prep.inputs(prep.x_train[:1])), **extra}
         variables = checkpoint.load_variables(os.path.join(ckpt_dir, name, "final"), template)
-        predict_fn = train.make_predict_fn(lambda v, x, m=distill.forward_only(model): m.apply(v, x), mesh)
+        predict_fn = make_predict_fn(model, prep, mesh)
         logits = train.predict(predict_fn, variables, prep.x_test, batch_size=c.eval_batch_size, mesh=mesh)
         trained.append(Trained(name, model, variables, kind, method, logits, histories.get(name, []), 0.0))
     return result, trained, prep, c

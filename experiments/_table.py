@@ -44,20 +44,15 @@ class Row:
         return self.ours_value - self.paper_value
 
 
-def cpu_model() -> str:
-    """The host CPU's model name (what `lscpu` prints as "Model name")."""
-    from distill_jax import pipeline  # noqa: PLC0415
-
-    return pipeline.cpu_model()
-
-
 def hardware() -> str:
     """One line: the accelerator (or CPU model and core count) JAX runs on."""
     import jax  # noqa: PLC0415
 
+    from distill_jax import pipeline  # noqa: PLC0415
+
     devices = jax.devices()
     if devices[0].platform == "cpu":
-        return f"{cpu_model()}, {os.cpu_count()} cores (jax cpu, {len(devices)} device(s))"
+        return f"{pipeline.cpu_model()}, {os.cpu_count()} cores (jax cpu, {len(devices)} device(s))"
     return f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"
 
 

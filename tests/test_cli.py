@@ -25,7 +25,9 @@ def smoke_run(tmp_path_factory):
 def test_smoke_run_writes_metrics_with_the_documented_layout(smoke_run):
     _, m = smoke_run
     assert m["dataset"] == "digits"
-    assert set(m) >= {"dataset", "config", "models", "explanations", "timing_s", "versions"}
+    assert set(m) >= {"dataset", "config", "models", "explanations", "timing_s", "peak_rss_mb", "versions"}
+    assert set(m["peak_rss_mb"]) >= {"data", "teacher", *STUDENTS, "explain", "report"}
+    assert 0 < m["peak_rss_mb"]["data"] <= m["peak_rss_mb"]["report"]
     assert set(m["models"]) == {"teacher", *STUDENTS}
     assert 0.0 <= m["models"]["teacher"]["accuracy"] <= 1.0 and m["models"]["teacher"]["params"] > 300_000
     for name in STUDENTS:
@@ -67,6 +69,10 @@ BAD = [
     (["--set", "student.batch_size=-3"], "student.batch_size=-3"),
     (["--set", "no.such=1"], "no group 'no'"),
     (["--config", "/nonexistent/config.py"], "does not exist"),
+    (["--dataset", "idx:/nonexistent/dir"], "train-images-idx3-ubyte"),
+    (["--dataset", "fashion_mnist", "--set", "data_dir=/nonexistent/dir"], "apt-get install dataset-fashion-mnist"),
+    (["--set", "train_limit=-1"], "train_limit=-1"),
+    (["--set", "method.cache_limit_mb=-1"], "method.cache_limit_mb=-1"),
 ]
 
 

@@ -1,5 +1,8 @@
 """Tests for distill_jax.data: every loader, validation of bad input, batch iterators, augmentation."""
+import gzip
+import io
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -181,6 +184,346 @@ def test_folder_empty_class_and_empty_root(tmp_path):
         data.load(f"folder:{single}")
     with pytest.raises(ValueError, match="image_size"):
         data.load(f"folder:{_tree(tmp_path / 'ok')}", image_size=(0, 3))
+
+
+# ---------------------------------------------------------------------------------------------------------- idx
+
+_IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B, np.dtype(np.int32): 0x0C,
+              np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
+
+
+def _idx_bytes(arr, *, code=None, ndim=None):
+    """The IDX encoding of ``arr``: 00 00 type ndim, big-endian uint32 dims, big-endian data."""
+    arr = np.asarray(arr)
+    code = _IDX_CODES[arr.dtype] if code is None else code
+    header = bytes([0, 0, code, arr.ndim if ndim is None else ndim]) + np.asarray(arr.shape, ">u4").tobytes()
+    return header + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+
+
+def _write(path, payload, gz=False):
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def _idx_dir(root, *, gz=False, x_train=None, y_train=None, x_test=None, y_test=None):
+    """Writes the four IDX files into ``root`` (defaults: 6 + 3 random 3x4 uint8 images, labels i % 3)."""
+    rng = np.random.default_rng(0)
+    arrays = dict(x_train=rng.integers(0, 256, (6, 3, 4), dtype=np.uint8), y_train=np.arange(6, dtype=np.uint8) % 3,
+                  x_test=rng.integers(0, 256, (3, 3, 4), dtype=np.uint8), y_test=np.arange(3, dtype=np.uint8) % 3)
+    given = dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    arrays.update({k: v for k, v in given.items() if v is not None})
+    os.makedirs(root, exist_ok=True)
+    for key, base in zip(("x_train", "y_train", "x_test", "y_test"), data.IDX_FILES):
+        _write(root / base, _idx_bytes(arrays[key]), gz)
+    return root, arrays
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_roundtrip(tmp_path, gz):
+    root, a = _idx_dir(tmp_path / "mine", gz=gz)
+    if gz:
+        assert sorted(os.listdir(root)) == sorted(b + ".gz" for b in data.IDX_FILES)
+    ds = data.load(f"idx:{root}")
+    assert ds.name == "idx:mine" and ds.num_classes == 10 and ds.class_names == tuple("0123456789")
+    assert ds.x_train.dtype == np.float32 and ds.x_train.shape == (6, 3, 4, 1) and ds.image_shape == (3, 4, 1)
+    np.testing.assert_array_equal(ds.x_train[..., 0], a["x_train"].astype(np.float32) / 255.0)
+    np.testing.assert_array_equal(ds.x_test[..., 0], a["x_test"].astype(np.float32) / 255.0)
+    np.testing.assert_array_equal(ds.y_train, [0, 1, 2, 0, 1, 2])
+    np.testing.assert_array_equal(ds.y_test, [0, 1, 2])
+    assert ds.y_train.dtype == np.int32
+    raw = data.load(f"idx:{root}", keep_uint8=True)
+    assert raw.x_train.dtype == np.uint8 and raw.x_test.dtype == np.uint8
+    np.testing.assert_array_equal(raw.x_train[..., 0], a["x_train"])
+    np.testing.assert_array_equal(raw.x_test[..., 0], a["x_test"])
+    np.testing.assert_array_equal(data.as_float01(raw.x_train), ds.x_train)
+
+
+def test_idx_prefers_plain_file_over_gz(tmp_path):
+    root, a = _idx_dir(tmp_path / "d")
+    other = np.full((6, 3, 4), 7, np.uint8)
+    _write(root / data.IDX_FILES[0], _idx_bytes(other), gz=True)  # a second, different copy
+    ds = data.load(f"idx:{root}", keep_uint8=True)
+    np.testing.assert_array_equal(ds.x_train[..., 0], a["x_train"])
+    os.remove(root / data.IDX_FILES[0])
+    ds = data.load(f"idx:{root}", keep_uint8=True)
+    np.testing.assert_array_equal(ds.x_train[..., 0], other)
+
+
+def test_idx_dtypes_and_class_count(tmp_path):
+    x = np.linspace(0, 1, 6 * 3 * 4).reshape(6, 3, 4)
+    root, _ = _idx_dir(tmp_path / "f", x_train=x.astype(np.float32), x_test=x[:3].astype(np.float64),
+                       y_train=np.array([0, 25, 3, 1, 2, 4], np.int32), y_test=np.array([1, 2, 12], np.int16))
+    ds = data.load(f"idx:{root}", keep_uint8=True)  # float sources stay float32
+    assert ds.x_train.dtype == np.float32 and ds.x_test.dtype == np.float32
+    np.testing.assert_array_equal(ds.x_train[..., 0], x.astype(np.float32))
+    np.testing.assert_array_equal(ds.x_test[..., 0], x[:3].astype(np.float32))
+    np.testing.assert_array_equal(ds.y_train, [0, 25, 3, 1, 2, 4])  # big-endian int32 read back
+    np.testing.assert_array_equal(ds.y_test, [1, 2, 12])
+    assert ds.num_classes == 26 and ds.class_names == tuple(str(i) for i in range(26))  # labels above 9: 1 + max
+
+
+@pytest.mark.parametrize("x_train, message", [
+    (np.full((6, 3, 4), 2.0, np.float32), r"float32 images in \[2.0, 2.0\]; float images must lie in \[0, 1\]"),
+    (np.zeros((6, 3, 4), np.int16), "holds int16 images; distill_jax takes uint8"),
+    (np.full((6, 3, 4), np.nan, np.float32), "NaN or inf"),
+])
+def test_idx_bad_image_values(tmp_path, x_train, message):
+    root, _ = _idx_dir(tmp_path / "d", x_train=x_train)
+    with pytest.raises(ValueError, match=message):
+        data.load(f"idx:{root}")
+
+
+def _corrupt(root, index, payload, gz=False):
+    """Replaces IDX file ``index`` of ``root`` with ``payload``; returns its path."""
+    base = root / data.IDX_FILES[index]
+    for old in (base, base.with_name(base.name + ".gz")):
+        if old.exists():
+            os.remove(old)
+    return _write(base, payload, gz)
+
+
+def test_idx_bad_magic_and_ndim(tmp_path):
+    root, a = _idx_dir(tmp_path / "d")
+    good = _idx_bytes(a["x_train"])
+    path = _corrupt(root, 0, b"\x01\x00" + good[2:])
+    with pytest.raises(ValueError, match=rf"IDX file '{re.escape(str(path))}' does not start with an IDX magic "
+                                         rf"number.*got 01 00 08 03"):
+        data.load(f"idx:{root}")
+    _corrupt(root, 0, good[:2] + b"\x07" + good[3:])  # unknown type code
+    with pytest.raises(ValueError, match="does not start with an IDX magic number"):
+        data.load(f"idx:{root}")
+    _corrupt(root, 0, _idx_bytes(a["x_train"].reshape(6, 12)))
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte' has 2 dimensions but an images file needs 3"):
+        data.load(f"idx:{root}")
+    _corrupt(root, 0, good)
+    _corrupt(root, 3, _idx_bytes(a["y_test"].reshape(3, 1)))
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte' has 2 dimensions but a labels file needs 1"):
+        data.load(f"idx:{root}")
+    _corrupt(root, 3, gzip.compress(_idx_bytes(a["y_test"])))  # gzip content under the plain name
+    with pytest.raises(ValueError, match="is gzip-compressed but not named .gz"):
+        data.load(f"idx:{root}")
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_truncated_and_trailing_bytes(tmp_path, gz):
+    root, a = _idx_dir(tmp_path / "d", gz=gz)
+    good = _idx_bytes(a["x_train"])  # 4 + 12 header bytes + 72 data bytes
+    assert len(good) == 88
+    path = _corrupt(root, 0, good[:-5], gz)
+    with pytest.raises(ValueError, match=rf"'{re.escape(str(path))}' has 83 bytes but its header "
+                                         rf"\(shape \(6, 3, 4\), uint8\) needs exactly 88; the file is truncated"):
+        data.load(f"idx:{root}")
+    _corrupt(root, 0, good + b"\x00\x01\x02", gz)
+    with pytest.raises(ValueError, match="has 91 bytes but .* needs exactly 88; the file is followed by trailing "
+                                         "bytes"):
+        data.load(f"idx:{root}")
+    _corrupt(root, 0, good[:10], gz)  # inside the dims
+    with pytest.raises(ValueError, match="is 10 bytes long, shorter than its 16-byte header"):
+        data.load(f"idx:{root}")
+    _corrupt(root, 0, b"", gz)
+    with pytest.raises(ValueError, match="is 0 bytes long, shorter than the 4-byte IDX header"):
+        data.load(f"idx:{root}")
+
+
+def test_idx_count_mismatch_names_both_files(tmp_path):
+    root, _ = _idx_dir(tmp_path / "d", y_test=np.array([0, 1], np.uint8))
+    with pytest.raises(ValueError, match=r"'.*t10k-images-idx3-ubyte' has 3 images but '.*t10k-labels-idx1-ubyte' "
+                                         r"has 2 labels"):
+        data.load(f"idx:{root}")
+
+
+def test_idx_corrupt_gzip(tmp_path):
+    root, a = _idx_dir(tmp_path / "d", gz=True)
+    packed = gzip.compress(_idx_bytes(a["y_train"]))
+    path = root / (data.IDX_FILES[1] + ".gz")
+    path.write_bytes(packed[:len(packed) // 2])  # cut mid-stream: EOFError inside gzip
+    with pytest.raises(ValueError, match=rf"IDX file '{re.escape(str(path))}' is not a valid gzip file \(EOFError"):
+        data.load(f"idx:{root}")
+    path.write_bytes(b"this is not gzip at all")
+    with pytest.raises(ValueError, match=rf"IDX file '{re.escape(str(path))}' is not a valid gzip file \(BadGzipFile"):
+        data.load(f"idx:{root}")
+    path.write_bytes(packed[:10] + bytes(b ^ 0xFF for b in packed[10:-8]) + packed[-8:])  # garbled deflate data
+    with pytest.raises(ValueError, match=rf"IDX file '{re.escape(str(path))}' is not a valid gzip file"):
+        data.load(f"idx:{root}")
+
+
+def test_idx_read_chunks_grows_and_counts_the_rest():
+    payload = bytes(range(256)) * 10
+    out, total = data._read_chunks(io.BytesIO(payload + b"xyz"), len(payload), chunk=7, first=16)
+    np.testing.assert_array_equal(out, np.frombuffer(payload, np.uint8))
+    assert out.flags.writeable and total == len(payload) + 3
+    out, total = data._read_chunks(io.BytesIO(payload), 1 << 40, chunk=7, first=16)  # header claims 1 TiB
+    assert len(out) == total == len(payload) and out.tobytes() == payload
+
+def test_idx_missing_file_and_dir(tmp_path):
+    root, _ = _idx_dir(tmp_path / "d")
+    os.remove(root / data.IDX_FILES[2])
+    with pytest.raises(FileNotFoundError) as info:
+        data.load(f"idx:{root}")
+    msg = str(info.value)
+    assert "'t10k-images-idx3-ubyte' (or t10k-images-idx3-ubyte.gz) is missing in" in msg and str(root) in msg
+    assert all(base in msg for base in data.IDX_FILES) and "\n" not in msg
+    with pytest.raises(FileNotFoundError, match=r"IDX directory '.*nowhere' does not exist; expected train-images"):
+        data.load(f"idx:{tmp_path / 'nowhere'}")
+    with pytest.raises(ValueError, match=r"idx spec needs a directory: idx:<dir>"):
+        data.load("idx:")
+
+
+# ------------------------------------------------------------------------------------------------ fashion_mnist
+
+
+def test_fashion_mnist_from_data_dir(tmp_path):
+    root, a = _idx_dir(tmp_path / "fm", gz=True, y_train=np.array([9, 0, 3, 9, 1, 2], np.uint8))
+    ds = data.load("fashion_mnist", data_dir=str(root), keep_uint8=True)
+    assert ds.name == "fashion_mnist" and ds.num_classes == 10
+    assert ds.class_names == ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                              "Bag", "Ankle boot")
+    np.testing.assert_array_equal(ds.y_train, [9, 0, 3, 9, 1, 2])
+    np.testing.assert_array_equal(ds.x_train[..., 0], a["x_train"])
+    assert data.load("fashion_mnist", data_dir=root).x_train.dtype == np.float32  # a Path works too
+
+
+def test_fashion_mnist_missing_says_how(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "not-installed"))
+    for kwargs in ({}, {"data_dir": str(tmp_path)}):
+        with pytest.raises(FileNotFoundError) as info:
+            data.load("fashion_mnist", **kwargs)
+        msg = str(info.value)
+        assert "apt-get install dataset-fashion-mnist" in msg and "--set data_dir=DIR" in msg
+        assert "tfds:fashion_mnist" in msg and "\n" not in msg
+    with pytest.raises(ValueError, match="unknown dataset spec 'fashion_mnist:x'"):
+        data.load("fashion_mnist:x")
+
+
+def test_fashion_mnist_debian_files():
+    if not os.path.isdir(data.FASHION_MNIST_DIR):
+        pytest.skip(f"{data.FASHION_MNIST_DIR} is absent (apt-get install dataset-fashion-mnist)")
+    ds = data.load("fashion_mnist", keep_uint8=True)
+    assert ds.x_train.shape == (60000, 28, 28, 1) and ds.x_test.shape == (10000, 28, 28, 1)
+    assert ds.x_train.dtype == np.uint8 and ds.x_train.nbytes == 60000 * 784
+    assert ds.x_train.min() == 0 and ds.x_train.max() == 255
+    np.testing.assert_array_equal(np.bincount(ds.y_train), [6000] * 10)
+    np.testing.assert_array_equal(np.bincount(ds.y_test), [1000] * 10)
+    assert ds.y_train[0] == 9 and ds.class_names[ds.y_train[0]] == "Ankle boot"  # as in the published files
+    floats = data.load("fashion_mnist")
+    assert floats.x_test.dtype == np.float32
+    np.testing.assert_array_equal(floats.x_test, ds.x_test.astype(np.float32) / 255.0)
+
+
+# ------------------------------------------------------------------------------------------------- keep_uint8
+
+
+def test_keep_uint8_npz(tmp_path):
+    spec = _npz(tmp_path)
+    with np.load(spec[4:]) as f:
+        x_train, x_test = f["x_train"], f["x_test"]
+    raw = data.load(spec, keep_uint8=True)
+    assert raw.x_train.dtype == np.uint8 and raw.x_test.dtype == np.uint8
+    np.testing.assert_array_equal(raw.x_train, x_train)
+    np.testing.assert_array_equal(raw.x_test, x_test)
+    default = data.load(spec)
+    assert default.x_train.dtype == np.float32
+    np.testing.assert_array_equal(default.x_train, x_train.astype(np.float32) / 255.0)
+    # float npz stays float32; uint8 train with float test: both become float32
+    floats = data.load(_npz(tmp_path, "f.npz", x_train=np.full((12, 2, 2), 0.5), x_test=np.zeros((4, 2, 2))),
+                       keep_uint8=True)
+    assert floats.x_train.dtype == np.float32 and floats.x_train[0, 0, 0, 0] == 0.5
+    mixed = data.load(_npz(tmp_path, "m.npz", x_test=np.zeros((4, 5, 5, 3), np.float32)), keep_uint8=True)
+    assert mixed.x_train.dtype == mixed.x_test.dtype == np.float32
+    np.testing.assert_array_equal(mixed.x_train, x_train.astype(np.float32) / 255.0)
+    # validation still runs on uint8 data
+    with pytest.raises(ValueError, match=r"labels in \[0, 7\]"):
+        data.load(_npz(tmp_path, "b.npz", y_test=np.array([0, 1, 2, 7])), keep_uint8=True)
+    with pytest.raises(ValueError, match="keep_uint8 must be True or False"):
+        data.load(spec, keep_uint8="yes")
+
+
+def test_keep_uint8_float_source_and_folder(tmp_path):
+    assert data.load("digits", keep_uint8=True).x_train.dtype == np.float32
+    root = _tree(tmp_path / "imgs", per_class=5)
+    raw = data.load(f"folder:{root}", keep_uint8=True)
+    assert raw.x_train.dtype == np.uint8
+    xs = np.concatenate([raw.x_train, raw.x_test])[:, 0, 0, 0]
+    ys = np.concatenate([raw.y_train, raw.y_test])
+    np.testing.assert_array_equal(np.sort(xs), [0, 1, 2, 3, 4, 40, 41, 42, 43, 44])  # exact pixel values
+    np.testing.assert_array_equal(ys, (xs >= 40).astype(int))
+    np.testing.assert_array_equal(data.load(f"folder:{root}").x_train, data.as_float01(raw.x_train))
+
+
+def test_tfds_arrays_mixed_sizes_share_one_scale():
+    class Source:
+        records = [{"image": np.full((2, 2, 1), 51, np.uint8), "label": 0},
+                   {"image": np.full((4, 4, 1), 102, np.uint8), "label": 1}]
+
+        def __len__(self):
+            return 2
+
+        def __getitems__(self, idx):
+            return [self.records[i] for i in idx]
+
+    x, y = data._tfds_arrays(Source(), ("image", "label"), (2, 2))
+    assert x.dtype == np.float32
+    np.testing.assert_allclose(x[:, 0, 0, 0], [0.2, 0.4], rtol=1e-6)  # 51/255 and the resized 102/255
+    x, _ = data._tfds_arrays(Source(), ("image", "label"), (2, 2), keep_uint8=True)
+    assert x.dtype == np.uint8
+    np.testing.assert_array_equal(x[:, :, :, 0], [np.full((2, 2), 51), np.full((2, 2), 102)])
+
+
+def test_as_float01():
+    u8 = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    out = data.as_float01(u8)
+    assert out.dtype == np.float32 and out[0, 0] == 0.0 and out[-1, -1] == 1.0
+    np.testing.assert_array_equal(out, u8.astype(np.float32) / 255.0)
+    f32 = np.linspace(0, 1, 5, dtype=np.float32)
+    assert data.as_float01(f32) is f32  # no copy
+    f64 = data.as_float01(np.array([0.25, 0.5]))
+    assert f64.dtype == np.float32 and f64.tolist() == [0.25, 0.5]
+    jitted = jax.jit(data.as_float01)(jnp.asarray(u8))
+    assert isinstance(jitted, jax.Array) and jitted.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(jitted), out, rtol=1e-6)
+    with pytest.raises(ValueError, match="got dtype int16"):
+        data.as_float01(np.zeros(3, np.int16))
+
+
+# --------------------------------------------------------------------------------------------- stratified subset
+
+
+def test_stratified_indices():
+    labels = np.array([2, 0, 0, 1, 2, 2, 2, 0, 5, 1])
+    idx = data.stratified_indices(labels, 4, seed=3)
+    assert idx.dtype == np.int64
+    np.testing.assert_array_equal(labels[idx], [0, 1, 2, 5])  # every class once, in class order
+    every = data.stratified_indices(labels, 100, seed=3)
+    assert sorted(every.tolist()) == list(range(10))  # n > len: all of them
+    np.testing.assert_array_equal(every[:4], idx)  # prefix of the same order
+    # round robin: round 2 has 0, 1, 2 (5 ran out), round 3 has 0, 2; round 4 has 2
+    np.testing.assert_array_equal(labels[every], [0, 1, 2, 5, 0, 1, 2, 0, 2, 2])
+    np.testing.assert_array_equal(data.stratified_indices(labels, 7, seed=3), every[:7])
+    np.testing.assert_array_equal(data.stratified_indices(labels, 10, seed=3), every)  # deterministic
+    seeds = {tuple(data.stratified_indices(labels, 10, seed=s)) for s in range(8)}
+    assert len(seeds) > 1  # the seed picks which example of each class comes first
+    for s in range(8):
+        picked = data.stratified_indices(labels, 10, seed=s)
+        np.testing.assert_array_equal(labels[picked], [0, 1, 2, 5, 0, 1, 2, 0, 2, 2])
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="n must be an int >= 1"):
+            data.stratified_indices(labels, bad)
+    with pytest.raises(ValueError, match="labels must be 1-D"):
+        data.stratified_indices(labels[None], 3)
+
+
+def test_stratified_indices_first_of_each_class_is_shuffled_first():
+    labels = np.repeat(np.arange(10), 30)
+    rng_perm = np.random.default_rng(7).permutation(len(labels))
+    first = {}
+    for i in rng_perm:  # the first example of each class in the seeded shuffle
+        first.setdefault(int(labels[i]), int(i))
+    idx = data.stratified_indices(labels, 10, seed=7)
+    np.testing.assert_array_equal(idx, [first[c] for c in range(10)])
 
 
 # ----------------------------------------------------------------------------------------------------- tfds

@@ -31,7 +31,8 @@ def test_needs_are_the_union_of_terms():
     cfg = distill.MethodConfig(attention_pairs=(("conv1", "conv2"),), hint_pairs=(("conv2", "conv1"),))
     needs = distill.method_needs("kd+attention+hint", cfg)
     assert needs.teacher_logits and needs.teacher and not needs.teacher_saliency
-    assert needs.teacher_layers == ("conv2", "conv1") and needs.student_layers == ("conv1", "conv2")
+    assert needs.teacher_attention == ("conv2",) and needs.teacher_layers == ("conv1",)  # maps vs whole features
+    assert needs.student_layers == ("conv1", "conv2")
     assert not distill.method_needs("labels", cfg).teacher
 
 
@@ -81,6 +82,37 @@ def test_cached_teacher_outputs_give_the_same_loss_as_running_the_teacher(setup)
     live, _ = loss_fn(params, {}, {"x": x, "y": y}, t_vars, None)
     cached, _ = loss_fn(params, {}, {"x": x, "y": y, **cache}, None, None)
     np.testing.assert_allclose(live, cached, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_cache_holds_maps_not_features(setup):
+    """The attention term caches one [H, W] map per layer and example, a C-th of the [H, W, C] features."""
+    x, y, teacher, t_vars = setup
+    needs = distill.method_needs("kd+attention", distill.MethodConfig())
+    cache = distill.cache_teacher_outputs(teacher, t_vars, np.asarray(x), np.asarray(y), needs, batch_size=5)
+    _, feats = teacher.apply(t_vars, x, return_features=True)
+    assert sorted(cache) == ["teacher_attention/conv1", "teacher_attention/conv2", "teacher_logits"]
+    expected_bytes = 0
+    for layer in ("conv1", "conv2"):
+        b, h, w, c = feats[layer].shape
+        assert cache[f"teacher_attention/{layer}"].shape == (b, h, w) and c > 1
+        energy = np.sum(np.asarray(feats[layer], np.float64) ** 2, axis=-1)
+        expected = energy / np.linalg.norm(energy.reshape(b, -1), axis=1)[:, None, None]
+        np.testing.assert_allclose(cache[f"teacher_attention/{layer}"], expected, rtol=1e-5, atol=1e-7)
+        expected_bytes += b * h * w * 4
+    expected_bytes += len(x) * N_CLASSES * 4
+    assert sum(v.nbytes for v in cache.values()) == expected_bytes
+    assert distill.teacher_cache_bytes(teacher, t_vars, x[:1], needs, len(x)) == expected_bytes
+
+
+def test_teacher_cache_applies_the_input_transform_on_the_device(setup):
+    """Images stored as uint8 are standardized inside the jitted teacher call: same as transforming first."""
+    _, y, teacher, t_vars = setup
+    raw = np.random.default_rng(1).integers(0, 256, (16, 8, 8, 1)).astype(np.uint8)
+    to_input = lambda v: (v.astype(jnp.float32) / 255.0 - 0.5) / 0.25  # noqa: E731
+    needs = distill.method_needs("kd", distill.MethodConfig())
+    from_raw = distill.cache_teacher_outputs(teacher, t_vars, raw, np.asarray(y), needs, batch_size=6, inputs=to_input)
+    direct = teacher.apply(t_vars, to_input(jnp.asarray(raw)))
+    np.testing.assert_allclose(from_raw["teacher_logits"], direct, rtol=1e-5, atol=1e-5)
 
 
 def test_saliency_matching_step_compiles_with_finite_gradients(setup):
