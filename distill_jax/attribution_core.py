@@ -95,7 +95,9 @@ def input_grad(apply_fn: ApplyFn, x: jax.Array, target: jax.Array) -> jax.Array:
 def gaussian_blur(x: jax.Array, *, sigma: float = 5.0, truncate: float = 3.0) -> jax.Array:
     """Separable Gaussian blur over the spatial axes of NHWC images (edges: reflect padding).
 
-    k(t) ∝ exp(-t^2 / (2 sigma^2)), |t| <= ceil(truncate * sigma), applied along H then W per channel.
+    k(t) ∝ exp(-t^2 / (2 sigma^2)), |t| <= r = min(ceil(truncate * sigma), size - 1), normalised over the
+    taps applied (sum_t k(t) = 1, so a constant image stays constant even when the image is smaller than
+    the kernel), applied along H then W per channel.
 
     Args:
       x: [batch, H, W, C] images. sigma: standard deviation in pixels (> 0).
@@ -119,6 +121,7 @@ def gaussian_blur(x: jax.Array, *, sigma: float = 5.0, truncate: float = 3.0) ->
         pad[axis] = (r, r)
         v = jnp.pad(v, pad, mode="reflect") if r > 0 else v
         kk = k[radius - r : radius + r + 1]
+        kk = kk / jnp.sum(kk)  # an image smaller than the kernel keeps only part of it: renormalise
         # sum of shifted slices: cheap for the small kernels used here, and differentiable
         out = 0.0
         for i in range(2 * r + 1):

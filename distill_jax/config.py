@@ -44,6 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.explain = ml_collections.ConfigDict(dict(
         num_images=8, ig_steps=64, smoothgrad_samples=16, faithfulness_steps=16, sensitivity_radius=0.1,
+        quality_samples=32,  # random subsets / noise draws of faithfulness correlation and infidelity
         methods=("saliency", "grad_x_input", "integrated_gradients", "smoothgrad", "grad_cam", "occlusion")))
     # FGSM/PGD budget in standardized input units (the inputs have unit variance per channel)
     c.robustness = ml_collections.ConfigDict(dict(epsilon=0.25, pgd_steps=10, num_images=256))
@@ -63,6 +64,7 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.explain.ig_steps = 8
     c.explain.smoothgrad_samples = 4
     c.explain.faithfulness_steps = 4
+    c.explain.quality_samples = 4
     c.robustness.num_images = 32
     c.robustness.pgd_steps = 2
     c.analysis_images = 64
@@ -123,6 +125,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.robustness.epsilon >= 0, "robustness.epsilon", c.robustness.epsilon, "must be >= 0")
     _require(c.robustness.pgd_steps >= 1, "robustness.pgd_steps", c.robustness.pgd_steps, "must be >= 1")
     _require(c.analysis_images >= 2, "analysis_images", c.analysis_images, "must be >= 2")
+    _require(c.explain.quality_samples >= 2, "explain.quality_samples", c.explain.quality_samples, "must be >= 2")
     _require(c.explain.num_images >= 1, "explain.num_images", c.explain.num_images, "must be >= 1")
     _require(c.eval_batch_size >= 1, "eval_batch_size", c.eval_batch_size, "must be >= 1")
     parse_students(c.students)

@@ -19,7 +19,13 @@ Common differences from Quantus, valid for every function here:
   orders agree for maps with one channel or without a channel axis (the usual case).
 - Randomness comes from `key` (jax.random), so values equal Quantus' only in distribution.
 - Samples are evaluated `chunk` at a time (`lax.map` / `lax.scan`), so memory is bounded by
-  `chunk` copies of the batch whatever `samples` is.
+  `chunk` copies of the batch whatever `samples` is. The values do not depend on `chunk` with the
+  default threefry keys; "rbg"/"unsafe_rbg" keys draw different noise under vmap, so with those
+  the noise (not its distribution) changes with `chunk`.
+
+Call the metrics that take an attr_fn inside `jax.jit` (params as an argument, e.g.
+`jax.jit(lambda p, x, t, k: avg_sensitivity(partial(attr, p), x, t, key=k, radius=0.1))`):
+eagerly, the sample loop is traced and compiled again on every call.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.attribution_core import check_positive_int, check_x, sample_chunk, validate_target
+from distill_jax.param_randomization import as_dicts, check_layer_order, default_randomize, randomize_layer
 from distill_jax.stats import flat_pair, pearson, spearman
 
 __all__ = [
@@ -109,9 +116,8 @@ def _sum_samples(fn: Callable, xs: Any, chunk: int | None) -> jax.Array:
     step_sum = lambda part: jnp.sum(jax.vmap(fn)(part), axis=0)
     out = jax.eval_shape(fn, jax.tree_util.tree_map(lambda a: a[0], xs))
     total = jnp.zeros(out.shape, out.dtype)
-    if full:
-        chunks = jax.tree_util.tree_map(lambda a: a.reshape((full, size) + a.shape[1:]), take(0, full * size))
-        total, _ = jax.lax.scan(lambda acc, part: (acc + step_sum(part), None), total, chunks)
+    chunks = jax.tree_util.tree_map(lambda a: a.reshape((full, size) + a.shape[1:]), take(0, full * size))
+    total, _ = jax.lax.scan(lambda acc, part: (acc + step_sum(part), None), total, chunks)
     if rest:
         total = total + step_sum(take(full * size, n))
     return total
@@ -462,74 +468,22 @@ def random_logit(
 # --------------------------------------------------------------------------------------------
 # Model-parameter randomisation: smooth MPRT and efficient MPRT
 # --------------------------------------------------------------------------------------------
-def _default_randomize(key: jax.Array, leaf: jax.Array) -> jax.Array:
-    """N(0, s^2) with s the leaf's own standard deviation (0.01 for constant leaves such as zero biases).
-
-    The same rule as `metrics.randomization_check`.
-    """
-    std = jnp.std(leaf)
-    scale = jnp.where(std > 0, std, 0.01)
-    return (jax.random.normal(key, leaf.shape, jnp.result_type(leaf)) * scale).astype(leaf.dtype)
+def _layer_keys(key: jax.Array, layer_order: Sequence[str]) -> jax.Array:
+    """One key per layer, as `metrics.randomization_check` draws them."""
+    return jax.random.split(key, len(layer_order))
 
 
-def _get_path(tree: Any, path: str) -> Any:
-    node = tree
-    for part in path.split("/"):
-        if not isinstance(node, Mapping) or part not in node:
-            names = list(node) if isinstance(node, Mapping) else []
-            raise ValueError(f"layer_order entry {path!r}: no {part!r} in the params; available names: {names}")
-        node = node[part]
-    return node
-
-
-def _set_path(tree: Mapping, path: str, value: Any) -> dict:
-    head, _, rest = path.partition("/")
-    return {**tree, head: _set_path(tree[head], rest, value) if rest else value}
-
-
-def _check_layer_order(params: Any, layer_order: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(layer_order, str) or len(layer_order) == 0:
-        raise ValueError(f"layer_order must be a non-empty sequence of parameter names; got {layer_order!r}")
-    if len(set(layer_order)) != len(layer_order):
-        raise ValueError(f"layer_order must not repeat a name; got {list(layer_order)}")
-    for name in layer_order:
-        _get_path(params, name)
-    return tuple(layer_order)
-
-
-def _as_dicts(tree: Any) -> Any:
-    """Nested Mappings (e.g. flax FrozenDict) as plain dicts, so randomised copies share the tree structure."""
-    return {k: _as_dicts(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
-
-
-def _randomized_params(params, layer_order, key, randomize):
-    """The params after randomising layer_order[0], then [1], ... (cascading), one pytree per step."""
-    steps, current = [], params
-    for name, k in zip(layer_order, jax.random.split(key, len(layer_order))):
-        leaves, treedef = jax.tree_util.tree_flatten(_get_path(current, name))
-        keys = jax.random.split(k, max(len(leaves), 1))
-        new_leaves = [randomize(kk, leaf) for kk, leaf in zip(keys, leaves)]
-        for leaf, new_leaf in zip(leaves, new_leaves):
-            if jnp.shape(new_leaf) != jnp.shape(leaf) or jnp.result_type(new_leaf) != jnp.result_type(leaf):
-                raise ValueError(f"randomize must return a leaf of the same shape and dtype; for {name!r} it turned "
-                                 f"{jnp.shape(leaf)} {jnp.result_type(leaf)} into {jnp.shape(new_leaf)} "
-                                 f"{jnp.result_type(new_leaf)}")
-        new = jax.tree_util.tree_unflatten(treedef, new_leaves)
-        current = _set_path(current, name, new)
-        steps.append(current)
-    return steps
-
-
-def _stack_models(models: Sequence[Any]) -> Any:
-    """One pytree whose leaves gain a leading model axis (the models share one structure and shapes)."""
-    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *models)
+def _fully_randomized(params: dict, layer_order: Sequence[str], key: jax.Array, randomize: Callable) -> dict:
+    for name, k in zip(layer_order, _layer_keys(key, layer_order)):
+        params = randomize_layer(params, k, name=name, randomize=randomize)
+    return params
 
 
 def _mprt_setup(attr_fn, params, layer_order, x, target):
     x = check_x(x)
-    params = _as_dicts(params)
+    params = as_dicts(params)
     target = _check_batch_target(target, x.shape[0])
-    layer_order = _check_layer_order(params, layer_order)
+    layer_order = check_layer_order(params, layer_order)
     _check_maps(jax.eval_shape(attr_fn, params, x, target), x.shape[0], "attr_fn(params, x, target)")
     return params, x, target, layer_order
 
@@ -546,7 +500,7 @@ def smooth_mprt(
     noise: float = 0.1,
     similarity: str = "spearman",
     absolute: bool = True,
-    randomize: Callable[[jax.Array, jax.Array], jax.Array] = _default_randomize,
+    randomize: Callable[[jax.Array, jax.Array], jax.Array] = default_randomize,
     chunk: int | None = None,
 ) -> jax.Array:
     """Smooth model-parameter randomisation test (sMPRT): MPRT on noise-averaged explanations.
@@ -556,7 +510,9 @@ def smooth_mprt(
     theta_i = the trained params with layer_order[0..i] randomised (cascading, in the given order):
     sMPRT_{b,i} = sim(|Ā_theta(x_b)|, |Ā_theta_i(x_b)|)  (without |.| when absolute=False).
     The same noise draws serve every model (common random numbers), so a layer that does not change
-    the attribution keeps similarity 1 at any noise level.
+    the attribution keeps similarity 1 at any noise level. The models run one after another in one
+    `lax.scan` (the attribution is traced once; one copy of the params is alive), and each model's
+    samples run `chunk` at a time.
 
     `layer_order` is the randomisation order, as in `metrics.randomization_check`: list the output
     layer first for the top-down cascade of Adebayo et al., or the input layer first for Quantus'
@@ -594,7 +550,7 @@ def smooth_mprt(
     flat = x.reshape(x.shape[0], -1)
     sigma = (noise * (flat.max(axis=1) - flat.min(axis=1))).reshape((-1,) + (1,) * (x.ndim - 1))
     noisy = jnp.arange(samples) < samples - 1
-    keys = jax.random.split(noise_key, samples)
+    noise_keys = jax.random.split(noise_key, samples)
 
     def smoothed(p):
         def one(inp):
@@ -602,13 +558,28 @@ def smooth_mprt(
             eps = jnp.where(use_noise, jax.random.normal(k, x.shape, x.dtype) * sigma, 0.0)
             return attr_fn(p, x + eps, target)
 
-        mean = _sum_samples(one, (keys, noisy), chunk) / samples
+        mean = _sum_samples(one, (noise_keys, noisy), chunk) / samples
         return jnp.abs(mean) if absolute else mean
 
-    # the trained and the randomised models run one after another through one traced computation
-    models = _stack_models([params] + _randomized_params(params, layer_order, layer_key, randomize))
-    maps = jax.lax.map(smoothed, models)  # [1 + layers, batch, ...]
-    return jax.vmap(lambda m: sim_fn(maps[0], m), out_axes=1)(maps[1:])
+    # One scan over the models: step 0 keeps the trained params (its map becomes the reference),
+    # step i randomises layer_order[i - 1] on top of the previous step's params. The attribution is
+    # traced once and only one copy of the params is alive.
+    branches = [lambda p, k: p] + [partial(randomize_layer, name=n, randomize=randomize) for n in layer_order]
+    layer_keys = _layer_keys(layer_key, layer_order)
+    steps = (jnp.arange(len(branches)), jnp.concatenate([layer_keys[:1], layer_keys]))
+    out = jax.eval_shape(attr_fn, params, x, target)
+
+    def step(carry, inp):
+        p, reference = carry
+        i, k = inp
+        p = jax.lax.switch(i, branches, p, k)
+        current = smoothed(p)
+        reference = jnp.where(i == 0, current, reference)
+        return (p, reference), sim_fn(reference, current)
+
+    init = (params, jnp.zeros(out.shape, out.dtype))
+    _, similarities = jax.lax.scan(step, init, steps)  # [1 + layers, batch]; row 0 compares the reference to itself
+    return similarities[1:].T
 
 
 def _complexity_entropy(a: jax.Array, n_bins: int) -> jax.Array:
@@ -633,7 +604,7 @@ def efficient_mprt(
     measure: str = "discrete_entropy",
     n_bins: int = 100,
     absolute: bool = False,
-    randomize: Callable[[jax.Array, jax.Array], jax.Array] = _default_randomize,
+    randomize: Callable[[jax.Array, jax.Array], jax.Array] = default_randomize,
 ) -> jax.Array:
     """Efficient model-parameter randomisation test (eMPRT): relative rise in explanation complexity.
 
@@ -663,11 +634,11 @@ def efficient_mprt(
     params, x, target, layer_order = _mprt_setup(attr_fn, params, layer_order, x, target)
     measure_fn = _check_choice(measure, COMPLEXITY_MEASURES, "measure")
     n_bins = check_positive_int(n_bins, "n_bins")
-    fully_random = _randomized_params(params, layer_order, key, randomize)[-1]
+    models = [params, _fully_randomized(params, layer_order, key, randomize)]
 
-    def score(p):
-        a = attr_fn(p, x, target)
+    def score(i):
+        a = attr_fn(jax.lax.switch(i, [lambda m=m: m for m in models]), x, target)
         return measure_fn(jnp.abs(a) if absolute else a, n_bins)
 
-    original, randomized = jax.lax.map(score, _stack_models([params, fully_random]))
+    original, randomized = jax.lax.map(score, jnp.arange(2))  # one trace of attr_fn for both models
     return (randomized - original) / original

@@ -37,13 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.attribution_core import (
-    ApplyFn, check_attribution, check_positive_int, check_x, mask_invalid, num_classes_of, resolve_baseline,
-    sample_chunk, target_logits, validate_target, BASELINES,
+    BASELINES, ApplyFn, check_attribution, check_positive_int, check_x, mask_invalid, num_classes_of,
+    resolve_baseline, sample_chunk, target_logits, validate_target,
 )
 from distill_jax.stats import pearson, spearman
 
 __all__ = [
     "ORDERS",
+    "ROAD_SCORES",
     "faithfulness_correlation",
     "infidelity",
     "monotonicity",
@@ -73,12 +74,6 @@ def _prepare(apply_fn: ApplyFn, x: Any, attribution: Any, target: Any):
 def _need_nhwc(x: jax.Array, what: str) -> None:
     if x.ndim != 4:
         raise ValueError(f"{what} needs NHWC images x [batch, H, W, C]; got shape {tuple(x.shape)}")
-
-
-def _check_fraction(value: Any, name: str, *, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be a number in [{lo}, {hi}]; got {value!r}")
-    return float(value)
 
 
 def _check_nonnegative(value: Any, name: str) -> float:
@@ -397,9 +392,10 @@ def monotonicity(
     """Monotonicity correlation: Spearman correlation between |A| of each feature and the output change it causes.
 
     rho_b = spearman_i( |sum_{j in F_i} A_bj| ,  mean_s (f(x_b) - f(x_b with F_i set to v_bs))^2 ),
-    one term per feature F_i (its attribution is the sum of A over its entries), f = target logit. v_bs is the baseline (deterministic: one forward pass
-    per feature, `samples` is ignored) or, with baseline="uniform", one value per (example, sample)
-    drawn from U(uniform_range), the same for every entry of the feature. For a linear model and a
+    one term per feature F_i (its attribution is the sum of A over its entries), f = target logit.
+    v_bs is the baseline (deterministic: one forward pass per feature, `samples` is ignored) or, with
+    baseline="uniform", one value per (example, sample) drawn from U(uniform_range), the same for
+    every entry of the feature. For a linear model and a
     deterministic baseline the output change is (sum_{j in F_i} w_j (x_j - b_j))^2, so
     A = w * (x - b) gives rho = 1.
 
@@ -411,9 +407,10 @@ def monotonicity(
     perturb_baseline="uniform", features_in_step=1): the default baseline is 0.0 (pass
     baseline="uniform" to match Quantus); Quantus' features are single entries of x (patch=None
     here; equal to patch=1 for one-channel images); its features_in_step > 1 groups features by
-    attribution order, `patch` here groups them spatially, and Quantus takes |A| per entry before
-    summing a group, here the magnitude of the feature's sum (the same for single entries); Quantus scales the squared change by
-    1 / f(x_b)^2, which does not change the rank correlation; constant series give 0 (scipy: NaN).
+    attribution order, `patch` here groups them spatially; Quantus takes |A| per entry before
+    summing a group, here the magnitude of the feature's sum (the same for single entries); Quantus
+    scales the squared change by 1 / f(x_b)^2, which does not change the rank correlation; constant
+    series give 0 (scipy: NaN).
 
     Args:
       x: [batch, H, W, C] (any [batch, ...] with patch=None). attribution: like x or [batch, H, W].
@@ -445,7 +442,7 @@ def monotonicity(
 
     def one(args):
         i, k = args
-        where = features.mask(jnp.broadcast_to(jnp.arange(features.n) == i, (x.shape[0], features.n)))
+        where = (features.ids == i).reshape((1,) + x.shape[1:])
         if uniform:
             value = jax.random.uniform(k, (x.shape[0],), x.dtype, low, high).reshape((-1,) + (1,) * (x.ndim - 1))
         else:
@@ -629,10 +626,11 @@ def road(
     order = _check_order(order)
     if score not in ROAD_SCORES:
         raise ValueError(f"score must be one of {sorted(ROAD_SCORES)}; got {score!r}")
-    percentages = tuple(percentages) if isinstance(percentages, (tuple, list)) else None
-    if not percentages or any(isinstance(q, bool) or not isinstance(q, (int, float, np.integer, np.floating))
-                              or not 0 <= q < 1 for q in percentages):
+    fractions = tuple(percentages) if isinstance(percentages, (tuple, list)) else ()
+    if not fractions or any(isinstance(q, bool) or not isinstance(q, (int, float, np.integer, np.floating))
+                            or not 0 <= q < 1 for q in fractions):
         raise ValueError(f"percentages must be a non-empty tuple of fractions in [0, 1); got {percentages!r}")
+    percentages = fractions
     noise = _check_nonnegative(noise, "noise")
     if noise > 0:
         key = _check_key(key, "key (needed when noise > 0)")

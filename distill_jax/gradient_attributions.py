@@ -425,19 +425,19 @@ def _reflect(index: np.ndarray, size: int) -> np.ndarray:
 def _blur_matrix(size: int, sigma: jax.Array, radius: int) -> jax.Array:
     """[size, size] matrix M with (M v) = attribution_core.gaussian_blur along one axis of v.
 
-    The kernel k(t) ∝ exp(-t^2 / (2 sigma^2)) is normalised over |t| <= radius and applied over
-    |t| <= min(radius, size - 1) with reflect padding, exactly as gaussian_blur with
+    The kernel k(t) ∝ exp(-t^2 / (2 sigma^2)) is applied over |t| <= r = min(radius, size - 1) with
+    reflect padding and normalised over those taps (a constant image stays constant), exactly as gaussian_blur with
     truncate = (radius - 0.5) / sigma; unlike there, sigma may be traced and the radius is fixed, so
     the blur is a smooth function of sigma (sigma = 0 gives the identity).
     """
     r = min(radius, size - 1)
     taps = np.arange(-radius, radius + 1, dtype=np.float32)
     s = jnp.maximum(sigma, 1e-6)
-    kernel = jnp.exp(-(taps**2) / (2 * s * s))
+    kernel = jnp.exp(-(taps**2) / (2 * s * s))[radius - r : radius + r + 1]
     kernel = kernel / jnp.sum(kernel)
     rows = np.repeat(np.arange(size), 2 * r + 1)
     offsets = np.tile(np.arange(-r, r + 1), size)
-    return jnp.zeros((size, size), kernel.dtype).at[rows, _reflect(rows + offsets, size)].add(kernel[offsets + radius])
+    return jnp.zeros((size, size), kernel.dtype).at[rows, _reflect(rows + offsets, size)].add(kernel[offsets + r])
 
 
 def _blur(x: jax.Array, sigmas: jax.Array, radius: int) -> jax.Array:

@@ -15,21 +15,41 @@ import optax
 
 from distill_jax.attribution_core import check_x, gaussian_blur, num_classes_of, validate_target
 from distill_jax.explain import ig_completeness_error
+from distill_jax.param_randomization import as_dicts, check_layer_order, default_randomize, randomize_layer
 from distill_jax.stats import flat_pair, spearman
+from distill_jax.explanation_quality import (  # re-exported
+    avg_sensitivity, complexity, efficient_mprt, local_lipschitz, random_logit, smooth_mprt, sparseness,
+)
+from distill_jax.faithfulness import (  # re-exported: `metrics.<name>` is the public API
+    faithfulness_correlation, infidelity, monotonicity, region_perturbation, road, sensitivity_n,
+)
 
 __all__ = [
     "ATTACKS",
     "accuracy",
     "adversarial_accuracy",
     "agreement",
+    "avg_sensitivity",
+    "complexity",
     "deletion_auc",
+    "efficient_mprt",
+    "faithfulness_correlation",
     "fgsm",
     "ig_completeness_error",
+    "infidelity",
     "insertion_auc",
+    "local_lipschitz",
     "max_sensitivity",
     "mean_kl",
+    "monotonicity",
     "pgd",
+    "random_logit",
     "randomization_check",
+    "region_perturbation",
+    "road",
+    "sensitivity_n",
+    "smooth_mprt",
+    "sparseness",
     "spearman",
     "top_k_overlap",
 ]
@@ -216,30 +236,6 @@ def top_k_overlap(a: jax.Array, b: jax.Array, *, k: int) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 # Model-parameter randomisation (sanity check)
 # --------------------------------------------------------------------------------------------
-def _default_randomize(key: jax.Array, leaf: jax.Array) -> jax.Array:
-    """N(0, s^2) with s the leaf's own standard deviation (0.01 for constant leaves such as zero biases)."""
-    std = jnp.std(leaf)
-    scale = jnp.where(std > 0, std, 0.01)
-    return (jax.random.normal(key, leaf.shape, jnp.result_type(leaf)) * scale).astype(leaf.dtype)
-
-
-def _get_path(tree: dict, path: str):
-    node = tree
-    for part in path.split("/"):
-        if not isinstance(node, dict) or part not in node:
-            names = list(node) if isinstance(node, dict) else []
-            raise ValueError(f"layer_order entry {path!r}: no {part!r} in the params; available names: {names}")
-        node = node[part]
-    return node
-
-
-def _set_path(tree: dict, path: str, value) -> dict:
-    parts = path.split("/")
-    if len(parts) == 1:
-        return {**tree, parts[0]: value}
-    return {**tree, parts[0]: _set_path(tree[parts[0]], "/".join(parts[1:]), value)}
-
-
 def randomization_check(
     attr_fn: Callable,
     params: Any,
@@ -248,7 +244,7 @@ def randomization_check(
     target: jax.Array,
     *,
     key: jax.Array,
-    randomize: Callable[[jax.Array, jax.Array], jax.Array] = _default_randomize,
+    randomize: Callable[[jax.Array, jax.Array], jax.Array] = default_randomize,
 ) -> list[tuple[str, float]]:
     """Cascading model-parameter randomisation: rank correlation of maps as layers are randomised top-down.
 
@@ -265,20 +261,13 @@ def randomization_check(
       [(layer, mean Spearman rho as a float)] in layer_order.
     Reference: Adebayo et al. 2018, "Sanity Checks for Saliency Maps".
     """
-    if len(layer_order) == 0:
-        raise ValueError("layer_order must name at least one parameter subtree")
-    for name in layer_order:
-        _get_path(params, name)
+    layer_order = check_layer_order(params, layer_order)
     fn = jax.jit(attr_fn)
-    trained = jnp.abs(fn(params, x, target))
+    current = as_dicts(params)
+    trained = jnp.abs(fn(current, x, target))
     results = []
-    current = params
     for name, k in zip(layer_order, jax.random.split(key, len(layer_order))):
-        sub = _get_path(current, name)
-        leaves, treedef = jax.tree_util.tree_flatten(sub)
-        keys = jax.random.split(k, max(len(leaves), 1))
-        new_sub = jax.tree_util.tree_unflatten(treedef, [randomize(kk, leaf) for kk, leaf in zip(keys, leaves)])
-        current = _set_path(current, name, new_sub)
+        current = randomize_layer(current, k, name=name, randomize=randomize)
         rho = spearman(jnp.abs(fn(current, x, target)), trained)
         results.append((name, float(jnp.mean(rho))))
     return results

@@ -367,6 +367,28 @@ def apply_fn_of(model: nn.Module, variables: dict) -> Callable[[jax.Array], jax.
     return functools.partial(model.apply, variables)
 
 
+def layer_order(model: nn.Module, variables, sample_x: jax.Array) -> list[str]:
+    """Names of the top-level parameter subtrees in the order the forward pass calls them (input to output).
+
+    Found by tracing `model.apply` once (no computation) and recording each top-level submodule as it is
+    called; parameters created directly on the model (e.g. a soft tree's `leaf_logits`) follow, in the
+    order of `variables["params"]`. Dict order itself is no guide: after jit, `device_get` or orbax,
+    parameter dicts are sorted, so "dense10" comes before "dense2".
+    """
+    order: list[str] = []
+
+    def record(next_fun, args, kwargs, context):
+        path = context.module.scope.path if context.module.scope is not None else ()
+        if context.method_name == "__call__" and len(path) == 1 and path[0] not in order:
+            order.append(path[0])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v: model.apply(v, sample_x), variables)
+    params = list(variables["params"])
+    return [name for name in order if name in params] + [name for name in params if name not in order]
+
+
 def count_params(params) -> int:
     """Number of scalar parameters in a pytree."""
     return int(sum(p.size for p in jax.tree_util.tree_leaves(params)))

@@ -270,6 +270,7 @@ class Audit:
     curves: dict  # model -> method -> {deletion, insertion}
     linear: dict  # linear student name -> audit.linear_student(...)
     trees: dict  # tree student name -> audit.tree_student(...)
+    ranking: dict  # model -> method -> {ranks: {metric: rank}, mean_rank} (audit.rank_methods)
 
 
 def purpose_key(seed: int, purpose: str) -> jax.Array:
@@ -297,6 +298,10 @@ def _explain_stage(t: Trained, teacher: Trained, maps: dict, x, target, e, seed:
     scores = {"saliency_max_sensitivity": audit.saliency_max_sensitivity(
         t.model, t.variables, x, target, radius=e.sensitivity_radius, key=purpose_key(seed, "max_sensitivity")),
         **scores}
+    quality = audit.explanation_quality(t.model, t.variables, x, target, model_maps,
+                                        key=purpose_key(seed, "explanation_quality"), samples=e.quality_samples)
+    for method, values in quality.items():
+        scores[method].update(values)
     if "integrated_gradients" in model_maps:
         scores["ig_completeness_error"] = audit.ig_completeness(t.model, t.variables, x, target,
                                                                 model_maps["integrated_gradients"])
@@ -356,7 +361,9 @@ def audit_models(trained: list[Trained], prep: Prepared, c, *, show_progress: bo
             else:
                 analysis_out, linear, trees = _analysis_stage(trained, prep, x, target, xa, ya, c.seed)
             bar.update(1)
-    return Audit(explanations, robust, analysis_out, np.asarray(x), np.asarray(target), maps, curves, linear, trees)
+    ranking = {name: audit.rank_methods({m: per[m] for m in maps[name]}) for name, per in explanations.items()}
+    return Audit(explanations, robust, analysis_out, np.asarray(x), np.asarray(target), maps, curves, linear, trees,
+                 ranking)
 
 
 # --------------------------------------------------------------------------- the job
@@ -467,6 +474,7 @@ def explain_and_report(result: dict, everyone: list[Trained], prep: Prepared, c,
     memory = result.setdefault("peak_rss_mb", {})
     memory["explain"] = peak_rss_mb()
     result["explanations"] = found.explanations
+    result["explanation_ranking"] = found.ranking
     for name, scores in found.robustness.items():
         result["models"][name].update(scores)
     result["analysis"] = found.analysis

@@ -156,6 +156,26 @@ def heatmap(path: str, panels: dict[str, tuple[list[str], list[str], np.ndarray]
     return path
 
 
+def method_ranking(path: str, ranking: dict[str, dict]) -> str:
+    """Mean rank (1 = best) of each attribution method (columns) for each model (rows), annotated."""
+    models_ = list(ranking)
+    methods = list(dict.fromkeys(m for per in ranking.values() for m in per))
+    m = np.array([[ranking[r].get(c, {}).get("mean_rank", np.nan) for c in methods] for r in models_], float)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(methods), 0.8 + 0.35 * len(models_)))
+    im = ax.imshow(m, cmap="viridis_r", vmin=1, vmax=max(len(methods), 2), aspect="auto")
+    ax.set_yticks(range(len(models_)), models_, fontsize=7)
+    ax.set_xticks(range(len(methods)), methods, fontsize=7, rotation=45, ha="right")
+    for (i, j), v in np.ndenumerate(m):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color="w" if v > len(methods) / 2 else "k")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="mean rank (1 = best)")
+    ax.set_title("attribution methods ranked on six explanation-quality metrics", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def perturbation_curves(path: str, curves: dict[str, dict], methods: Sequence[str]) -> str:
     """Mean deletion and insertion curves (probability of the true class) per model, for each method."""
     fig, axes = plt.subplots(2, len(methods), figsize=(3.6 * len(methods), 6), squeeze=False)
@@ -200,6 +220,9 @@ def write_figures(workdir: str, prep, trained, found) -> dict[str, str]:
     curve_methods = [m for m in ("saliency", "integrated_gradients", "grad_cam") if m in methods]
     figures["Deletion and insertion curves"] = rel(perturbation_curves(
         os.path.join(out_dir, "deletion_insertion.png"), found.curves, curve_methods))
+    if found.ranking:
+        figures["Explanation methods ranked per model"] = rel(method_ranking(
+            os.path.join(out_dir, "method_ranking.png"), found.ranking))
     figures["Sanity check: parameter randomisation"] = rel(randomization_plot(
         os.path.join(out_dir, "randomization.png"), found.analysis["randomization"]))
     if found.analysis["cka"]:
@@ -264,6 +287,7 @@ def _html_table(header, rows) -> str:
 
 
 FAITHFULNESS_KEYS = ("deletion_auc", "insertion_auc", "spearman_vs_teacher", "top10_overlap_vs_teacher")
+QUALITY_KEYS = ("faithfulness_correlation", "infidelity", "sparseness", "complexity")
 
 
 def explanation_rows(result: dict) -> tuple[list[str], list[list[str]]]:
@@ -274,6 +298,16 @@ def explanation_rows(result: dict) -> tuple[list[str], list[list[str]]]:
             if isinstance(scores, dict):
                 rows.append([name, method, *(_fmt(scores.get(k)) for k in FAITHFULNESS_KEYS)])
     return ["model", "method", *FAITHFULNESS_KEYS], rows
+
+
+def quality_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Explanation-quality table: one row per (model, method), best-ranked method first within each model."""
+    rows = []
+    for name, per_method in result.get("explanation_ranking", {}).items():
+        for method, r in sorted(per_method.items(), key=lambda kv: kv[1]["mean_rank"]):
+            scores = result["explanations"][name][method]
+            rows.append([name, method, _fmt(r["mean_rank"]), *(_fmt(scores.get(k)) for k in QUALITY_KEYS)])
+    return ["model", "method", "mean rank", *QUALITY_KEYS], rows
 
 
 def sensitivity_rows(result: dict) -> tuple[list[str], list[list[str]]]:
@@ -293,6 +327,7 @@ def write_html(workdir: str, result: dict, figures: dict[str, str]) -> str:
     model_table = _html_table(*model_rows(result))
     expl_table = _html_table(*explanation_rows(result))
     sens_table = _html_table(*sensitivity_rows(result))
+    quality_table = _html_table(*quality_rows(result))
     figs = "".join(f'<figure><figcaption>{html.escape(t)}</figcaption><img src="{html.escape(p)}" alt="{html.escape(t)}">'
                    f"</figure>" for t, p in figures.items())
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in result["timing_s"].items())
@@ -314,6 +349,14 @@ spearman / top-10% overlap vs teacher: agreement of the student's map with the t
 <p class="note">max-sensitivity: largest relative change of the saliency map under small uniform input noise (Yeh et al.
 2019; lower is more stable).</p>
 {sens_table}
+<h2>Which explanation method to trust, per model?</h2>
+<p class="note">Each model's methods ranked (1 = best) on deletion AUC (lower is better), insertion AUC (higher),
+faithfulness correlation (higher: the map's mass on random pixel subsets predicts the logit drop when they are removed;
+Bhatt et al. 2020), infidelity (lower: squared error of the map's first-order prediction of the logit change under
+Gaussian noise, after the best rescaling; Yeh et al. 2019), sparseness (higher: Gini index of |map|; Chalasani et al.
+2020) and complexity (lower: entropy of |map|; Bhatt et al. 2020); mean rank over those six. Sparseness and complexity
+say how concise a map is, not whether it is right: read them after the faithfulness columns.</p>
+{quality_table}
 <h2>Figures</h2>
 {figs}
 </body></html>"""

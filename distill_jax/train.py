@@ -388,11 +388,12 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
                 if on_epoch is not None:
                     on_epoch(list(history))
                 bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "epoch"})
-            signal_name = stop.agreed(step, cfg.stop_check_every, force=True)  # a signal during the last steps
+            # the final save runs while the handlers are still ours: a SIGTERM during it waits for it to finish
+            if save is not None:
+                save(state)
+            signal_name = stop.agreed(step, cfg.stop_check_every, force=True)  # a signal during the last steps or save
     finally:
         bar.close()
-    if save is not None:
-        save(state)
     if signal_name:
         raise Interrupted(f"{cfg.desc} interrupted by {signal_name} at step {int(state.step)} (the last one); "
                           f"{'checkpoint saved' if save is not None else 'nothing saved'}")

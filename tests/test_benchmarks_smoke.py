@@ -81,3 +81,19 @@ def test_common_helpers():
     assert flops == 2 * 8**3
     assert "| x | y |" in common.markdown_table(["x", "y"], [[1, 2]])
     assert jnp.isfinite(jnp.asarray(0.0))
+
+
+def test_scale_table_lists_every_stage_and_size():
+    from benchmarks import scale
+
+    def run(seconds, peak):
+        return {"timing_s": {"data": seconds, "teacher": 2 * seconds, "total": 3 * seconds},
+                "peak_rss_mb": {"data": peak, "teacher": 2 * peak}, "wall_s": 4 * seconds,
+                "models": {"teacher": {"accuracy": 0.5}}}
+
+    text = scale.table({5000: run(1.0, 100.0), 60000: run(10.0, 300.0)})
+    lines = text.splitlines()
+    assert lines[0] == "| stage | 5,000 images | 60,000 images |"
+    assert "| teacher | 2.0 s / 200 MB | 20.0 s / 600 MB |" in lines
+    assert "| whole process (wall, peak) | 4.0 s / 200 MB | 40.0 s / 600 MB |" in lines
+    assert not any(line.startswith("| total") for line in lines)

@@ -245,3 +245,18 @@ def test_jit_matches_eager(data):
     _, f = _cnn(jax.random.key(7))
     for fn in (explain.saliency, explain.grad_x_input):
         np.testing.assert_allclose(jax.jit(functools.partial(fn, f))(x, t), fn(f, x, t), rtol=1e-5, atol=1e-7)
+
+
+def test_gaussian_blur_keeps_constant_images_constant_when_the_kernel_is_larger_than_the_image():
+    """On 8x8 digits with sigma 5 the kernel (radius 15) is cut to 7 taps: they are renormalised (mass 1)."""
+    x = jnp.full((2, 8, 8, 1), 0.7, jnp.float32)
+    np.testing.assert_allclose(explain.gaussian_blur(x, sigma=5.0), x, rtol=1e-6)
+
+
+def test_gaussian_blur_matches_scipy_where_the_kernel_fits():
+    from scipy import ndimage
+
+    x = np.random.default_rng(0).normal(size=(1, 20, 20, 2)).astype(np.float32)
+    ours = np.asarray(explain.gaussian_blur(jnp.asarray(x), sigma=1.5))
+    ref = ndimage.gaussian_filter(x.astype(np.float64), sigma=(0, 1.5, 1.5, 0), mode="mirror", truncate=3.0)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)

@@ -22,6 +22,15 @@ D = H * W * C
 R = 0.1
 
 
+def normal(seed, shape):
+    """Test data from numpy (jax.random would compile a generator for every shape)."""
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def uniform(seed, shape, lo=0.0, hi=1.0):
+    return jnp.asarray(np.random.default_rng(seed).uniform(lo, hi, size=shape), jnp.float32)
+
+
 def fast_key(seed):
     """An rbg key: its noise compiles about 3x faster than threefry's, for the tests whose expected value does
     not depend on the noise drawn (rbg draws differ under vmap, so chunk sizes change its noise)."""
@@ -30,7 +39,7 @@ def fast_key(seed):
 
 @pytest.fixture(scope="module")
 def x():
-    return jax.random.uniform(jax.random.key(0), (B, H, W, C), minval=0.5, maxval=1.0)
+    return uniform(0, (B, H, W, C), 0.5, 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +52,13 @@ def identity_attr(v, t):
 
 
 def uniform_noise(key, samples, shape, r=R):
-    return [np.asarray(jax.random.uniform(k, shape, jnp.float32, -r, r), np.float64) for k in jax.random.split(key, samples)]
+    keys = jax.random.split(key, samples)
+    return [np.asarray(jax.random.uniform(k, shape, jnp.float32, -r, r), np.float64) for k in keys]
 
 
 def gaussian_noise(key, samples, shape, r=R):
-    return [np.asarray(r * jax.random.normal(k, shape, jnp.float32), np.float64) for k in jax.random.split(key, samples)]
+    return [np.asarray(r * jax.random.normal(k, shape, jnp.float32), np.float64) 
+            for k in jax.random.split(key, samples)]
 
 
 def flat(a):
@@ -68,7 +79,8 @@ def test_avg_sensitivity_identity_is_mean_noise_ratio(x, target):
             ref[b] += np.sqrt(np.sum(flat(u)[b] ** 2)) / np.sqrt(np.sum(xs[b] ** 2)) / samples
     np.testing.assert_allclose(got, ref, rtol=1e-5)
     # unnormalised L-inf: mean_s max_i |u_si|
-    linf = eq.avg_sensitivity(identity_attr, x, target, key=key, radius=R, samples=samples, norm="linf", normalize=False)
+    linf = eq.avg_sensitivity(identity_attr, x, target, key=key, radius=R, samples=samples, norm="linf",
+                              normalize=False)
     ref_inf = np.mean([np.abs(flat(u)).max(1) for u in uniform_noise(key, samples, x.shape)], axis=0)
     np.testing.assert_allclose(linf, ref_inf, rtol=1e-5)
 
@@ -78,9 +90,10 @@ def test_avg_sensitivity_constant_map_is_zero_and_chunks_agree(x, target):
     np.testing.assert_array_equal(eq.avg_sensitivity(const, x, target, key=fast_key(1), radius=R, samples=4),
                                   np.zeros(B))
     quad = lambda v, t: v**2 * (1.0 + t[:, None, None, None])
-    # chunk=None is the backend default (8 on CPU: all 4 samples in one step)
+    # chunk=None is the backend default (8 on CPU: all 4 samples in one step); other chunk sizes in
+    # test_local_lipschitz_linear_map_matches_numpy_and_spectral_bound
     key = jax.random.key(1)
-    vals = [eq.avg_sensitivity(quad, x, target, key=key, radius=R, samples=4, chunk=c) for c in (1, 2, None)]
+    vals = [eq.avg_sensitivity(quad, x, target, key=key, radius=R, samples=4, chunk=c) for c in (1, None)]
     for v in vals[1:]:
         np.testing.assert_allclose(v, vals[0], rtol=1e-6)
     assert float(jnp.min(vals[0])) > 0
@@ -117,7 +130,7 @@ def test_local_lipschitz_of_scaled_identity_is_the_scale(x, target):
 
 
 def test_local_lipschitz_linear_map_matches_numpy_and_spectral_bound(x, target):
-    m = np.asarray(jax.random.normal(jax.random.key(4), (D, D)), np.float64)
+    m = np.asarray(normal(4, (D, D)), np.float64)
     attr = lambda v, t: (v.reshape(v.shape[0], -1) @ jnp.asarray(m, jnp.float32).T).reshape(v.shape)
     key, samples = jax.random.key(5), 6
     got = eq.local_lipschitz(attr, x, target, key=key, radius=R, samples=samples)
@@ -128,9 +141,9 @@ def test_local_lipschitz_linear_map_matches_numpy_and_spectral_bound(x, target):
             ref[b] = max(ref[b], np.linalg.norm(m @ ub) / (np.linalg.norm(ub) + 1e-10))
     np.testing.assert_allclose(got, ref, rtol=1e-4)
     assert np.all(np.asarray(got) <= np.linalg.norm(m, 2) * (1 + 1e-5))
-    for c in (1, 4):  # 4: one step of 4 and a remainder of 2
-        np.testing.assert_allclose(eq.local_lipschitz(attr, x, target, key=key, radius=R, samples=samples, chunk=c),
-                                   got, rtol=1e-6)
+    # chunk=2: three lax.map steps of 2 (the call above: chunk=None, all 6 at once on CPU)
+    np.testing.assert_allclose(eq.local_lipschitz(attr, x, target, key=key, radius=R, samples=samples, chunk=2),
+                               got, rtol=1e-6)
 
 
 def test_local_lipschitz_bad_arguments(x, target):
@@ -176,7 +189,7 @@ def test_sparseness_closed_forms():
 
 
 def test_sparseness_matches_quantus_formula():
-    a = jax.random.normal(jax.random.key(7), (5, 6, 6, 3))
+    a = normal(7, (5, 6, 6, 3))
     np.testing.assert_allclose(eq.sparseness(a), quantus_sparseness(a, eps=0.0), rtol=1e-5)
     np.testing.assert_allclose(eq.sparseness(a, eps=1e-7), quantus_sparseness(a), rtol=1e-5)
 
@@ -188,7 +201,7 @@ def test_complexity_closed_forms_and_quantus_formula():
     # p = [1/4, 1/4, 1/2]: H = 1.5 ln 2
     np.testing.assert_allclose(eq.complexity(jnp.array([[1.0, -1.0, 2.0]])), [1.5 * np.log(2)], rtol=1e-6)
     assert float(eq.complexity(jnp.zeros((1, 4)))[0]) == 0.0
-    a = jax.random.normal(jax.random.key(8), (4, 5, 5, 2))
+    a = normal(8, (4, 5, 5, 2))
     np.testing.assert_allclose(eq.complexity(a), quantus_complexity(a), rtol=1e-5)
 
 
@@ -199,7 +212,7 @@ def test_discrete_entropy_matches_numpy_histogram():
     np.testing.assert_allclose(eq.discrete_entropy(jnp.array([[0.0, 0.0, 0.0, 3.0]]), n_bins=4),
                                [scipy_entropy([3, 0, 0, 1])], rtol=1e-6)
     assert float(eq.discrete_entropy(jnp.full((1, 9), 2.5))[0]) == 0.0
-    a = jax.random.normal(jax.random.key(9), (4, 7, 7, 3))
+    a = normal(9, (4, 7, 7, 3))
     for n_bins in (1, 5, 100):
         ref = [scipy_entropy(np.histogram(np.asarray(v).ravel(), bins=n_bins)[0]) for v in a]
         np.testing.assert_allclose(eq.discrete_entropy(a, n_bins=n_bins), ref, rtol=1e-5, atol=1e-7)
@@ -233,15 +246,14 @@ def numpy_ssim(a, b, win_size=7):
 
 
 def test_ssim_matches_numpy_reference():
-    k1, k2 = jax.random.split(jax.random.key(10))
-    a = jax.random.normal(k1, (4, 5, 5, 1))
-    b = 0.6 * a + 0.4 * jax.random.normal(k2, a.shape) + 0.3
+    a = normal(10, (4, 5, 5, 1))
+    b = 0.6 * a + 0.4 * normal(11, a.shape) + 0.3
     got = eq.ssim(a, b)
     ref = [numpy_ssim(np.asarray(u).ravel(), np.asarray(v).ravel()) for u, v in zip(a, b)]
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
     got5 = eq.ssim(a, b, win_size=5)
-    np.testing.assert_allclose(got5, [numpy_ssim(np.asarray(u).ravel(), np.asarray(v).ravel(), 5) for u, v in zip(a, b)],
-                               rtol=1e-5, atol=1e-6)
+    ref5 = [numpy_ssim(np.asarray(u).ravel(), np.asarray(v).ravel(), 5) for u, v in zip(a, b)]
+    np.testing.assert_allclose(got5, ref5, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(eq.ssim(a, a), np.ones(4), rtol=1e-6)
     np.testing.assert_allclose(eq.ssim(jnp.full((2, 9), 0.5), jnp.full((2, 9), 0.5)), [1.0, 1.0])
     with pytest.raises(ValueError, match="win_size"):
@@ -252,9 +264,8 @@ def test_ssim_matches_numpy_reference():
 
 def test_ssim_matches_skimage():
     metrics = pytest.importorskip("skimage.metrics")
-    k1, k2 = jax.random.split(jax.random.key(11))
-    a = jax.random.uniform(k1, (3, 6, 6))
-    b = a**2 - 0.2 * jax.random.uniform(k2, a.shape)
+    a = uniform(12, (3, 6, 6))
+    b = a**2 - 0.2 * uniform(13, a.shape)
     for u, v, got in zip(a, b, eq.ssim(a, b)):
         u, v = np.asarray(u, np.float64).ravel(), np.asarray(v, np.float64).ravel()
         rng = float(np.abs(max(u.max(), v.max()) - min(u.min(), v.min())))
@@ -283,7 +294,7 @@ def test_random_logit_other_class_is_uniform_and_never_the_target():
 
 def test_random_logit_two_classes_matches_numpy(x):
     # with two classes the other class is 1 - target: the value is deterministic
-    w = np.asarray(jax.random.normal(jax.random.key(14), (2, H, W, C)), np.float64)
+    w = np.asarray(normal(14, (2, H, W, C)), np.float64)
     attr = lambda v, t: v * jnp.asarray(w, jnp.float32)[t]
     target = jnp.array([0, 1, 1], jnp.int32)
     xs = np.asarray(x, np.float64)
@@ -317,11 +328,10 @@ def test_random_logit_bad_arguments(x, target):
 HIDDEN, CLASSES = 6, 3
 
 
-def mlp_params(key):
-    k1, k2, k3 = jax.random.split(key, 3)
+def mlp_params(seed):
     return {
-        "dense1": {"w": jax.random.normal(k1, (D, HIDDEN)) / 2, "b": jnp.full((HIDDEN,), 0.1)},
-        "dense2": {"w": jax.random.normal(k2, (HIDDEN, CLASSES)), "b": jax.random.normal(k3, (CLASSES,))},
+        "dense1": {"w": normal(seed, (D, HIDDEN)) / 2, "b": jnp.full((HIDDEN,), 0.1)},
+        "dense2": {"w": normal(seed + 1, (HIDDEN, CLASSES)), "b": normal(seed + 2, (CLASSES,))},
     }
 
 
@@ -378,7 +388,7 @@ MLP_ORDER = ["dense2/b", "dense2/w", "dense1"]
 def test_smooth_mprt_output_bias_keeps_similarity_one_under_noise(x, target):
     # the output bias does not move the input gradient, and the noise draws are shared by all models;
     # the zero-noise values against numpy are in JitMatchesEager.test_smooth_and_efficient_mprt
-    params = mlp_params(jax.random.key(20))
+    params = mlp_params(20)
     got = eq.smooth_mprt(grad_x_input, params, MLP_ORDER, x, target, key=fast_key(21), samples=4, noise=0.2)
     assert got.shape == (B, 3)
     np.testing.assert_allclose(got[:, 0], np.ones(B), rtol=1e-6)
@@ -386,7 +396,7 @@ def test_smooth_mprt_output_bias_keeps_similarity_one_under_noise(x, target):
 
 
 def test_smooth_mprt_averages_the_documented_noise(x, target):
-    w = jax.random.normal(jax.random.key(22), (H, W, C))
+    w = normal(22, (H, W, C))
     params = {"scale": {"w": w}}
     attr = lambda p, v, t: v * p["scale"]["w"]
     key, samples, noise = jax.random.key(23), 5, 0.3
@@ -402,14 +412,14 @@ def test_smooth_mprt_averages_the_documented_noise(x, target):
     orig = np.abs(mean_x * np.asarray(w, np.float64)).reshape(B, -1)
     rand = np.abs(mean_x * numpy_flip(w)).reshape(B, -1)
     np.testing.assert_allclose(got[:, 0], [pearsonr(orig[b], rand[b])[0] for b in range(B)], rtol=1e-4, atol=1e-5)
-    for c in (1, 2):  # the call above used chunk=None (all 5 samples in one step on CPU)
-        np.testing.assert_allclose(
-            eq.smooth_mprt(attr, params, ["scale"], x, target, key=key, samples=samples, noise=noise,
-                           similarity="pearson", randomize=flip_randomize, chunk=c), got, rtol=1e-5)
+    # chunk=2: two scan steps of 2 and a remainder of 1 (the call above: chunk=None, all 5 at once on CPU)
+    np.testing.assert_allclose(
+        eq.smooth_mprt(attr, params, ["scale"], x, target, key=key, samples=samples, noise=noise,
+                       similarity="pearson", randomize=flip_randomize, chunk=2), got, rtol=1e-5)
 
 
 def test_smooth_mprt_bad_arguments(x, target):
-    params, key = mlp_params(jax.random.key(0)), jax.random.key(1)
+    params, key = mlp_params(0), jax.random.key(1)
     f = functools.partial(eq.smooth_mprt, grad_x_input, params)
     with pytest.raises(ValueError, match="layer_order"):
         f([], x, target, key=key)
@@ -438,6 +448,10 @@ def test_efficient_mprt_hand_made_maps(x):
     h0 = -(7 / 8 * np.log(7 / 8) + 1 / 8 * np.log(1 / 8))
     got = eq.efficient_mprt(attr, params, ["head"], x, t, key=jax.random.key(0), n_bins=4, randomize=spread)
     np.testing.assert_allclose(got, np.full(B, (np.log(4) - h0) / h0), rtol=1e-5)
+    # flax's FrozenDict params work too
+    frozen = pytest.importorskip("flax.core").FrozenDict(params)
+    got_frozen = eq.efficient_mprt(attr, frozen, ["head"], x, t, key=jax.random.key(0), n_bins=4, randomize=spread)
+    np.testing.assert_allclose(got_frozen, got, rtol=1e-6)
     # measure="entropy": p = [1, 1, 2] / 4 -> 1.5 ln 2; randomised p_i = i / 28
     params2 = {"head": {"w": jnp.array([1.0, -1.0, 2.0] + [0.0] * 5)}}
     p = np.arange(8) / 28.0
@@ -448,7 +462,7 @@ def test_efficient_mprt_hand_made_maps(x):
 
 def test_efficient_mprt_default_randomisation_and_bad_arguments(x, target):
     # the values against numpy (flip randomisation) are in JitMatchesEager.test_smooth_and_efficient_mprt
-    params = mlp_params(jax.random.key(24))
+    params = mlp_params(24)
     # 16 values per map: with the default 100 bins every value would sit in its own bin before and after
     default = eq.efficient_mprt(grad_x_input, params, ["dense2", "dense1"], x, target, key=jax.random.key(1), n_bins=4)
     assert np.all(np.isfinite(np.asarray(default))) and np.all(np.asarray(default) != 0)
@@ -467,9 +481,9 @@ def test_efficient_mprt_default_randomisation_and_bad_arguments(x, target):
 class JitMatchesEager(chex.TestCase):
     def setUp(self):
         super().setUp()
-        self.x = jax.random.uniform(jax.random.key(30), (B, H, W, C), minval=0.5, maxval=1.0)
+        self.x = uniform(30, (B, H, W, C), 0.5, 1.0)
         self.t = jnp.array([0, 1, 2], jnp.int32)
-        self.params = mlp_params(jax.random.key(31))
+        self.params = mlp_params(31)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_avg_sensitivity(self):
@@ -493,7 +507,7 @@ class JitMatchesEager(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_random_logit(self):
-        w = jax.random.normal(jax.random.key(34), (2, H, W, C))
+        w = normal(34, (2, H, W, C))
         attr = lambda v, t: v * w[t]
         fn = self.variant(lambda v, t, k: eq.random_logit(attr, v, t, key=k, num_classes=2))
         t = jnp.array([1, 0, 1], jnp.int32)

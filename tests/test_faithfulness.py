@@ -97,7 +97,7 @@ class ClosedFormTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_monotonicity_is_one(self):
-        fn = self.variant(partial(F.monotonicity, self.f, baseline=BASE, patch=2))
+        fn = self.variant(partial(F.monotonicity, self.f, baseline=BASE, patch=2, chunk=3))
         np.testing.assert_allclose(fn(self.x, self.a, self.t), np.ones(B), atol=1e-6)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -119,7 +119,7 @@ class ClosedFormTest(chex.TestCase):
         f = nonlinear(self.w)
         attr = rand(6, self.x.shape, "normal")
         percentages = (0.0, 0.25, 0.5, 0.9)
-        fn = self.variant(partial(F.road, f, percentages=percentages, noise=0.0, score="probability", chunk=3))
+        fn = self.variant(partial(F.road, f, percentages=percentages, noise=0.0, score="probability", chunk=2))
         probs = np.asarray(fn(self.x, attr, self.t))
         imputed = road_reference_images(self.x, attr, percentages)
         for j in range(len(percentages)):
@@ -241,7 +241,8 @@ def test_infidelity_matches_numpy_for_every_chunk(setup):
     x_np, a_np = np.asarray(x, np.float64), np.asarray(attr, np.float64)
     full = np_target(weights, x_np, t)
     explained, drops = np.zeros((B, samples)), np.zeros((B, samples))
-    draws = jax.jit(lambda k: jax.vmap(lambda kk: jax.random.normal(kk, x.shape, x.dtype))(jax.random.split(k, samples)))
+    draws = jax.jit(lambda k: jax.vmap(lambda kk: jax.random.normal(kk, x.shape, x.dtype))(
+        jax.random.split(k, samples)))
     for s, pert in enumerate(noise * np.asarray(draws(key), np.float64)):
         drops[:, s] = full - np_target(weights, x_np - pert, t)
         for b in range(B):

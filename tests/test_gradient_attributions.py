@@ -328,17 +328,17 @@ def test_guided_ig_invalid_arguments():
 # blur_ig
 # --------------------------------------------------------------------------------------------
 def numpy_blur(img, sigma, radius):
-    """One NHWC image [H, W, C] blurred: kernel exp(-t^2/2s^2) normalised over |t| <= radius, applied over
-    |t| <= min(radius, size - 1) with mirror (reflect) padding, H then W; sigma = 0 is the identity."""
+    """One NHWC image [H, W, C] blurred: kernel exp(-t^2/2s^2) over |t| <= r = min(radius, size - 1), normalised
+    over those taps, with mirror (reflect) padding, H then W; sigma = 0 is the identity."""
     if sigma == 0:
         return np.array(img, np.float64)
-    taps = np.arange(-radius, radius + 1)
-    k = np.exp(-(taps**2) / (2.0 * sigma**2))
-    k /= k.sum()
     out = np.array(img, np.float64)
     for axis in (0, 1):
         size = out.shape[axis]
         r = min(radius, size - 1)
+        taps = np.arange(-radius, radius + 1)
+        k = np.exp(-(taps**2) / (2.0 * sigma**2)) * (np.abs(taps) <= r)
+        k /= k.sum()
         src = np.moveaxis(out, axis, 0)
         res = np.zeros_like(src)
         for i in range(size):

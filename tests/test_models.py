@@ -152,3 +152,25 @@ def test_for_attribution_keeps_parameters_and_outputs():
     np.testing.assert_allclose(twin.apply(v, x), model.apply(v, x), rtol=1e-5, atol=1e-5)
     mlp = models.MLP(10)
     assert models.for_attribution(mlp) is mlp
+
+
+def test_layer_order_follows_the_forward_pass_not_dict_order():
+    """After device_get/orbax the params dict is sorted; the order must come from the model itself."""
+    import flax.linen as nn
+
+    class Deep(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = x.reshape(x.shape[0], -1)
+            for i in range(1, 12):  # dense1 ... dense11: sorted order puts dense10 and dense11 before dense2
+                x = nn.relu(nn.Dense(4, name=f"dense{i}")(x))
+            return nn.Dense(3, name="head")(x)
+
+    x = jnp.zeros((1, 4, 4, 1))
+    variables = Deep().init(jax.random.PRNGKey(0), x)
+    shuffled = {"params": dict(sorted(variables["params"].items()))}
+    assert list(shuffled["params"])[:3] == ["dense1", "dense10", "dense11"]
+    assert models.layer_order(Deep(), shuffled, x) == [f"dense{i}" for i in range(1, 12)] + ["head"]
+    seed = models.SeedCNN(10)
+    assert models.layer_order(seed, seed.init(jax.random.PRNGKey(0), x), x) == [
+        "conv1", "conv2", "conv3", "conv4", "dense1", "head"]

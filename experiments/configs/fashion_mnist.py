@@ -6,7 +6,7 @@ Command:
 Data: the four IDX files of Debian's `dataset-fashion-mnist` package (`apt-get install
 dataset-fashion-mnist`), or `--set data_dir=DIR` holding the same files. The default students
 (cnn, tree and linear, each from labels and by KD, plus cnn-kd+attention) train with short
-budgets: 3 epochs of the SeedCNN teacher, 3 epochs per student. Prints one line per model, then
+budgets: 2 epochs of the SeedCNN teacher, 2 epochs per student. Prints one line per model, then
 the summary table; the README gives the measured wall time and peak memory on a 2-core CPU
 (benchmarks/RESULTS.md, "Full scale"). Images stay uint8 on the host, the teacher cache keeps
 logits and attention maps only, and evaluation streams the 10,000 test images in batches.
@@ -17,9 +17,9 @@ from distill_jax.config import default_config
 def get_config():
     c = default_config()
     c.dataset = "fashion_mnist"
-    c.teacher.epochs = 3
+    c.teacher.epochs = 2
     c.teacher.batch_size = 128
-    c.student.epochs = 3
+    c.student.epochs = 2
     c.student.batch_size = 128
     c.tree.depth = 6
     c.explain.num_images = 10  # one per class
