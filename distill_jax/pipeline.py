@@ -481,6 +481,7 @@ def explain_and_report(result: dict, everyone: list[Trained], prep: Prepared, c,
     if main:
         from distill_jax import report  # noqa: PLC0415 - matplotlib only where a report is written
 
+        _write_json(os.path.join(workdir, "metrics.json"), result)  # first: a failing figure must not lose the scores
         t2 = time.perf_counter()
         figures = report.write_figures(workdir, prep, everyone, found)
         timing["report"] = time.perf_counter() - t2
