@@ -35,6 +35,12 @@ What it does, in one process:
    theirs / ours. Reference calls that receive our draws do a table look-up instead of drawing
    numbers: that is no slower than their own sampling.
 
+Threads: PyTorch runs single-threaded by default here (--torch-threads 1). The reference side makes
+thousands of forward passes of 16 tiny images; with torch's default of one OpenMP thread per core,
+each of them waited at OpenMP barriers whenever another process held a core: on the shared 2-core
+machine Quantus' MonotonicityCorrelation took 3.3-4.6 s with 2 threads and 0.05-0.1 s with 1.
+`--torch-threads 0` keeps torch's own choice. JAX keeps its default (XLA's CPU thread pool).
+
 Not compared (the definitions differ; see the docstrings): Quantus' Infidelity (patch baselines,
 not Gaussian noise), SensitivityN (one ordering, correlation across the batch), Monotonicity
 (Arya et al.'s monotonic-increase test; ours is Nguyen & Martinez's correlation, which is Quantus'
@@ -668,6 +674,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--impl", choices=sorted(models.CONV_IMPLS), default="patches",
                    help="SmallCNN impl (default patches: what attributions run with, models.for_attribution)")
     p.add_argument("--frameworks", nargs="+", choices=("jax", "torch"), default=["jax", "torch"])
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch.set_num_threads for the reference side (default 1; 0: torch's own choice, see the docstring)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 4 images, no training, 4 subsets, 2 uniform draws, 3 noise samples, 1 repeat")
@@ -725,7 +733,9 @@ def main(argv=None, log=print) -> list[Row]:
     if with_reference:
         import torch
 
-        log(f"torch intra-op threads {torch.get_num_threads()}")
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
+        log(f"torch intra-op threads {torch.get_num_threads()} (--torch-threads {args.torch_threads})")
     setup = make_setup(args, with_reference, log)
 
     rows, cases = [], {}

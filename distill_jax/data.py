@@ -19,16 +19,15 @@ Datasets without a test split are shuffled with ``seed`` and split by ``test_fra
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import math
 import os
 import warnings
-import zlib
 from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from distill_jax import idx as idx_format
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 SPEC_FORMS = ("digits", "mnist5k", "tfds:<name>[:<config>]", "folder:<path>", "folder:<train>,<test>", "npz:<path>",
@@ -434,11 +433,6 @@ class _Slice:
 
 # ---- IDX files (MNIST layout)
 
-# IDX type byte -> element dtype (big-endian; 0x08/0x09 are single bytes)
-_IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
 def _idx_paths(directory: str, howto: str = "") -> list[str]:
     """Paths of the four ``IDX_FILES`` in ``directory``: the plain file when present, else ``<name>.gz``.
 
@@ -460,89 +454,6 @@ def _idx_paths(directory: str, howto: str = "") -> list[str]:
     return paths
 
 
-def _read_chunks(f, n: int, chunk: int = 1 << 24, first: int = 1 << 26) -> tuple[np.ndarray, int]:
-    """Reads the rest of ``f``: (its first ``n`` bytes as a new writable uint8 [<= n] array, total bytes left).
-
-    Reads straight into one buffer that starts at <= ``first`` bytes (64 MiB) and doubles up to ``n``, so a header
-    claiming a huge size costs no huge allocation before the file runs out, and a correct file is not copied.
-    """
-    buf = np.empty(min(n, first), np.uint8)
-    got = 0
-    while got < n:
-        if got == len(buf):
-            grown = np.empty(min(n, 2 * len(buf)), np.uint8)
-            grown[:got] = buf
-            buf = grown
-        k = f.readinto(memoryview(buf)[got:min(got + chunk, len(buf))])
-        if not k:
-            break
-        got += k
-    total = got
-    if got == n:
-        while block := f.read(chunk):
-            total += len(block)
-    return buf[:got], total
-
-
-def _read_idx(path: str, ndim: int) -> np.ndarray:
-    """Parses one IDX file (plain or gzip by its ``.gz`` suffix) into an array of shape dims, native byte order.
-
-    Layout: bytes 0, 0, type code (see ``_IDX_DTYPES``), ndim; then ndim big-endian uint32 dims; then
-    prod(dims) big-endian elements, nothing after. Raises ValueError naming ``path`` when the magic number,
-    ``ndim``, the length or the gzip stream is wrong.
-    """
-    kind = "an images" if ndim == 3 else "a labels"
-    try:
-        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
-            magic = f.read(4)
-            if len(magic) < 4:
-                raise ValueError(f"IDX file {path!r} is {len(magic)} bytes long, shorter than the 4-byte IDX header; "
-                                 f"the file is truncated or empty, re-download it")
-            if magic[:2] == b"\x1f\x8b":
-                raise ValueError(f"IDX file {path!r} is gzip-compressed but not named .gz; rename it to "
-                                 f"{os.path.basename(path)}.gz or gunzip it")
-            if magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES:
-                raise ValueError(f"IDX file {path!r} does not start with an IDX magic number (00 00 <type> <ndim>, "
-                                 f"type one of {', '.join(f'{c:02x}' for c in _IDX_DTYPES)}); got {magic.hex(' ')}")
-            if magic[3] != ndim:
-                raise ValueError(f"IDX file {path!r} has {magic[3]} dimensions but {kind} file needs {ndim} "
-                                 f"({'[n, rows, cols]' if ndim == 3 else '[n]'}); check the file is the right one")
-            dtype = _IDX_DTYPES[magic[2]]
-            raw_dims = f.read(4 * ndim)
-            header = 4 + len(raw_dims)
-            if len(raw_dims) < 4 * ndim:
-                raise ValueError(f"IDX file {path!r} is {header} bytes long, shorter than its {4 + 4 * ndim}-byte "
-                                 f"header; the file is truncated, re-download it")
-            dims = tuple(int(d) for d in np.frombuffer(raw_dims, ">u4"))
-            need = math.prod(dims) * dtype.itemsize
-            payload, have = _read_chunks(f, need)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise ValueError(f"IDX file {path!r} is not a valid gzip file ({type(exc).__name__}: {exc}); "
-                         f"re-download it") from exc
-    except OSError as exc:
-        raise ValueError(f"IDX file {path!r} cannot be read ({type(exc).__name__}: {exc})") from exc
-    if have != need:
-        what = "truncated" if have < need else "followed by trailing bytes"
-        raise ValueError(f"IDX file {path!r} has {header + have} bytes but its header (shape {dims}, {dtype.name}) "
-                         f"needs exactly {header + need}; the file is {what}, re-download it")
-    arr = payload.view(dtype).reshape(dims)
-    return arr if dtype.byteorder in ("=", "|") else arr.astype(dtype.newbyteorder("="))
-
-
-def _idx_images(arr: np.ndarray, path: str) -> np.ndarray:
-    """IDX images [n, h, w] -> [n, h, w, 1]: uint8 kept as is (no copy); float32 when float in [0, 1]; else error."""
-    if arr.dtype == np.uint8:
-        return arr[..., None]
-    if np.issubdtype(arr.dtype, np.floating):
-        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
-        if lo < 0.0 or hi > 1.0:  # NaN compares False and is reported by _check_arrays
-            raise ValueError(f"IDX file {path!r} holds {arr.dtype.name} images in [{lo}, {hi}]; float images must "
-                             f"lie in [0, 1] (rescale them, or store uint8 0..255)")
-        return arr.astype(np.float32, copy=False)[..., None]
-    raise ValueError(f"IDX file {path!r} holds {arr.dtype.name} images; distill_jax takes uint8 (0..255) or float "
-                     f"(0..1) images, so convert it to uint8 (type code 0x08)")
-
-
 def _idx_dataset(directory: str, *, name: str, class_names=None, keep_uint8: bool = False, howto: str = "") -> Dataset:
     """Reads the four ``IDX_FILES`` of ``directory`` into a Dataset.
 
@@ -551,8 +462,8 @@ def _idx_dataset(directory: str, *, name: str, class_names=None, keep_uint8: boo
     paths = _idx_paths(directory, howto)
     arrays = []
     for images, labels in (paths[:2], paths[2:]):
-        x = _idx_images(_read_idx(images, 3), images)
-        y = _read_idx(labels, 1)
+        x = idx_format.images_from_idx(idx_format.read_idx(images, 3), images)
+        y = idx_format.read_idx(labels, 1)
         if len(x) != len(y):
             raise ValueError(f"IDX file {images!r} has {len(x)} images but {labels!r} has {len(y)} labels; "
                              f"they must match (are they from the same dataset?)")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.attribution_core import (  # noqa: F401 - gaussian_blur, validate_target, BASELINES are public here
-    BASELINES, ApplyFn, ForwardFn, check_x, gaussian_blur, in_groups, input_grad, mask_invalid, num_classes_of,
+    BASELINES, ApplyFn, ForwardFn, check_x, gaussian_blur, in_groups, input_grad, num_classes_of,
     per_target, resolve_baseline, target_logits, validate_target,
 )
 # methods kept in modules of their own, re-exported: `explain.<method>` is the public name

@@ -16,7 +16,7 @@ import dataclasses
 import math
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import flax
 import jax

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill_jax import data
+from distill_jax import data, idx
 
 
 # ------------------------------------------------------------------------------------------------ bundled sets
@@ -353,10 +353,10 @@ def test_idx_corrupt_gzip(tmp_path):
 
 def test_idx_read_chunks_grows_and_counts_the_rest():
     payload = bytes(range(256)) * 10
-    out, total = data._read_chunks(io.BytesIO(payload + b"xyz"), len(payload), chunk=7, first=16)
+    out, total = idx.read_chunks(io.BytesIO(payload + b"xyz"), len(payload), chunk=7, first=16)
     np.testing.assert_array_equal(out, np.frombuffer(payload, np.uint8))
     assert out.flags.writeable and total == len(payload) + 3
-    out, total = data._read_chunks(io.BytesIO(payload), 1 << 40, chunk=7, first=16)  # header claims 1 TiB
+    out, total = idx.read_chunks(io.BytesIO(payload), 1 << 40, chunk=7, first=16)  # header claims 1 TiB
     assert len(out) == total == len(payload) and out.tobytes() == payload
 
 def test_idx_missing_file_and_dir(tmp_path):

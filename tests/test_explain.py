@@ -223,7 +223,7 @@ def test_bad_inputs(data):
     with pytest.raises(ValueError, match="method must be one of"):
         explain.integrated_gradients(f, x, t, method="simpson")
     with pytest.raises(ValueError, match="name must be one of"):
-        explain.attribute("lime", f, x, t)
+        explain.attribute("deep_lift", f, x, t)
     with pytest.raises(ValueError, match="patch"):
         explain.occlusion(f, x, t, patch=0)
     # a one-example baseline broadcasts over the batch; steps=1 works for Gauss-Legendre (midpoint)
