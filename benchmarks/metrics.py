@@ -97,7 +97,7 @@ def load_digits(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.n
 
 def train_params(net, x: np.ndarray, y: np.ndarray, steps: int, seed: int = 0) -> dict:
     """Flax default init, then `steps` Adam steps (lr 1e-2, batches of 128) of cross entropy."""
-    params = net.init(jax.random.key(seed), jnp.asarray(x[:1]))["params"]
+    params = jax.jit(net.init)(jax.random.key(seed), jnp.asarray(x[:1]))["params"]  # eager init: ~100 dispatches
     if steps == 0:
         return params
     opt = optax.adam(1e-2)
@@ -204,7 +204,8 @@ class Setup:
     def quantus_explain(self) -> dict:
         import quantus
 
-        return dict(explain_func=quantus.explain, explain_func_kwargs={"method": ATTRIBUTIONS[self.args.attribution][1]})
+        method = ATTRIBUTIONS[self.args.attribution][1]
+        return dict(explain_func=quantus.explain, explain_func_kwargs={"method": method})
 
     def torch_tensors(self):
         import torch
@@ -275,26 +276,34 @@ class Metric:
     time_theirs: bool = True  # False: the reference call is timed in another row
 
 
+def reference_call(s: Setup, make: Callable[[], Callable[[], object]]) -> Callable[[], object] | None:
+    """make() (imports and precomputes, returns the timed call), warnings silenced; None without the libraries."""
+    return None if s.torch_net is None else quiet(make())
+
+
 def build_faithfulness_correlation(s: Setup) -> Metric:
     a = s.args
     opts = dict(subset_size=a.subset_size, samples=a.faith_runs, baseline="black")
     ours = jit_ours(s, lambda p, x, att, t, k: metrics.faithfulness_correlation(s.apply(p), x, att, t, key=k, **opts))
-    theirs = None
-    if s.torch_net is not None:
+
+    def make():
         import quantus
 
         def theirs():
-            m = quantus.FaithfulnessCorrelation(nr_runs=a.faith_runs, subset_size=a.subset_size, perturb_baseline="black",
-                                                return_aggregate=False, disable_warnings=True)
+            m = quantus.FaithfulnessCorrelation(nr_runs=a.faith_runs, subset_size=a.subset_size,
+                                                perturb_baseline="black", return_aggregate=False, disable_warnings=True)
             return m(**s.quantus_kwargs())
 
-    return Metric("faithfulness_correlation", "quantus.FaithfulnessCorrelation", ours, theirs and quiet(theirs), "mc")
+        return theirs
+
+    return Metric("faithfulness_correlation", "quantus.FaithfulnessCorrelation", ours, reference_call(s, make), "mc")
 
 
 def build_monotonicity_black(s: Setup) -> Metric:
-    ours = jit_ours(s, lambda p, x, att, t, k: metrics.monotonicity(s.apply_softmax(p), x, att, t, baseline="black", patch=None))
-    theirs = None
-    if s.torch_net is not None:
+    ours = jit_ours(s, lambda p, x, att, t, k: metrics.monotonicity(s.apply_softmax(p), x, att, t, baseline="black",
+                                                                   patch=None))
+
+    def make():
         import quantus
 
         def theirs():  # nr_samples=1: with a fixed baseline every sample is the same forward pass
@@ -302,26 +311,27 @@ def build_monotonicity_black(s: Setup) -> Metric:
                                                 disable_warnings=True)
             return m(**s.quantus_kwargs())
 
-    return Metric("monotonicity, black", "quantus.MonotonicityCorrelation", ours, theirs and quiet(theirs), "exact")
+        return theirs
+
+    return Metric("monotonicity, black", "quantus.MonotonicityCorrelation", ours, reference_call(s, make), "exact")
 
 
 def build_monotonicity_uniform(s: Setup) -> Metric:
-    samples = s.args.mono_samples
+    samples, batch = s.args.mono_samples, s.batch
     ours = jit_ours(s, lambda p, x, att, t, k: metrics.monotonicity(s.apply_softmax(p), x, att, t, key=k,
-                                                                   baseline="uniform",
-                                                                   samples=samples, patch=None))
-    theirs = None
-    if s.torch_net is not None:
+                                                                   baseline="uniform", samples=samples, patch=None))
+
+    def make():
         import quantus
 
-        features, batch = int(np.prod(s.x.shape[1:])), s.batch
-        # pair (feature i, sample j) -> value per example, drawn as `monotonicity` documents
+        features = int(np.prod(s.x.shape[1:]))
+        # pair (feature i, sample j) -> one value per example, drawn as `monotonicity` documents
         values = per_sample_draws(metric_key(s, "monotonicity_uniform"), features * samples,
                                   lambda k: jax.random.uniform(k, (batch,), s.x.dtype, 0.0, 1.0))
         values = values.reshape(features, samples, batch)
 
         class UniformDraws:
-            """Quantus calls it nr_samples times per feature step; example b perturbs its feature indices[b]."""
+            """Called nr_samples times per feature step; example b replaces its feature indices[b, 0]."""
 
             def __init__(self):
                 self.calls = 0
@@ -338,8 +348,10 @@ def build_monotonicity_uniform(s: Setup) -> Metric:
                                                 disable_warnings=True)
             return m(**s.quantus_kwargs())
 
+        return theirs
+
     return Metric(f"monotonicity, uniform x{samples}", "quantus.MonotonicityCorrelation", ours,
-                  theirs and quiet(theirs), "exact", shared=True)
+                  reference_call(s, make), "exact", shared=True)
 
 
 def build_region_perturbation(s: Setup) -> Metric:
@@ -348,8 +360,8 @@ def build_region_perturbation(s: Setup) -> Metric:
     regions = math.ceil(h / patch) * math.ceil(w / patch)
     ours = jit_ours(s, lambda p, x, att, t, k: metrics.region_perturbation(s.apply_softmax(p), x, att, t, patch=patch,
                                                                           baseline="black"))
-    theirs = None
-    if s.torch_net is not None:
+
+    def make():
         import quantus
 
         def theirs():
@@ -357,18 +369,20 @@ def build_region_perturbation(s: Setup) -> Metric:
                                            disable_warnings=True)
             return np.asarray(m(**s.quantus_kwargs()))
 
-    # Quantus' curve has no k = 0 term; our AOPC averages curve[:, 0..steps]
+        return theirs
+
+    # Quantus' curve has no k = 0 term (our AOPC averages curve[:, 0..steps])
     return Metric(f"region_perturbation {patch}x{patch} (curve)", "quantus.RegionPerturbation", ours,
-                  theirs and quiet(theirs), "exact", to_ref=lambda out: np.asarray(out[1])[:, 1:])
+                  reference_call(s, make), "exact", to_ref=lambda out: np.asarray(out[1])[:, 1:])
 
 
 def build_road(s: Setup) -> Metric:
     a = s.args
-    fractions = tuple(p / 100 for p in a.percentages)
+    fractions = tuple(q / 100 for q in a.percentages)
     ours = jit_ours(s, lambda p, x, att, t, k: metrics.road(s.apply(p), x, att, t, key=k, percentages=fractions,
                                                            noise=a.road_noise))
-    theirs = None
-    if s.torch_net is not None:
+
+    def make():
         import quantus
         from quantus.functions.perturb_func import noisy_linear_imputation
 
@@ -377,15 +391,14 @@ def build_road(s: Setup) -> Metric:
         noise = np.stack([s.nchw(a.road_noise * jax.random.normal(k, s.x.shape, s.x.dtype)) for k in keys])
 
         class RoadDraws:
-            """Quantus calls it per percentage, then per example: exact imputation plus our noise."""
+            """Called per percentage, then per example: Quantus' exact imputation plus our noise."""
 
             def __init__(self):
                 self.calls = 0
 
             def __call__(self, arr, indices, **_):
                 (j, b), self.calls = divmod(self.calls, batch), self.calls + 1
-                out = noisy_linear_imputation(arr, indices, noise=0.0)
-                flat = out.reshape(arr.shape[0], -1)
+                flat = noisy_linear_imputation(arr, indices, noise=0.0).reshape(arr.shape[0], -1)
                 flat[:, indices] += noise[j, b].reshape(arr.shape[0], -1)[:, indices]
                 return flat.reshape(arr.shape)
 
@@ -394,21 +407,23 @@ def build_road(s: Setup) -> Metric:
                              disable_warnings=True)
             return np.asarray(list(m(**s.quantus_kwargs()).values()))
 
-    # Quantus returns the accuracy per percentage (mean over the batch)
-    return Metric("road (accuracy curve)", "quantus.ROAD", ours, theirs and quiet(theirs), "exact", shared=True,
+        return theirs
+
+    # Quantus returns the accuracy per percentage (mean over the batch): one flipped decision is 1 / batch
+    return Metric("road (accuracy curve)", "quantus.ROAD", ours, reference_call(s, make), "exact", shared=True,
                   to_ref=lambda out: np.asarray(out).mean(axis=0), rtol=0.0)
 
 
 def build_imputation(s: Setup) -> Metric:
     """Noisy linear imputation (noise 0) of the half of the pixels with the largest attribution."""
-    batch, h, w, c = s.x.shape
+    batch, h, w, _ = s.x.shape
     order = np.argsort(-np.asarray(s.attribution).sum(-1).reshape(batch, -1), axis=1, kind="stable")[:, : h * w // 2]
     removed = np.zeros((batch, h * w), bool)
     removed[np.arange(batch)[:, None], order] = True
     removed = jnp.asarray(removed.reshape(batch, h, w))
     ours = jit_ours(s, lambda p, x, att, t, k: faithfulness.noisy_linear_imputation(x, removed, noise=0.0))
-    theirs = None
-    if s.torch_net is not None:
+
+    def make():
         from quantus.functions.perturb_func import noisy_linear_imputation
 
         x_nchw = s.nchw(s.x)
@@ -416,8 +431,17 @@ def build_imputation(s: Setup) -> Metric:
         def theirs():
             return np.stack([noisy_linear_imputation(x_nchw[b], order[b], noise=0.0) for b in range(batch)])
 
-    return Metric("noisy_linear_imputation (50%, noise 0)", "quantus noisy_linear_imputation", ours, theirs, "exact",
-                  to_ref=s.nchw, rtol=1e-4)
+        return theirs
+
+    return Metric("noisy_linear_imputation (50%, noise 0)", "quantus noisy_linear_imputation", ours,
+                  reference_call(s, make), "exact", to_ref=s.nchw)
+
+
+def repeated_per_example(s: Setup, draws: np.ndarray):
+    """[S, B, H, W, C] draws -> torch [B * S, C, H, W], row b * S + j = draw j of example b (Captum's layout)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(draws.transpose(1, 0, 4, 2, 3)).reshape(-1, *s.nchw(s.x).shape[1:]))
 
 
 def build_infidelity(s: Setup) -> Metric:
@@ -425,24 +449,23 @@ def build_infidelity(s: Setup) -> Metric:
     samples, sigma = a.samples, a.infidelity_noise
     ours = jit_ours(s, lambda p, x, att, t, k: metrics.infidelity(s.apply(p), x, att, t, key=k, samples=samples,
                                                                  noise=sigma))
-    theirs = None
-    if s.torch_net is not None:
-        import torch
+
+    def make():
         from captum.metrics import infidelity
 
-        draws = per_sample_draws(metric_key(s, "infidelity"), samples,
-                                 lambda k: sigma * jax.random.normal(k, s.x.shape, s.x.dtype))  # [S, B, H, W, C]
-        # Captum repeats each example S times (row b * S + j): perturbation j of example b
-        rep = torch.from_numpy(np.ascontiguousarray(draws.transpose(1, 0, 4, 2, 3)).reshape(-1, *s.nchw(s.x).shape[1:]))
+        perturbations = repeated_per_example(s, per_sample_draws(
+            metric_key(s, "infidelity"), samples, lambda k: sigma * jax.random.normal(k, s.x.shape, s.x.dtype)))
         x_t, a_t, t_t = s.torch_tensors()
 
         def perturb(inputs):
-            return rep, inputs - rep
+            return perturbations, inputs - perturbations
 
         def theirs():
             return infidelity(s.torch_net, perturb, x_t, a_t, target=t_t, n_perturb_samples=samples).numpy()
 
-    return Metric("infidelity", "captum.metrics.infidelity", ours, theirs, "exact", shared=True)
+        return theirs
+
+    return Metric("infidelity", "captum.metrics.infidelity", ours, reference_call(s, make), "exact", shared=True)
 
 
 def build_max_sensitivity(s: Setup) -> Metric:
@@ -450,133 +473,139 @@ def build_max_sensitivity(s: Setup) -> Metric:
     samples, radius = a.samples, a.max_sens_radius
     ours = jit_ours(s, lambda p, x, att, t, k: metrics.max_sensitivity(s.attr_fn(p), x, t, key=k, radius=radius,
                                                                       samples=samples))
-    theirs = None
-    if s.torch_net is not None:
+
+    def make():
         import captum.attr
-        import torch
         from captum.metrics import sensitivity_max
 
-        noise = per_sample_draws(metric_key(s, "max_sensitivity"), samples,
-                                 lambda k: jax.random.uniform(k, s.x.shape, s.x.dtype, -radius, radius))
-        rep = torch.from_numpy(np.ascontiguousarray(noise.transpose(1, 0, 4, 2, 3)).reshape(-1, *s.nchw(s.x).shape[1:]))
+        noise = repeated_per_example(s, per_sample_draws(
+            metric_key(s, "max_sensitivity"), samples,
+            lambda k: jax.random.uniform(k, s.x.shape, s.x.dtype, -radius, radius)))
         x_t, _, t_t = s.torch_tensors()
         explainer = getattr(captum.attr, ATTRIBUTIONS[a.attribution][1])(s.torch_net)
 
         def perturb(inputs, perturb_radius):
-            return inputs + rep
+            return inputs + noise
 
         def theirs():
             return sensitivity_max(explainer.attribute, x_t, perturb_func=perturb, perturb_radius=radius,
                                    n_perturb_samples=samples, target=t_t).numpy()
 
-    return Metric("max_sensitivity", "captum.metrics.sensitivity_max", ours, theirs, "exact", shared=True)
+        return theirs
+
+    return Metric("max_sensitivity", "captum.metrics.sensitivity_max", ours, reference_call(s, make), "exact",
+                  shared=True)
+
+
+def flat_noise(s: Setup, builder: str, draw: Callable[[jax.Array], jax.Array]) -> np.ndarray:
+    """Our draws for Quantus' batch perturb functions: [S, B, features] in NCHW flatten order."""
+    noise = per_sample_draws(metric_key(s, builder), s.args.samples, draw)
+    return noise.transpose(0, 1, 4, 2, 3).reshape(s.args.samples, s.batch, -1)
 
 
 def build_avg_sensitivity(s: Setup) -> Metric:
-    a = s.args
-    samples, radius = a.samples, a.avg_sens_radius
+    samples, radius = s.args.samples, s.args.avg_sens_radius
     ours = jit_ours(s, lambda p, x, att, t, k: metrics.avg_sensitivity(s.attr_fn(p), x, t, key=k, radius=radius,
                                                                       samples=samples))
-    theirs = None
-    if s.torch_net is not None:
+
+    def make():
         import quantus
 
-        noise = per_sample_draws(metric_key(s, "avg_sensitivity"), samples,
-                                 lambda k: jax.random.uniform(k, s.x.shape, s.x.dtype, -radius, radius))
-        noise = noise.transpose(0, 1, 4, 2, 3).reshape(samples, s.batch, -1)
+        noise = flat_noise(s, "avg_sensitivity", lambda k: jax.random.uniform(k, s.x.shape, s.x.dtype, -radius, radius))
 
         def theirs():
             m = quantus.AvgSensitivity(nr_samples=samples, lower_bound=radius, perturb_func=SequentialNoise(noise),
                                        disable_warnings=True)
             return m(**s.quantus_kwargs(a_batch=None, **s.quantus_explain()))
 
-    return Metric("avg_sensitivity", "quantus.AvgSensitivity", ours, theirs and quiet(theirs), "exact", shared=True)
+        return theirs
+
+    return Metric("avg_sensitivity", "quantus.AvgSensitivity", ours, reference_call(s, make), "exact", shared=True)
 
 
 def build_local_lipschitz(s: Setup) -> Metric:
-    a = s.args
-    samples, radius = a.samples, a.lipschitz_std
+    samples, radius = s.args.samples, s.args.lipschitz_std
     ours = jit_ours(s, lambda p, x, att, t, k: metrics.local_lipschitz(s.attr_fn(p), x, t, key=k, radius=radius,
                                                                       samples=samples))
-    theirs = None
-    if s.torch_net is not None:
+
+    def make():
         import quantus
 
-        noise = per_sample_draws(metric_key(s, "local_lipschitz"), samples,
-                                 lambda k: radius * jax.random.normal(k, s.x.shape, s.x.dtype))
-        noise = noise.transpose(0, 1, 4, 2, 3).reshape(samples, s.batch, -1)
+        noise = flat_noise(s, "local_lipschitz", lambda k: radius * jax.random.normal(k, s.x.shape, s.x.dtype))
 
         def theirs():
             m = quantus.LocalLipschitzEstimate(nr_samples=samples, perturb_std=radius, normalise=False,
                                                perturb_func=SequentialNoise(noise), disable_warnings=True)
             return m(**s.quantus_kwargs(a_batch=None, **s.quantus_explain()))
 
-    return Metric("local_lipschitz", "quantus.LocalLipschitzEstimate", ours, theirs and quiet(theirs), "exact", shared=True)
+        return theirs
+
+    return Metric("local_lipschitz", "quantus.LocalLipschitzEstimate", ours, reference_call(s, make), "exact",
+                  shared=True)
 
 
-def _quantus_random_logit(s: Setup):
-    import quantus
+def quantus_random_logit(s: Setup) -> Callable[[], Callable[[], object]]:
+    def make():
+        import quantus
 
-    def theirs():
-        m = quantus.RandomLogit(num_classes=NUM_CLASSES, normalise=False, disable_warnings=True)
-        return m(**s.quantus_kwargs(a_batch=None, **s.quantus_explain()))
+        def theirs():
+            m = quantus.RandomLogit(num_classes=NUM_CLASSES, normalise=False, disable_warnings=True)
+            return m(**s.quantus_kwargs(a_batch=None, **s.quantus_explain()))
 
-    return quiet(theirs)
+        return theirs
+
+    return make
 
 
 def build_random_logit(s: Setup) -> Metric:
     ours = jit_ours(s, lambda p, x, att, t, k: metrics.random_logit(s.attr_fn(p), x, t, key=k, num_classes=NUM_CLASSES))
-    theirs = _quantus_random_logit(s) if s.torch_net is not None else None
-    return Metric("random_logit (ssim)", "quantus.RandomLogit", ours, theirs, "mc")
+    return Metric("random_logit (ssim)", "quantus.RandomLogit", ours, reference_call(s, quantus_random_logit(s)), "mc")
 
 
 def quantus_off_classes(target: np.ndarray, num_classes: int, seed: int = 42) -> np.ndarray:
     """The other classes Quantus' RandomLogit explains: np.random.seed(seed), r ~ randint(0, C - 1), skip the target."""
-    rng_state = np.random.get_state()
+    state = np.random.get_state()
     try:
         np.random.seed(seed)
         r = np.random.randint(0, num_classes - 1, target.shape[0])
     finally:
-        np.random.set_state(rng_state)
+        np.random.set_state(state)
     return r + (r >= target)
 
 
 def build_random_logit_shared(s: Setup) -> Metric:
     """random_logit's similarity on the classes Quantus draws (seed 42): an exact comparison."""
-    off = jnp.asarray(quantus_off_classes(np.asarray(s.target), NUM_CLASSES))
+    off = jnp.asarray(quantus_off_classes(np.asarray(s.target), NUM_CLASSES), jnp.int32)
 
     def fn(p, x, att, t, k):
         attr = s.attr_fn(p)
         return explanation_quality.ssim(attr(x, t), attr(x, off))
 
-    ours = jit_ours(s, fn)
-    theirs = _quantus_random_logit(s) if s.torch_net is not None else None
-    return Metric("random_logit, Quantus' classes", "quantus.RandomLogit", ours, theirs, "exact", shared=True, time_theirs=False)
+    return Metric("random_logit, Quantus' classes", "quantus.RandomLogit", jit_ours(s, fn),
+                  reference_call(s, quantus_random_logit(s)), "exact", shared=True, time_theirs=False)
 
 
 def build_sparseness(s: Setup) -> Metric:
     # Quantus: normalise_by_max over the whole batch, abs, then + 1e-7 (see `sparseness`)
     ours = jit_ours(s, lambda p, x, att, t, k: metrics.sparseness(att / jnp.max(jnp.abs(att)), eps=1e-7))
-    theirs = None
-    if s.torch_net is not None:
+
+    def make():
         import quantus
 
-        def theirs():
-            return quantus.Sparseness(disable_warnings=True)(**s.quantus_kwargs())
+        return lambda: quantus.Sparseness(disable_warnings=True)(**s.quantus_kwargs())
 
-    return Metric("sparseness", "quantus.Sparseness", ours, theirs and quiet(theirs), "exact")
+    return Metric("sparseness", "quantus.Sparseness", ours, reference_call(s, make), "exact")
 
 
 def build_complexity(s: Setup) -> Metric:
     ours = jit_ours(s, lambda p, x, att, t, k: metrics.complexity(att))
-    theirs = None
-    if s.torch_net is not None:
+
+    def make():
         import quantus
 
-        def theirs():
-            return quantus.Complexity(disable_warnings=True)(**s.quantus_kwargs())
+        return lambda: quantus.Complexity(disable_warnings=True)(**s.quantus_kwargs())
 
-    return Metric("complexity", "quantus.Complexity", ours, theirs and quiet(theirs), "exact")
+    return Metric("complexity", "quantus.Complexity", ours, reference_call(s, make), "exact")
 
 
 BUILDERS: dict[str, Callable[[Setup], Metric]] = {
@@ -629,13 +658,15 @@ def compare(m: Metric, ours_out, ref_out, mc_means: Sequence[float]) -> Row:
         row.max_abs_diff = float(np.nanmax(np.abs(mine - ref)))
         tol = m.rtol * max(1.0, float(np.nanmax(np.abs(ref))))
         row.agrees = bool(row.max_abs_diff <= tol) and bool(np.array_equal(np.isnan(mine), np.isnan(ref)))
-        row.agreement = f"{'yes' if row.agrees else 'NO'}: {'same draws' if m.shared else 'deterministic'}, tol {tol:.0e}"
+        how = "same draws" if m.shared else "deterministic"
+        row.agreement = f"{'yes' if row.agrees else 'NO'}: {how}, tol {tol:.0e}"
     else:
         row.max_abs_diff = abs(row.ours_value - row.ref_value)
         sd = float(np.std(mc_means, ddof=1)) if len(mc_means) > 1 else float("nan")
         tol = 4 * math.sqrt(2) * sd
         row.agrees = bool(row.max_abs_diff <= tol)
-        row.agreement = f"{'yes' if row.agrees else 'NO'}: means, own draws, tol {tol:.2g} (4 sqrt2 sd, {len(mc_means)} keys)"
+        row.agreement = (f"{'yes' if row.agrees else 'NO'}: means, own draws, tol {tol:.2g} "
+                         f"(4 sqrt2 sd, {len(mc_means)} keys)")
     return row
 
 
@@ -652,13 +683,15 @@ def format_rows(rows: Sequence[Row]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=None, help="images (default 16)")
     p.add_argument("--train-steps", type=int, default=None, help="Adam steps on the other digits (default 300)")
     p.add_argument("--attribution", choices=sorted(ATTRIBUTIONS), default="saliency")
     p.add_argument("--faith-runs", type=int, default=None, help="FaithfulnessCorrelation random subsets (default 100)")
     p.add_argument("--subset-size", type=int, default=16, help="FaithfulnessCorrelation subset size (default 16 of 64)")
-    p.add_argument("--mono-samples", type=int, default=None, help="uniform draws per feature, monotonicity (default 100)")
+    p.add_argument("--mono-samples", type=int, default=None,
+                   help="uniform draws per feature, monotonicity (default 100)")
     p.add_argument("--patch", type=int, default=2, help="region_perturbation patch side (default 2: 16 regions)")
     p.add_argument("--percentages", type=int, nargs="+", default=None, help="ROAD percentages (default 10 20 .. 90)")
     p.add_argument("--road-noise", type=float, default=0.01, help="ROAD imputation noise (default 0.01, Quantus')")
@@ -675,7 +708,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="SmallCNN impl (default patches: what attributions run with, models.for_attribution)")
     p.add_argument("--frameworks", nargs="+", choices=("jax", "torch"), default=["jax", "torch"])
     p.add_argument("--torch-threads", type=int, default=1,
-                   help="torch.set_num_threads for the reference side (default 1; 0: torch's own choice, see the docstring)")
+                   help="torch.set_num_threads for the reference side (default 1; 0: torch's own choice; see above)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 4 images, no training, 4 subsets, 2 uniform draws, 3 noise samples, 1 repeat")
@@ -697,10 +730,11 @@ def make_setup(args, with_reference: bool, log) -> Setup:
     net = models.SmallCNN(NUM_CLASSES, impl=args.impl)
     params = train_params(net, x_train, y_train, args.train_steps, args.seed)
     x = jnp.asarray(x_eval)
-    logits = net.apply({"params": params}, x)
+    logits = jax.jit(net.apply)({"params": params}, x)
     target = jnp.argmax(logits, axis=1).astype(jnp.int32)
     method = ATTRIBUTIONS[args.attribution][0]
-    attribution = jax.jit(lambda p, xx, t: method(functools.partial(net.apply, {"params": p}), xx, t))(params, x, target)
+    attribution = jax.jit(lambda p, xx, t: method(functools.partial(net.apply, {"params": p}), xx, t))(
+        params, x, target)
     log(f"model: SmallCNN {tuple(net.conv_features)} / {tuple(net.dense_features)}, {args.train_steps} Adam steps; "
         f"accuracy on the {args.batch} images {float(jnp.mean(target == y_eval)):.2f}; targets = predicted classes")
     setup = Setup(args, net, params, x, target, attribution, method, key=jax.random.key(args.seed))
@@ -746,7 +780,8 @@ def main(argv=None, log=print) -> list[Row]:
         ref_out = m.theirs() if m.theirs is not None else None
         mc_means = []
         if m.mode == "mc" and ref_out is not None:
-            mc_means = [float(np.nanmean(m.to_ref(m.ours(jax.random.fold_in(key, 1 + i))))) for i in range(args.mc_keys)]
+            mc_keys = [jax.random.fold_in(key, 1 + i) for i in range(args.mc_keys)]
+            mc_means = [float(np.nanmean(m.to_ref(m.ours(k)))) for k in mc_keys]
         rows.append(compare(m, ours_out, ref_out, mc_means))
         cases[f"{m.name} ours"] = functools.partial(m.ours, key)
         if m.theirs is not None and m.time_theirs:

@@ -6,10 +6,14 @@ Modules (import the ones you need; `report` pulls in matplotlib):
     train, parallel, checkpoint   jitted data-parallel training, device mesh, orbax checkpoints
     prune                         gradual magnitude pruning as an optax transformation
     explain, analysis, metrics    attributions, inner-product analysis, faithfulness and fidelity
+                                  (explain re-exports gradient_attributions and perturbation_attributions;
+                                  metrics re-exports faithfulness and explanation_quality)
+    backend                       kernel and chunk choices per backend (cpu / gpu / tpu), one place
     audit, pipeline, report       the end-to-end job behind `distill-jax run`
 """
 from distill_jax import (  # noqa: F401
     analysis,
+    backend,
     checkpoint,
     data,
     distill,

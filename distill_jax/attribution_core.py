@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax import backend
+
 ApplyFn = Callable[[jax.Array], jax.Array]
 ForwardFn = Callable[..., tuple[jax.Array, dict]]
 
@@ -177,27 +179,26 @@ def in_groups(fn: Callable, group: int, *arrays: jax.Array) -> jax.Array:
     return out.reshape((n * group,) + out.shape[2:])[:batch]
 
 
-# Perturbation samples evaluated together in one `lax.map` step when the caller does not say. On
-# XLA:CPU a few copies of the batch at a time keep the scratch memory small at no cost in speed
-# (benchmarks/RESULTS.md, integrated gradients); accelerators need large batches to be busy.
-_SAMPLE_CHUNK = {"cpu": 8}
-_SAMPLE_CHUNK_ACCELERATOR = 64
-
-
-def sample_chunk(chunk: int | None, samples: int) -> int:
+def sample_chunk(chunk: int | None, samples: int, *, sample_bytes: int | None = None) -> int:
     """How many perturbation samples one `lax.map` step evaluates: `chunk`, or the backend's default.
 
+    The default comes from `backend.choices()`: 8 on CPU (a few copies of the batch keep the scratch
+    memory small at no cost in speed; benchmarks/RESULTS.md); on GPU/TPU as many samples as fit in its
+    byte budget when `sample_bytes` is given, else 64 (accelerators need large batches to be busy).
+
     Args:
-      chunk: None (the default for `jax.default_backend()`: 8 on CPU, 64 on GPU/TPU) or an int >= 1.
+      chunk: None (the backend's default) or an int >= 1.
       samples: the total number of samples (the result never exceeds it).
+      sample_bytes: bytes of the inputs one sample sends through the network (usually the batch's), or None.
     Returns:
       an int in [1, samples].
     Raises:
       ValueError: chunk is not None and not an integer >= 1.
     """
     if chunk is None:
-        chunk = _SAMPLE_CHUNK.get(jax.default_backend(), _SAMPLE_CHUNK_ACCELERATOR)
-    elif isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        picked = backend.choices()
+        return picked.chunk(samples, picked.sample_chunk, sample_bytes)
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise ValueError(f"chunk must be None or an integer >= 1; got {chunk!r}")
     return max(1, min(int(chunk), int(samples)))
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax import analysis, explain, metrics, models
+from distill_jax import analysis, backend, explain, metrics, models
 
 ATTRIBUTION_METHODS = ("saliency", "grad_x_input", "integrated_gradients", "smoothgrad", "grad_cam", "occlusion")
 
@@ -258,7 +258,7 @@ def linear_student(variables, x, image_shape) -> dict:
     b = variables["params"]["linear"]["bias"]
     comps, mean = variables["pca"]["components"], variables["pca"]["mean"]
     flat = jnp.asarray(x).reshape(len(x), -1)
-    z = (flat - mean) @ comps.T
+    z = jnp.matmul(flat - mean, comps.T, precision=backend.HIGHEST)
     contrib = analysis.linear_contributions(w, b, z, comps, x=flat, mean=mean)
     return {
         "templates": np.asarray(analysis.class_templates(w, comps)).reshape(-1, *image_shape),

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax import backend
 from distill_jax.attribution_core import (  # noqa: F401 - gaussian_blur, validate_target, BASELINES are public here
     BASELINES, ApplyFn, ForwardFn, check_x, gaussian_blur, in_groups, input_grad, num_classes_of,
     per_target, resolve_baseline, target_logits, validate_target,
@@ -145,7 +146,7 @@ def integrated_gradients(
     baseline: Any = None,
     steps: int = 64,
     method: str = "riemann_trapezoid",
-    chunk: int = 1,
+    chunk: int | None = None,
     batch_chunk: int | None = None,
     return_error: bool = False,
     blur_sigma: float = 5.0,
@@ -158,11 +159,12 @@ def integrated_gradients(
 
     The `steps` path points are visited `chunk` at a time by `lax.scan` (the `chunk` points of one
     scan step go through `apply_fn` as one batch of chunk*batch examples); only the running sum is
-    kept. chunk=1 was the fastest and smallest on CPU (PERF-NOTES). With `batch_chunk`, the
-    examples are further split into groups of `batch_chunk` that run one after another
-    (`lax.map`), so the scratch memory shrinks with the group size; on a 2-core CPU, groups of 4
-    cut XLA's scratch for SeedCNN (16 images) from 26 MB to 7 MB at the same speed
-    (benchmarks/RESULTS.md). On accelerators keep the whole batch (None).
+    kept, in HIGHEST matmul precision. The defaults come from `backend.choices()`: on CPU one point
+    per step (the fastest and smallest there) and the whole batch; on GPU/TPU as many points per
+    step as the backend's byte budget allows, and the whole batch. With `batch_chunk`, the examples
+    are further split into groups of `batch_chunk` that run one after another (`lax.map`), so the
+    scratch memory shrinks with the group size; on a 2-core CPU, groups of 4 cut XLA's scratch for
+    SeedCNN (16 images) from 27 MB to 8 MB at 1.2x the time (benchmarks/RESULTS.md).
     Call it inside `jax.jit` with the params as an argument, e.g.
     `jax.jit(lambda p, x, t: integrated_gradients(partial(model.apply, p), x, t))`: called eagerly,
     the scan is traced and compiled again on every call (seconds), and closed-over params would be
@@ -175,10 +177,10 @@ def integrated_gradients(
         or an array shaped like x or like one example.
       steps: number of gradient evaluations (>= 1; >= 2 for riemann_trapezoid).
       method: a key of `IG_RULES` ("riemann_trapezoid" as Captum, "gauss_legendre", "riemann_*").
-      chunk: path points per scan step (>= 1). Padding points get weight 0.
-      batch_chunk: None (the whole batch at once) or examples per group (>= 1); the batch is
-        padded to a multiple of it with zero inputs whose results are dropped. Needs examples
-        that do not interact inside `apply_fn` (see the module docstring).
+      chunk: path points per scan step (>= 1; None: the backend's default). Padding points get weight 0.
+      batch_chunk: None (the backend's default: the whole batch at once) or examples per group
+        (>= 1); the batch is padded to a multiple of it with zero inputs whose results are dropped.
+        Needs examples that do not interact inside `apply_fn` (see the module docstring).
       return_error: also return the completeness error
         |sum_i IG_i - (f(x) - f(x'))| / max(|f(x) - f(x')|, eps), [batch] (or [batch, K]).
     Returns:
@@ -188,18 +190,24 @@ def integrated_gradients(
     x = check_x(x)
     c = num_classes_of(apply_fn, x)
     target = validate_target(target, x.shape[0], c)
-    if not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise ValueError(f"chunk must be an integer >= 1; got {chunk!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
+        raise ValueError(f"chunk must be None or an integer >= 1; got {chunk!r}")
     if batch_chunk is not None and (not isinstance(batch_chunk, (int, np.integer)) or batch_chunk < 1):
         raise ValueError(f"batch_chunk must be None or an integer >= 1; got {batch_chunk!r}")
     alphas, weights = path_rule(method, steps)
+    picked = backend.choices()
+    if batch_chunk is None:
+        batch_chunk = picked.ig_batch_chunk
+    group = x.shape[0] if batch_chunk is None else min(int(batch_chunk), x.shape[0])
+    if chunk is None:  # one path point sends `group` examples through apply_fn for each target
+        point_bytes = backend.bytes_of(x) // max(1, x.shape[0]) * group * _targets_per_example(target)
+        chunk = picked.chunk(len(alphas), picked.ig_path_chunk, point_bytes)
     chunk = min(int(chunk), len(alphas))
     n_chunks = -(-len(alphas) // chunk)
     pad = n_chunks * chunk - len(alphas)
     alphas = jnp.asarray(np.pad(alphas, (0, pad)).reshape(n_chunks, chunk), x.dtype)
     weights = jnp.asarray(np.pad(weights, (0, pad)).reshape(n_chunks, chunk), x.dtype)
     base = resolve_baseline(x, baseline, blur_sigma=blur_sigma)
-    group = x.shape[0] if batch_chunk is None else min(int(batch_chunk), x.shape[0])
 
     def core(v, t):
         diff = v - base
@@ -222,10 +230,15 @@ def _ig_path_sum(apply_fn, base, diff, t, alphas, weights):
         a, w = aw
         path = (base[None] + a.reshape(shape) * diff[None]).reshape((chunk * diff.shape[0],) + diff.shape[1:])
         g = input_grad(apply_fn, path, tiled_t).reshape((chunk,) + diff.shape)
-        return acc + jnp.tensordot(w, g, axes=1), None
+        return acc + jnp.tensordot(w, g, axes=1, precision=backend.HIGHEST), None
 
     acc, _ = jax.lax.scan(body, jnp.zeros_like(diff), (alphas, weights))
     return acc
+
+
+def _targets_per_example(target: jax.Array) -> int:
+    """K for [batch, K] targets (`per_target` vmaps over them, K copies of the work), 1 for [batch]."""
+    return 1 if target.ndim == 1 else int(target.shape[1])
 
 
 def _completeness(apply_fn, x, base, t, attr, eps):
@@ -416,11 +429,13 @@ def occlusion(
     A_bhw = mean over windows P covering (h, w) of [f(x_b) - f(x_b with P set to value)], same for every channel.
 
     Windows of size `patch` slide with `stride` (plus a last window flush with the border). The
-    windows are evaluated by `lax.map` over window positions, each on the whole batch (`chunk`
-    windows at a time when given).
+    windows are evaluated by `lax.map` over window positions, each on the whole batch, `chunk`
+    windows at a time (default from `backend.choices()`: one on CPU; on GPU/TPU as many as its byte
+    budget allows).
 
     Args:
       x: [batch, H, W, C]. target: [batch] or [batch, K]. patch, stride: int or (h, w).
+      chunk: windows per `lax.map` step (>= 1), or None for the backend's default.
     Returns:
       like x (or [batch, K, H, W, C]).
     Reference: Zeiler & Fergus 2014, "Visualizing and Understanding Convolutional Networks".
@@ -431,6 +446,8 @@ def occlusion(
     c = num_classes_of(apply_fn, x)
     target = validate_target(target, x.shape[0], c)
     (ph, pw), (sh, sw) = _pair(patch, "patch"), _pair(stride, "stride")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
+        raise ValueError(f"chunk must be None or an integer >= 1; got {chunk!r}")
     _, height, width, _ = x.shape
     if ph > height or pw > width:
         raise ValueError(f"patch {(ph, pw)} must fit in the image {(height, width)}")
@@ -442,6 +459,10 @@ def occlusion(
     )
     masks_j = jnp.asarray(masks, x.dtype)  # [P, H, W]
     count = jnp.asarray(masks.sum(axis=0), x.dtype)  # every pixel is covered at least once
+    if chunk is None:  # one window sends the batch through apply_fn once per target
+        picked = backend.choices()
+        chunk = picked.chunk(len(masks), picked.occlusion_chunk, backend.bytes_of(x, _targets_per_example(target)))
+    windows_per_step = None if chunk == 1 else min(int(chunk), len(masks))  # None: lax.map's plain scan
 
     def core(v, t):
         full = target_logits(apply_fn, v, t)
@@ -450,8 +471,8 @@ def occlusion(
             m4 = m[None, :, :, None]
             return full - target_logits(apply_fn, v * (1 - m4) + value * m4, t)
 
-        diffs = jax.lax.map(drop, masks_j, batch_size=chunk)  # [P, batch]
-        heat = jnp.einsum("pb,phw->bhw", diffs, masks_j) / count
+        diffs = jax.lax.map(drop, masks_j, batch_size=windows_per_step)  # [P, batch]
+        heat = jnp.einsum("pb,phw->bhw", diffs, masks_j, precision=backend.HIGHEST) / count
         return jnp.broadcast_to(heat[..., None], v.shape)
 
     return per_target(core, x, target, c)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax import backend
 from distill_jax.attribution_core import (
     ApplyFn, check_positive_int, check_x, input_grad, num_classes_of, per_target, resolve_baseline,
     sample_chunk, validate_target,
@@ -130,10 +131,15 @@ def _shap_draw(key_s: jax.Array, x: jax.Array, num_baselines: int, noise: float)
     return index, u[batch:], eps
 
 
-def _check_sampling(samples, noise, chunk, key) -> tuple[int, float, int, jax.Array]:
+def _copy_bytes(x: jax.Array, target: jax.Array) -> int:
+    """Bytes one sample sends through apply_fn: a copy of the batch per target (`per_target` vmaps over K)."""
+    return backend.bytes_of(x, 1 if target.ndim == 1 else target.shape[1])
+
+
+def _check_sampling(samples, noise, chunk, key, sample_bytes: int) -> tuple[int, float, int, jax.Array]:
     samples = check_positive_int(samples, "samples")
     noise = _check_number(noise, "noise", low=0.0)
-    return samples, noise, sample_chunk(chunk, samples), _check_key(key)
+    return samples, noise, sample_chunk(chunk, samples, sample_bytes=sample_bytes), _check_key(key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +197,7 @@ def gradient_shap(
     x = check_x(x)
     c = num_classes_of(apply_fn, x)
     target = validate_target(target, x.shape[0], c)
-    samples, noise, chunk, key = _check_sampling(samples, noise, chunk, key)
+    samples, noise, chunk, key = _check_sampling(samples, noise, chunk, key, _copy_bytes(x, target))
     refs = _check_baselines(baselines, x)
 
     def core(v, t):
@@ -257,7 +263,7 @@ def vargrad(
     x = check_x(x)
     c = num_classes_of(apply_fn, x)
     target = validate_target(target, x.shape[0], c)
-    samples, noise, chunk, key = _check_sampling(samples, noise, chunk, key)
+    samples, noise, chunk, key = _check_sampling(samples, noise, chunk, key, _copy_bytes(x, target))
 
     def core(v, t):
         shift = input_grad(apply_fn, v, t)
@@ -297,7 +303,7 @@ def smoothgrad_squared(
     x = check_x(x)
     c = num_classes_of(apply_fn, x)
     target = validate_target(target, x.shape[0], c)
-    samples, noise, chunk, key = _check_sampling(samples, noise, chunk, key)
+    samples, noise, chunk, key = _check_sampling(samples, noise, chunk, key, _copy_bytes(x, target))
 
     def core(v, t):
         _, mean_sq = _noisy_gradient_moments(apply_fn, v, t, key=key, samples=samples, noise=noise,
@@ -444,7 +450,8 @@ def _blur(x: jax.Array, sigmas: jax.Array, radius: int) -> jax.Array:
     """[c, batch, H, W, C]: x [batch, H, W, C] blurred with each of the c `sigmas` (separable matrices)."""
     rows = jax.vmap(lambda s: _blur_matrix(x.shape[1], s, radius))(sigmas)
     cols = jax.vmap(lambda s: _blur_matrix(x.shape[2], s, radius))(sigmas)
-    return jnp.einsum("sih,sjw,bhwc->sbijc", rows, cols, x.astype(rows.dtype)).astype(x.dtype)
+    blurred = jnp.einsum("sih,sjw,bhwc->sbijc", rows, cols, x.astype(rows.dtype), precision=backend.HIGHEST)
+    return blurred.astype(x.dtype)
 
 
 def _blur_sigmas(max_sigma: float, steps: int, *, sqrt: bool = False) -> np.ndarray:
@@ -501,7 +508,7 @@ def blur_ig(
     grad_step = _check_number(grad_step, "grad_step", low=0.0, low_open=True)
     if not isinstance(sqrt, (bool, np.bool_)):
         raise ValueError(f"sqrt must be True or False; got {sqrt!r}")
-    chunk = sample_chunk(chunk, steps)
+    chunk = sample_chunk(chunk, steps, sample_bytes=_copy_bytes(x, target))
     sigmas = _blur_sigmas(max_sigma, steps, sqrt=bool(sqrt))
     levels = np.asarray(sigmas[:-1], np.float32)
     widths = np.asarray(np.diff(sigmas), np.float32)

@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from distill_jax import backend
+
 Features = dict[str, jax.Array]
 
 
@@ -103,26 +105,36 @@ POOL_IMPLS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def forward_only(model: nn.Module) -> nn.Module:
-    """The same network for a pass with no backward: `impl="lax"` (XLA's convolution and `reduce_window` pool).
+    """The same network for a pass with no backward, as the backend's `forward_impl` (`backend.choices()`).
 
-    The other impls exist to make the *backward* pass cheap on XLA:CPU; a forward pass alone
-    runs fastest through `lax.conv` + `reduce_window` (benchmarks/RESULTS.md, distillation step).
+    The impls differ in what their *backward* pass costs; a forward pass alone runs fastest through
+    XLA's convolution + `reduce_window` pool, `impl="lax"`, on XLA:CPU (benchmarks/RESULTS.md,
+    distillation step), and that is XLA's own convolution on GPU/TPU as well.
     Parameters are shared, outputs equal to float32 rounding. Models without `impl` are returned as they are.
     """
-    return model.clone(impl="lax") if getattr(model, "impl", "lax") != "lax" else model
+    impl = getattr(model, "impl", None)
+    wanted = backend.choices().forward_impl
+    return model if impl is None or impl == wanted else model.clone(impl=wanted)
 
 
 def for_attribution(model: nn.Module) -> nn.Module:
-    """The same network (same parameters, outputs equal to float32 rounding) as `impl="patches"` if it is `"lax_conv"`.
+    """The same network (same parameters, outputs equal to float32 rounding) with the backend's attribution impl.
 
     Attributions run the network inside loops (integrated gradients' scan over path points,
-    SmoothGrad's samples, PGD's steps, deletion curves). XLA:CPU ran `lax.conv` inside a loop
-    body about 2x slower than at the top level (an open XLA:CPU issue, jax-ml/jax#12868; far worse
-    when weight gradients are taken in the loop), while the patch convolution's matrix products
-    kept their speed: integrated gradients, 64 steps x 16 images, 0.46-0.60 s with patches
-    against 1.08-1.14 s with `lax_conv` (benchmarks/RESULTS.md). Other models are returned as they are.
+    SmoothGrad's samples, PGD's steps, deletion curves). On CPU a `"lax_conv"` model runs as
+    `"patches"`: XLA:CPU ran `lax.conv` inside a loop body about 2x slower than at the top level (an
+    open XLA:CPU issue, jax-ml/jax#12868; far worse when weight gradients are taken in the loop),
+    while the patch convolution's matrix products kept their speed: integrated gradients, 64 steps x
+    16 images, 0.46-0.60 s with patches against 1.08-1.14 s with `lax_conv` (benchmarks/RESULTS.md).
+    On GPU/TPU a `"patches"` model runs as `"lax_conv"`, XLA's own convolution (the patches move
+    about 9x more activation data). The mapping is `backend.choices().attribution_impls`; other
+    impls and models without `impl` are returned as they are.
     """
-    return model.clone(impl="patches") if getattr(model, "impl", None) == "lax_conv" else model
+    impl = getattr(model, "impl", None)
+    if impl is None:
+        return model
+    wanted = backend.choices().attribution_impl(impl)
+    return model if wanted == impl else model.clone(impl=wanted)
 
 
 def _check_impl(impl: str) -> None:
@@ -258,7 +270,7 @@ class Linear(nn.Module):
             "pca", "components", lambda: jnp.eye(self.n_components, flat.shape[-1], dtype=jnp.float32)
         )
         features: Features = {}
-        z = _with_delta("pca", (flat - mean.value) @ comps.value.T, deltas, features)
+        z = _with_delta("pca", jnp.matmul(flat - mean.value, comps.value.T, precision=backend.HIGHEST), deltas, features)
         logits = nn.Dense(self.num_classes, name="linear")(z)
         return _output(logits, features, deltas, return_features, type(self).__name__)
 
@@ -292,14 +304,16 @@ class SoftDecisionTree(nn.Module):
             raise ValueError(f"SoftDecisionTree depth must be >= 1; got depth={self.depth}")
         flat = x.reshape(x.shape[0], -1)
         n_inner, n_leaves = 2**self.depth - 1, 2**self.depth
-        decisions = nn.Dense(n_inner, name="nodes")(flat)  # x . w_i + b_i for every inner node
+        # x . w_i + b_i for every inner node; HIGHEST precision (as the leaf mixture below): the tree is
+        # cheap, and its outputs are reported (accuracy, fidelity, leaf usage)
+        decisions = nn.Dense(n_inner, precision=backend.HIGHEST, name="nodes")(flat)
         beta = nn.softplus(self.param("inverse_temperature", nn.initializers.constant(0.5413), ()))
         leaf_logits = self.param("leaf_logits", nn.initializers.normal(0.1), (n_leaves, self.num_classes))
         features: Features = {}
         routing = _with_delta("routing", nn.sigmoid(beta * decisions), deltas, features)
         node_reach, path_probs = path_probabilities(routing, self.depth)
         features.update(node_reach=node_reach, path_probs=path_probs, leaf_logits=leaf_logits)
-        mixture = path_probs @ jax.nn.softmax(leaf_logits, axis=-1)
+        mixture = jnp.matmul(path_probs, jax.nn.softmax(leaf_logits, axis=-1), precision=backend.HIGHEST)
         logits = jnp.log(jnp.maximum(mixture, jnp.finfo(mixture.dtype).tiny))
         return _output(logits, features, deltas, return_features, type(self).__name__)
 

@@ -30,6 +30,8 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh, PartitionSpec as P
 
+from distill_jax import backend
+
 METHODS = ("auto", "covariance", "full", "randomized")
 # Relative variance below which a kept component is numerically unresolved by a float32 covariance fit:
 # eigenvalues of S/(n-1) carry an absolute error of about eps * lambda_max.
@@ -139,6 +141,12 @@ def _from_scatter(mean, m2, n: int, k: int, whiten: bool, *, upper_only: bool = 
     return _assemble(mean, vt, evals, jnp.trace(cov), n, whiten)
 
 
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b in HIGHEST precision: PCA's statistics and projections are reported and compared with
+    scikit-learn; TPU bf16 passes and A100/H100 TF32 would cost about three digits (on CPU: no change)."""
+    return jnp.matmul(a, b, precision=backend.HIGHEST)
+
+
 def _centre(x):
     mean = jnp.mean(x, axis=0)
     return mean, x - mean
@@ -148,13 +156,15 @@ def _upper_scatter(xc: jax.Array) -> jax.Array:
     """``xc^T xc`` correct in its upper triangle, using 3/4 of the multiply-adds (XLA has no syrk).
 
     With columns split as ``[A B]``: block rows ``A^T [A B]`` and ``[0 B^T B]``; the lower-left block is zero.
+    Split from `backend.choices().pca_split_scatter_from` features on (CPU: 256; accelerators: one product).
     """
     d = xc.shape[1]
-    if d < 256:
-        return xc.T @ xc
+    split_from = backend.choices().pca_split_scatter_from
+    if split_from is None or d < split_from:
+        return _dot(xc.T, xc)
     h = d // 2
-    top = xc[:, :h].T @ xc
-    bottom = jnp.pad(xc[:, h:].T @ xc[:, h:], ((0, 0), (h, 0)))
+    top = _dot(xc[:, :h].T, xc)
+    bottom = jnp.pad(_dot(xc[:, h:].T, xc[:, h:]), ((0, 0), (h, 0)))
     return jnp.concatenate([top, bottom], axis=0)
 
 
@@ -199,15 +209,15 @@ def _fit_randomized(x, key, *, k: int, whiten: bool, n_oversamples: int = 10, n_
     q = jax.random.normal(key, (p, l), dtype=x.dtype)
 
     def power(_, q):  # LU-normalised power iteration, as scikit-learn's power_iteration_normalizer="LU"
-        return _lu_normalize(a.T @ _lu_normalize(a @ q))
+        return _lu_normalize(_dot(a.T, _lu_normalize(_dot(a, q))))
 
     q = jax.lax.fori_loop(0, n_iter, power, q)
-    q, _ = jnp.linalg.qr(a @ q)  # one orthonormalisation at the end
-    ub, s, vtb = jnp.linalg.svd(q.T @ a, full_matrices=False)  # [l, p]
+    q, _ = jnp.linalg.qr(_dot(a, q))  # one orthonormalisation at the end
+    ub, s, vtb = jnp.linalg.svd(_dot(q.T, a), full_matrices=False)  # [l, p]
     if n >= d:
         vt = vtb[:k]
     else:  # a = xc^T: right singular vectors of xc are q @ ub
-        vt = (q @ ub[:, :k]).T
+        vt = _dot(q, ub[:, :k]).T
     total_var = jnp.sum(xc**2) / (n - 1)
     return _assemble(mean, vt, s[:k] ** 2 / (n - 1), total_var, n, whiten)
 
@@ -305,7 +315,7 @@ def transform(p: PCA, x: jax.Array) -> jax.Array:
       z: [n, k].
     """
     _check_features(p, x, "x")
-    z = (x - p.mean) @ p.components.T
+    z = _dot(x - p.mean, p.components.T)
     if p.whiten:
         z = z / jnp.sqrt(jnp.where(p.explained_variance > 0, p.explained_variance, 1.0))
     return z
@@ -327,7 +337,7 @@ def inverse_transform(p: PCA, z: jax.Array) -> jax.Array:
         raise ValueError(f"z must be [n, {k}] (n_components={k}), got shape {tuple(z.shape)}")
     if p.whiten:
         z = z * jnp.sqrt(p.explained_variance)
-    return z @ p.components + p.mean
+    return _dot(z, p.components) + p.mean
 
 
 def _check_features(p: PCA, x, name: str) -> None:
@@ -381,7 +391,7 @@ def covariance_stats(x: jax.Array) -> CovStats:
         raise ValueError(f"x must be a non-empty 2-D batch [b, d], got shape {tuple(x.shape)}")
     x = x.astype(jnp.float32) if not jnp.issubdtype(x.dtype, jnp.floating) else x
     mean, xc = _centre(x)
-    return CovStats(jnp.asarray(x.shape[0], x.dtype), mean, xc.T @ xc)
+    return CovStats(jnp.asarray(x.shape[0], x.dtype), mean, _dot(xc.T, xc))
 
 
 @jax.jit
@@ -471,7 +481,7 @@ def _sharded_stats(mesh: Mesh, axis: str):
         n = jax.lax.psum(jnp.asarray(xl.shape[0], xl.dtype), axis)
         mean = jax.lax.psum(jnp.sum(xl, axis=0), axis) / n
         xc = xl - mean
-        return CovStats(n, mean, jax.lax.psum(xc.T @ xc, axis))
+        return CovStats(n, mean, jax.lax.psum(_dot(xc.T, xc), axis))
 
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(axis), out_specs=CovStats(P(), P(), P())))
 

@@ -1,5 +1,4 @@
-"""Checkpoints: bitwise round trip, keep-last-K, corrupt newest -> previous, architecture mismatch, NaN stop."""
-import logging
+"""Checkpoints: bitwise round trip, keep-last-K, corrupt or mismatched checkpoints refused untouched, NaN stop."""
 import re
 import os
 
@@ -70,31 +69,94 @@ def _corrupt(step_dir):
     assert hit
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_previous_with_a_warning(tmp_path, caplog):
+def _snapshot(directory):
+    """Every file under `directory` with its bytes: what must stay as it was after a refused resume or save."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = f.read()
+    return out
+
+
+def test_corrupt_newest_checkpoint_is_refused_naming_its_step_and_nothing_changes(tmp_path):
     state, _, _ = _state()
     manager = checkpoint.state_manager(str(tmp_path), max_to_keep=3)
     for step in (5, 10):
         checkpoint.save_state(manager, _with_step(state, step))
     _corrupt(tmp_path / "10")
+    before = _snapshot(tmp_path)
     fresh = checkpoint.state_manager(str(tmp_path), max_to_keep=3)  # a new process would open it anew
-    with caplog.at_level(logging.WARNING, logger="distill_jax.checkpoint"):
-        restored = checkpoint.restore_latest(fresh, state)
+    with pytest.raises(checkpoint.CheckpointCorrupt, match=r"checkpoint at step 10 in .* cannot be read .*nothing was "
+                                                           r"changed: move .*10 away to resume from step 5") as err:
+        checkpoint.restore_latest(fresh, state)
+    assert isinstance(err.value, ValueError) and "\n" not in str(err.value)
+    assert _snapshot(tmp_path) == before
+    # once the user moves the damaged step away, the previous one restores bitwise
+    os.rename(tmp_path / "10", tmp_path.parent / "moved_away_10")
+    restored = checkpoint.restore_latest(checkpoint.state_manager(str(tmp_path), max_to_keep=3), state)
     assert int(restored.step) == 5
     _leaves_equal(restored, _with_step(state, 5))
-    bad = [r.getMessage() for r in caplog.records if r.name == "distill_jax.checkpoint"]
-    assert len(bad) == 1 and "checkpoint at step 10" in bad[0] and "unreadable" in bad[0], bad
 
 
-def test_every_checkpoint_corrupt_gives_none_and_names_each_step(tmp_path, caplog):
+def test_a_single_corrupt_checkpoint_is_refused_too(tmp_path):
     state, _, _ = _state()
-    manager = checkpoint.state_manager(str(tmp_path), max_to_keep=3)
-    for step in (1, 2):
-        checkpoint.save_state(manager, _with_step(state, step))
-        _corrupt(tmp_path / str(step))
-    with caplog.at_level(logging.WARNING, logger="distill_jax.checkpoint"):
-        assert checkpoint.restore_latest(checkpoint.state_manager(str(tmp_path)), state) is None
-    text = caplog.text
-    assert "step 2" in text and "step 1" in text
+    checkpoint.save_state(checkpoint.state_manager(str(tmp_path)), _with_step(state, 3))
+    _corrupt(tmp_path / "3")
+    with pytest.raises(checkpoint.CheckpointCorrupt, match=r"step 3 .* move .*3 away to train this model again"):
+        checkpoint.restore_latest(checkpoint.state_manager(str(tmp_path)), state)
+
+
+def test_resume_with_another_configuration_names_the_differing_parameters_and_changes_nothing(tmp_path):
+    """A checkpoint of a 3-class model restored into a 5-class one: refused, never a silent fresh start."""
+    state, _, _ = _state(num_classes=3)
+    manager = checkpoint.state_manager(str(tmp_path))
+    checkpoint.save_state(manager, _with_step(state, 4))
+    before = _snapshot(tmp_path)
+    other, _, _ = _state(num_classes=5)
+    with pytest.raises(checkpoint.CheckpointMismatch) as err:
+        checkpoint.restore_latest(checkpoint.state_manager(str(tmp_path)), other)
+    message = str(err.value)
+    assert isinstance(err.value, ValueError) and "\n" not in message
+    assert f"the checkpoint in {tmp_path} (step 4) was saved by another configuration" in message
+    # the model's own parameters come first, with both shapes, then a count of the rest (optimizer moments)
+    assert message.index("['params']['model']['head']['bias'] has shape (3,) there and (5,) in this model") < \
+        message.index("['params']['model']['head']['kernel'] has shape")
+    assert re.search(r"; and \d+ more\. Nothing was changed: resume with the configuration it was saved with, or run "
+                     r"this one in another --workdir", message), message
+    assert _snapshot(tmp_path) == before
+
+
+def test_restore_names_a_parameter_the_checkpoint_lacks(tmp_path):
+    state, _, _ = _state()
+    checkpoint.save_state(checkpoint.state_manager(str(tmp_path)), state)
+    grown = state.replace(params={"model": {**state.params["model"], "extra": {"w": jnp.zeros(2)}}})
+    with pytest.raises(checkpoint.CheckpointMismatch,
+                       match=re.escape("parameter ['params']['model']['extra']['w'] is missing from the checkpoint")):
+        checkpoint.restore_latest(checkpoint.state_manager(str(tmp_path)), grown)
+
+
+def test_saving_over_a_step_that_holds_another_run_is_refused(tmp_path):
+    """Before: the save was skipped silently, so the old run's state stayed under the new run's step."""
+    state, _, _ = _state()
+    manager = checkpoint.state_manager(str(tmp_path))
+    checkpoint.save_state(manager, _with_step(state, 7))
+    checkpoint.save_state(manager, _with_step(state, 7))  # the very same state again: nothing to do
+    before = _snapshot(tmp_path)
+    other_run, _, _ = _state(seed=1)
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"step 7 in .* already holds another train state "
+                                                            r"\(\['params'\].*differs\)"):
+        checkpoint.save_state(manager, _with_step(other_run, 7))
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_file_where_the_checkpoint_directory_should_be_is_refused(tmp_path):
+    blocker = tmp_path / "state"
+    blocker.write_text("not a directory")
+    with pytest.raises(checkpoint.CheckpointCorrupt, match="checkpoint directory .*state cannot be used"):
+        checkpoint.state_manager(str(blocker))
+    assert blocker.read_text() == "not a directory"
 
 
 def test_load_variables_round_trip_and_architecture_mismatch_names_the_parameter(tmp_path):
@@ -114,6 +176,9 @@ def test_load_variables_round_trip_and_architecture_mismatch_names_the_parameter
         checkpoint.load_variables(path, seed_cnn)
     with pytest.raises(FileNotFoundError, match="no saved model at"):
         checkpoint.load_variables(str(tmp_path / "nothing"), small)
+    _corrupt(path)
+    with pytest.raises(checkpoint.CheckpointCorrupt, match="the model saved at .* cannot be read"):
+        checkpoint.load_variables(path, small)
 
 
 def test_nan_stop_saves_the_state_just_before_the_bad_step(tmp_path):

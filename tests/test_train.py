@@ -37,15 +37,39 @@ def test_sharded_step_equals_single_device_step():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_jitted_step_equals_unjitted_step():
+def test_jitted_and_unjitted_steps_apply_the_hand_computed_sgd_momentum_update():
+    """Two steps of SGD with momentum 0.9, lr 0.1: p1 = p0 - lr*g0, p2 = p1 - lr*(g1 + 0.9*g0).
+
+    The gradients g come from jax.grad of the batch-mean loss alone (no optax), so a step that
+    skipped, scaled or mis-signed the update would fail here (the loss is computed before the update).
+    """
     x, y, _, params, loss_fn, opt = _setup()
     batch = {"x": jnp.asarray(x[:8]), "y": jnp.asarray(y[:8])}
-    raw = train.train_step_fn(loss_fn, opt)
-    s1, m1 = raw(train.create_state(params, opt, key=jax.random.PRNGKey(1)), batch, None)
+    key = jax.random.PRNGKey(1)
+    lr, momentum = 0.1, 0.9
+
+    def grad_at(p, step):
+        step_key = jax.random.fold_in(key, step)
+        return jax.grad(lambda q: jnp.mean(loss_fn(q, {}, batch, None, step_key)[0]))(p)
+
+    g0 = grad_at(params, 0)
+    p1 = jax.tree_util.tree_map(lambda p, g: p - lr * g, params, g0)
+    g1 = grad_at(p1, 1)
+    p2 = jax.tree_util.tree_map(lambda p, a, b: p - lr * (b + momentum * a), p1, g0, g1)
+    expected_loss0 = float(jnp.mean(loss_fn(params, {}, batch, None, jax.random.fold_in(key, 0))[0]))
+
     mesh = parallel.make_mesh(jax.devices()[:1])
-    s2, m2 = train.make_train_step(loss_fn, opt, mesh)(train.create_state(params, opt, key=jax.random.PRNGKey(1)),
-                                                       batch, None)
-    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    for step in (train.train_step_fn(loss_fn, opt), train.make_train_step(loss_fn, opt, mesh)):
+        state = train.create_state(params, opt, key=key)
+        state, m0 = step(state, batch, None)
+        np.testing.assert_allclose(float(m0["loss"]), expected_loss0, rtol=1e-6)
+        for want, got in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(jax.device_get(state.params))):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        state, _ = step(state, batch, None)
+        assert int(state.step) == 2
+        for want, got in zip(jax.tree_util.tree_leaves(p2), jax.tree_util.tree_leaves(jax.device_get(state.params))):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert any(float(jnp.max(jnp.abs(g))) > 1e-3 for g in jax.tree_util.tree_leaves(g0))  # the update is not ~0
 
 
 def test_step_compiles_once_across_steps():
