@@ -161,14 +161,16 @@ def method_ranking(path: str, ranking: dict[str, dict]) -> str:
     models_ = list(ranking)
     methods = list(dict.fromkeys(m for per in ranking.values() for m in per))
     m = np.array([[ranking[r].get(c, {}).get("mean_rank", np.nan) for c in methods] for r in models_], float)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(methods), 0.8 + 0.35 * len(models_)))
+    fig, ax = plt.subplots(figsize=(2.0 + 0.9 * len(methods), max(2.6, 1.4 + 0.35 * len(models_))))
     im = ax.imshow(m, cmap="viridis_r", vmin=1, vmax=max(len(methods), 2), aspect="auto")
     ax.set_yticks(range(len(models_)), models_, fontsize=7)
     ax.set_xticks(range(len(methods)), methods, fontsize=7, rotation=45, ha="right")
     for (i, j), v in np.ndenumerate(m):
         if np.isfinite(v):
             ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color="w" if v > len(methods) / 2 else "k")
-    fig.colorbar(im, ax=ax, shrink=0.8, label="mean rank (1 = best)")
+    bar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    bar.set_label("mean rank (1 = best)", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
     ax.set_title("attribution methods ranked on six explanation-quality metrics", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
