@@ -1,11 +1,16 @@
 """The `distill-jax` command end to end: the smoke pipeline, its outputs, re-explaining, and bad input."""
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from distill_jax import cli
@@ -60,36 +65,372 @@ def test_explain_recomputes_from_checkpoints(smoke_run, capsys):
             before["explanations"][name]["ig_completeness_error"], rel=1e-3, abs=1e-6)
 
 
-BAD = [
-    (["--dataset", "imagenet-please"], "imagenet-please"),
-    (["--set", "method.temperature=0"], "method.temperature=0"),
-    (["--set", "method.alpha=1.5"], "method.alpha=1.5"),
-    (["--set", "tree.depth=0"], "tree.depth=0"),
-    (["--set", "teacher.batch_size=0"], "teacher.batch_size=0"),
-    (["--set", "student.batch_size=-3"], "student.batch_size=-3"),
-    (["--set", "no.such=1"], "no group 'no'"),
-    (["--config", "/nonexistent/config.py"], "does not exist"),
-    (["--dataset", "idx:/nonexistent/dir"], "train-images-idx3-ubyte"),
-    (["--dataset", "fashion_mnist", "--set", "data_dir=/nonexistent/dir"], "apt-get install dataset-fashion-mnist"),
-    (["--set", "train_limit=-1"], "train_limit=-1"),
-    (["--set", "method.cache_limit_mb=-1"], "method.cache_limit_mb=-1"),
+# --------------------------------------------------------------------------- bad input
+#
+# Every case ends in one line `distill-jax: error: ...` naming the problem, exit status 2, and nothing
+# written. All but the checkpoint cases fail during validation, before any training. The table is
+# published in docs/bad-input.md (a test below keeps the two in step).
+
+
+def _npz(path, **changes):
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.random((20, 8, 8, 1)).astype(np.float32), "y_train": np.arange(20) % 2,
+              "x_test": rng.random((6, 8, 8, 1)).astype(np.float32), "y_test": np.arange(6) % 2}
+    arrays.update(changes)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return str(path)
+
+
+def _image(path, seed=0):
+    from PIL import Image
+
+    pixels = (np.random.default_rng(seed).random((8, 8)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    """Broken inputs of every kind, made once: name -> path."""
+    d = tmp_path_factory.mktemp("bad_input")
+    f = {"dir": str(d)}
+    good = _npz(d / "good.npz")
+    raw = open(good, "rb").read()
+    (d / "truncated.npz").write_bytes(raw[: len(raw) // 2])
+    f["truncated.npz"] = str(d / "truncated.npz")
+    f["wrong_keys.npz"] = _npz(d / "wrong_keys.npz", x_test=None, images=np.zeros((6, 8, 8, 1), np.float32))
+    x_nan = np.random.default_rng(1).random((20, 8, 8, 1)).astype(np.float32)
+    x_nan[3, 4, 4, 0] = np.nan
+    f["nan.npz"] = _npz(d / "nan.npz", x_train=x_nan)
+    objects = np.empty(20, dtype=object)
+    f["pickled.npz"] = _npz(d / "pickled.npz", y_train=objects)
+    f["length.npz"] = _npz(d / "length.npz", y_train=np.arange(19) % 2)
+    f["flat.npz"] = _npz(d / "flat.npz", x_train=np.zeros((20, 8), np.float32))
+    f["negative_labels.npz"] = _npz(d / "negative_labels.npz", y_train=np.arange(20) % 2 - 1)
+    for name in ("empty_folder", "empty_class/a", "empty_class/b", "bad_image/a", "bad_image/b"):
+        os.makedirs(d / name, exist_ok=True)
+    for cls in "ab":
+        for i in range(3):
+            _image(d / "bad_image" / cls / f"{i}.png", seed=i)
+    (d / "bad_image" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    for kind, body in (("idx_garbage", lambda nd: b"garbage, not IDX"),
+                       ("idx_truncated", lambda nd: bytes([0, 0, 8, nd]) + (100).to_bytes(4, "big") * nd + b"\1" * 10)):
+        os.makedirs(d / kind)
+        for name in IDX_FILES:
+            (d / kind / name).write_bytes(body(3 if "images" in name else 1))
+    configs = {"syntax.py": "def get_config(:\n    pass\n", "no_get_config.py": "x = 1\n",
+               "raises.py": "def get_config():\n    raise RuntimeError('boom')\n",
+               "imports.py": "import no_such_module_for_distill_jax\n",
+               "returns_dict.py": "def get_config():\n    return {'dataset': 'digits'}\n"}
+    for name, text in configs.items():
+        (d / name).write_text(text)
+        f[name] = str(d / name)
+    (d / "a_file").write_text("")
+    f["a_file"] = str(d / "a_file")
+    return f
+
+
+# (case id, arguments of `distill-jax run --smoke` given the broken inputs, what the one line must contain)
+RUN_CASES = [
+    # data: every loader
+    ("data-unknown-spec", lambda f: ["--dataset", "imagenet-please"], "unknown dataset spec 'imagenet-please'"),
+    ("data-unknown-kind", lambda f: ["--dataset", "nope:x"], "unknown dataset spec 'nope:x'"),
+    ("digits-with-argument", lambda f: ["--dataset", "digits:5"], "unknown dataset spec 'digits:5'"),
+    ("npz-no-path", lambda f: ["--dataset", "npz:"], "npz spec needs a path"),
+    ("npz-missing", lambda f: ["--dataset", f"npz:{f['dir']}/nothing.npz"], "nothing.npz' does not exist"),
+    ("npz-truncated", lambda f: ["--dataset", f"npz:{f['truncated.npz']}"], "truncated.npz' cannot be read"),
+    ("npz-wrong-keys", lambda f: ["--dataset", f"npz:{f['wrong_keys.npz']}"], "lacks arrays ['x_test']"),
+    ("npz-nan", lambda f: ["--dataset", f"npz:{f['nan.npz']}"], "x_train has 1 NaN or inf values"),
+    ("npz-pickled", lambda f: ["--dataset", f"npz:{f['pickled.npz']}"], "holds object (pickled) arrays"),
+    ("npz-length-mismatch", lambda f: ["--dataset", f"npz:{f['length.npz']}"],
+     "x_train has 20 examples but y_train has 19"),
+    ("npz-not-images", lambda f: ["--dataset", f"npz:{f['flat.npz']}"], "x_train must be images"),
+    ("npz-negative-labels", lambda f: ["--dataset", f"npz:{f['negative_labels.npz']}"], "y_train has labels in [-1, 0]"),
+    ("folder-missing", lambda f: ["--dataset", f"folder:{f['dir']}/no_such_folder"], "no_such_folder' does not exist"),
+    ("folder-empty", lambda f: ["--dataset", f"folder:{f['dir']}/empty_folder"], "has no class sub-folders"),
+    ("folder-empty-class", lambda f: ["--dataset", f"folder:{f['dir']}/empty_class"], "empty_class/a' has no images"),
+    ("folder-corrupt-image", lambda f: ["--dataset", f"folder:{f['dir']}/bad_image"], "cannot read image"),
+    ("idx-no-directory", lambda f: ["--dataset", "idx:"], "idx spec needs a directory"),
+    ("idx-missing", lambda f: ["--dataset", "idx:/nonexistent/dir"], "train-images-idx3-ubyte"),
+    ("idx-corrupt", lambda f: ["--dataset", f"idx:{f['dir']}/idx_garbage"], "does not start with an IDX magic number"),
+    ("idx-truncated", lambda f: ["--dataset", f"idx:{f['dir']}/idx_truncated"], "the file is truncated"),
+    ("fashion-mnist-missing", lambda f: ["--dataset", "fashion_mnist", "--set", "data_dir=/nonexistent/dir"],
+     "apt-get install dataset-fashion-mnist"),
+    ("fashion-mnist-corrupt", lambda f: ["--dataset", "fashion_mnist", "--set", f"data_dir={f['dir']}/idx_garbage"],
+     "does not start with an IDX magic number"),
+    ("tfds-no-name", lambda f: ["--dataset", "tfds:"], "tfds spec needs a dataset name"),
+    ("tfds-unknown", lambda f: ["--dataset", "tfds:no_such_dataset_xyz"], "not known to tensorflow-datasets"),
+    # config files
+    ("config-missing", lambda f: ["--config", "/nonexistent/config.py"], "does not exist"),
+    ("config-directory", lambda f: ["--config", f["dir"]], "is a directory"),
+    ("config-syntax-error", lambda f: ["--config", f["syntax.py"]], "has a syntax error at line 1"),
+    ("config-no-get-config", lambda f: ["--config", f["no_get_config.py"]], "has no get_config() function"),
+    ("config-get-config-raises", lambda f: ["--config", f["raises.py"]],
+     "get_config() failed: RuntimeError: boom (line 2)"),
+    ("config-import-fails", lambda f: ["--config", f["imports.py"]], "failed to run: ModuleNotFoundError"),
+    ("config-not-a-configdict", lambda f: ["--config", f["returns_dict.py"]], "returned dict, not an ml_collections"),
+    # --set values
+    ("set-no-equals", lambda f: ["--set", "tree.depth"], "write KEY=VALUE"),
+    ("set-unknown-group", lambda f: ["--set", "no.such=1"], "no group 'no'"),
+    ("set-unknown-key", lambda f: ["--set", "teacher.nope=1"], "no key 'teacher.nope'"),
+    ("set-into-a-value", lambda f: ["--set", "seed.x=1"], "no group 'seed'"),
+    ("set-wrong-type", lambda f: ["--set", "tree.depth=abc"], "--set 'tree.depth=abc'"),
+    ("set-float-for-int", lambda f: ["--set", "seed=1.5"], "--set 'seed=1.5'"),
+    ("set-int-for-tuple", lambda f: ["--set", "mlp.hidden=5"], "--set 'mlp.hidden=5'"),
+    ("set-temperature-zero", lambda f: ["--set", "method.temperature=0"], "method.temperature=0"),
+    ("set-alpha-above-1", lambda f: ["--set", "method.alpha=1.5"], "method.alpha=1.5"),
+    ("set-tree-depth-zero", lambda f: ["--set", "tree.depth=0"], "tree.depth=0"),
+    ("set-tree-depth-too-deep", lambda f: ["--set", "tree.depth=13"], "tree.depth=13"),
+    ("set-batch-size-zero", lambda f: ["--set", "teacher.batch_size=0"], "teacher.batch_size=0"),
+    ("set-batch-size-negative", lambda f: ["--set", "student.batch_size=-3"], "student.batch_size=-3"),
+    ("set-batch-size-not-multiple-of-devices", lambda f: ["--set", "teacher.batch_size=6"],
+     "batch_size=6 must be a positive multiple of the 4 devices"),
+    ("set-epochs-zero", lambda f: ["--set", "teacher.epochs=0"], "teacher.epochs=0"),
+    ("set-train-limit-negative", lambda f: ["--set", "train_limit=-1"], "train_limit=-1"),
+    ("set-cache-limit-negative", lambda f: ["--set", "method.cache_limit_mb=-1"], "method.cache_limit_mb=-1"),
+    ("set-test-fraction-above-1", lambda f: ["--set", "test_fraction=1.5"], "test_fraction=1.5"),
+    ("set-ig-steps-zero", lambda f: ["--set", "explain.ig_steps=0"], "explain.ig_steps=0"),
+    ("set-unknown-student", lambda f: ["--set", "students=foo-bar"], "'foo-bar' must be '<kind>-<method>'"),
+    ("set-no-students", lambda f: ["--set", "students="], "students is empty"),
+    ("set-bad-attention-pairs", lambda f: ["--set", "method.attention_pairs=conv1"],
+     "each pair must be 'student_layer:teacher_layer'"),
+    ("set-unknown-optimizer", lambda f: ["--set", "teacher.optimizer=lion"], "optimizer 'lion' is not known"),
+    ("set-unknown-schedule", lambda f: ["--set", "teacher.schedule=linear"], "schedule 'linear' is not known"),
+    # the rest of the command line
+    ("seed-not-an-int", lambda f: ["--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+    ("unknown-option", lambda f: ["--epochs", "3"], "unrecognized arguments: --epochs 3"),
+    ("process-id-out-of-range", lambda f: ["--num-processes", "2", "--process-id", "2"],
+     "--process-id 2: must be in [0, --num-processes=2)"),
+    ("coordinator-not-host-port", lambda f: ["--coordinator", "localhost"], "write HOST:PORT"),
+    ("coordinator-without-process-count", lambda f: ["--coordinator", "127.0.0.1:1234"],
+     "--coordinator needs --num-processes and --process-id"),
+    ("compilation-cache-under-a-file", lambda f: ["--compilation-cache", f["a_file"] + "/cache"],
+     "--compilation-cache"),
 ]
 
 
-@pytest.mark.parametrize("extra,needle", BAD)
-def test_bad_input_exits_2_with_one_line(extra, needle, tmp_path, capsys):
-    code = cli.main(["run", "--smoke", "--workdir", str(tmp_path), "--no-progress", *extra])
+def _files_under(path):
+    return sorted(os.path.relpath(os.path.join(root, name), path) for root, _, files in os.walk(path) for name in files)
+
+
+def _one_line(code, capsys, needle):
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1 and err[0].startswith("distill-jax: error:") and needle in err[0], err
+    assert code == 2, (code, err[-20:])
+    assert len(err) == 1 and err[0].startswith("distill-jax: error: ") and needle in err[0], err
+    return err[0]
+
+
+@pytest.mark.parametrize("case,extra,needle", RUN_CASES, ids=[c[0] for c in RUN_CASES])
+def test_bad_input_exits_2_with_one_line_before_anything_is_written(case, extra, needle, bad, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    code = cli.main(["run", "--smoke", "--workdir", str(workdir), "--no-progress", *extra(bad)])
+    _one_line(code, capsys, needle)
+    assert not os.path.exists(workdir) or _files_under(workdir) == []
+
+
+def test_no_command_is_one_line(capsys):
+    _one_line(cli.main([]), capsys, "the following arguments are required: command")
 
 
 def test_unwritable_workdir(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     code = cli.main(["run", "--smoke", "--workdir", str(blocker / "run"), "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "not writable" in err[0]
+    _one_line(code, capsys, "not writable")
+
+
+def test_workdir_that_is_a_file(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    _one_line(cli.main(["run", "--smoke", "--workdir", str(blocker), "--no-progress"]), capsys, "is a file")
+    assert blocker.read_text() == "keep me"
+
+
+# ---- a finished run's workdir: checkpoints from another config, corrupt ones, and `explain`
+
+
+def _saved(workdir):
+    """What a refused command must leave as it was: the bytes of every train-state checkpoint, metrics,
+    history and figures, and the values in every final checkpoint (orbax may rewrite those files)."""
+    out = {}
+    for rel in _files_under(workdir):
+        if "/final/" not in rel and not rel.startswith("report"):
+            with open(os.path.join(workdir, rel), "rb") as f:
+                out[rel] = f.read()
+    for model in os.listdir(os.path.join(workdir, "checkpoints")):
+        with ocp.StandardCheckpointer() as ckptr:
+            values = ckptr.restore(os.path.join(workdir, "checkpoints", model, "final"))
+        out[f"{model}/final"] = [np.asarray(v).tobytes() for v in jax.tree_util.tree_leaves(values)]
+    return out
+
+
+@pytest.fixture
+def finished(smoke_run, tmp_path):
+    """A copy of the smoke run's workdir (8 models trained, metrics.json written) and what it holds."""
+    workdir = str(tmp_path / "finished")
+    shutil.copytree(smoke_run[0], workdir)
+    return workdir, _saved(workdir)
+
+
+def _steps(workdir, model):
+    state = os.path.join(workdir, "checkpoints", model, "state")
+    return sorted(int(p) for p in os.listdir(state) if p.isdigit())
+
+
+def test_resume_after_tree_depth_changed_stops_naming_the_tree_parameters(finished, capsys):
+    """Before: every restore error was swallowed, the tree student trained again from step 0, and its new
+    checkpoints were dropped because the old run's steps already existed."""
+    workdir, before = finished
+    code = cli.main(["run", "--smoke", "--resume", "--workdir", workdir, "--no-progress",
+                     "--set", "students=tree-labels", "--set", "tree.depth=2"])
+    line = _one_line(code, capsys, os.path.join(workdir, "checkpoints", "tree-labels", "state"))
+    assert "was saved by another configuration" in line
+    assert re.search(r"parameter \['params'\]\['model'\]\[.+\] has shape \(\d+(, \d+)*\) there and \(\d+(, \d+)*\) "
+                     r"in this model", line), line
+    assert "resume with the configuration it was saved with, or run this one in another --workdir" in line
+    assert _saved(workdir) == before
+
+
+def test_resume_after_teacher_kind_changed_stops_before_training(finished, capsys):
+    workdir, before = finished
+    code = cli.main(["run", "--smoke", "--resume", "--workdir", workdir, "--no-progress",
+                     "--set", "teacher.kind=cnn", "--set", "students=cnn-labels"])
+    line = _one_line(code, capsys, os.path.join(workdir, "checkpoints", "teacher", "state"))
+    assert "is missing from the checkpoint" in line or "is not in this model" in line
+    assert _saved(workdir) == before
+
+
+def test_resume_from_a_corrupt_checkpoint_names_the_step_and_deletes_nothing(finished, capsys):
+    workdir, _ = finished
+    state = os.path.join(workdir, "checkpoints", "teacher", "state")
+    step = _steps(workdir, "teacher")[-1]
+    for root, _, files in os.walk(os.path.join(state, str(step))):
+        for name in files:
+            if name not in ("_CHECKPOINT_METADATA", "commit_success.txt"):
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"\x5a" * 64)
+    before = {rel: open(os.path.join(workdir, rel), "rb").read() for rel in _files_under(workdir)}
+    code = cli.main(["run", "--smoke", "--resume", "--workdir", workdir, "--no-progress", "--set", "students=cnn-labels"])
+    _one_line(code, capsys, f"the checkpoint at step {step} in {state} cannot be read")
+    assert {rel: open(os.path.join(workdir, rel), "rb").read() for rel in _files_under(workdir)} == before
+
+
+def test_resume_when_the_checkpoint_directory_is_a_file(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "teacher").mkdir(parents=True)
+    (workdir / "checkpoints" / "teacher" / "state").write_text("not a directory")
+    code = cli.main(["run", "--smoke", "--resume", "--workdir", str(workdir), "--no-progress",
+                     "--set", "students=cnn-labels", "--set", "teacher.kind=cnn"])
+    _one_line(code, capsys, "teacher/state cannot be used (it is a file")
+    assert (workdir / "checkpoints" / "teacher" / "state").read_text() == "not a directory"
+
+
+def test_a_fresh_run_in_a_workdir_with_checkpoints_is_refused(finished, capsys):
+    """Without --resume it would overwrite the final models and mix its states with the earlier run's."""
+    workdir, before = finished
+    code = cli.main(["run", "--smoke", "--workdir", workdir, "--no-progress"])
+    _one_line(code, capsys, "already holds the checkpoints of an earlier run")
+    assert _saved(workdir) == before
+
+
+def test_explain_without_a_run(tmp_path, capsys):
+    missing = tmp_path / "never_ran"
+    _one_line(cli.main(["explain", "--workdir", str(missing)]), capsys, "does not exist: there is no run to explain")
+    assert not missing.exists()
+    (tmp_path / "empty").mkdir()
+    _one_line(cli.main(["explain", "--workdir", str(tmp_path / "empty")]), capsys, "no finished run in")
+
+
+def test_explain_with_a_damaged_metrics_json(tmp_path, capsys):
+    (tmp_path / "metrics.json").write_text('{"config": {"data')
+    _one_line(cli.main(["explain", "--workdir", str(tmp_path)]), capsys, "metrics.json cannot be read")
+    (tmp_path / "metrics.json").write_text('{"models": {}}')
+    _one_line(cli.main(["explain", "--workdir", str(tmp_path)]), capsys, "holds no run configuration")
+
+
+def test_explain_with_a_missing_model_checkpoint(finished, capsys):
+    workdir, _ = finished
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "teacher", "final"))
+    _one_line(cli.main(["explain", "--workdir", workdir]), capsys, "no saved model at")
+
+
+def test_explain_with_a_corrupt_model_checkpoint(finished, capsys):
+    workdir, _ = finished
+    final = os.path.join(workdir, "checkpoints", "teacher", "final")
+    for root, _, files in os.walk(final):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x5a" * 64)
+    _one_line(cli.main(["explain", "--workdir", workdir]), capsys, f"the model saved at {final} cannot be read")
+
+
+def test_explain_with_a_config_that_does_not_match_the_checkpoints(finished, capsys):
+    workdir, before = finished
+    path = os.path.join(workdir, "metrics.json")
+    metrics = json.load(open(path))
+    metrics["config"]["teacher"]["kind"] = "cnn"
+    with open(path, "w") as f:
+        json.dump(metrics, f)
+    _one_line(cli.main(["explain", "--workdir", workdir]), capsys, "has another architecture: parameter")
+    assert {k: v for k, v in _saved(workdir).items() if k != "metrics.json"} == \
+        {k: v for k, v in before.items() if k != "metrics.json"}
+
+
+def test_docs_list_every_bad_input_case():
+    doc = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "bad-input.md")).read()
+    ids = [c[0] for c in RUN_CASES] + DOCUMENTED_ELSEWHERE
+    assert len(set(ids)) == len(ids) >= 40
+    missing = [i for i in ids if f"`{i}`" not in doc]
+    assert not missing, f"docs/bad-input.md lacks {missing}"
+
+
+# the cases with a test of their own above, as docs/bad-input.md names them
+DOCUMENTED_ELSEWHERE = ["no-command", "workdir-unwritable", "workdir-is-a-file", "resume-tree-depth-changed",
+                        "resume-teacher-kind-changed", "resume-corrupt-checkpoint", "resume-checkpoint-dir-is-a-file",
+                        "fresh-run-over-a-finished-run", "explain-no-run", "explain-empty-workdir",
+                        "explain-damaged-metrics", "explain-metrics-without-config", "explain-missing-checkpoint",
+                        "explain-corrupt-checkpoint", "explain-config-mismatch"]
+
+
+# ---- errors that are not the user's: a bug keeps its traceback, says so, and exits 1
+
+
+def _jax_internal_value_error(*args, **kwargs):
+    import jax.numpy as jnp
+
+    return jnp.stack([jnp.zeros(2), jnp.zeros(3)])  # raises ValueError inside jax
+
+
+@pytest.mark.parametrize("failure", [_jax_internal_value_error, lambda *a, **k: {}["missing"],
+                                     lambda *a, **k: None + 1])
+def test_an_internal_error_keeps_its_traceback_says_it_is_a_bug_and_exits_1(failure, tmp_path, capsys, monkeypatch):
+    """Before: a ValueError from inside JAX printed one line as if the input were wrong (exit 2), and other
+    exceptions escaped main() altogether."""
+    from distill_jax import pipeline
+
+    monkeypatch.setattr(pipeline, "run", failure)
+    code = cli.main(["run", "--smoke", "--workdir", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback (most recent call last)" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("distill-jax: internal error (") and "this is a bug in distill_jax 0.1.0" in last
+    assert "please report it" in last and cli.REPORT_BUGS_TO in last
+
+
+def test_a_value_error_raised_by_distill_jax_itself_is_the_users(tmp_path, capsys, monkeypatch):
+    from distill_jax import pipeline
+
+    def invalid(*args, **kwargs):
+        from distill_jax import config as config_lib
+
+        config_lib.parse_students("cnn-labels,oops")
+
+    monkeypatch.setattr(pipeline, "run", invalid)
+    code = cli.main(["run", "--smoke", "--workdir", str(tmp_path), "--no-progress"])
+    _one_line(code, capsys, "'oops' must be '<kind>-<method>'")
 
 
 def _cli(*args, **kw):
