@@ -369,6 +369,24 @@ def audit_models(trained: list[Trained], prep: Prepared, c, *, show_progress: bo
 # --------------------------------------------------------------------------- the job
 
 
+def check_choices(c) -> None:
+    """Names in the config that only the library's registries can check, checked before anything trains.
+
+    Raises:
+      ValueError: naming the key, the value and the accepted names.
+    """
+    def require(ok: bool, key: str, value, accepted) -> None:
+        if not ok:
+            raise ValueError(f"config value {key} {value!r} is not known; use one of {sorted(accepted)}")
+
+    require(c.teacher.kind in models.MODEL_KINDS, "teacher.kind", c.teacher.kind, models.MODEL_KINDS)
+    for group in ("teacher", "student"):
+        require(c[group].optimizer in train.OPTIMIZERS, f"{group}.optimizer", c[group].optimizer, train.OPTIMIZERS)
+        require(c[group].schedule in train.SCHEDULES, f"{group}.schedule", c[group].schedule, train.SCHEDULES)
+    for method in c.explain.methods:
+        require(method in audit.ATTRIBUTION_METHODS, "explain.methods", method, audit.ATTRIBUTION_METHODS)
+
+
 def model_metrics(t: Trained, teacher: Trained | None, prep: Prepared) -> dict:
     """accuracy and params for every model; agreement and KL(teacher || student) for students."""
     out = {"accuracy": train.accuracy_from_logits(t.test_logits, prep.y_test),
@@ -424,6 +442,7 @@ def run(c, workdir: str, *, show_progress: bool | None = None, echo: Callable[[s
     Returns the metrics dict (the content of metrics.json).
     """
     config_lib.validate(c)
+    check_choices(c)
     main = parallel.is_main_process()
     show_progress = show_progress if main else False
     timing: dict[str, float] = {}

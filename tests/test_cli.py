@@ -198,6 +198,10 @@ RUN_CASES = [
      "each pair must be 'student_layer:teacher_layer'"),
     ("set-unknown-optimizer", lambda f: ["--set", "teacher.optimizer=lion"], "optimizer 'lion' is not known"),
     ("set-unknown-schedule", lambda f: ["--set", "teacher.schedule=linear"], "schedule 'linear' is not known"),
+    ("set-unknown-student-optimizer", lambda f: ["--set", "student.optimizer=lion"], "student.optimizer 'lion' is not known"),
+    ("set-unknown-teacher-kind", lambda f: ["--set", "teacher.kind=resnet"], "teacher.kind 'resnet' is not known"),
+    ("set-unknown-explain-method", lambda f: ["--set", "explain.methods=('saliency','deep_lift')"],
+     "explain.methods 'deep_lift' is not known"),
     # the rest of the command line
     ("seed-not-an-int", lambda f: ["--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
     ("unknown-option", lambda f: ["--epochs", "3"], "unrecognized arguments: --epochs 3"),
