@@ -88,32 +88,7 @@ def init_params(shape, seed: int = 0) -> dict:
 
 def torch_seed_cnn(params: dict, shape):
     """SeedCNN in torch.nn (NCHW) holding the Flax `params` (layouts and flatten order converted)."""
-    import torch
-    from torch import nn
-
-    h, w, c = shape
-    layers: list = []
-    for i, width in enumerate(CONV, start=1):
-        conv = nn.Conv2d(c, width, 3, padding=1)
-        conv.weight.data = torch.from_numpy(np.asarray(params[f"conv{i}"]["kernel"]).transpose(3, 2, 0, 1).copy())
-        conv.bias.data = torch.from_numpy(np.asarray(params[f"conv{i}"]["bias"]).copy())
-        layers += [conv, nn.ReLU(), nn.MaxPool2d(2, 2, ceil_mode=True)]  # ceil_mode: SAME pooling for odd sizes
-        h, w, c = -(-h // 2), -(-w // 2), width
-    layers.append(nn.Flatten())
-    d = h * w * c
-    names = [f"dense{i}" for i in range(1, len(DENSE) + 1)] + ["head"]
-    for j, (name, width) in enumerate(zip(names, (*DENSE, NUM_CLASSES))):
-        kernel = np.asarray(params[name]["kernel"])
-        if j == 0:  # Flax flattens (h, w, c), PyTorch (c, h, w): permute the rows
-            kernel = kernel.reshape(h, w, c, width).transpose(2, 0, 1, 3).reshape(d, width)
-        dense = nn.Linear(d, width)
-        dense.weight.data = torch.from_numpy(kernel.T.copy())
-        dense.bias.data = torch.from_numpy(np.asarray(params[name]["bias"]).copy())
-        layers.append(dense)
-        if name != "head":
-            layers.append(nn.ReLU())
-        d = width
-    return nn.Sequential(*layers).eval()
+    return common.torch_convnet(params, shape, CONV, DENSE, NUM_CLASSES)
 
 
 def torch_available() -> bool:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from distill_jax import pipeline
 
@@ -108,3 +109,37 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def torch_convnet(params: dict, shape, conv: Sequence[int], dense: Sequence[int], num_classes: int):
+    """A `models.ConvNet` (SmallCNN, SeedCNN) in torch.nn (NCHW) holding the Flax `params`.
+
+    Conv kernels HWIO -> OIHW; the first dense kernel's rows permuted from Flax's (h, w, c) flatten
+    order to PyTorch's (c, h, w); SAME max-pooling as `ceil_mode=True`.
+    """
+    import torch
+    from torch import nn
+
+    h, w, c = shape
+    layers: list = []
+    for i, width in enumerate(conv, start=1):
+        layer = nn.Conv2d(c, width, 3, padding=1)
+        layer.weight.data = torch.from_numpy(np.asarray(params[f"conv{i}"]["kernel"]).transpose(3, 2, 0, 1).copy())
+        layer.bias.data = torch.from_numpy(np.asarray(params[f"conv{i}"]["bias"]).copy())
+        layers += [layer, nn.ReLU(), nn.MaxPool2d(2, 2, ceil_mode=True)]  # ceil_mode: SAME pooling
+        h, w, c = -(-h // 2), -(-w // 2), width
+    layers.append(nn.Flatten())
+    d = h * w * c
+    names = [f"dense{i}" for i in range(1, len(dense) + 1)] + ["head"]
+    for j, (name, width) in enumerate(zip(names, (*dense, num_classes))):
+        kernel = np.asarray(params[name]["kernel"])
+        if j == 0:  # Flax flattens (h, w, c), PyTorch (c, h, w): permute the rows
+            kernel = kernel.reshape(h, w, c, width).transpose(2, 0, 1, 3).reshape(d, width)
+        layer = nn.Linear(d, width)
+        layer.weight.data = torch.from_numpy(kernel.T.copy())
+        layer.bias.data = torch.from_numpy(np.asarray(params[name]["bias"]).copy())
+        layers.append(layer)
+        if name != "head":
+            layers.append(nn.ReLU())
+        d = width
+    return nn.Sequential(*layers).eval()

@@ -156,39 +156,6 @@ def train_params(net, x: np.ndarray, y: np.ndarray, steps: int, seed: int = 0) -
     return params
 
 
-def torch_convnet(params: dict, shape, conv: Sequence[int], dense: Sequence[int], num_classes: int):
-    """A `models.ConvNet` (SmallCNN, SeedCNN) in torch.nn (NCHW) holding the Flax `params`.
-
-    The same conversion as benchmarks/attribution.py's SeedCNN copy, for any conv/dense widths.
-    """
-    import torch
-    from torch import nn
-
-    h, w, c = shape
-    layers: list = []
-    for i, width in enumerate(conv, start=1):
-        layer = nn.Conv2d(c, width, 3, padding=1)
-        layer.weight.data = torch.from_numpy(np.asarray(params[f"conv{i}"]["kernel"]).transpose(3, 2, 0, 1).copy())
-        layer.bias.data = torch.from_numpy(np.asarray(params[f"conv{i}"]["bias"]).copy())
-        layers += [layer, nn.ReLU(), nn.MaxPool2d(2, 2, ceil_mode=True)]  # ceil_mode: SAME pooling
-        h, w, c = -(-h // 2), -(-w // 2), width
-    layers.append(nn.Flatten())
-    d = h * w * c
-    names = [f"dense{i}" for i in range(1, len(dense) + 1)] + ["head"]
-    for j, (name, width) in enumerate(zip(names, (*dense, num_classes))):
-        kernel = np.asarray(params[name]["kernel"])
-        if j == 0:  # Flax flattens (h, w, c), PyTorch (c, h, w): permute the rows
-            kernel = kernel.reshape(h, w, c, width).transpose(2, 0, 1, 3).reshape(d, width)
-        layer = nn.Linear(d, width)
-        layer.weight.data = torch.from_numpy(kernel.T.copy())
-        layer.bias.data = torch.from_numpy(np.asarray(params[name]["bias"]).copy())
-        layers.append(layer)
-        if name != "head":
-            layers.append(nn.ReLU())
-        d = width
-    return nn.Sequential(*layers).eval()
-
-
 def reference_available() -> bool:
     try:
         import captum  # noqa: F401
@@ -813,7 +780,7 @@ def make_setup(args, with_reference: bool, log) -> Setup:
     if with_reference:
         import torch
 
-        setup.torch_net = torch_convnet(params, SHAPE, net.conv_features, net.dense_features, NUM_CLASSES)
+        setup.torch_net = common.torch_convnet(params, SHAPE, net.conv_features, net.dense_features, NUM_CLASSES)
         with torch.no_grad():
             torch_logits = setup.torch_net(torch.from_numpy(setup.nchw(x))).numpy()
         err = float(np.abs(np.asarray(logits) - torch_logits).max())

@@ -6,7 +6,7 @@ Responsible Evaluation of Neural Network Explanations and Beyond", JMLR); where 
 from Quantus the function's docstring says how and why.
 
 Robustness (`avg_sensitivity`, `local_lipschitz`) and `random_logit` take `attr_fn(x, target) ->
-maps [batch, ...]` (close over apply_fn and the method's options, as `metrics.max_sensitivity`).
+maps [batch, ...]` (close over apply_fn and the method's options).
 The complexity metrics (`sparseness`, `complexity`, `discrete_entropy`) read the attribution only.
 The parameter-randomisation tests (`smooth_mprt`, `efficient_mprt`) take
 `attr_fn(params, x, target) -> maps` and the parameters, like `metrics.randomization_check`.
@@ -51,6 +51,7 @@ __all__ = [
     "discrete_entropy",
     "efficient_mprt",
     "local_lipschitz",
+    "max_sensitivity",
     "random_logit",
     "smooth_mprt",
     "sparseness",
@@ -194,6 +195,41 @@ def avg_sensitivity(
       [batch] (lower = more robust).
     Reference: Yeh et al. 2019, "On the (In)fidelity and Sensitivity of Explanations".
     """
+    return _sensitivities(attr_fn, x, target, key=key, radius=radius, samples=samples, normalize=normalize,
+                          norm=norm, perturbation=perturbation, chunk=chunk).mean(axis=0)
+
+
+def max_sensitivity(
+    attr_fn: Callable,
+    x: jax.Array,
+    target: jax.Array,
+    *,
+    key: jax.Array,
+    radius: float,
+    samples: int = 10,
+    normalize: bool = True,
+    chunk: int | None = None,
+) -> jax.Array:
+    """Max-sensitivity of an explanation under small uniform input noise (Monte Carlo).
+
+    SENS_b = max_{s} ||A(x_b + u_s) - A(x_b)||_2 / ||A(x_b)||_2,  u_s ~ U(-r, r)^d
+    (without the denominator when normalize=False): the max over the same terms whose mean is
+    `avg_sensitivity` with the same key.
+
+    Args:
+      attr_fn: attr_fn(x, target) -> maps [batch, ...] (close over apply_fn and options).
+      x: [batch, ...]; target: [batch]; key: PRNG key; radius: r > 0; samples: >= 1;
+      chunk: noise samples per `lax.map` step (None: the backend default, see `sample_chunk`).
+    Returns:
+      [batch].
+    Reference: Yeh et al. 2019, "On the (In)fidelity and Sensitivity of Explanations".
+    """
+    return _sensitivities(attr_fn, x, target, key=key, radius=radius, samples=samples, normalize=normalize,
+                          norm="l2", perturbation="uniform", chunk=chunk).max(axis=0)
+
+
+def _sensitivities(attr_fn, x, target, *, key, radius, samples, normalize, norm, perturbation, chunk) -> jax.Array:
+    """[samples, batch]: ||A(x + u_s) - A(x)|| (/ ||A(x)|| when normalize), u_s from `PERTURBATIONS[perturbation]`."""
     x, target, noise_fn = _robustness_setup(attr_fn, x, target, samples, radius, perturbation)
     norm_fn = _check_choice(norm, NORMS, "norm")
     ref = attr_fn(x, target).reshape(x.shape[0], -1)
@@ -202,7 +238,7 @@ def avg_sensitivity(
         noisy = x + noise_fn(k, x.shape, x.dtype, radius)
         return norm_fn(attr_fn(noisy, target).reshape(ref.shape) - ref)
 
-    dist = _map_samples(one, jax.random.split(key, samples), chunk).mean(axis=0)
+    dist = _map_samples(one, jax.random.split(key, samples), chunk)
     if not normalize:
         return dist
     den = norm_fn(ref)

@@ -18,7 +18,8 @@ from distill_jax.explain import ig_completeness_error
 from distill_jax.param_randomization import as_dicts, check_layer_order, default_randomize, randomize_layer
 from distill_jax.stats import flat_pair, spearman
 from distill_jax.explanation_quality import (  # re-exported
-    avg_sensitivity, complexity, efficient_mprt, local_lipschitz, random_logit, smooth_mprt, sparseness,
+    avg_sensitivity, complexity, efficient_mprt, local_lipschitz, max_sensitivity, random_logit, smooth_mprt,
+    sparseness,
 )
 from distill_jax.faithfulness import (  # re-exported: `metrics.<name>` is the public API
     faithfulness_correlation, infidelity, monotonicity, region_perturbation, road, sensitivity_n,
@@ -354,46 +355,3 @@ def adversarial_accuracy(apply_fn: Callable, x: jax.Array, labels: jax.Array, *,
         raise ValueError(f"attack must be one of {sorted(ATTACKS)}; got {attack!r}")
     x_adv = ATTACKS[attack](apply_fn, x, labels, **attack_kw)
     return accuracy(apply_fn(x_adv), jnp.asarray(labels))
-
-
-def max_sensitivity(
-    attr_fn: Callable,
-    x: jax.Array,
-    target: jax.Array,
-    *,
-    key: jax.Array,
-    radius: float,
-    samples: int = 10,
-    normalize: bool = True,
-    chunk: int | None = None,
-) -> jax.Array:
-    """Max-sensitivity of an explanation under small uniform input noise (Monte Carlo).
-
-    SENS_b = max_{s} ||A(x_b + u_s) - A(x_b)||_2 / ||A(x_b)||_2,  u_s ~ U(-r, r)^d
-    (without the denominator when normalize=False).
-
-    Args:
-      attr_fn: attr_fn(x, target) -> maps [batch, ...] (close over apply_fn and options).
-      x: [batch, ...]; target: [batch]; key: PRNG key; radius: r > 0; samples: >= 1;
-      chunk: noise samples evaluated together by lax.map (None: one at a time).
-    Returns:
-      [batch].
-    Reference: Yeh et al. 2019, "On the (In)fidelity and Sensitivity of Explanations".
-    """
-    x = check_x(x)
-    if not isinstance(samples, (int, np.integer)) or samples < 1:
-        raise ValueError(f"samples must be an integer >= 1; got {samples!r}")
-    if radius <= 0:
-        raise ValueError(f"radius must be > 0; got {radius}")
-    ref = attr_fn(x, target)
-    ref_flat = ref.reshape(ref.shape[0], -1)
-
-    def one(k):
-        noisy = x + jax.random.uniform(k, x.shape, x.dtype, -radius, radius)
-        return jnp.linalg.norm(attr_fn(noisy, target).reshape(ref_flat.shape) - ref_flat, axis=1)
-
-    dist = jax.lax.map(one, jax.random.split(key, samples), batch_size=chunk).max(axis=0)
-    if not normalize:
-        return dist
-    norm = jnp.linalg.norm(ref_flat, axis=1)
-    return dist / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import metrics as bench  # noqa: E402  (benchmarks/ is a plain folder, not installed)
+from benchmarks import common, metrics as bench  # noqa: E402  (benchmarks/ is a plain folder, not installed)
 from distill_jax import models  # noqa: E402
 
 # one metric of each kind, cheap to compile: random subsets, a deterministic curve, ssim of two maps, complexity
@@ -105,7 +105,7 @@ def test_torch_copy_of_an_odd_sized_convnet_gives_the_same_logits():
     net = models.SmallCNN(10)
     x = np.random.default_rng(0).standard_normal((3, *shape)).astype(np.float32)
     params = bench.train_params(net, x, np.zeros(3, np.int32), steps=0)
-    copy = bench.torch_convnet(params, shape, net.conv_features, net.dense_features, 10)
+    copy = common.torch_convnet(params, shape, net.conv_features, net.dense_features, 10)
     with torch.no_grad():
         theirs = copy(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     np.testing.assert_allclose(theirs, np.asarray(net.apply({"params": params}, jnp.asarray(x))), atol=1e-5)
