@@ -67,7 +67,8 @@ def env(tmp_path_factory):
 
 def _start(env, workdir, *args, devices=2, train_only=True, **extra_env):
     e = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+         # fast compiles, as in conftest.py
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
          "JAX_COMPILATION_CACHE_DIR": env["cache"], "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "TRAIN_ONLY": "1" if train_only else "0",
          "TF_CPP_MIN_LOG_LEVEL": "3", **extra_env}
