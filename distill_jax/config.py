@@ -37,7 +37,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.mlp = ml_collections.ConfigDict(dict(hidden=(128,)))
 
     c.method = ml_collections.ConfigDict(dict(
-        temperature=4.0, alpha=0.9, tree_balance=0.1, attention_p=2.0,
+        # KD temperature and alpha: numbers, or "auto" to choose each kd student's on a validation split
+        # held out from the training images (distill_jax.tuning), from these grids, by auto_score
+        temperature=ml_collections.FieldReference(4.0, field_type=object),
+        alpha=ml_collections.FieldReference(0.9, field_type=object),
+        auto_temperatures=(1.0, 2.0, 4.0, 8.0), auto_alphas=(0.5, 0.9), auto_score="accuracy",
+        auto_epochs=0,  # epochs of each candidate run; 0 = the student's own
+        validation_fraction=0.1,
+        tree_balance=0.1, attention_p=2.0,
         attention_pairs="conv1:conv1,conv2:conv2", hint_pairs="conv2:conv2",
         # run the frozen teacher once and keep what the terms read, up to this many MB of host memory
         cache_teacher=True, cache_limit_mb=1024))
@@ -57,7 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Tiny budgets that run the whole pipeline in seconds (for tests and CI)."""
-    c = ml_collections.ConfigDict(c.to_dict())
+    c = ml_collections.ConfigDict(c.to_dict(preserve_field_references=True))
     c.teacher.epochs = 1
     c.student.epochs = 1
     c.explain.num_images = 4
@@ -101,6 +108,15 @@ def _require(ok: bool, key: str, value, allowed: str) -> None:
         raise ValueError(f"config value {key}={value!r} is out of range: {allowed}")
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _auto_or(value, ok) -> bool:
+    """`value` is "auto" or a number for which `ok(value)` holds."""
+    return value == "auto" or (_number(value) and ok(value))
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first out-of-range value."""
     _require(0 < c.test_fraction < 1, "test_fraction", c.test_fraction, "must be in (0, 1)")
@@ -115,8 +131,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
              "must be in [0, 1)")
     _require(0 <= c.student.prune_begin <= c.student.prune_end <= 1, "student.prune_begin/prune_end",
              (c.student.prune_begin, c.student.prune_end), "need 0 <= prune_begin <= prune_end <= 1")
-    _require(c.method.temperature > 0, "method.temperature", c.method.temperature, "must be > 0")
-    _require(0 <= c.method.alpha <= 1, "method.alpha", c.method.alpha, "must be in [0, 1]")
+    m = c.method
+    _require(_auto_or(m.temperature, lambda t: t > 0), "method.temperature", m.temperature, "must be > 0 or 'auto'")
+    _require(_auto_or(m.alpha, lambda a: 0 <= a <= 1), "method.alpha", m.alpha, "must be in [0, 1] or 'auto'")
+    _require(len(m.auto_temperatures) > 0 and all(_number(t) and t > 0 for t in m.auto_temperatures),
+             "method.auto_temperatures", m.auto_temperatures, "must list numbers > 0")
+    _require(len(m.auto_alphas) > 0 and all(_number(a) and 0 <= a <= 1 for a in m.auto_alphas),
+             "method.auto_alphas", m.auto_alphas, "must list numbers in [0, 1]")
+    _require(m.auto_score in ("accuracy", "agreement", "kl"), "method.auto_score", m.auto_score,
+             "must be 'accuracy', 'agreement' or 'kl'")
+    _require(m.auto_epochs >= 0, "method.auto_epochs", m.auto_epochs, "must be >= 0 (0 = the student's epochs)")
+    _require(0 < m.validation_fraction < 1, "method.validation_fraction", m.validation_fraction, "must be in (0, 1)")
     _require(c.method.cache_limit_mb >= 0, "method.cache_limit_mb", c.method.cache_limit_mb, "must be >= 0")
     _require(c.method.tree_balance >= 0, "method.tree_balance", c.method.tree_balance, "must be >= 0")
     _require(c.tree.depth >= 1, "tree.depth", c.tree.depth, "must be >= 1")

@@ -112,12 +112,16 @@ def labels_term(ctx: Context) -> jax.Array:
 
 
 def kd_term(ctx: Context) -> jax.Array:
-    """Hinton KD mixed with label cross entropy; for a soft tree, leaf cross entropy against soft targets."""
+    """Hinton KD mixed with label cross entropy: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE.
+
+    For a soft tree the soft part is `losses.soft_tree_kd_loss` (leaf logits divided by T, as a
+    network's logits are) and the hard part Frosst & Hinton's leaf cross entropy with the labels.
+    """
     t, alpha = ctx.cfg.temperature, ctx.cfg.alpha
     if _is_tree(ctx):
-        soft = jax.nn.softmax(ctx.teacher_logits / t, axis=-1)
-        hard = jax.nn.one_hot(ctx.labels, ctx.num_classes)
-        return _tree_loss(ctx, alpha * soft + (1 - alpha) * hard)
+        f = ctx.student_features
+        soft = losses.soft_tree_kd_loss(f["path_probs"], f["leaf_logits"], ctx.teacher_logits, temperature=t)
+        return alpha * soft + (1 - alpha) * labels_term(ctx)
     return losses.distillation_loss(ctx.student_logits, ctx.teacher_logits, ctx.labels, temperature=t, alpha=alpha)
 
 

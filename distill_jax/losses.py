@@ -4,7 +4,7 @@ Loss-based (the student imitates the teacher's outputs):
   ``cross_entropy``, ``soft_cross_entropy``, ``kd_loss``, ``distillation_loss``,
   ``logit_matching_loss``.
 Model-based (the student imitates the teacher's internals, or has a readable form):
-  ``hint_loss`` (FitNets), ``soft_tree_loss`` and ``tree_balance_penalty``
+  ``hint_loss`` (FitNets), ``soft_tree_loss``, ``soft_tree_kd_loss`` and ``tree_balance_penalty``
   (soft decision trees).
 Mask-based (the student imitates where the teacher looks):
   ``attention_map``, ``attention_transfer_loss``, ``input_saliency``,
@@ -35,6 +35,7 @@ __all__ = [
     "logit_matching_loss",
     "hint_loss",
     "soft_tree_loss",
+    "soft_tree_kd_loss",
     "tree_balance_penalty",
     "attention_map",
     "attention_transfer_loss",
@@ -431,6 +432,42 @@ def soft_tree_loss(
     log_q = jax.nn.log_softmax(leaf_logits, axis=-1)  # [L, C]
     ce_per_leaf = -target_probs @ log_q.T  # [B, L]: CE(T_b, Q_l)
     return jnp.sum(path_probs * ce_per_leaf, axis=-1)
+
+
+def soft_tree_kd_loss(
+    path_probs: jax.Array, leaf_logits: jax.Array, teacher_logits: jax.Array, *, temperature
+) -> jax.Array:
+    """Hinton KD for a soft decision tree: both sides softened by ``T``, leaves read at ``T = 1``.
+
+    Formula: ``T^2 * sum_l P_l(x) * KL(p_t || softmax(leaf_logits_l / T))`` with
+    ``p_t = softmax(teacher_logits / T)``; equal to
+    ``T^2 * (soft_tree_loss(P, leaf_logits / T, p_t) - H(p_t))``, the Frosst & Hinton
+    path-weighted leaf cross entropy minus the target entropy (which has no gradient), so the
+    value is 0 when every reachable leaf holds the teacher's distribution. Dividing the leaf
+    logits by ``T`` here, as ``kd_loss`` divides a network's logits, lets the leaves become as
+    sharp as the teacher when read at ``T = 1``; matching ``softmax(leaf_logits)`` to ``p_t``
+    directly would leave them softened by ``T`` at test time.
+
+    Args:
+      path_probs: ``[batch, leaves]``, rows non-negative and summing to 1.
+      leaf_logits: ``[leaves, classes]`` floating.
+      teacher_logits: ``[batch, classes]`` floating (the caller stops its gradient).
+      temperature: scalar ``T > 0`` (keyword-only).
+
+    Returns:
+      ``[batch]`` losses.
+
+    References: Hinton, Vinyals & Dean (2015), arXiv:1503.02531, section 2; Frosst & Hinton
+    (2017), arXiv:1711.09784, equation 2.
+    """
+    fn = "soft_tree_kd_loss"
+    _check_logits(fn, "teacher_logits", teacher_logits)
+    _check_temperature(fn, temperature)
+    log_p_t = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    p_t = jnp.exp(log_p_t)
+    entropy = -jnp.sum(p_t * log_p_t, axis=-1)
+    cross = soft_tree_loss(path_probs, leaf_logits / temperature, p_t)
+    return temperature**2 * (cross - entropy)
 
 
 def tree_balance_penalty(node_reach: jax.Array, routing: jax.Array, *, strength) -> jax.Array:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax import audit, checkpoint, config as config_lib, data, distill, metrics, models, parallel
-from distill_jax import pca as pca_lib, preprocess, prune, train
+from distill_jax import pca as pca_lib, preprocess, prune, train, tuning
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,11 @@ def _batched_inputs(scaler, x: np.ndarray, *, batch_size: int = 4096):
 
 @dataclasses.dataclass
 class Trained:
-    """A trained model: its module, variables, kind, method, test logits and training history."""
+    """A trained model: its module, variables, kind, method, test logits and training history.
+
+    `settings`: for a student with the `kd` term, the `temperature` and `alpha` it was trained
+    with and, when they were chosen on a validation split, the `selection` (`tuning.Selection.as_dict`).
+    """
 
     name: str
     model: nn.Module
@@ -88,6 +92,7 @@ class Trained:
     test_logits: np.ndarray
     history: list[dict]
     seconds: float
+    settings: dict = dataclasses.field(default_factory=dict)
 
     @property
     def apply_fn(self) -> Callable[[jax.Array], jax.Array]:
@@ -118,10 +123,20 @@ def prepare_data(c) -> Prepared:
                     ds.num_classes, tuple(ds.class_names), ds.name, scaler, pca_state)
 
 
-def method_config(c) -> distill.MethodConfig:
+def method_config(c, *, temperature: float | None = None, alpha: float | None = None) -> distill.MethodConfig:
+    """The distillation hyper-parameters of config `c`; `temperature`/`alpha` override the config's.
+
+    A setting left at `"auto"` and not overridden takes `distill.MethodConfig`'s default (it is only
+    read by the `kd` term, whose students get the chosen value through `kd_settings`).
+    """
     m = c.method
+    defaults = distill.MethodConfig()
+    if temperature is None:
+        temperature = defaults.temperature if tuning.is_auto(m.temperature) else m.temperature
+    if alpha is None:
+        alpha = defaults.alpha if tuning.is_auto(m.alpha) else m.alpha
     return distill.MethodConfig(
-        temperature=m.temperature, alpha=m.alpha, tree_balance=m.tree_balance, attention_p=m.attention_p,
+        temperature=float(temperature), alpha=float(alpha), tree_balance=m.tree_balance, attention_p=m.attention_p,
         attention_pairs=config_lib.parse_pairs(m.attention_pairs, "method.attention_pairs"),
         hint_pairs=config_lib.parse_pairs(m.hint_pairs, "method.hint_pairs"),
         augment_shift=c.teacher.augment_shift, augment_flip=c.teacher.augment_flip,
@@ -248,10 +263,72 @@ def student_budget(kind: str, c):
 
 def train_student(name: str, kind: str, method: str, prep: Prepared, teacher: Trained, c, mesh,
                   ckpt_dir: str | None, **kw) -> Trained:
-    """Trains one student `<kind>-<method>` from the teacher (or from labels alone for `labels`)."""
+    """Trains one student `<kind>-<method>` from the teacher (or from labels alone for `labels`).
+
+    A `kd` student with `method.temperature` or `method.alpha` set to "auto" first selects them on a
+    validation split of the training images (`select_kd_settings`).
+    """
+    settings = kd_settings(name, kind, method, prep, teacher, c, mesh)
+    mcfg = method_config(c, temperature=settings.get("temperature"), alpha=settings.get("alpha"))
     model, extra = build_model(kind, c, prep.num_classes, prep.pca)
-    return _train(name, kind, method, model, extra, student_budget(kind, c), prep, method_config(c), c, mesh, ckpt_dir,
-                  teacher=teacher, cache_teacher=c.method.cache_teacher, **kw)
+    trained = _train(name, kind, method, model, extra, student_budget(kind, c), prep, mcfg, c, mesh, ckpt_dir,
+                     teacher=teacher, cache_teacher=c.method.cache_teacher, **kw)
+    return dataclasses.replace(trained, settings=settings)
+
+
+def kd_settings(name: str, kind: str, method: str, prep: Prepared, teacher: Trained, c, mesh) -> dict:
+    """`{temperature, alpha[, selection]}` for a student whose method has the `kd` term; `{}` otherwise."""
+    terms = [term for term, _ in distill.parse_method(method)]
+    m = c.method
+    if tuning.TUNED_TERM not in terms:
+        return {}
+    if not tuning.wants_selection(terms, m.temperature, m.alpha):
+        return {"temperature": float(m.temperature), "alpha": float(m.alpha)}
+    chosen = select_kd_settings(name, kind, method, prep, teacher, c, mesh)
+    return {"temperature": chosen.temperature, "alpha": chosen.alpha, "selection": chosen.as_dict()}
+
+
+def validation_split(prep: Prepared, fraction: float, seed: int) -> Prepared:
+    """`prep` with `fraction` of each class of the training images moved to the evaluation side.
+
+    The returned `x_test`/`y_test` are the held-out training images (never the test set). The scaler
+    and PCA stay those fitted on every training image: they use no labels.
+    """
+    fit, val = tuning.holdout_split(prep.y_train, fraction, seed=seed)
+    return dataclasses.replace(prep, x_train=prep.x_train[fit], y_train=prep.y_train[fit],
+                               x_test=prep.x_train[val], y_test=prep.y_train[val])
+
+
+def select_kd_settings(name: str, kind: str, method: str, prep: Prepared, teacher: Trained, c, mesh) -> tuning.Selection:
+    """Trains the student once per (T, alpha) candidate on the training images minus a validation split
+    and returns the best by `method.auto_score` (see `tuning`).
+
+    Each candidate trains for `method.auto_epochs` epochs (0: the student's own budget).
+    Raises:
+      ValueError: under multi-host (each process holds a different share of the training images).
+    """
+    m = c.method
+    if jax.process_count() > 1:
+        raise ValueError("method.temperature/alpha='auto' runs on one process for now; set numbers under multi-host")
+    held = validation_split(prep, m.validation_fraction, c.seed)
+    teacher_logits = train.predict(make_predict_fn(teacher.model, held, mesh), teacher.variables, held.x_test,
+                                   batch_size=c.eval_batch_size, mesh=mesh)
+    budget = student_budget(kind, c)
+    if m.auto_epochs:
+        budget.epochs = m.auto_epochs
+
+    def validation_logits(temperature: float, alpha: float) -> np.ndarray:
+        model, extra = build_model(kind, c, prep.num_classes, prep.pca)
+        candidate = _train(f"{name}@T={temperature:g},alpha={alpha:g}", kind, method, model, extra, budget, held,
+                           method_config(c, temperature=temperature, alpha=alpha), c, mesh, None, teacher=teacher,
+                           cache_teacher=m.cache_teacher, show_progress=False)
+        return candidate.test_logits
+
+    grid = tuning.candidates(m.temperature, m.alpha, m.auto_temperatures, m.auto_alphas)
+    chosen = tuning.select(grid, validation_logits, teacher_logits, held.y_test, score=m.auto_score)
+    log.info("%s: chose temperature %g and alpha %g on %d validation images (%s)", name, chosen.temperature,
+             chosen.alpha, chosen.validation_images, m.auto_score)
+    return chosen
 
 
 # --------------------------------------------------------------------------- explanations
@@ -399,6 +476,7 @@ def model_metrics(t: Trained, teacher: Trained | None, prep: Prepared) -> dict:
             kl=float(metrics.mean_kl(jnp.asarray(teacher.test_logits), jnp.asarray(t.test_logits))),
             method=t.method,
         )
+    out.update(t.settings)
     return out
 
 

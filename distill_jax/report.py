@@ -261,15 +261,36 @@ def _fmt(v) -> str:
 
 def model_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the model table (one row per model)."""
-    header = ["model", "method", "accuracy", "agreement", "kl", "params", "fgsm_accuracy", "pgd_accuracy",
+    header = ["model", "method", "T, alpha", "accuracy", "agreement", "kl", "params", "fgsm_accuracy", "pgd_accuracy",
               "ig_completeness_error"]
     rows = []
     for name, m in result["models"].items():
         ex = result.get("explanations", {}).get(name, {})
-        rows.append([name, m.get("method", "labels (teacher)"), _fmt(m["accuracy"]), _fmt(m.get("agreement")),
+        rows.append([name, m.get("method", "labels (teacher)"), kd_settings_text(m), _fmt(m["accuracy"]),
+                     _fmt(m.get("agreement")),
                      _fmt(m.get("kl")), str(m["params"]), _fmt(m.get("fgsm_accuracy")), _fmt(m.get("pgd_accuracy")),
                      _fmt(ex.get("ig_completeness_error"))])
     return header, rows
+
+
+def kd_settings_text(model: dict) -> str:
+    """`"4, 0.9"` for a kd student (`"2, 0.5 (validation)"` when chosen on a validation split), "" otherwise."""
+    if "temperature" not in model:
+        return ""
+    chosen = " (validation)" if "selection" in model else ""
+    return f"{model['temperature']:g}, {model['alpha']:g}{chosen}"
+
+
+def selection_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Every (T, alpha) candidate tried for each student with "auto" settings, its validation scores, the one chosen."""
+    rows = []
+    for name, m in result["models"].items():
+        sel = m.get("selection")
+        for cand in sel["candidates"] if sel else ():
+            chosen = (cand["temperature"], cand["alpha"]) == (sel["temperature"], sel["alpha"])
+            rows.append([name, f"{cand['temperature']:g}", f"{cand['alpha']:g}", _fmt(cand["accuracy"]),
+                         _fmt(cand["agreement"]), _fmt(cand["kl"]), f"chosen ({sel['score']})" if chosen else ""])
+    return ["student", "T", "alpha", "val accuracy", "val agreement", "val kl", ""], rows
 
 
 def summary_table(result: dict) -> str:
@@ -330,6 +351,15 @@ def write_html(workdir: str, result: dict, figures: dict[str, str]) -> str:
     expl_table = _html_table(*explanation_rows(result))
     sens_table = _html_table(*sensitivity_rows(result))
     quality_table = _html_table(*quality_rows(result))
+    selection_header, selection = selection_rows(result)
+    n_val = max((m["selection"]["validation_images"] for m in result["models"].values() if m.get("selection")),
+                default=0)
+    selection_html = "" if not selection else f"""<h3>Distillation settings chosen on a validation split</h3>
+<p class="note">Each kd student with method.temperature or method.alpha set to "auto" was trained once per candidate on
+the training images minus a class-stratified validation split ({n_val} images), then retrained on every training image with the
+chosen values; the test set played no part. T, alpha in the table above are the values each student was trained with
+(Hinton KD: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross entropy).</p>
+{_html_table(selection_header, selection)}"""
     figs = "".join(f'<figure><figcaption>{html.escape(t)}</figcaption><img src="{html.escape(p)}" alt="{html.escape(t)}">'
                    f"</figure>" for t, p in figures.items())
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in result["timing_s"].items())
@@ -343,6 +373,7 @@ def write_html(workdir: str, result: dict, figures: dict[str, str]) -> str:
 kl: mean KL(teacher || student) over the test set; fgsm/pgd_accuracy: test accuracy under L-inf attacks of the configured
 budget; ig_completeness_error: |sum IG - (f(x) - f(0))| / |f(x) - f(0)|.</p>
 {model_table}
+{selection_html}
 <h2>How faithful is each explanation?</h2>
 <p class="note">deletion AUC: probability of the true class as the most-attributed pixels are removed first (lower: the map
 found pixels the model needs); insertion AUC: the same as they are inserted into a blurred image (higher is better);

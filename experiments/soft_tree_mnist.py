@@ -61,7 +61,7 @@ def run(c, variant: str, workdir: str, *, echo=print) -> dict:
     settings = {
         "teacher": f"{TEACHER_TEXT.get(c.teacher.kind, c.teacher.kind)}, {c.teacher.epochs} ep, {data_text}",
         "tree-labels": f"{tree_text}, hard labels",
-        "tree-kd": f"{tree_text}, targets {c.method.alpha} softmax(teacher/{c.method.temperature:g}) "
+        "tree-kd": f"{tree_text}, {c.method.alpha} KD at T={c.method.temperature:g} (leaves/T vs teacher/T) "
                    f"+ {1 - c.method.alpha:.1f} labels",
     }
     titles = {"teacher": "neural net (teacher)", "tree-labels": "soft tree on labels", "tree-kd": "soft tree distilled"}

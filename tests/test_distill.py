@@ -164,3 +164,54 @@ def test_class_count_mismatch_is_refused(setup):
 def test_bad_hyper_parameters(kw, msg):
     with pytest.raises(ValueError, match=msg):
         distill.MethodConfig(**kw)
+
+
+# --------------------------------------------------------------------------- soft tree KD temperature
+
+
+def _train_tree(method, x, y, teacher_logits, *, depth=2, steps=300, temperature=4.0, alpha=0.9):
+    cfg = distill.MethodConfig(temperature=temperature, alpha=alpha, tree_balance=0.0)
+    student = models.SoftDecisionTree(depth, teacher_logits.shape[-1])
+    params = distill.init_trainable(student, "labels", cfg, jax.random.PRNGKey(1), x[:2])
+    loss_fn = distill.make_loss_fn(student, "tree", method, cfg, teacher_logits.shape[-1])
+    opt = optax.adam(3e-2)
+    state = train.create_state(params, opt, key=jax.random.PRNGKey(2))
+    step = jax.jit(train.train_step_fn(loss_fn, opt))
+    batch = {"x": x, "y": y, "teacher_logits": teacher_logits}  # a cached teacher
+    for _ in range(steps):
+        state, _ = step(state, batch, None)
+    return student, state.params["model"]
+
+
+def _kl_from_teacher(teacher_logits, student_logits):
+    p = jax.nn.softmax(teacher_logits)
+    return float(jnp.mean(jnp.sum(p * (jax.nn.log_softmax(teacher_logits) - jax.nn.log_softmax(student_logits)), -1)))
+
+
+def test_tree_kd_leaves_learn_the_teacher_distribution_at_temperature_one():
+    """A constant teacher and alpha=1: the optimum is every leaf holding softmax(teacher) at T=1.
+
+    Matching softmax(leaf_logits) to softmax(teacher / T) without dividing the leaves by T (the
+    earlier form) would leave the leaves at the teacher's T=4 softening: about 0.36 instead of 0.67.
+    """
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 2, 2, 1)).astype(np.float32))
+    teacher_logits = jnp.broadcast_to(jnp.array([2.0, 1.0, 0.0]), (64, 3))
+    student, params = _train_tree("kd", x, jnp.zeros(64, jnp.int32), teacher_logits, depth=1, steps=400, alpha=1.0)
+    leaves = jax.nn.softmax(params["leaf_logits"], axis=-1)
+    np.testing.assert_allclose(leaves, jax.nn.softmax(teacher_logits[:2]), atol=2e-2)
+
+
+def test_distilled_tree_is_closer_to_the_teacher_than_the_same_tree_trained_on_labels():
+    """Synthetic task with a known soft teacher (logits linear in x, labels its argmax): at T=1 the
+    distilled tree's KL(teacher || tree) is lower than the label-trained tree's (measured 0.139 vs
+    0.203; the earlier form without the student-side temperature gave 0.268, worse than labels)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 2, 2, 1)).astype(np.float32)
+    teacher_logits = 3.0 * x.reshape(512, -1) @ rng.normal(size=(4, 3)).astype(np.float32)
+    y = jnp.asarray(teacher_logits.argmax(-1).astype(np.int32))
+    x, teacher_logits = jnp.asarray(x), jnp.asarray(teacher_logits)
+    kl = {}
+    for method in ("labels", "kd"):
+        student, params = _train_tree(method, x, y, teacher_logits)
+        kl[method] = _kl_from_teacher(teacher_logits, student.apply({"params": params}, x))
+    assert kl["kd"] < 0.8 * kl["labels"], kl

@@ -177,6 +177,23 @@ def test_soft_tree_loss_hand_computed():
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
+def test_soft_tree_kd_loss_is_the_path_weighted_kd_loss_of_each_leaf():
+    """T^2 * sum_l P_l KL(softmax(t/T) || softmax(leaf_l/T)) = sum_l P_l * kd_loss(leaf_l, t; T)."""
+    rng = np.random.default_rng(0)
+    path = rng.dirichlet(np.ones(4), size=3).astype(np.float32)
+    leaf_logits = rng.normal(size=(4, 5)).astype(np.float32) * 3
+    teacher = rng.normal(size=(3, 5)).astype(np.float32) * 3
+    for t in (1.0, 4.0):
+        per_leaf = np.stack([losses.kd_loss(np.broadcast_to(leaf, teacher.shape), teacher, temperature=t)
+                             for leaf in leaf_logits], axis=1)  # [B, L]
+        expected = np.sum(path * per_leaf, axis=1)
+        got = losses.soft_tree_kd_loss(path, leaf_logits, teacher, temperature=t)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # zero when every leaf holds the teacher's distribution (one leaf, same logits up to a shift)
+    same = losses.soft_tree_kd_loss(np.ones((1, 1), np.float32), teacher[:1] + 2.0, teacher[:1], temperature=4.0)
+    np.testing.assert_allclose(same, [0.0], atol=1e-5)
+
+
 def test_tree_balance_penalty_hand_computed():
     # depth-2 tree: 3 inner nodes (0 root; 1 left child, 2 right child, depth 1).
     routing = np.array([[0.5, 0.2, 0.9], [0.5, 0.6, 0.1]], np.float32)
@@ -387,6 +404,8 @@ def _cases(dtype):
         "hint_loss": (losses.hint_loss, (n(4, 4, 4, 3), n(4, 2, 2, 3)), ()),
         "hint_loss_vectors": (losses.hint_loss, (n(4, 6), n(4, 6)), ()),
         "soft_tree_loss": (losses.soft_tree_loss, (probs(4, 4), n(4, 3), probs(4, 3)), ()),
+        "soft_tree_kd_loss": (functools.partial(losses.soft_tree_kd_loss, temperature=3.0),
+                              (probs(4, 4), n(4, 3), n(4, 3)), ()),
         "tree_balance_penalty": (
             functools.partial(losses.tree_balance_penalty, strength=0.3),
             (reach, r.uniform(0.1, 0.9, (4, 3)).astype(dtype)), (),
