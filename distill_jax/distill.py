@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax import losses, models
+from distill_jax import losses, models, parallel
 
 Pair = tuple[str, str]  # (student layer, teacher layer)
 
@@ -270,8 +270,8 @@ def teacher_cache_bytes(teacher: nn.Module, teacher_vars, sample_x: jax.Array, n
 
 
 def cache_teacher_outputs(teacher: nn.Module, teacher_vars, x: np.ndarray, labels: np.ndarray, needs: Needs,
-                          *, batch_size: int = 256,
-                          inputs: Callable[[jax.Array], jax.Array] = _identity) -> dict[str, np.ndarray]:
+                          *, batch_size: int = 256, inputs: Callable[[jax.Array], jax.Array] = _identity,
+                          mesh=None) -> dict[str, np.ndarray]:
     """Runs the frozen teacher once over `x` and returns its outputs as host arrays (same keys as `teacher_outputs`).
 
     The outputs are written into arrays allocated once at their final size, so the peak host memory
@@ -281,20 +281,44 @@ def cache_teacher_outputs(teacher: nn.Module, teacher_vars, x: np.ndarray, label
       x: [n, ...] host images as stored (e.g. uint8); `inputs` maps a batch of them to the teacher's
         input on the device (e.g. standardization), inside the jitted call.
       labels: [n] ints (saliency targets).
+      mesh: a single-process mesh (e.g. `parallel.local_mesh()`) to split every batch over its devices,
+        the teacher's variables placed on it once; None runs on the default device.
     Returns:
       key -> [n, ...] numpy array.
     """
     n = len(x)
     if n == 0:
         return {}
-    shapes = teacher_cache_shapes(teacher, teacher_vars, jnp.asarray(x[:1]), needs, inputs=inputs)
+    shapes = teacher_cache_shapes(teacher, teacher_vars, x[:1], needs, inputs=inputs)  # shapes only: no transfer
     out = {k: np.empty((n,) + s.shape, s.dtype) for k, s in shapes.items()}
-    fn = jax.jit(lambda v, xb, yb: teacher_outputs(teacher, v, inputs(xb), yb, needs))
+    fn, teacher_vars, batch_size = teacher_outputs_fn(teacher, teacher_vars, needs, inputs, mesh, batch_size)
     for i in range(0, n, batch_size):
-        chunk = jax.device_get(fn(teacher_vars, x[i : i + batch_size], labels[i : i + batch_size]))
+        xb, pad = parallel.pad_to_multiple(x[i : i + batch_size], batch_size if mesh is not None else 1)
+        yb, _ = parallel.pad_to_multiple(labels[i : i + batch_size], batch_size if mesh is not None else 1)
+        if mesh is not None:
+            xb, yb = jax.device_put((xb, yb), parallel.data_sharding(mesh))
+        chunk = jax.device_get(fn(teacher_vars, xb, yb))
         for k, v in chunk.items():
-            out[k][i : i + len(v)] = v
+            out[k][i : i + len(v) - pad] = v[: len(v) - pad]
     return out
+
+
+def teacher_outputs_fn(teacher: nn.Module, teacher_vars, needs: Needs, inputs: Callable, mesh, batch_size: int):
+    """The jitted `(variables, x, labels) -> teacher_outputs`, the variables to pass it, and the batch size.
+
+    With a mesh: batches split over its `data` axis (the batch size rounded up to a multiple of its
+    devices), the variables replicated on it once; without one: plain jit on the default device.
+    """
+    def run(v, xb, yb):
+        return teacher_outputs(teacher, v, inputs(xb), yb, needs)
+
+    if mesh is None:
+        return jax.jit(run), teacher_vars, batch_size
+    devices = mesh.shape[parallel.DATA_AXIS]
+    batch_size = -(-batch_size // devices) * devices
+    repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    return jax.jit(run, in_shardings=(repl, data, data), out_shardings=data), parallel.replicate(teacher_vars, mesh), \
+        batch_size
 
 
 # --------------------------------------------------------------------------- the loss function

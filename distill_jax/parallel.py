@@ -22,6 +22,12 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def local_mesh() -> Mesh:
+    """A `data` mesh over this process's own devices: for work every process does on its own data
+    (the teacher cache of its share, the audit of the test sample), with results it can read back."""
+    return make_mesh(jax.local_devices())
+
+
 def data_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding that splits the leading (batch) axis over the `data` axis."""
     return NamedSharding(mesh, P(DATA_AXIS))
@@ -96,6 +102,25 @@ def replicate(tree, mesh: Mesh, *, copy: bool = False):
     one shard of the result to the input even with `may_alias=False`, so the copy goes through the host.
     """
     return jax.device_put(jax.device_get(tree) if copy else tree, replicated(mesh))
+
+
+def place_batch(tree, mesh: Mesh):
+    """Host arrays [n, ...] placed on a single-process `mesh`: split along `data` when n divides by its
+    device count, replicated otherwise (a small audit sample, say 10 images on 4 devices)."""
+    n = mesh.shape[DATA_AXIS]
+
+    def place(a):
+        return jax.device_put(a, data_sharding(mesh) if np.shape(a)[0] % n == 0 else replicated(mesh))
+
+    return jax.tree_util.tree_map(place, tree)
+
+
+def pad_to_multiple(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
+    """`x` [n, ...] with zero rows appended up to a multiple of `multiple`, and how many were appended."""
+    pad = -len(x) % multiple
+    if pad:
+        x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+    return x, pad
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,

@@ -186,7 +186,7 @@ def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, bud
     use_cache = cache_teacher and _teacher_cache_fits(name, needs, mcfg, t_model, t_vars, prep, c)
     if use_cache:
         arrays.update(distill.cache_teacher_outputs(t_model, t_vars, prep.x_train, prep.y_train, needs,
-                                                    inputs=prep.inputs))
+                                                    inputs=prep.inputs, mesh=parallel.local_mesh()))
     step_fn = train.make_train_step(loss_fn, optimizer, mesh)
     predict_fn = make_predict_fn(model, prep, mesh)
 
@@ -413,6 +413,9 @@ def _analysis_stage(trained: list[Trained], prep: Prepared, x, target, xa, ya, s
 def audit_models(trained: list[Trained], prep: Prepared, c, *, show_progress: bool | None = None) -> Audit:
     """Explains every model on a class-stratified test sample, scores the maps, attacks the models, analyses the students.
 
+    The samples are split over this process's devices (`parallel.place_batch`) and every model's
+    variables replicated on them once, so each kernel runs data-parallel.
+
     Targets are the true labels, so maps of different models explain the same decision.
     The first model in `trained` is the teacher. Accuracy, agreement and KL come from the whole test
     set (`model_metrics`); this stage works on samples: `explain.num_images` images for the maps,
@@ -420,9 +423,12 @@ def audit_models(trained: list[Trained], prep: Prepared, c, *, show_progress: bo
     `show_progress`: None shows a bar on a terminal only, True always, False never.
     """
     e, r = c.explain, c.robustness
-    x, target = test_sample(prep, e.num_images, seed=c.seed)
-    xr, yr = test_sample(prep, r.num_images, seed=c.seed)
-    xa, ya = test_sample(prep, c.analysis_images, seed=c.seed)
+    # each process audits the same samples on its own devices: batches split over them, variables placed once
+    mesh = parallel.local_mesh()
+    x, target, xr, yr, xa, ya = parallel.place_batch((*test_sample(prep, e.num_images, seed=c.seed),
+                                                      *test_sample(prep, r.num_images, seed=c.seed),
+                                                      *test_sample(prep, c.analysis_images, seed=c.seed)), mesh)
+    trained = [dataclasses.replace(t, variables=parallel.replicate(t.variables, mesh)) for t in trained]
     teacher = trained[0]
     maps, curves, explanations, robust = {}, {}, {}, {}
     stages = [(t, "explain") for t in trained] + [(t, "attack") for t in trained] + [(None, "analysis")]

@@ -214,12 +214,10 @@ def predict(predict_fn: Callable, variables, x: np.ndarray, *, batch_size: int, 
     parallel.check_batch_size(batch_size, mesh, what="eval batch_size")
     local = parallel.local_batch_size(batch_size)
     lo = jax.process_index() * local
+    variables = parallel.replicate(variables, mesh)  # once, not with every batch
     out = []
     for start in range(0, len(x), batch_size):
-        chunk = x[start : start + batch_size]
-        pad = batch_size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+        chunk, pad = parallel.pad_to_multiple(x[start : start + batch_size], batch_size)
         logits = predict_fn(variables, parallel.shard_batch(chunk[lo : lo + local], mesh))
         out.append(parallel.gather(logits)[: batch_size - pad])
     return np.concatenate(out)
@@ -352,6 +350,7 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
     # committed to the step's sharding (one compilation, not two), and a copy: the step donates its
     # input, which must not delete the caller's arrays
     state = parallel.replicate(state, mesh, copy=True)
+    teacher = None if teacher is None else parallel.replicate(teacher, mesh)  # placed once, not sent every step
     history: list[dict] = []
     bar = progress_bar(total, desc=cfg.desc, show=cfg.show_progress, initial=min(start, total))
     shown_at, shown_time = step, time.perf_counter()

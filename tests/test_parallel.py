@@ -112,3 +112,93 @@ def test_initialize_distributed_rejects_a_coordinator_without_process_numbers(mo
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
     with pytest.raises(ValueError, match="--coordinator needs"):
         parallel.initialize_distributed()
+
+
+# --------------------------------------------------------------------------- placed once, sharded everywhere
+
+
+def _no_implicit_transfers():
+    """Host->device and device->device copies must be explicit (device_put); reading results back is allowed."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.transfer_guard_host_to_device("disallow"))
+    stack.enter_context(jax.transfer_guard_device_to_device("disallow"))
+    return stack
+
+
+def test_training_with_a_live_teacher_on_4_devices_makes_no_implicit_transfer():
+    """The teacher's host variables are placed on the mesh once by `fit`, not sent with every step."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8, 8, 1)).astype(np.float32)
+    y = rng.integers(0, 3, 32).astype(np.int32)
+    teacher, student = models.SmallCNN(3), models.SmallCNN(3)
+    t_vars = jax.device_get(teacher.init(jax.random.PRNGKey(5), jnp.asarray(x[:2])))  # host numpy, as from a checkpoint
+    cfg = distill.MethodConfig()
+    params = distill.init_trainable(student, "kd+attention", cfg, jax.random.PRNGKey(0), jnp.asarray(x[:2]),
+                                    teacher, t_vars)
+    loss_fn = distill.make_loss_fn(student, "cnn", "kd+attention", cfg, 3, teacher)
+    opt = optax.adam(1e-2)
+    mesh = parallel.make_mesh()
+    state = train.create_state(params, opt, key=jax.random.PRNGKey(1))
+    step = train.make_train_step(loss_fn, opt, mesh)
+    with _no_implicit_transfers():
+        state, history = train.fit(state, step, {"x": x, "y": y}, train.FitConfig(epochs=2, batch_size=8,
+                                   show_progress=False), mesh=mesh, teacher=t_vars)
+    assert len(history) == 2 and history[1]["loss"] < history[0]["loss"]
+    with pytest.raises(Exception, match="host-to-device transfer"):  # the guard is live: a raw numpy teacher fails
+        with _no_implicit_transfers():
+            step(state, parallel.shard_batch({"x": x[:8], "y": y[:8]}, mesh), t_vars)
+
+
+def test_predict_places_host_variables_once():
+    mesh = parallel.make_mesh()
+    w = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
+    x = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
+    with _no_implicit_transfers():
+        logits = train.predict(train.make_predict_fn(lambda v, z: z @ v["w"], mesh), {"w": w}, x, batch_size=8,
+                               mesh=mesh)
+    np.testing.assert_allclose(logits, x @ w, rtol=1e-6)
+
+
+def test_teacher_cache_splits_batches_over_the_local_devices_and_equals_one_device():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(19, 8, 8, 1)).astype(np.float32)  # 19: the last batch is padded to the devices
+    y = rng.integers(0, 3, 19).astype(np.int32)
+    teacher = models.SmallCNN(3)
+    t_vars = jax.device_get(teacher.init(jax.random.PRNGKey(5), jnp.asarray(x[:2])))
+    needs = distill.method_needs("kd+attention", distill.MethodConfig())
+    mesh = parallel.local_mesh()
+    with _no_implicit_transfers():
+        sharded = distill.cache_teacher_outputs(teacher, t_vars, x, y, needs, batch_size=6, mesh=mesh)
+    plain = distill.cache_teacher_outputs(teacher, t_vars, x, y, needs, batch_size=6)
+    assert sorted(sharded) == sorted(plain)
+    for k in plain:
+        np.testing.assert_allclose(sharded[k], plain[k], rtol=1e-5, atol=1e-6)
+    fn, placed, batch = distill.teacher_outputs_fn(teacher, t_vars, needs, lambda v: v, mesh, 6)
+    assert batch == 8  # rounded up to a multiple of the 4 devices
+    out = fn(placed, *jax.device_put((x[:8], y[:8]), parallel.data_sharding(mesh)))
+    assert all(len(v.sharding.device_set) == 4 and v.sharding.spec == jax.sharding.PartitionSpec("data")
+               for v in out.values())
+
+
+def test_audit_kernels_run_split_over_the_devices_and_match_one_device():
+    from distill_jax import audit
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(8, 8, 8, 1)).astype(np.float32))
+    target = jnp.asarray(rng.integers(0, 3, 8).astype(np.int32))
+    model = models.SmallCNN(3)
+    variables = model.init(jax.random.PRNGKey(0), x[:2])
+    mesh = parallel.local_mesh()
+    xs, ts = parallel.place_batch((x, target), mesh)
+    assert xs.sharding.spec == jax.sharding.PartitionSpec("data") and len(xs.sharding.device_set) == 4
+    placed = parallel.replicate(variables, mesh)
+    kw = dict(methods=("saliency", "integrated_gradients", "grad_cam"), ig_steps=4, smoothgrad_samples=2,
+              key=jax.random.PRNGKey(0))
+    sharded = audit.attribution_maps(model, placed, xs, ts, **kw)
+    plain = audit.attribution_maps(model, variables, x, target, **kw)
+    for method in plain:
+        np.testing.assert_allclose(sharded[method], plain[method], rtol=1e-4, atol=1e-6)
+    odd = parallel.place_batch(np.zeros((10, 3), np.float32), mesh)  # 10 rows on 4 devices: replicated
+    assert odd.sharding.spec == jax.sharding.PartitionSpec()
