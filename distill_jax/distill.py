@@ -404,6 +404,7 @@ def make_loss_fn(student: nn.Module, student_kind: str, method: str, cfg: Method
             x = data.augment(key, x, max_shift=cfg.augment_shift, flip=cfg.augment_flip)
         variables = {"params": params["model"], **extra}
         logits, feats = student.apply(variables, x, return_features=True)
+        feats = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), feats)  # losses in float32 under bf16 compute
         if needs.teacher and not any(k.startswith("teacher_") for k in batch):
             t_out = teacher_outputs(teacher, teacher_vars, x, y, needs)
         else:

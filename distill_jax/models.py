@@ -11,6 +11,10 @@ logits with respect to that feature is `jax.grad` with respect to a zero delta (
 TCAV). `forward_with_features(model, variables)` turns a model into the
 `forward_fn(x, deltas=None) -> (logits, features)` that `explain` and `analysis` take.
 
+Mixed precision: the conv nets and the MLP take a compute `dtype` (`with_compute_dtype(model,
+"bfloat16")`): inputs, activations and matrix products in that dtype, parameters and logits in
+float32, so losses and every reported number stay float32.
+
 Convolution and pooling come in three implementations (`impl`) with the same parameters:
 `"lax_conv"` (default: XLA's own convolution, `lax.conv_general_dilated`, with the 2x2 max-pool
 as the max of four strided views, whose backward is cheap where `reduce_window`'s
@@ -147,6 +151,7 @@ class Conv3x3(nn.Module):
 
     features: int
     impl: str = "lax_conv"
+    dtype: Any = jnp.float32  # compute dtype; the parameters stay float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -154,7 +159,7 @@ class Conv3x3(nn.Module):
             "kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features), jnp.float32
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-        return CONV_IMPLS[self.impl](x, kernel) + bias
+        return CONV_IMPLS[self.impl](x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
 def _with_delta(name: str, value: jax.Array, deltas: Features | None, features: Features) -> jax.Array:
@@ -195,22 +200,23 @@ class ConvNet(nn.Module):
     conv_features: Sequence[int]
     dense_features: Sequence[int]
     impl: str = "lax_conv"
+    dtype: Any = jnp.float32  # compute dtype (e.g. bfloat16 on TPU/GPU); parameters and logits stay float32
 
     @nn.compact
     def __call__(self, x, *, return_features: bool = False, deltas: Features | None = None):
         _check_images(x, type(self).__name__)
         _check_impl(self.impl)
         features: Features = {}
-        h = x
+        h = x.astype(self.dtype)
         for i, width in enumerate(self.conv_features, start=1):
-            h = nn.relu(Conv3x3(width, impl=self.impl, name=f"conv{i}")(h))
+            h = nn.relu(Conv3x3(width, impl=self.impl, dtype=self.dtype, name=f"conv{i}")(h))
             h = _with_delta(f"conv{i}", h, deltas, features)
             h = POOL_IMPLS[self.impl](h)
         h = h.reshape(h.shape[0], -1)
         for i, width in enumerate(self.dense_features, start=1):
-            h = nn.relu(nn.Dense(width, name=f"dense{i}")(h))
+            h = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"dense{i}")(h))
             h = _with_delta(f"dense{i}", h, deltas, features)
-        logits = nn.Dense(self.num_classes, name="head")(h)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(h).astype(jnp.float32)
         return _output(logits, features, deltas, return_features, type(self).__name__)
 
 
@@ -237,15 +243,16 @@ class MLP(nn.Module):
 
     num_classes: int
     hidden: Sequence[int] = (128,)
+    dtype: Any = jnp.float32  # compute dtype; parameters and logits stay float32
 
     @nn.compact
     def __call__(self, x, *, return_features: bool = False, deltas: Features | None = None):
         features: Features = {}
-        h = x.reshape(x.shape[0], -1)
+        h = x.reshape(x.shape[0], -1).astype(self.dtype)
         for i, width in enumerate(self.hidden, start=1):
-            h = nn.relu(nn.Dense(width, name=f"dense{i}")(h))
+            h = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"dense{i}")(h))
             h = _with_delta(f"dense{i}", h, deltas, features)
-        logits = nn.Dense(self.num_classes, name="head")(h)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(h).astype(jnp.float32)
         return _output(logits, features, deltas, return_features, type(self).__name__)
 
 
@@ -401,6 +408,18 @@ def layer_order(model: nn.Module, variables, sample_x: jax.Array) -> list[str]:
         jax.eval_shape(lambda v: model.apply(v, sample_x), variables)
     params = list(variables["params"])
     return [name for name in order if name in params] + [name for name in params if name not in order]
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def with_compute_dtype(model: nn.Module, dtype: str) -> nn.Module:
+    """`model` computing in `dtype` ("float32" or "bfloat16") where it has a compute dtype (the conv nets
+    and the MLP); the soft tree and the linear student always compute in float32. Parameters are float32
+    either way, so the same variables serve both."""
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype {dtype!r} is not supported; use one of {list(COMPUTE_DTYPES)}")
+    return model.clone(dtype=jnp.dtype(dtype)) if hasattr(model, "dtype") else model
 
 
 def count_params(params) -> int:

@@ -17,9 +17,13 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices=None) -> Mesh:
-    """A mesh with one `data` axis over `devices` (default: every device of every process)."""
+    """A mesh with one `data` axis over `devices` (default: every device of every process).
+
+    Built by `jax.make_mesh`, which orders the devices for the hardware's topology (TPU slices), with
+    the `Auto` axis type: jit propagates the batch sharding from the inputs (JAX 0.7+ defaults to `Explicit`).
+    """
     devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def local_mesh() -> Mesh:
@@ -129,7 +133,9 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
 
     Explicit arguments win; otherwise JAX's own detection (TPU pods, SLURM, Open MPI) and the
     `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` variables are used.
-    Returns True when a multi-process runtime was started.
+    Safe to call more than once: whoever calls first starts the runtime, later calls leave it be
+    (`jax.distributed.initialize` itself raises when called twice).
+    Returns True when a multi-process runtime is running.
     """
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
@@ -137,6 +143,8 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     if process_id is None and "JAX_PROCESS_ID" in os.environ:
         process_id = int(os.environ["JAX_PROCESS_ID"])
     auto = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"))
+    if jax.distributed.is_initialized():  # a script (e.g. colab_accelerators.py) already started it
+        return True
     if coordinator is None and not auto:
         return False
     if coordinator is not None and (num_processes is None or process_id is None):

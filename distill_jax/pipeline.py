@@ -144,13 +144,13 @@ def method_config(c, *, temperature: float | None = None, alpha: float | None = 
 
 
 def build_model(kind: str, c, num_classes: int, pca_state) -> tuple[nn.Module, dict]:
-    """A model of `kind` and its non-trainable collections (the PCA for `linear`)."""
+    """A model of `kind` computing in `c.dtype`, and its non-trainable collections (the PCA for `linear`)."""
     options = {
         "seed_cnn": {}, "cnn": {}, "mlp": {"hidden": tuple(c.mlp.hidden)},
         "tree": {"depth": c.tree.depth},
         "linear": {"n_components": int(pca_state.components.shape[0])},
     }[kind]
-    model = models.build(kind, num_classes, **options)
+    model = models.with_compute_dtype(models.build(kind, num_classes, **options), c.get("dtype", "float32"))
     extra = {"pca": models.set_pca({}, pca_state)["pca"]} if kind == "linear" else {}
     return model, extra
 
@@ -218,7 +218,9 @@ def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, bud
     if ckpt_dir is not None:
         checkpoint.save_variables(os.path.join(ckpt_dir, name, "final"), variables)
     test_logits = train.predict(predict_fn, variables, prep.x_test, batch_size=c.eval_batch_size, mesh=mesh)
-    return Trained(name, model, variables, kind, method, test_logits, history, time.perf_counter() - start)
+    # what is evaluated, explained and reported runs in float32, whatever the training compute dtype
+    return Trained(name, models.with_compute_dtype(model, "float32"), variables, kind, method, test_logits, history,
+                   time.perf_counter() - start)
 
 
 def _teacher_cache_fits(name: str, needs: distill.Needs, mcfg: distill.MethodConfig, t_model, t_vars,
@@ -241,7 +243,8 @@ def _teacher_cache_fits(name: str, needs: distill.Needs, mcfg: distill.MethodCon
 
 def make_predict_fn(model: nn.Module, prep: Prepared, mesh) -> Callable:
     """Jitted `(variables, stored images) -> logits`, sharded over `mesh`: inputs made on the device, forward only."""
-    evaluator = models.forward_only(model)  # evaluation runs no backward: the fastest forward impl
+    # evaluation runs no backward (the fastest forward impl) and in float32: its numbers are reported
+    evaluator = models.forward_only(models.with_compute_dtype(model, "float32"))
     return train.make_predict_fn(lambda v, x: evaluator.apply(v, prep.inputs(x)), mesh)
 
 
@@ -617,6 +620,7 @@ def load_trained(workdir: str) -> tuple[dict, list[Trained], Prepared, Any]:
     trained = []
     for name, kind, method in kinds:
         model, extra = build_model(kind, c, prep.num_classes, prep.pca)
+        model = models.with_compute_dtype(model, "float32")
         template = {**model.init(jax.random.PRNGKey(0), prep.inputs(prep.x_train[:1])), **extra}
         variables = checkpoint.load_variables(os.path.join(ckpt_dir, name, "final"), template)
         predict_fn = make_predict_fn(model, prep, mesh)

@@ -104,6 +104,22 @@ def test_initialize_distributed_needs_nothing_on_one_machine(monkeypatch):
     assert parallel.initialize_distributed() is False
 
 
+def test_initialize_distributed_twice_starts_the_runtime_once(monkeypatch):
+    """A script that started jax.distributed, then the CLI asking again (with SLURM variables set): no second start."""
+    calls = []
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: bool(calls))
+    assert parallel.initialize_distributed() is True and len(calls) == 1
+    assert parallel.initialize_distributed() is True and len(calls) == 1
+
+
+def test_mesh_is_built_by_make_mesh_with_auto_axis():
+    mesh = parallel.make_mesh()
+    assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
+    assert set(mesh.devices.flat) == set(jax.devices())
+
+
 def test_initialize_distributed_rejects_a_coordinator_without_process_numbers(monkeypatch):
     monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
     monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
