@@ -20,6 +20,7 @@ Datasets without a test split are shuffled with ``seed`` and split by ``test_fra
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from typing import Callable, Iterator
@@ -356,33 +357,50 @@ def _tfds_howto(name: str, data_dir) -> str:
 
 def _tfds_arrays(source, keys: tuple[str, str], size, *, keep_uint8: bool = False, chunk: int = 1024):
     """(images [n, ...], labels [n]) of every record; with ``size`` each image is resized to it and every image is
-    float32 in [0, 1], except uint8 images under ``keep_uint8``, which stay uint8 (resized ones rounded back)."""
+    float32 in [0, 1], except uint8 images under ``keep_uint8``, which stay uint8 (resized ones rounded back).
+
+    Images of a chunk that share a shape are resized together, in one call (`_resize_batch`)."""
     image_key, label_key = keys
     xs, ys = [], []
     n = len(source)
     for start in range(0, n, chunk):
         records = source.__getitems__(list(range(start, min(start + chunk, n))))
-        for r in records:
-            img = np.asarray(r[image_key])
-            if size is not None:
-                keep = keep_uint8 and img.dtype == np.uint8
-                if img.shape[:2] != size:
-                    img = _resize_array(img, size)
-                    img = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8) if keep else img
-                elif not keep and img.dtype == np.uint8:
-                    img = as_float01(img)  # so resized (float) and unresized images share one scale
-            xs.append(img)
-            ys.append(r[label_key])
+        images = [np.asarray(r[image_key]) for r in records]
+        xs.extend(images if size is None else _resized_chunk(images, size, keep_uint8))
+        ys.extend(r[label_key] for r in records)
     return np.stack(xs), np.asarray(ys)
 
 
-def _resize_array(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of one [h, w] or [h, w, c] image (uint8 or float) to ``size``."""
-    img = img[..., None] if img.ndim == 2 else img
-    if img.dtype == np.uint8:
-        img = img.astype(np.float32) / 255.0
-    out = jax.image.resize(jnp.asarray(img, jnp.float32), (*size, img.shape[-1]), "bilinear", antialias=True)
-    return np.asarray(out)
+def _resized_chunk(images: list[np.ndarray], size: tuple[int, int], keep_uint8: bool) -> list[np.ndarray]:
+    """`images` at `size` (in their order): each group of equal shape and dtype resized in one batched call."""
+    out: list[np.ndarray | None] = [None] * len(images)
+    groups: dict[tuple, list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault((img.shape, img.dtype.str), []).append(i)
+    for idx in groups.values():
+        batch = np.stack([images[i] for i in idx])
+        keep = keep_uint8 and batch.dtype == np.uint8
+        if batch.shape[1:3] != size:
+            batch = _resize_batch(batch, size)
+            batch = np.clip(np.round(batch * 255.0), 0, 255).astype(np.uint8) if keep else batch
+        elif not keep and batch.dtype == np.uint8:
+            batch = as_float01(batch)  # so resized (float) and unresized images share one scale
+        for i, img in zip(idx, batch):
+            out[i] = img[..., None] if img.ndim == 2 else img
+    return out
+
+
+def _resize_batch(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear (antialiased) resize of [b, h, w] or [b, h, w, c] images (uint8 or float) to [b, *size, c] float32."""
+    images = images[..., None] if images.ndim == 3 else images
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 255.0
+    return np.asarray(_jit_resize(jnp.asarray(images, jnp.float32), tuple(size)))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _jit_resize(images: jax.Array, size: tuple[int, int]) -> jax.Array:
+    return jax.image.resize(images, (images.shape[0], *size, images.shape[-1]), "bilinear", antialias=True)
 
 
 def _load_tfds(arg: str, *, data_dir=None, image_size=None, seed: int, test_fraction: float, download: bool = True,

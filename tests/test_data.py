@@ -473,6 +473,31 @@ def test_tfds_arrays_mixed_sizes_share_one_scale():
     np.testing.assert_array_equal(x[:, :, :, 0], [np.full((2, 2), 51), np.full((2, 2), 102)])
 
 
+def test_tfds_images_are_resized_in_one_call_per_shape_in_their_order(monkeypatch):
+    """A chunk of interleaved 4x4 and 6x6 images: two batched resizes, each image equal to resizing it alone."""
+    import jax
+
+    rng = np.random.default_rng(0)
+    shapes = [(4, 4, 1), (6, 6, 1), (4, 4, 1), (6, 6, 1), (4, 4, 1)]
+    records = [{"image": rng.integers(0, 256, s).astype(np.uint8), "label": i} for i, s in enumerate(shapes)]
+
+    class Source:
+        def __len__(self):
+            return len(records)
+
+        def __getitems__(self, idx):
+            return [records[i] for i in idx]
+
+    calls = []
+    real = data._jit_resize
+    monkeypatch.setattr(data, "_jit_resize", lambda images, size: calls.append(images.shape) or real(images, size))
+    x, y = data._tfds_arrays(Source(), ("image", "label"), (3, 3))
+    assert sorted(calls) == [(2, 6, 6, 1), (3, 4, 4, 1)] and list(y) == [0, 1, 2, 3, 4]
+    for img, rec in zip(x, records):
+        alone = jax.image.resize(rec["image"].astype(np.float32) / 255.0, (3, 3, 1), "bilinear", antialias=True)
+        np.testing.assert_allclose(img, alone, rtol=1e-5, atol=1e-6)
+
+
 def test_as_float01():
     u8 = np.arange(256, dtype=np.uint8).reshape(16, 16)
     out = data.as_float01(u8)
