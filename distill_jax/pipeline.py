@@ -271,12 +271,15 @@ def train_student(name: str, kind: str, method: str, prep: Prepared, teacher: Tr
     A `kd` student with `method.temperature` or `method.alpha` set to "auto" first selects them on a
     validation split of the training images (`select_kd_settings`).
     """
+    start = time.perf_counter()
     settings = kd_settings(name, kind, method, prep, teacher, c, mesh)
     mcfg = method_config(c, temperature=settings.get("temperature"), alpha=settings.get("alpha"))
     model, extra = build_model(kind, c, prep.num_classes, prep.pca)
     trained = _train(name, kind, method, model, extra, student_budget(kind, c), prep, mcfg, c, mesh, ckpt_dir,
                      teacher=teacher, cache_teacher=c.method.cache_teacher, **kw)
-    return dataclasses.replace(trained, settings=settings)
+    if "selection" in settings:
+        settings["selection"]["seconds"] = round(time.perf_counter() - start - trained.seconds, 2)
+    return dataclasses.replace(trained, settings=settings, seconds=time.perf_counter() - start)
 
 
 def kd_settings(name: str, kind: str, method: str, prep: Prepared, teacher: Trained, c, mesh) -> dict:
