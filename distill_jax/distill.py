@@ -21,6 +21,7 @@ training set and its outputs cached (`cache_teacher_outputs`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Callable
 
@@ -336,7 +337,7 @@ def init_trainable(student: nn.Module, method: str, cfg: MethodConfig, key: jax.
     """
     needs = method_needs(method, cfg)
     model_key, aux_key = jax.random.split(key)
-    variables = jax.jit(student.init)(model_key, sample_x)  # eager init of a deep net dispatches op by op
+    variables = _jitted_init(student)(model_key, sample_x)
     if extra:
         variables = {**variables, **extra}
     s_logits, s_feats = jax.eval_shape(lambda v: student.apply(v, sample_x, return_features=True), variables)
@@ -363,6 +364,12 @@ def init_trainable(student: nn.Module, method: str, cfg: MethodConfig, key: jax.
                 for k, (s, t) in zip(keys, hint_pairs)
             }
     return {"model": variables["params"], "aux": aux}
+
+
+@functools.lru_cache(maxsize=None)  # linen modules hash by their fields: one compiled init per architecture
+def _jitted_init(module: nn.Module) -> Callable:
+    """`jax.jit(module.init)` (an eager init of a deep net dispatches op by op)."""
+    return jax.jit(module.init)
 
 
 def _used_pairs(method: str, cfg: MethodConfig, term: str) -> tuple[Pair, ...]:

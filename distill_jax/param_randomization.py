@@ -14,10 +14,9 @@ import jax
 import jax.numpy as jnp
 
 
+@jax.jit  # one program per leaf shape (eagerly: a std, a normal, a where and a product, each compiled)
 def default_randomize(key: jax.Array, leaf: jax.Array) -> jax.Array:
-    """N(0, s^2) with s the leaf's own standard deviation (0.01 for constant leaves such as zero biases).
-
-    """
+    """N(0, s^2) with s the leaf's own standard deviation (0.01 for constant leaves such as zero biases)."""
     std = jnp.std(leaf)
     scale = jnp.where(std > 0, std, 0.01)
     return (jax.random.normal(key, leaf.shape, jnp.result_type(leaf)) * scale).astype(leaf.dtype)

@@ -7,6 +7,7 @@ plain values, so experiments can reuse the ones they need (`prepare_data`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -242,10 +243,20 @@ def _teacher_cache_fits(name: str, needs: distill.Needs, mcfg: distill.MethodCon
 
 
 def make_predict_fn(model: nn.Module, prep: Prepared, mesh) -> Callable:
-    """Jitted `(variables, stored images) -> logits`, sharded over `mesh`: inputs made on the device, forward only."""
+    """Jitted `(variables, stored images) -> logits`, sharded over `mesh`: inputs made on the device, forward only.
+
+    One compiled program per architecture and mesh (`_predict_program`): the scaler is an argument, not
+    a constant, so students of the same kind share it.
+    """
     # evaluation runs no backward (the fastest forward impl) and in float32: its numbers are reported
-    evaluator = models.forward_only(models.with_compute_dtype(model, "float32"))
-    return train.make_predict_fn(lambda v, x: evaluator.apply(v, prep.inputs(x)), mesh)
+    program = _predict_program(models.forward_only(models.with_compute_dtype(model, "float32")), mesh)
+    scaler = parallel.replicate(prep.scaler, mesh)
+    return lambda variables, x: program((variables, scaler), x)
+
+
+@functools.lru_cache(maxsize=None)  # linen modules and meshes hash by value
+def _predict_program(evaluator: nn.Module, mesh) -> Callable:
+    return train.make_predict_fn(lambda vs, x: evaluator.apply(vs[0], model_inputs(vs[1], x)), mesh)
 
 
 def train_teacher(prep: Prepared, c, mesh, ckpt_dir: str | None, **kw) -> Trained:

@@ -67,6 +67,38 @@ def test_purpose_keys_differ_and_repeat():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(pipeline.purpose_key(0, "smoothgrad")))
 
 
+def test_uint8_idx_students_train_from_cached_teacher_logits_and_attention_maps(idx_dir, monkeypatch):
+    """The pipeline's stages on uint8 IDX images: the teacher cache is built from the stored uint8 images and
+    holds logits and attention maps, and the attention and linear students train from it (no audit: the
+    CLI run below, marked slow, adds it)."""
+    from distill_jax import distill, parallel
+
+    c = _config(f"idx:{idx_dir}")
+    c.teacher.epochs = 10
+    prep = pipeline.prepare_data(c)
+    mesh = parallel.make_mesh()
+    teacher = pipeline.train_teacher(prep, c, mesh, None, show_progress=False)
+    assert np.mean(teacher.test_logits.argmax(-1) == prep.y_test) > 0.3  # brightness separates the classes
+    cached = []
+    real = distill.cache_teacher_outputs
+
+    def spy(teacher_model, teacher_vars, x, labels, needs, **kw):
+        out = real(teacher_model, teacher_vars, x, labels, needs, **kw)
+        cached.append((x.dtype, {k: v.shape for k, v in out.items()}))
+        return out
+
+    monkeypatch.setattr(distill, "cache_teacher_outputs", spy)
+    students = [pipeline.train_student(name, kind, method, prep, teacher, c, mesh, None, show_progress=False)
+                for name, kind, method in (("cnn-kd+attention", "cnn", "kd+attention"), ("linear-kd", "linear", "kd"))]
+    n = len(prep.y_train)
+    assert cached[0] == (np.uint8, {"teacher_logits": (n, 10), "teacher_attention/conv1": (n, 12, 12),
+                                    "teacher_attention/conv2": (n, 6, 6)})
+    assert cached[1] == (np.uint8, {"teacher_logits": (n, 10)})
+    for s in students:
+        assert s.test_logits.shape == (100, 10) and np.isfinite(s.history[-1]["loss"])
+
+
+@pytest.mark.slow  # a whole CLI run with its audit (about a minute): the stages are tested above, the audit in test_cli
 def test_uint8_idx_run_with_attention_cache_end_to_end(idx_dir, tmp_path):
     """The CLI on an IDX dataset: uint8 storage, cached attention maps, the linear student over PCA, a report."""
     workdir = str(tmp_path / "run")
