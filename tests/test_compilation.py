@@ -1,0 +1,20 @@
+"""CompileCounter counts XLA compilations (not cache hits) inside its block only."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distill_jax.compilation import CompileCounter
+
+
+def test_counts_one_compilation_per_new_shape_and_none_for_a_cached_call():
+    f = jax.jit(lambda x: jnp.sin(x) * 2.0 + 1.0)
+    with CompileCounter() as compiles:
+        f(np.ones(3, np.float32))
+        f(np.full(3, 2.0, np.float32))  # same shape: the jit cache, no compilation
+        f(np.ones(5, np.float32))
+    assert compiles.count == 2 and compiles.seconds > 0
+    with CompileCounter() as eager:
+        jnp.ones(4) * 3.0  # eager operations on a new shape compile too: that is what the count is for
+    assert eager.count >= 1
+    f(np.ones(7, np.float32))  # outside the block: not counted
+    assert compiles.count == 2
