@@ -155,14 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", action="store_true",
                      help="progress bars even when stderr is not a terminal (default: only on a terminal)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.add_argument("--compilation-cache", metavar="DIR",
-                     help="persistent XLA compilation cache: repeated runs with the same shapes skip compilation")
+    _cache_flags(run)
     run.add_argument("--coordinator", help="HOST:PORT of process 0 for multi-host runs")
     run.add_argument("--num-processes", type=int)
     run.add_argument("--process-id", type=int)
     ex = sub.add_parser("explain", help="recompute explanations, figures and report of a finished run from its checkpoints")
     ex.add_argument("--workdir", default="runs/default", help="the workdir of a finished `distill-jax run`")
+    _cache_flags(ex)
     return parser
+
+
+def _cache_flags(parser) -> None:
+    parser.add_argument("--compilation-cache", metavar="DIR",
+                        help="where the persistent XLA compilation cache lives (default: $DISTILL_JAX_CACHE_DIR, "
+                             "else $XDG_CACHE_HOME/distill_jax/xla or ~/.cache/distill_jax/xla); a second run with "
+                             "the same shapes loads its programs instead of compiling them")
+    parser.add_argument("--no-compilation-cache", action="store_true",
+                        help="compile everything afresh and write no cache (DISTILL_JAX_COMPILATION_CACHE=off turns "
+                             "the default cache off too)")
 
 
 def _configure(args):
@@ -194,6 +204,36 @@ def check_multihost_args(args) -> None:
             raise UsageError(f"--coordinator {args.coordinator!r}: write HOST:PORT, e.g. 10.0.0.1:1234")
 
 
+def default_compilation_cache_dir() -> str:
+    """$DISTILL_JAX_CACHE_DIR, else $XDG_CACHE_HOME/distill_jax/xla, else ~/.cache/distill_jax/xla."""
+    if os.environ.get("DISTILL_JAX_CACHE_DIR"):
+        return os.environ["DISTILL_JAX_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "distill_jax", "xla")
+
+
+def setup_compilation_cache(args) -> str | None:
+    """Turns the persistent compilation cache on (the default) and returns its directory, or None when off.
+
+    An explicit `--compilation-cache DIR` that cannot be created is the user's error; the default
+    directory failing (a read-only home, say) only turns the cache off, with a warning.
+    """
+    if args.no_compilation_cache:
+        return None
+    if args.compilation_cache:
+        enable_compilation_cache(args.compilation_cache)
+        return args.compilation_cache
+    if os.environ.get("DISTILL_JAX_COMPILATION_CACHE", "").lower() in ("0", "off", "no"):
+        return None
+    path = default_compilation_cache_dir()
+    try:
+        enable_compilation_cache(path)
+    except UsageError as exc:
+        print(f"distill-jax: warning: no compilation cache ({exc})", file=sys.stderr)
+        return None
+    return path
+
+
 def enable_compilation_cache(path: str) -> None:
     """Caches every compiled XLA program under `path` (must run before anything is compiled)."""
     import jax
@@ -202,6 +242,8 @@ def enable_compilation_cache(path: str) -> None:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--compilation-cache {path!r} cannot be created ({exc.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"--compilation-cache {path!r} is not writable")
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -211,8 +253,7 @@ def cmd_run(args) -> int:
     from distill_jax import parallel
 
     check_multihost_args(args)
-    if args.compilation_cache:
-        enable_compilation_cache(args.compilation_cache)
+    setup_compilation_cache(args)
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     c = _configure(args)
     workdir = check_workdir(args.workdir)
@@ -254,6 +295,7 @@ def cmd_explain(args) -> int:
     from distill_jax import pipeline
 
     workdir = check_workdir(check_finished_run(args.workdir))
+    setup_compilation_cache(args)
     pipeline.explain_from_checkpoints(workdir)
     print(f"rewrote {os.path.join(workdir, 'metrics.json')} and {os.path.join(workdir, 'report.html')}")
     return 0

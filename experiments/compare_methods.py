@@ -221,12 +221,9 @@ def use_compilation_cache(path: str | None) -> None:
     """Keeps compiled steps on disk: later seeds (same shapes, same programs) skip XLA compilation."""
     if not path:
         return
-    import jax  # noqa: PLC0415
+    from distill_jax import cli  # noqa: PLC0415
 
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cli.enable_compilation_cache(path)
 
 
 def add_common_options(parser: argparse.ArgumentParser, default_workdir: str) -> None:

@@ -11,3 +11,6 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# the CLI's persistent compilation cache (on by default for users) stays off: every test run compiles cold,
+# as CI on a fresh machine does, and nothing is written under the home directory
+os.environ.setdefault("DISTILL_JAX_COMPILATION_CACHE", "off")

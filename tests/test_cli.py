@@ -483,3 +483,39 @@ def test_ctrl_c_exits_cleanly_and_keeps_checkpoints(tmp_path):
     assert "Traceback" not in err and "interrupted" in err
     steps = sorted(int(p.name) for p in state_dir.iterdir() if p.name.isdigit())
     assert steps and steps[-1] >= 5  # checkpoints written before the interrupt are kept
+
+
+# ---- the persistent compilation cache: on by default, in the user's cache directory
+
+
+def _cache_args(*argv):
+    return cli.build_parser().parse_args(["run", *argv])
+
+
+def test_compilation_cache_defaults_to_the_users_cache_dir(tmp_path, monkeypatch):
+    import jax
+
+    monkeypatch.delenv("DISTILL_JAX_COMPILATION_CACHE", raising=False)
+    monkeypatch.delenv("DISTILL_JAX_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # leave this test process's JAX alone
+    assert cli.setup_compilation_cache(_cache_args()) == str(tmp_path / "xdg" / "distill_jax" / "xla")
+    assert os.path.isdir(tmp_path / "xdg" / "distill_jax" / "xla")
+    monkeypatch.setenv("DISTILL_JAX_CACHE_DIR", str(tmp_path / "mine"))
+    assert cli.setup_compilation_cache(_cache_args()) == str(tmp_path / "mine")
+    assert cli.setup_compilation_cache(_cache_args("--compilation-cache", str(tmp_path / "flag"))) == str(tmp_path / "flag")
+    assert cli.setup_compilation_cache(_cache_args("--no-compilation-cache")) is None
+    monkeypatch.setenv("DISTILL_JAX_COMPILATION_CACHE", "off")
+    assert cli.setup_compilation_cache(_cache_args()) is None
+    assert cli.setup_compilation_cache(_cache_args("--compilation-cache", str(tmp_path / "flag"))) == str(tmp_path / "flag")
+
+
+def test_an_unusable_default_cache_dir_only_warns(tmp_path, monkeypatch, capsys):
+    import jax
+
+    monkeypatch.delenv("DISTILL_JAX_COMPILATION_CACHE", raising=False)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("DISTILL_JAX_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)
+    assert cli.setup_compilation_cache(_cache_args()) is None
+    assert "warning: no compilation cache" in capsys.readouterr().err
