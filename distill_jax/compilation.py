@@ -2,7 +2,9 @@
 
 JAX reports every backend compilation as the `jax.monitoring` event
 `/jax/core/compile/backend_compile_duration`; `CompileCounter` listens to it for the duration of a
-`with` block. A persistent-cache hit is not a compilation and is not counted.
+`with` block. A call served by a jitted function's in-memory cache emits nothing; a program loaded from
+the persistent compilation cache is reported through the same event (with its short load time), so
+`count` is the number of XLA programs the block needed and `seconds` what producing them cost.
 
     with CompileCounter() as compiles:
         run_something()

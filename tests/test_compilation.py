@@ -1,4 +1,4 @@
-"""CompileCounter counts XLA compilations (not cache hits) inside its block only."""
+"""CompileCounter counts XLA compilations (not calls served by a jitted function's cache) inside its block only."""
 import jax
 import jax.numpy as jnp
 import numpy as np
