@@ -47,6 +47,10 @@ def default_config() -> ml_collections.ConfigDict:
         auto_temperatures=(1.0, 2.0, 4.0, 8.0), auto_alphas=(0.5, 0.9), auto_score="accuracy",
         auto_epochs=0,  # epochs of each candidate run; 0 = the student's own
         validation_fraction=0.1,
+        # function matching (Beyer et al. 2022): mix each batch's images with Beta(mixup, mixup) weights,
+        # teacher and student on the same view (with teacher.augment_shift/flip); 0 = off; only for label-free
+        # methods such as "fm"
+        mixup=0.0,
         tree_balance=0.1, attention_p=2.0,
         attention_pairs="conv1:conv1,conv2:conv2", hint_pairs="conv2:conv2",
         # run the frozen teacher once and keep what the terms read, up to this many MB of host memory
@@ -144,6 +148,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
              "method.auto_alphas", m.auto_alphas, "must list numbers in [0, 1]")
     _require(m.auto_score in ("accuracy", "agreement", "kl"), "method.auto_score", m.auto_score,
              "must be 'accuracy', 'agreement' or 'kl'")
+    _require(m.mixup >= 0, "method.mixup", m.mixup, "must be >= 0 (0 = off)")
     _require(m.auto_epochs >= 0, "method.auto_epochs", m.auto_epochs, "must be >= 0 (0 = the student's epochs)")
     _require(0 < m.validation_fraction < 1, "method.validation_fraction", m.validation_fraction, "must be in (0, 1)")
     _require(c.method.cache_limit_mb >= 0, "method.cache_limit_mb", c.method.cache_limit_mb, "must be >= 0")

@@ -718,3 +718,27 @@ def augment(key: jax.Array, x: jax.Array, *, max_shift: int = 0, flip: bool = Fa
         do = jax.random.bernoulli(flip_key, 0.5, (b,))
         x = jnp.where(do[:, None, None, None], x[:, :, ::-1, :], x)
     return x
+
+
+def mixup(key: jax.Array, x: jax.Array, *, alpha: float) -> tuple[jax.Array, jax.Array]:
+    """Mixes every image with the next one in the batch: ``out[b] = lam_b x[b] + (1 - lam_b) x[(b + 1) % B]``.
+
+    ``lam_b ~ Beta(alpha, alpha)`` per example (alpha = 1: uniform on [0, 1]; small alpha: mostly near 0 or
+    1). The partner is the batch rolled by one, so no second permutation key is needed (batches are shuffled).
+    Pure jnp: jit it inside the train step.
+
+    Args:
+      key: PRNG key.
+      x: [batch, ...] floating.
+      alpha: Beta concentration > 0 (static).
+    Returns:
+      (mixed [batch, ...], lam [batch]).
+
+    Reference: Zhang et al., "mixup: Beyond Empirical Risk Minimization", ICLR 2018; used for function matching
+    by Beyer et al., "Knowledge distillation: A good teacher is patient and consistent", CVPR 2022.
+    """
+    if not alpha > 0:
+        raise ValueError(f"mixup alpha must be > 0, got {alpha!r}")
+    lam = jax.random.beta(key, alpha, alpha, (x.shape[0],), dtype=jnp.float32)
+    weight = lam.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+    return weight * x + (1 - weight) * jnp.roll(x, -1, axis=0), lam

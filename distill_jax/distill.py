@@ -5,6 +5,7 @@ A *method* is a weighted sum of *terms*, written like `"kd"`, `"labels+hint"` or
 
     labels     cross entropy with the labels (no teacher)                        loss-based baseline
     kd         Hinton KD: alpha*T^2*KL(teacher_T || student_T) + (1-alpha)*CE    loss-based
+    fm         function matching: T^2*KL(teacher_T || student_T), no labels       loss-based
     logits     MSE between logits (Ba & Caruana 2014)                            loss-based
     hint       FitNets hints through a learned 1x1 regressor                     model-based
     attention  attention transfer (Zagoruyko & Komodakis 2017)                   mask-based
@@ -13,6 +14,10 @@ A *method* is a weighted sum of *terms*, written like `"kd"`, `"labels+hint"` or
 Distilling into an interpretable model class (the soft decision tree, the linear model over
 PCA components) is model-based distillation too: for the tree, `labels` and `kd` use the
 Frosst & Hinton objective (expected cross entropy over leaves) plus its balance penalty.
+
+Function matching (Beyer et al. 2022, "a good teacher is patient and consistent") is `fm` with
+augmentation and `mixup` on: teacher and student see the same augmented, mixed view, the teacher runs
+inside the step, and no label is read, so unlabelled images can be distilled too.
 
 The frozen teacher is either run inside the step (its variables are a step argument, under
 `stop_gradient`) or, when nothing changes its inputs (no augmentation), run once over the
@@ -47,6 +52,7 @@ class MethodConfig:
     tree_balance: float = 0.1
     augment_shift: int = 0
     augment_flip: bool = False
+    mixup: float = 0.0  # Beta(mixup, mixup) weights of `data.mixup` on every batch; 0 = off
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -55,6 +61,13 @@ class MethodConfig:
             raise ValueError(f"alpha must be in [0, 1]; got {self.alpha}")
         if self.tree_balance < 0:
             raise ValueError(f"tree_balance must be >= 0; got {self.tree_balance}")
+        if self.mixup < 0:
+            raise ValueError(f"mixup must be >= 0 (0 = off); got {self.mixup}")
+
+    @property
+    def changes_inputs(self) -> bool:
+        """Whether each step sees new inputs (augmentation or mixup): then no teacher output can be cached."""
+        return bool(self.augment_shift or self.augment_flip or self.mixup)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +104,7 @@ class TermSpec:
     teacher_attention: Callable[[MethodConfig], tuple[str, ...]] = lambda cfg: ()
     student_layers: Callable[[MethodConfig], tuple[str, ...]] = lambda cfg: ()
     teacher_saliency: bool = False
+    reads_labels: bool = False  # labels of a mixed image are undefined: terms that read them refuse mixup
 
 
 # --------------------------------------------------------------------------- terms
@@ -126,6 +140,15 @@ def kd_term(ctx: Context) -> jax.Array:
     return losses.distillation_loss(ctx.student_logits, ctx.teacher_logits, ctx.labels, temperature=t, alpha=alpha)
 
 
+def fm_term(ctx: Context) -> jax.Array:
+    """Function matching: T^2 * KL(teacher_T || student_T) on the view both saw, labels unread (a tree: its KD form)."""
+    t = ctx.cfg.temperature
+    if _is_tree(ctx):
+        f = ctx.student_features
+        return losses.soft_tree_kd_loss(f["path_probs"], f["leaf_logits"], ctx.teacher_logits, temperature=t)
+    return losses.kd_loss(ctx.student_logits, ctx.teacher_logits, temperature=t)
+
+
 def logits_term(ctx: Context) -> jax.Array:
     return losses.logit_matching_loss(ctx.student_logits, ctx.teacher_logits)
 
@@ -158,14 +181,15 @@ def _pairs_side(attr: str, side: int):
 
 
 TERMS: dict[str, TermSpec] = {
-    "labels": TermSpec(labels_term),
-    "kd": TermSpec(kd_term, teacher_logits=True),
+    "labels": TermSpec(labels_term, reads_labels=True),
+    "kd": TermSpec(kd_term, teacher_logits=True, reads_labels=True),
+    "fm": TermSpec(fm_term, teacher_logits=True),
     "logits": TermSpec(logits_term, teacher_logits=True),
     "hint": TermSpec(hint_term, teacher_layers=_pairs_side("hint_pairs", 1),
                      student_layers=_pairs_side("hint_pairs", 0)),
     "attention": TermSpec(attention_term, teacher_attention=_pairs_side("attention_pairs", 1),
                           student_layers=_pairs_side("attention_pairs", 0)),
-    "saliency": TermSpec(saliency_term, teacher_saliency=True),
+    "saliency": TermSpec(saliency_term, teacher_saliency=True, reads_labels=True),
 }
 
 _TERM_RE = re.compile(r"^\s*(?:(?P<w>[0-9.eE+-]+)\s*\*\s*)?(?P<name>[a-z_]+)\s*$")
@@ -391,6 +415,29 @@ def _check_spatial(method: str, s_layer: str, s_shape, t_layer: str, t_shape) ->
                          f"teacher layer {t_layer!r} {tuple(t_shape)} (spatial sizes must divide each other)")
 
 
+def check_mixup(method: str, cfg: MethodConfig) -> None:
+    """Mixup only with terms that read no labels (`fm`, `logits`, `hint`, `attention`).
+
+    Raises:
+      ValueError: naming the terms that read labels.
+    """
+    readers = [name for name, _ in parse_method(method) if TERMS[name].reads_labels]
+    if cfg.mixup and readers:
+        raise ValueError(f"method {method!r}: mixup makes images whose labels are undefined, but {readers} read the "
+                         f"labels; use 'fm' (function matching) or set method.mixup=0")
+
+
+def training_view(key: jax.Array, x: jax.Array, cfg: MethodConfig) -> jax.Array:
+    """The view of a batch that student and teacher both see: `data.augment`, then `data.mixup` when on."""
+    from distill_jax import data  # noqa: PLC0415 - data imports jax-heavy loaders lazily
+
+    if cfg.augment_shift or cfg.augment_flip:
+        x = data.augment(key, x, max_shift=cfg.augment_shift, flip=cfg.augment_flip)
+    if cfg.mixup:
+        x, _ = data.mixup(jax.random.fold_in(key, 1), x, alpha=cfg.mixup)
+    return x
+
+
 def make_loss_fn(student: nn.Module, student_kind: str, method: str, cfg: MethodConfig, num_classes: int,
                  teacher: nn.Module | None = None) -> Callable:
     """The per-example loss `loss_fn(params, extra, batch, teacher_vars, key) -> (losses [B], aux)` for `train`.
@@ -402,13 +449,12 @@ def make_loss_fn(student: nn.Module, student_kind: str, method: str, cfg: Method
     """
     terms = parse_method(method)
     needs = method_needs(method, cfg)
+    check_mixup(method, cfg)
 
     def loss_fn(params, extra, batch, teacher_vars, key):
         x, y = batch["x"], batch["y"]
-        if cfg.augment_shift or cfg.augment_flip:
-            from distill_jax import data  # noqa: PLC0415 - data imports jax-heavy loaders lazily
-
-            x = data.augment(key, x, max_shift=cfg.augment_shift, flip=cfg.augment_flip)
+        if cfg.changes_inputs:
+            x = training_view(key, x, cfg)
         variables = {"params": params["model"], **extra}
         logits, feats = student.apply(variables, x, return_features=True)
         feats = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), feats)  # losses in float32 under bf16 compute

@@ -140,7 +140,7 @@ def method_config(c, *, temperature: float | None = None, alpha: float | None = 
         temperature=float(temperature), alpha=float(alpha), tree_balance=m.tree_balance, attention_p=m.attention_p,
         attention_pairs=config_lib.parse_pairs(m.attention_pairs, "method.attention_pairs"),
         hint_pairs=config_lib.parse_pairs(m.hint_pairs, "method.hint_pairs"),
-        augment_shift=c.teacher.augment_shift, augment_flip=c.teacher.augment_flip,
+        augment_shift=c.teacher.augment_shift, augment_flip=c.teacher.augment_flip, mixup=m.get("mixup", 0.0),
     )
 
 
@@ -232,7 +232,7 @@ def _teacher_cache_fits(name: str, needs: distill.Needs, mcfg: distill.MethodCon
     cache fits in `c.method.cache_limit_mb` of host memory (whole feature maps for hints can be
     gigabytes at 60,000 images; logits and attention maps are small).
     """
-    if not needs.teacher or mcfg.augment_shift or mcfg.augment_flip:
+    if not needs.teacher or mcfg.changes_inputs:
         return False
     size = distill.teacher_cache_bytes(t_model, t_vars, prep.x_train[:1], needs, len(prep.x_train), inputs=prep.inputs)
     if size > c.method.cache_limit_mb * 2**20:
@@ -262,7 +262,8 @@ def _predict_program(evaluator: nn.Module, mesh) -> Callable:
 def train_teacher(prep: Prepared, c, mesh, ckpt_dir: str | None, **kw) -> Trained:
     """Trains the teacher (`c.teacher.kind`, SeedCNN by default) on labels."""
     model, extra = build_model(c.teacher.kind, c, prep.num_classes, prep.pca)
-    return _train("teacher", c.teacher.kind, "labels", model, extra, c.teacher, prep, method_config(c), c, mesh,
+    mcfg = dataclasses.replace(method_config(c), mixup=0.0)  # mixup is a distillation setting: the teacher learns labels
+    return _train("teacher", c.teacher.kind, "labels", model, extra, c.teacher, prep, mcfg, c, mesh,
                   ckpt_dir, **kw)
 
 
@@ -485,6 +486,8 @@ def check_choices(c) -> None:
         require(c[group].schedule in train.SCHEDULES, f"{group}.schedule", c[group].schedule, train.SCHEDULES)
     for method in c.explain.methods:
         require(method in audit.ATTRIBUTION_METHODS, "explain.methods", method, audit.ATTRIBUTION_METHODS)
+    for _, _, method in config_lib.parse_students(c.students):
+        distill.check_mixup(method, method_config(c))  # a mixed image has no label: say so before training
 
 
 def model_metrics(t: Trained, teacher: Trained | None, prep: Prepared) -> dict:

@@ -251,3 +251,61 @@ def test_added_term_itself_falls_under_its_method(setup, method, term, first):
     without = float(term_value(trained(first)))
     assert before > 0 and after < 0.85 * before, (before, after)
     assert after < 0.9 * without, (after, without)
+
+
+# --------------------------------------------------------------------------- function matching
+
+
+def test_mixup_mixes_each_image_with_the_next_by_beta_weights():
+    from distill_jax import data
+
+    x = jnp.arange(6 * 2 * 2 * 1, dtype=jnp.float32).reshape(6, 2, 2, 1)
+    mixed, lam = data.mixup(jax.random.PRNGKey(0), x, alpha=0.4)
+    np.testing.assert_allclose(mixed, lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * jnp.roll(x, -1, 0),
+                               rtol=1e-6)
+    draws = data.mixup(jax.random.PRNGKey(1), jnp.zeros((20000, 1)), alpha=0.4)[1]
+    # Beta(0.4, 0.4): mean 1/2, variance 1 / (4 (2 alpha + 1)) = 0.1389, mostly near 0 or 1
+    assert abs(float(draws.mean()) - 0.5) < 0.01 and abs(float(draws.var()) - 0.25 / 1.8) < 0.005
+    with pytest.raises(ValueError, match="mixup alpha must be > 0"):
+        data.mixup(jax.random.PRNGKey(0), x, alpha=0.0)
+
+
+def test_function_matching_shows_teacher_and_student_the_same_augmented_mixed_view(setup):
+    """A student identical to the teacher has fm loss 0 exactly when both see the same view: with shifts, flips and
+    mixup on, the loss stays 0 (a teacher fed the plain batch would disagree)."""
+    x, y, teacher, t_vars = setup
+    cfg = distill.MethodConfig(augment_shift=2, augment_flip=True, mixup=0.5)
+    loss_fn = distill.make_loss_fn(teacher, "cnn", "fm", cfg, N_CLASSES, teacher)
+    params = {"model": t_vars["params"], "aux": {}}
+    same, _ = loss_fn(params, {}, {"x": x, "y": y}, t_vars, jax.random.PRNGKey(3))
+    np.testing.assert_allclose(same, 0.0, atol=1e-5)
+    # the view really changes the inputs: the same student against a teacher given the plain batch
+    view = distill.training_view(jax.random.PRNGKey(3), x, cfg)
+    assert float(jnp.max(jnp.abs(view - x))) > 0.1
+    plain_teacher = teacher.apply(t_vars, x)
+    mismatch = distill.losses.kd_loss(teacher.apply(t_vars, view), plain_teacher, temperature=cfg.temperature)
+    assert float(jnp.mean(mismatch)) > 1e-3
+    # labels are never read: any labels give the same loss
+    other, _ = loss_fn(params, {}, {"x": x, "y": (y + 1) % N_CLASSES}, t_vars, jax.random.PRNGKey(3))
+    np.testing.assert_array_equal(other, same)
+
+
+def test_function_matching_trains_a_student_towards_the_teacher_and_mixup_refuses_label_terms(setup):
+    x, y, teacher, t_vars = setup
+    cfg = distill.MethodConfig(augment_shift=1, mixup=1.0)
+    student = models.SmallCNN(N_CLASSES)
+    params = distill.init_trainable(student, "fm", cfg, jax.random.PRNGKey(1), x[:2], teacher, t_vars)
+    loss_fn = distill.make_loss_fn(student, "cnn", "fm", cfg, N_CLASSES, teacher)
+    opt = optax.adam(1e-2)
+    state = train.create_state(params, opt, key=jax.random.PRNGKey(2))
+    step = jax.jit(train.train_step_fn(loss_fn, opt))
+    kl = lambda p: float(jnp.mean(distill.losses.kd_loss(student.apply({"params": p}, x), teacher.apply(t_vars, x),  # noqa: E731
+                                                          temperature=1.0)))
+    before = kl(state.params["model"])
+    for _ in range(20):
+        state, _ = step(state, {"x": x, "y": y}, t_vars)
+    assert kl(state.params["model"]) < 0.5 * before
+    for method in ("kd", "labels+attention", "fm+saliency"):
+        with pytest.raises(ValueError, match="mixup makes images whose labels are undefined"):
+            distill.make_loss_fn(student, "cnn", method, cfg, N_CLASSES, teacher)
+    distill.make_loss_fn(student, "cnn", "fm+attention", cfg, N_CLASSES, teacher)  # label-free terms mix freely
