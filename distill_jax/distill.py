@@ -443,7 +443,8 @@ def make_loss_fn(student: nn.Module, student_kind: str, method: str, cfg: Method
     """The per-example loss `loss_fn(params, extra, batch, teacher_vars, key) -> (losses [B], aux)` for `train`.
 
     `batch` holds `x`, `y` and, when the teacher's outputs are cached, the `teacher_*` entries
-    of `teacher_outputs`; otherwise the teacher runs here on the (possibly augmented) batch.
+    of `teacher_outputs`; otherwise the teacher runs here on the view the student sees
+    (`training_view`: augmented and mixed when the config says so).
     aux: `accuracy` per example. For a tree student the balance penalty (a batch-level
     scalar) is spread evenly over the examples.
     """
@@ -458,10 +459,12 @@ def make_loss_fn(student: nn.Module, student_kind: str, method: str, cfg: Method
         variables = {"params": params["model"], **extra}
         logits, feats = student.apply(variables, x, return_features=True)
         feats = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), feats)  # losses in float32 under bf16 compute
-        if needs.teacher and not any(k.startswith("teacher_") for k in batch):
+        t_out = {k: v for k, v in batch.items() if k.startswith("teacher_")}
+        if t_out and cfg.changes_inputs:
+            raise ValueError("the batch holds cached teacher outputs of the stored images, but augmentation or mixup "
+                             "changes the inputs every step; pass no teacher_* entries so the teacher sees the same view")
+        if needs.teacher and not t_out:
             t_out = teacher_outputs(teacher, teacher_vars, x, y, needs)
-        else:
-            t_out = {k: v for k, v in batch.items() if k.startswith("teacher_")}
         ctx = Context(
             x=x, labels=y, num_classes=num_classes, student_kind=student_kind,
             student_logits=logits, student_features=feats,

@@ -309,3 +309,6 @@ def test_function_matching_trains_a_student_towards_the_teacher_and_mixup_refuse
         with pytest.raises(ValueError, match="mixup makes images whose labels are undefined"):
             distill.make_loss_fn(student, "cnn", method, cfg, N_CLASSES, teacher)
     distill.make_loss_fn(student, "cnn", "fm+attention", cfg, N_CLASSES, teacher)  # label-free terms mix freely
+    cache = {"teacher_logits": teacher.apply(t_vars, x)}  # of the stored images: wrong for a changed view
+    with pytest.raises(ValueError, match="cached teacher outputs of the stored images"):
+        loss_fn(state.params, {}, {"x": x, "y": y, **cache}, t_vars, jax.random.PRNGKey(0))
