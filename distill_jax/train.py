@@ -345,7 +345,7 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.desc}: batch_size={cfg.batch_size} is larger than the {n} training examples")
     total = steps_per_epoch * cfg.epochs
-    start = step = int(state.step)
+    start = step = int(jax.device_get(state.step))  # reads back explicitly: fit runs under transfer guards
     sync = _sync_every_step()
     # committed to the step's sharding (one compilation, not two), and a copy: the step donates its
     # input, which must not delete the caller's arrays
@@ -371,7 +371,7 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
                     if not bar.disable and step - shown_at >= _POSTFIX_EVERY:
                         now = time.perf_counter()
                         rate = (step - shown_at) * cfg.batch_size / max(now - shown_time, 1e-9)
-                        bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", img_s=f"{rate:.0f}")
+                        bar.set_postfix(loss=f"{float(jax.device_get(metrics['loss'])):.4f}", img_s=f"{rate:.0f}")
                         shown_at, shown_time = step, now
                     signal_name = stop.agreed(step, cfg.stop_check_every)
                     if signal_name:
@@ -380,7 +380,7 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
                         _raise_if_nonfinite(state, cfg.desc, save)
                         save(state)
                 _raise_if_nonfinite(state, cfg.desc, save)
-                record = {"epoch": epoch + 1, **{k: float(v) / len(order[first:]) for k, v in sums.items()}}
+                record = {"epoch": epoch + 1, **{k: float(v) / len(order[first:]) for k, v in jax.device_get(sums).items()}}
                 if evaluate is not None:
                     record["test_accuracy"] = float(evaluate(state))
                 history.append(record)
@@ -394,7 +394,7 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
     finally:
         bar.close()
     if signal_name:
-        raise Interrupted(f"{cfg.desc} interrupted by {signal_name} at step {int(state.step)} (the last one); "
+        raise Interrupted(f"{cfg.desc} interrupted by {signal_name} at step {int(jax.device_get(state.step))} (the last one); "
                           f"{'checkpoint saved' if save is not None else 'nothing saved'}")
     return state, history
 
@@ -404,11 +404,11 @@ def _interrupt(state: TrainState, desc: str, save, signal_name: str) -> None:
     if save is not None:
         save(state)
     where = "; checkpoint saved" if save is not None else ""
-    raise Interrupted(f"{desc} interrupted by {signal_name} at step {int(state.step)}{where}")
+    raise Interrupted(f"{desc} interrupted by {signal_name} at step {int(jax.device_get(state.step))}{where}")
 
 
 def _raise_if_nonfinite(state: TrainState, desc: str, save) -> None:
-    bad = int(state.first_bad_step)
+    bad = int(jax.device_get(state.first_bad_step))
     if bad >= 0:
         if save is not None:  # the state is frozen just before the bad step: save it as a good one
             save(state.replace(first_bad_step=state.first_bad_step * 0 - 1))

@@ -134,13 +134,8 @@ def test_initialize_distributed_rejects_a_coordinator_without_process_numbers(mo
 
 
 def _no_implicit_transfers():
-    """Host->device and device->device copies must be explicit (device_put); reading results back is allowed."""
-    import contextlib
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.transfer_guard_host_to_device("disallow"))
-    stack.enter_context(jax.transfer_guard_device_to_device("disallow"))
-    return stack
+    """Every transfer must be explicit: device_put to the devices, device_get back (`jax.transfer_guard`)."""
+    return jax.transfer_guard("disallow")
 
 
 def test_training_with_a_live_teacher_on_4_devices_makes_no_implicit_transfer():
@@ -162,9 +157,10 @@ def test_training_with_a_live_teacher_on_4_devices_makes_no_implicit_transfer():
         state, history = train.fit(state, step, {"x": x, "y": y}, train.FitConfig(epochs=2, batch_size=8,
                                    show_progress=False), mesh=mesh, teacher=t_vars)
     assert len(history) == 2 and history[1]["loss"] < history[0]["loss"]
+    batch = parallel.shard_batch({"x": x[:8], "y": y[:8]}, mesh)
     with pytest.raises(Exception, match="host-to-device transfer"):  # the guard is live: a raw numpy teacher fails
         with _no_implicit_transfers():
-            step(state, parallel.shard_batch({"x": x[:8], "y": y[:8]}, mesh), t_vars)
+            step(state, batch, t_vars)
 
 
 def test_predict_places_host_variables_once():
