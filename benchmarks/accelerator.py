@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import os
 import statistics
 import sys
 import tempfile
@@ -32,11 +31,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from benchmarks import common, train_step  # noqa: E402
-from distill_jax import audit, distill, models, parallel, train  # noqa: E402
+from distill_jax import audit, models, parallel  # noqa: E402
 
 # Dense peak TFLOP/s per device by (device_kind prefix, compute dtype): vendor data sheets, no sparsity.
 # float32 on NVIDIA tensor-core parts is the non-tensor-core rate (the library keeps HIGHEST precision
@@ -80,33 +77,11 @@ def _median_images_per_s(run, images: int, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def train_case(step: str, dtype: str, shape, batch: int, params: dict, mesh):
-    """(run k steps and block, first-call seconds) of the library's sharded train step in `dtype`."""
-    optimizer = train.make_optimizer("sgd", learning_rate=train_step.LEARNING_RATE, total_steps=1,
-                                     momentum=train_step.MOMENTUM)
-    cfg = distill.MethodConfig(temperature=train_step.TEMPERATURE, alpha=train_step.ALPHA)
-    teacher_net = models.with_compute_dtype(models.SeedCNN(train_step.NUM_CLASSES), dtype)
-    if step == "teacher":
-        loss_fn = distill.make_loss_fn(teacher_net, "seed_cnn", "labels", cfg, train_step.NUM_CLASSES)
-        trainable, teacher = {"model": params["seed"], "aux": {}}, None
-    else:
-        student = models.with_compute_dtype(models.SmallCNN(train_step.NUM_CLASSES), dtype)
-        loss_fn = distill.make_loss_fn(student, "cnn", "kd", cfg, train_step.NUM_CLASSES, teacher=teacher_net)
-        trainable, teacher = {"model": params["small"], "aux": {}}, {"params": params["seed"]}
-    step_fn = train.make_train_step(loss_fn, optimizer, mesh)
-    holder = {"state": parallel.replicate(train.create_state(trainable, optimizer, key=jax.random.PRNGKey(0)), mesh)}
+def train_case(step: str, dtype: str, shape, batch: int, params: dict, mesh, inner: int) -> train_step.Case:
+    """The library's sharded train step in `dtype` (`train_step.jax_case` on `mesh`): `run()` does `inner` steps."""
     x, y = train_step.make_inputs(shape, batch)
-    batch_arrays = parallel.shard_batch({"x": x, "y": y}, mesh)
-    teacher = parallel.replicate(teacher, mesh)
-
-    def steps(k: int):
-        for _ in range(k):
-            holder["state"], metrics = step_fn(holder["state"], batch_arrays, teacher)
-        common.block((holder["state"], metrics))
-
-    t0 = time.perf_counter()
-    steps(1)
-    return steps, time.perf_counter() - t0
+    return train_step.jax_case("seed" if step == "teacher" else "distill", "lax_conv", x, y, params, inner,
+                               dtype=dtype, mesh=mesh)
 
 
 def ig_case(shape, batch: int, params: dict, mesh, ig_steps: int):
@@ -148,11 +123,11 @@ def measure(args) -> tuple[list[Row], float | None]:
     for step in ("teacher", "distill"):
         flops = train_step.step_flops("seed" if step == "teacher" else "distill", shape)
         for dtype in DTYPES:
-            run, first = train_case(step, dtype, shape, batch, params, mesh)
-            ips = _median_images_per_s(lambda: run(args.inner), batch * args.inner, args.repeats)
+            case = train_case(step, dtype, shape, batch, params, mesh, args.inner)
+            ips = _median_images_per_s(case.run, batch * args.inner, args.repeats)
             peak = peak_tflops(kind, dtype)
             mfu = flops * ips / (peak * 1e12 * devices) if peak else None
-            rows.append(Row(f"{step} step", dtype, batch, ips, first, mfu))
+            rows.append(Row(f"{step} step", dtype, batch, ips, case.first_step_s, mfu))
     run, first = ig_case(shape, batch, params, mesh, args.ig_steps)
     rows.append(Row(f"integrated gradients ({args.ig_steps} steps)", "float32", batch,
                     _median_images_per_s(run, batch, args.repeats), first, None))

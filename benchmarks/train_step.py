@@ -130,17 +130,19 @@ def init_params(shape, seed: int = 0) -> dict:
     return {"seed": init(models.SeedCNN(NUM_CLASSES)), "small": init(models.SmallCNN(NUM_CLASSES))}
 
 
-def jax_case(step: str, impl: str, x: np.ndarray, y: np.ndarray, params: dict, inner: int) -> Case:
-    """The library's jitted train step (`train.make_train_step`, one device) for `step` and `impl`."""
-    mesh = parallel.make_mesh(jax.devices()[:1])
+def jax_case(step: str, impl: str, x: np.ndarray, y: np.ndarray, params: dict, inner: int, *,
+             dtype: str = "float32", mesh=None) -> Case:
+    """The library's jitted train step (`train.make_train_step`) for `step` and `impl`, computing in `dtype`,
+    on `mesh` (default: one device)."""
+    mesh = parallel.make_mesh(jax.devices()[:1]) if mesh is None else mesh
     optimizer = train.make_optimizer("sgd", learning_rate=LEARNING_RATE, total_steps=1, momentum=MOMENTUM)
     cfg = distill.MethodConfig(temperature=TEMPERATURE, alpha=ALPHA)
-    teacher_net = models.SeedCNN(NUM_CLASSES, impl=impl)
+    teacher_net = models.with_compute_dtype(models.SeedCNN(NUM_CLASSES, impl=impl), dtype)
     if step == "seed":
         loss_fn = distill.make_loss_fn(teacher_net, "seed_cnn", "labels", cfg, NUM_CLASSES)
         trainable, teacher = {"model": params["seed"], "aux": {}}, None
     else:
-        student = models.SmallCNN(NUM_CLASSES, impl=impl)
+        student = models.with_compute_dtype(models.SmallCNN(NUM_CLASSES, impl=impl), dtype)
         loss_fn = distill.make_loss_fn(student, "cnn", "kd", cfg, NUM_CLASSES, teacher=teacher_net)
         trainable, teacher = {"model": params["small"], "aux": {}}, {"params": params["seed"]}
     step_fn = train.make_train_step(loss_fn, optimizer, mesh)

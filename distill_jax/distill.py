@@ -317,9 +317,10 @@ def cache_teacher_outputs(teacher: nn.Module, teacher_vars, x: np.ndarray, label
     shapes = teacher_cache_shapes(teacher, teacher_vars, x[:1], needs, inputs=inputs)  # shapes only: no transfer
     out = {k: np.empty((n,) + s.shape, s.dtype) for k, s in shapes.items()}
     fn, teacher_vars, batch_size = teacher_outputs_fn(teacher, teacher_vars, needs, inputs, mesh, batch_size)
+    multiple = batch_size if mesh is not None else 1  # a sharded batch keeps its size: the last one is padded
     for i in range(0, n, batch_size):
-        xb, pad = parallel.pad_to_multiple(x[i : i + batch_size], batch_size if mesh is not None else 1)
-        yb, _ = parallel.pad_to_multiple(labels[i : i + batch_size], batch_size if mesh is not None else 1)
+        xb, pad = parallel.pad_to_multiple(x[i : i + batch_size], multiple)
+        yb, _ = parallel.pad_to_multiple(labels[i : i + batch_size], multiple)
         if mesh is not None:
             xb, yb = jax.device_put((xb, yb), parallel.data_sharding(mesh))
         chunk = jax.device_get(fn(teacher_vars, xb, yb))

@@ -20,7 +20,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+import jax.numpy as jnp
 import numpy as np
+
+from distill_jax import metrics, train
 
 AUTO = "auto"
 SCORES = ("accuracy", "agreement", "kl")
@@ -74,20 +77,15 @@ def holdout_split(labels: np.ndarray, fraction: float, *, seed: int) -> tuple[np
 
 
 def validation_scores(logits: np.ndarray, teacher_logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """accuracy, agreement with the teacher's top-1, and mean KL(teacher || student) at T = 1 ([n, C] logits)."""
-    logits = np.asarray(logits, np.float64)
-    teacher_logits = np.asarray(teacher_logits, np.float64)
-    log_p = _log_softmax(teacher_logits)
-    log_q = _log_softmax(logits)
-    kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
-    return {"accuracy": float(np.mean(logits.argmax(-1) == labels)),
-            "agreement": float(np.mean(logits.argmax(-1) == teacher_logits.argmax(-1))),
-            "kl": float(np.mean(kl))}
+    """accuracy, agreement with the teacher's top-1, and mean KL(teacher || student) at T = 1 ([n, C] logits).
 
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
+    The same functions that score the test set (`train.accuracy_from_logits`, `metrics.agreement`,
+    `metrics.mean_kl`), so a validation score means what the reported one means.
+    """
+    logits, teacher_logits = np.asarray(logits, np.float32), np.asarray(teacher_logits, np.float32)
+    return {"accuracy": train.accuracy_from_logits(logits, np.asarray(labels)),
+            "agreement": float(metrics.agreement(jnp.asarray(logits), jnp.asarray(teacher_logits))),
+            "kl": float(metrics.mean_kl(jnp.asarray(teacher_logits), jnp.asarray(logits)))}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -605,26 +605,11 @@ def test_tfds_reads_only_this_process_slice(tfds_dir, monkeypatch):
     assert len(ds.x_test) == 6  # test split is read whole on every process
 
 
-class DistillJaxTinyNoTest(tfds.core.GeneratorBasedBuilder):
+class DistillJaxTinyNoTest(DistillJaxTinyDigits):
     """13 examples of 4x4x1 uint8 images (example i is all 10 * i), a train split only."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(4, 4, 1), dtype=np.uint8),
-                "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
-            }),
-            supervised_keys=("image", "label"))
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples(13)}
-
-    def _generate_examples(self, n):
-        for i in range(n):
-            yield i, {"image": np.full((4, 4, 1), 10 * i, np.uint8), "label": i % 3}
 
 
 def test_tfds_without_test_split_holds_out_the_same_test_set_on_every_process(tmp_path, monkeypatch):
