@@ -56,6 +56,12 @@ def default_config() -> ml_collections.ConfigDict:
         # run the frozen teacher once and keep what the terms read, up to this many MB of host memory
         cache_teacher=True, cache_limit_mb=1024))
 
+    # transfer set (Hinton et al. 2015): unlabelled images the teacher labels for the students that learn
+    # from it (every method but `labels`); teacher and label-trained students never see them.
+    # unlabelled_fraction: hold back that share of each class of the training images, labels dropped;
+    # split: a tfds split of unlabelled images (e.g. "unlabelled" of tfds:stl10); npz files: an x_transfer array
+    c.transfer = ml_collections.ConfigDict(dict(unlabelled_fraction=0.0, split=""))
+
     c.explain = ml_collections.ConfigDict(dict(
         num_images=8, ig_steps=64, smoothgrad_samples=16, faithfulness_steps=16, sensitivity_radius=0.1,
         quality_samples=32,  # random subsets / noise draws of faithfulness correlation and infidelity
@@ -153,6 +159,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(0 < m.validation_fraction < 1, "method.validation_fraction", m.validation_fraction, "must be in (0, 1)")
     _require(c.method.cache_limit_mb >= 0, "method.cache_limit_mb", c.method.cache_limit_mb, "must be >= 0")
     _require(c.method.tree_balance >= 0, "method.tree_balance", c.method.tree_balance, "must be >= 0")
+    transfer = c.get("transfer", {})
+    _require(0 <= transfer.get("unlabelled_fraction", 0.0) < 1, "transfer.unlabelled_fraction",
+             transfer.get("unlabelled_fraction"), "must be in [0, 1) (0 = no held-back images)")
+    _require(isinstance(transfer.get("split", ""), str), "transfer.split", transfer.get("split"),
+             "must be a tfds split name or '' (none)")
     _require(c.tree.depth >= 1, "tree.depth", c.tree.depth, "must be >= 1")
     _require(c.tree.depth <= 12, "tree.depth", c.tree.depth, "must be <= 12 (2^depth leaves)")
     _require(c.explain.ig_steps >= 1, "explain.ig_steps", c.explain.ig_steps, "must be >= 1")

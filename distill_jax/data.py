@@ -47,6 +47,9 @@ class Dataset:
     x_* is float32 in [0, 1], except after ``load(..., keep_uint8=True)`` from a source whose images are uint8
     (idx, fashion_mnist, folder, tfds, npz with uint8 arrays): then x_* is uint8 in [0, 255] (a quarter of the
     memory) and callers convert batches with ``as_float01(x)`` (x / 255 as float32).
+
+    ``x_transfer`` [m, h, w, c] (or None): unlabelled images of the same kind, a transfer set for
+    distillation (Hinton et al. 2015): the teacher labels them and students learn from it there too.
     """
 
     x_train: np.ndarray
@@ -56,6 +59,7 @@ class Dataset:
     num_classes: int
     class_names: tuple[str, ...]
     name: str
+    x_transfer: np.ndarray | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -125,18 +129,27 @@ def _check_arrays(x, y, split: str, num_classes: int, name: str, *,
 
 
 def _make_dataset(x_train, y_train, x_test, y_test, *, num_classes: int | None = None,
-                  class_names=None, name: str, keep_uint8: bool = False) -> Dataset:
-    """Validates the four arrays and builds a Dataset (num_classes defaults to 1 + the largest train label).
+                  class_names=None, name: str, keep_uint8: bool = False, x_transfer=None) -> Dataset:
+    """Validates the arrays and builds a Dataset (num_classes defaults to 1 + the largest train label).
 
-    With ``keep_uint8``, images stay uint8 when both x_train and x_test are uint8 (else both become float32).
+    With ``keep_uint8``, images stay uint8 when x_train, x_test (and x_transfer) are all uint8 (else all
+    become float32).
     """
     if num_classes is None:
         num_classes = len(class_names) if class_names is not None else _infer_num_classes(y_train)
-    keep = bool(keep_uint8) and np.asarray(x_train).dtype == np.uint8 and np.asarray(x_test).dtype == np.uint8
+    images = [x_train, x_test] + ([] if x_transfer is None else [x_transfer])
+    keep = bool(keep_uint8) and all(np.asarray(x).dtype == np.uint8 for x in images)
     x_train, y_train = _check_arrays(x_train, y_train, "train", num_classes, name, keep_uint8=keep)
     x_test, y_test = _check_arrays(x_test, y_test, "test", num_classes, name, keep_uint8=keep)
     if x_train.shape[1:] != x_test.shape[1:]:
         raise ValueError(f"{name}: train images {x_train.shape[1:]} and test images {x_test.shape[1:]} differ in shape")
+    if x_transfer is not None:
+        # unlabelled: checked as images only (the zero labels stand in for the missing ones)
+        x_transfer, _ = _check_arrays(x_transfer, np.zeros(len(x_transfer), np.int32), "transfer", num_classes,
+                                      name, keep_uint8=keep)
+        if x_transfer.shape[1:] != x_train.shape[1:]:
+            raise ValueError(f"{name}: transfer images {x_transfer.shape[1:]} and train images "
+                             f"{x_train.shape[1:]} differ in shape")
     present = np.unique(y_train)
     if len(present) < 2:
         raise ValueError(f"{name}: the training split has a single class ({present.tolist()}); "
@@ -146,7 +159,7 @@ def _make_dataset(x_train, y_train, x_test, y_test, *, num_classes: int | None =
     names = tuple(str(c) for c in class_names) if class_names is not None else tuple(str(i) for i in range(num_classes))
     if len(names) != num_classes:
         raise ValueError(f"{name}: {len(names)} class names for {num_classes} classes")
-    return Dataset(x_train, y_train, x_test, y_test, int(num_classes), names, name)
+    return Dataset(x_train, y_train, x_test, y_test, int(num_classes), names, name, x_transfer)
 
 
 def _infer_num_classes(y) -> int:
@@ -213,6 +226,7 @@ def _load_npz(arg: str, *, keep_uint8: bool = False, **_) -> Dataset:
             if missing:
                 raise ValueError(f"npz file {arg!r} lacks arrays {missing}; it has {sorted(f.files)}")
             arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            x_transfer = f["x_transfer"] if "x_transfer" in f.files else None
             class_names = [str(c) for c in f["class_names"]] if "class_names" in f.files else None
     except ValueError as exc:
         if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
@@ -223,7 +237,7 @@ def _load_npz(arg: str, *, keep_uint8: bool = False, **_) -> Dataset:
         raise ValueError(f"npz file {arg!r} cannot be read as .npz: {exc}") from exc
     name = "npz:" + os.path.basename(arg)
     return _make_dataset(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
-                         class_names=class_names, name=name, keep_uint8=keep_uint8)
+                         class_names=class_names, name=name, keep_uint8=keep_uint8, x_transfer=x_transfer)
 
 
 # ---- image folders
@@ -404,7 +418,7 @@ def _jit_resize(images: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 def _load_tfds(arg: str, *, data_dir=None, image_size=None, seed: int, test_fraction: float, download: bool = True,
-               keep_uint8: bool = False, **_) -> Dataset:
+               keep_uint8: bool = False, transfer_split: str | None = None, **_) -> Dataset:
     import tensorflow_datasets as tfds
 
     if not arg:
@@ -446,8 +460,16 @@ def _load_tfds(arg: str, *, data_dir=None, image_size=None, seed: int, test_frac
     mine = train_rows[process_slice(len(train_rows))]
     x_train, y_train = _tfds_arrays(_Rows(train, mine), keys, size, keep_uint8=keep_uint8)
     x_test, y_test = _tfds_arrays(test_source, keys, size, keep_uint8=keep_uint8)
+    x_transfer = None
+    if transfer_split:
+        if transfer_split not in sources:
+            raise ValueError(f"tfds dataset {arg!r} has no split {transfer_split!r} for the transfer set; "
+                             f"it has {sorted(sources)}")
+        transfer = sources[transfer_split]
+        x_transfer, _ = _tfds_arrays(_Rows(transfer, np.arange(len(transfer))[process_slice(len(transfer))]), keys,
+                                     size, keep_uint8=keep_uint8)  # its labels (if any) are not read
     return _make_dataset(x_train, y_train, x_test, y_test, num_classes=num_classes, class_names=class_names,
-                         name=f"tfds:{arg}", keep_uint8=keep_uint8)
+                         name=f"tfds:{arg}", keep_uint8=keep_uint8, x_transfer=x_transfer)
 
 
 class _Rows:
@@ -534,7 +556,8 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
 
 
 def load(spec: str = "digits", *, data_dir=None, image_size=None, seed: int = 0, test_fraction: float = 0.2,
-         skip_bad_images: bool = False, download: bool = True, keep_uint8: bool = False) -> Dataset:
+         skip_bad_images: bool = False, download: bool = True, keep_uint8: bool = False,
+         transfer_split: str | None = None) -> Dataset:
     """Loads and validates a dataset named by ``spec``.
 
     Args:
@@ -550,6 +573,8 @@ def load(spec: str = "digits", *, data_dir=None, image_size=None, seed: int = 0,
       keep_uint8: keep uint8 images (idx, fashion_mnist, folder, tfds, uint8 npz) as uint8 in [0, 255] instead of
         float32 in [0, 1], a quarter of the memory; convert batches with ``as_float01``. Float sources
         (digits, mnist5k, float npz) still give float32.
+      transfer_split: tfds only; a split whose images (labels unread) become ``x_transfer``, e.g.
+        ``"unlabelled"`` of stl10. npz files give a transfer set through an ``x_transfer`` array.
 
     Returns:
       Dataset with x_* [n, h, w, c] float32 in [0, 1] (uint8 in [0, 255] under ``keep_uint8``) and y_* [n] int32.
@@ -568,8 +593,14 @@ def load(spec: str = "digits", *, data_dir=None, image_size=None, seed: int = 0,
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if not isinstance(keep_uint8, (bool, np.bool_)):
         raise ValueError(f"keep_uint8 must be True or False, got {keep_uint8!r}")
+    extra = {}
+    if transfer_split:
+        if kind != "tfds":
+            raise ValueError(f"transfer_split={transfer_split!r} names a tfds split, but {spec!r} is not a tfds spec; "
+                             f"hold back part of the training images instead (transfer.unlabelled_fraction)")
+        extra["transfer_split"] = str(transfer_split)
     return _LOADERS[kind](arg, data_dir=data_dir, image_size=image_size, seed=seed, test_fraction=test_fraction,
-                          skip_bad_images=skip_bad_images, download=download, keep_uint8=bool(keep_uint8))
+                          skip_bad_images=skip_bad_images, download=download, keep_uint8=bool(keep_uint8), **extra)
 
 
 # -------------------------------------------------------------------------------------------------- batching

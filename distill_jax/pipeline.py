@@ -47,6 +47,7 @@ class Prepared:
     name: str
     scaler: Any
     pca: Any
+    x_transfer: np.ndarray | None = None  # unlabelled transfer images, stored like x_train (see prepare_data)
 
     def inputs(self, x) -> jax.Array:
         """Model inputs [n, h, w, c] float32 for stored images `x` (see `model_inputs`)."""
@@ -83,6 +84,7 @@ class Trained:
 
     `settings`: for a student with the `kd` term, the `temperature` and `alpha` it was trained
     with and, when they were chosen on a validation split, the `selection` (`tuning.Selection.as_dict`).
+    `train_images`: how many images it trained on (labelled plus any teacher-labelled transfer images).
     """
 
     name: str
@@ -94,6 +96,7 @@ class Trained:
     history: list[dict]
     seconds: float
     settings: dict = dataclasses.field(default_factory=dict)
+    train_images: int = 0
 
     @property
     def apply_fn(self) -> Callable[[jax.Array], jax.Array]:
@@ -107,21 +110,63 @@ def prepare_data(c) -> Prepared:
     (`pca.fit_batches`), so no float copy of the training set is kept. Under multi-host,
     `x_train`/`y_train` are this process's share of the training split and the scaler and PCA fitted
     on process 0's share are broadcast, so every process preprocesses alike.
+
+    The transfer set (`x_transfer`) is the dataset's own (`transfer.split`, an npz `x_transfer`) plus
+    `transfer.unlabelled_fraction` of each class of the training images, held back without labels
+    (`hold_out_unlabelled`). Scaler and PCA are fitted on the labelled training images.
     """
+    transfer = c.get("transfer", {})
     ds = data.load(c.dataset, data_dir=c.data_dir, image_size=c.image_size, seed=c.seed,
-                   test_fraction=c.test_fraction, keep_uint8=True)
-    x_train, y_train = ds.x_train, ds.y_train
+                   test_fraction=c.test_fraction, keep_uint8=True, transfer_split=transfer.get("split") or None)
+    x_train, y_train, x_transfer = ds.x_train, ds.y_train, ds.x_transfer
     if c.get("train_limit", 0):  # a quick run on the first N training images
         x_train, y_train = x_train[: c.train_limit], y_train[: c.train_limit]
     if jax.process_count() > 1 and not c.dataset.startswith("tfds:"):  # tfds loaders read only their own share
         share = data.process_slice(len(x_train))
         x_train, y_train = x_train[share], y_train[share]
+        x_transfer = None if x_transfer is None else x_transfer[data.process_slice(len(x_transfer))]
+    if transfer.get("unlabelled_fraction", 0.0):
+        x_train, y_train, x_transfer = hold_out_unlabelled(x_train, y_train, x_transfer,
+                                                           transfer.unlabelled_fraction, seed=c.seed)
     scaler = preprocess.standardize_fit(data.as_float01(x_train))
     n_components = min(c.pca_components, len(x_train), int(np.prod(x_train.shape[1:])))
     pca_state = pca_lib.fit_batches(_batched_inputs(scaler, x_train), n_components)
     scaler, pca_state = parallel.broadcast_from_main((scaler, pca_state))
     return Prepared(x_train, np.asarray(y_train, np.int32), ds.x_test, np.asarray(ds.y_test, np.int32),
-                    ds.num_classes, tuple(ds.class_names), ds.name, scaler, pca_state)
+                    ds.num_classes, tuple(ds.class_names), ds.name, scaler, pca_state, x_transfer)
+
+
+def hold_out_unlabelled(x: np.ndarray, y: np.ndarray, x_transfer: np.ndarray | None, fraction: float, *,
+                        seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Moves `fraction` of each class of (x, y) into the transfer set, without their labels.
+
+    Returns (x_labelled, y_labelled, x_transfer): the kept images in their order, and the
+    held-back ones appended to `x_transfer` (when given). Deterministic in `seed`
+    (`tuning.holdout_split`).
+    """
+    keep, held = tuning.holdout_split(y, fraction, seed=seed)
+    extra = x[held]
+    return x[keep], y[keep], extra if x_transfer is None else np.concatenate([x_transfer, extra])
+
+
+def transfer_labels(teacher: Trained, prep: Prepared, c, mesh) -> np.ndarray:
+    """The teacher's arg-max class [m] int32 for each transfer image (its label for label-reading terms)."""
+    logits = train.predict(make_predict_fn(teacher.model, prep, mesh), teacher.variables, prep.x_transfer,
+                           batch_size=c.eval_batch_size, mesh=mesh)
+    return np.argmax(logits, axis=-1).astype(np.int32)
+
+
+def training_set(needs: distill.Needs, prep: Prepared, teacher: Trained | None, c, mesh) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels a model trains on: (x [n, h, w, c], y [n]).
+
+    A model that learns from the teacher (any term reads it) trains on the labelled images plus
+    the transfer set, whose labels are the teacher's arg-max (`transfer_labels`); the teacher and
+    label-trained students on the labelled images only.
+    """
+    if teacher is None or not needs.teacher or prep.x_transfer is None or not len(prep.x_transfer):
+        return prep.x_train, prep.y_train
+    return (np.concatenate([prep.x_train, prep.x_transfer]),
+            np.concatenate([prep.y_train, transfer_labels(teacher, prep, c, mesh)]))
 
 
 def method_config(c, *, temperature: float | None = None, alpha: float | None = None) -> distill.MethodConfig:
@@ -176,17 +221,18 @@ def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, bud
     sample = prep.inputs(prep.x_train[:2])
     t_model, t_vars = (teacher.model, teacher.variables) if teacher else (None, None)
     params = distill.init_trainable(model, method, mcfg, init_key, sample, t_model, t_vars, extra=extra)
-    steps = train.total_steps(len(prep.y_train), parallel.local_batch_size(budget.batch_size), budget.epochs)
+    needs = distill.method_needs(method, mcfg)
+    x_fit, y_fit = training_set(needs, prep, teacher, c, mesh)
+    steps = train.total_steps(len(y_fit), parallel.local_batch_size(budget.batch_size), budget.epochs)
     optimizer = train.make_optimizer(budget.optimizer, learning_rate=budget.learning_rate, total_steps=steps,
                                      momentum=budget.momentum, weight_decay=budget.weight_decay,
                                      schedule=budget.schedule, extra=pruning_of(budget, steps))
     state = train.create_state(params, optimizer, key=state_key, extra=extra)
     loss_fn = train.with_inputs(distill.make_loss_fn(model, kind, method, mcfg, prep.num_classes, t_model), prep.inputs)
-    needs = distill.method_needs(method, mcfg)
-    arrays = {"x": prep.x_train, "y": prep.y_train}
-    use_cache = cache_teacher and _teacher_cache_fits(name, needs, mcfg, t_model, t_vars, prep, c)
+    arrays = {"x": x_fit, "y": y_fit}
+    use_cache = cache_teacher and _teacher_cache_fits(name, needs, mcfg, t_model, t_vars, x_fit, prep, c)
     if use_cache:
-        arrays.update(distill.cache_teacher_outputs(t_model, t_vars, prep.x_train, prep.y_train, needs,
+        arrays.update(distill.cache_teacher_outputs(t_model, t_vars, x_fit, y_fit, needs,
                                                     inputs=prep.inputs, mesh=parallel.local_mesh()))
     step_fn = train.make_train_step(loss_fn, optimizer, mesh)
     predict_fn = make_predict_fn(model, prep, mesh)
@@ -221,11 +267,11 @@ def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, bud
     test_logits = train.predict(predict_fn, variables, prep.x_test, batch_size=c.eval_batch_size, mesh=mesh)
     # what is evaluated, explained and reported runs in float32, whatever the training compute dtype
     return Trained(name, models.with_compute_dtype(model, "float32"), variables, kind, method, test_logits, history,
-                   time.perf_counter() - start)
+                   time.perf_counter() - start, train_images=len(y_fit))
 
 
 def _teacher_cache_fits(name: str, needs: distill.Needs, mcfg: distill.MethodConfig, t_model, t_vars,
-                        prep: Prepared, c) -> bool:
+                        x: np.ndarray, prep: Prepared, c) -> bool:
     """Whether to run the teacher once and cache its outputs, rather than inside every step.
 
     Only when a term reads the teacher, no augmentation changes the inputs between epochs, and the
@@ -234,7 +280,7 @@ def _teacher_cache_fits(name: str, needs: distill.Needs, mcfg: distill.MethodCon
     """
     if not needs.teacher or mcfg.changes_inputs:
         return False
-    size = distill.teacher_cache_bytes(t_model, t_vars, prep.x_train[:1], needs, len(prep.x_train), inputs=prep.inputs)
+    size = distill.teacher_cache_bytes(t_model, t_vars, x[:1], needs, len(x), inputs=prep.inputs)
     if size > c.method.cache_limit_mb * 2**20:
         log.info("%s: the teacher's outputs would take %.0f MB (> method.cache_limit_mb=%s): running the teacher "
                  "inside each step instead", name, size / 2**20, c.method.cache_limit_mb)
@@ -495,7 +541,7 @@ def model_metrics(t: Trained, teacher: Trained | None, prep: Prepared) -> dict:
     out = {"accuracy": train.accuracy_from_logits(t.test_logits, prep.y_test),
            "params": models.count_params(t.variables["params"]),
            "sparsity": round(prune.sparsity(t.variables["params"]), 4),
-           "train_seconds": round(t.seconds, 2)}
+           "train_seconds": round(t.seconds, 2), "train_images": t.train_images}
     if teacher is not None:
         out.update(
             agreement=float(metrics.agreement(jnp.asarray(t.test_logits), jnp.asarray(teacher.test_logits))),

@@ -35,9 +35,11 @@ if ROOT not in sys.path:  # run from a checkout: distill_jax need not be install
 
 import numpy as np  # noqa: E402
 
-METRICS = ("accuracy", "agreement", "kl")
+METRICS = ("accuracy", "agreement", "kl", "ig_spearman", "ig_top10", "deletion_auc")
 # for each metric: +1 when larger is better, -1 when smaller is better
-BETTER = {"accuracy": 1, "agreement": 1, "kl": -1}
+BETTER = {"accuracy": 1, "agreement": 1, "kl": -1, "ig_spearman": 1, "ig_top10": 1, "deletion_auc": -1}
+COLUMNS = (("accuracy", "test accuracy"), ("agreement", "agreement"), ("kl", "KL(teacher‖model)"),
+           ("ig_spearman", "IG ρ vs teacher"), ("deletion_auc", "IG deletion AUC"))
 SMOKE_STUDENTS = "cnn-labels,cnn-kd,tree-labels,tree-kd"
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "compare_methods.py")
 
@@ -104,11 +106,17 @@ def configure(args):
     """The config a command line asks for (config file, --smoke, then --set and the list options), validated."""
     from distill_jax import cli, config as config_lib  # noqa: PLC0415
 
-    c = cli.load_config(args.config or DEFAULT_CONFIG)
-    if args.smoke:
+    c = cli.load_config(args.config or args.default_config)
+    if args.smoke:  # the config's compare.smoke settings, or digits, seeds 0 and 1, SMOKE_STUDENTS
+        smoke = c.compare.get("smoke", {})
         c = config_lib.apply_smoke(c)
         c.smoke = True
-        c.compare.datasets, c.compare.seeds, c.students = "digits", "0,1", SMOKE_STUDENTS
+        c.compare.datasets = smoke.get("datasets", "digits")
+        c.compare.seeds = smoke.get("seeds", "0,1")
+        c.students = smoke.get("students", SMOKE_STUDENTS)
+        c.compare.baselines = smoke.get("baselines", "")
+        c.train_limit = smoke.get("train_limit", c.train_limit)
+        c.compare.explain_images = smoke.get("explain_images", 8)
     for assignment in args.set:  # after --smoke: explicit overrides win over the smoke budget
         cli.apply_override(c, assignment)
     if args.datasets:
@@ -118,6 +126,13 @@ def configure(args):
     if args.students:
         c.students = args.students
     parse_list(c.compare.datasets, "datasets")
+    parse_pairs(c.compare.get("pairs", ""))
+    method_overrides(c, "")  # checks the form of every item
+    import _baselines  # noqa: PLC0415 - next to this script
+
+    for name in parse_list(c.compare.baselines, "baselines") if c.compare.get("baselines", "") else []:
+        if name not in _baselines.BASELINES:
+            raise ValueError(f"compare.baselines: {name!r} is not known; use any of {list(_baselines.BASELINES)}")
     parse_list(c.compare.seeds, "seeds", int)
     config_lib.validate(c)
     return c
@@ -126,48 +141,177 @@ def configure(args):
 # --------------------------------------------------------------------------- the experiment
 
 
-def run_dataset(c, dataset: str, seeds: list[int], *, echo: Callable[[str], None] = print) -> dict:
-    """Trains teacher and students for every seed; returns {"teacher": [...], "<student>": [metrics per seed]}."""
-    from distill_jax import config as config_lib, parallel, pipeline  # noqa: PLC0415
+def method_overrides(c, method: str) -> list[str]:
+    """The `KEY=VALUE` assignments `compare.method_overrides` gives students of `method` ("fm:method.mixup=1")."""
+    out = []
+    for item in c.get("compare", {}).get("method_overrides", ()):
+        target, sep, assignment = str(item).partition(":")
+        if not sep or "=" not in assignment:
+            raise ValueError(f"compare.method_overrides item {item!r} must be '<method>:<key>=<value>'")
+        if target == method:
+            out.append(assignment)
+    return out
+
+
+def student_config(cs, method: str):
+    """`cs` with `compare.method_overrides` of `method` applied (the same config when there are none)."""
+    from distill_jax import cli, config as config_lib  # noqa: PLC0415
+
+    assignments = method_overrides(cs, method)
+    if not assignments:
+        return cs
+    out = cs.copy_and_resolve_references()
+    for assignment in assignments:
+        cli.apply_override(out, assignment)
+    config_lib.validate(out)
+    return out
+
+
+def explanation_scores(t, x, target, teacher_maps, c) -> tuple[dict, dict]:
+    """Integrated gradients of `t` on the sample `x`: its deletion AUC and agreement with the teacher's maps.
+
+    Returns ({deletion_auc, ig_spearman, ig_top10}, maps); ig_* are absent for the teacher
+    (`teacher_maps` None). Spearman and top-10 % overlap compare |IG| summed over channels
+    (`audit.faithfulness`).
+    """
+    import jax  # noqa: PLC0415
+
+    from distill_jax import audit  # noqa: PLC0415
+
+    e = c.explain
+    maps = audit.attribution_maps(t.model, t.variables, x, target, methods=("integrated_gradients",),
+                                  ig_steps=e.ig_steps, smoothgrad_samples=1, key=jax.random.PRNGKey(c.seed))
+    scores, _ = audit.faithfulness(t.model, t.variables, x, target, maps, teacher_maps, steps=e.faithfulness_steps)
+    ig = scores["integrated_gradients"]
+    out = {"deletion_auc": ig["deletion_auc"]}
+    if teacher_maps is not None:
+        out.update(ig_spearman=ig["spearman_vs_teacher"], ig_top10=ig["top10_overlap_vs_teacher"])
+    return out, maps
+
+
+def baseline_metrics(name: str, prep, teacher, c, mesh, x, target, teacher_maps) -> dict:
+    """Metrics of one scikit-learn baseline (`_baselines.BASELINES`) on the seed's split."""
+    import _baselines  # noqa: PLC0415 - next to this script
+
+    from distill_jax import pipeline  # noqa: PLC0415
+
+    if name.startswith("sk-tree"):
+        return _baselines.fit_tree(name, prep, teacher.test_logits, seed=c.seed)
+    fitted, fit_info = _baselines.fit_logreg(name, prep, seed=c.seed, mesh=mesh, eval_batch_size=c.eval_batch_size)
+    m = {**pipeline.model_metrics(fitted, teacher, prep), "method": "sklearn", **fit_info}
+    m.update(explanation_scores(fitted, x, target, teacher_maps, c)[0])
+    return m
+
+
+def _seed_file(workdir: str | None, dataset: str, seed: int) -> str | None:
+    if not workdir:
+        return None
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in dataset)
+    return os.path.join(workdir, "seeds", f"{safe}-seed{seed}.json")
+
+
+def run_seed(c, dataset: str, seed: int, mesh, *, echo: Callable[[str], None] = print) -> dict:
+    """One matched block: data prepared, teacher trained, every student and baseline trained and measured.
+
+    Returns {"teacher": metrics, "<model>": metrics, ...} (each with "seed").
+    """
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from distill_jax import config as config_lib, pipeline  # noqa: PLC0415
+
+    cs = dataset_config(c, dataset, seed)
+    config_lib.validate(cs)
+    prep = pipeline.prepare_data(cs)
+    teacher = pipeline.train_teacher(prep, cs, mesh, None, show_progress=False)
+    x, target = pipeline.test_sample(prep, cs.compare.get("explain_images", 64), seed=seed)
+    scores, teacher_maps = explanation_scores(teacher, x, target, None, cs)
+    out = {"teacher": {"seed": seed, **pipeline.model_metrics(teacher, None, prep), **scores}}
+    echo(f"{dataset} seed {seed} teacher: accuracy {out['teacher']['accuracy']:.4f} ({teacher.seconds:.1f} s)")
+    teacher_maps = {k: jnp.asarray(v) for k, v in teacher_maps.items()}
+    for name, kind, method in config_lib.parse_students(cs.students):
+        ck = student_config(cs, method)
+        s = pipeline.train_student(name, kind, method, prep, teacher, ck, mesh, None, show_progress=False)
+        m = {"seed": seed, **pipeline.model_metrics(s, teacher, prep), **explanation_scores(s, x, target,
+                                                                                             teacher_maps, ck)[0]}
+        out[name] = m
+        echo(f"{dataset} seed {seed} {name}: accuracy {m['accuracy']:.4f} agreement {m['agreement']:.4f} "
+             f"kl {m['kl']:.4f} ig_spearman {m['ig_spearman']:.3f} ({s.seconds:.1f} s)")
+    for name in parse_list(cs.compare.baselines, "baselines") if cs.compare.get("baselines", "") else []:
+        m = {"seed": seed, **baseline_metrics(name, prep, teacher, cs, mesh, x, target, teacher_maps)}
+        out[name] = m
+        echo(f"{dataset} seed {seed} {name}: accuracy {m['accuracy']:.4f} agreement {m['agreement']:.4f} "
+             f"kl {m['kl']:.4f} ({m['train_seconds']:.1f} s)")
+    return out
+
+
+def run_dataset(c, dataset: str, seeds: list[int], *, workdir: str | None = None,
+                echo: Callable[[str], None] = print) -> dict:
+    """Every seed of one dataset; returns {"teacher": [...], "<model>": [metrics per seed]}.
+
+    With `workdir`, each finished seed is kept in `<workdir>/seeds/<dataset>-seed<k>.json` and a
+    later run with the same models and config reuses it: an interrupted run loses at most one seed.
+    """
+    from distill_jax import parallel  # noqa: PLC0415
 
     mesh = parallel.make_mesh()
-    students = config_lib.parse_students(c.students)
-    runs: dict[str, list[dict]] = {"teacher": []}
+    runs: dict[str, list[dict]] = {}
     for seed in seeds:
-        cs = dataset_config(c, dataset, seed)
-        config_lib.validate(cs)
-        prep = pipeline.prepare_data(cs)
-        teacher = pipeline.train_teacher(prep, cs, mesh, None, show_progress=False)
-        runs["teacher"].append({"seed": seed, **pipeline.model_metrics(teacher, None, prep)})
-        echo(f"{dataset} seed {seed} teacher: accuracy {runs['teacher'][-1]['accuracy']:.4f} ({teacher.seconds:.1f} s)")
-        for name, kind, method in students:
-            s = pipeline.train_student(name, kind, method, prep, teacher, cs, mesh, None, show_progress=False)
-            m = {"seed": seed, **pipeline.model_metrics(s, teacher, prep)}
-            runs.setdefault(name, []).append(m)
-            echo(f"{dataset} seed {seed} {name}: accuracy {m['accuracy']:.4f} agreement {m['agreement']:.4f} "
-                 f"kl {m['kl']:.4f} ({s.seconds:.1f} s)")
+        path = _seed_file(workdir, dataset, seed)
+        fingerprint = dataset_config(c, dataset, seed).to_dict()
+        block = None
+        if path and os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if json.loads(json.dumps(fingerprint, default=str)) == saved.get("config"):
+                block = saved["models"]
+                echo(f"{dataset} seed {seed}: reusing {path}")
+        if block is None:
+            block = run_seed(c, dataset, seed, mesh, echo=echo)
+            if path:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    json.dump({"config": fingerprint, "models": block}, f, indent=1, default=str)
+        for name, metrics in block.items():
+            runs.setdefault(name, []).append(metrics)
     return runs
 
 
-def summarize(runs: dict) -> dict:
-    """Mean/std of every metric per model, and paired (distilled - labels) comparisons per kind."""
+def summarize(runs: dict, pairs: list[tuple[str, str]] = ()) -> dict:
+    """Mean/std of every metric per model, and paired comparisons: each distilled student against the
+    label-trained student of its kind, then the explicit `pairs` (model, baseline)."""
     summary = {}
     for name, per_seed in runs.items():
-        row = {"params": per_seed[0]["params"], "train_seconds": mean_std([m["train_seconds"] for m in per_seed])[0]}
+        row = {"params": per_seed[0]["params"], "train_seconds": mean_std([m["train_seconds"] for m in per_seed])[0],
+               "train_images": per_seed[0].get("train_images", "")}
         for metric in METRICS:
-            if metric in per_seed[0]:
+            if per_seed[0].get(metric) is not None:
                 row[metric] = dict(zip(("mean", "std"), mean_std([m[metric] for m in per_seed])))
         summary[name] = row
-    comparisons = {}
-    for name, per_seed in runs.items():
+    wanted = []
+    for name in runs:
         kind, _, method = name.partition("-")
-        base = runs.get(f"{kind}-labels")
-        if name == "teacher" or method == "labels" or base is None:
-            continue
-        comparisons[name] = {"baseline": f"{kind}-labels", **{
-            metric: paired([m[metric] for m in per_seed], [m[metric] for m in base], better=BETTER[metric])
-            for metric in METRICS}}
+        if name != "teacher" and method not in ("labels", "sklearn") and not kind.startswith("sk") \
+                and f"{kind}-labels" in runs:
+            wanted.append((name, f"{kind}-labels"))
+    wanted += [p for p in pairs if p[0] in runs and p[1] in runs and p not in wanted]
+    comparisons = {}
+    for name, base in wanted:
+        a, b = runs[name], runs[base]
+        comparisons[f"{name} vs {base}"] = {"model": name, "baseline": base, **{
+            metric: paired([m[metric] for m in a], [m[metric] for m in b], better=BETTER[metric])
+            for metric in METRICS if a[0].get(metric) is not None and b[0].get(metric) is not None}}
     return {"summary": summary, "paired": comparisons}
+
+
+def parse_pairs(text: str) -> list[tuple[str, str]]:
+    """`"tree-fm:sk-tree-d8,linear-fm:sk-logreg-pixels"` -> [("tree-fm", "sk-tree-d8"), ...]."""
+    out = []
+    for item in parse_list(text, "compare.pairs") if text else []:
+        model, sep, base = item.partition(":")
+        if not sep or not model or not base:
+            raise ValueError(f"compare.pairs item {item!r} must be '<model>:<baseline>'")
+        out.append((model, base))
+    return out
 
 
 def _pm(stat: dict, digits: int = 4) -> str:
@@ -181,22 +325,22 @@ def _signed(stat: dict) -> str:
 
 def markdown_tables(dataset: str, result: dict, n_seeds: int) -> str:
     """The summary and paired tables of one dataset as markdown."""
+    head = " | ".join(title for _, title in COLUMNS)
     lines = [f"### {dataset} ({n_seeds} seeds, mean ± std)", "",
-             "| model | params | test accuracy | agreement | KL(teacher‖student) | train s |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"| model | params | train images | {head} | train s |",
+             "|---|---:|---:|" + "---:|" * len(COLUMNS) + "---:|"]
     for name, row in result["summary"].items():
-        agree = _pm(row["agreement"]) if "agreement" in row else "—"
-        kl = _pm(row["kl"]) if "kl" in row else "—"
-        lines.append(f"| {name} | {row['params']} | {_pm(row['accuracy'])} | {agree} | {kl} | "
+        cells = " | ".join(_pm(row[m]) if m in row else "—" for m, _ in COLUMNS)
+        lines.append(f"| {name} | {row['params']} | {row.get('train_images', '')} | {cells} | "
                      f"{row['train_seconds']:.1f} |")
     if result["paired"]:
-        lines += ["", f"Paired per seed, distilled minus the label-trained student of the same kind: mean ± std "
-                      f"(seeds where the distilled student is better / seeds, paired t-test p, df={n_seeds - 1}).", "",
-                  "| student | vs | Δ agreement | Δ KL (lower is better) | Δ test accuracy |",
-                  "|---|---|---:|---:|---:|"]
-        for name, cmp in result["paired"].items():
-            lines.append(f"| {name} | {cmp['baseline']} | {_signed(cmp['agreement'])} | {_signed(cmp['kl'])} | "
-                         f"{_signed(cmp['accuracy'])} |")
+        lines += ["", f"Paired per seed, model minus baseline (same split, same teacher): mean ± std "
+                      f"(seeds where the model is better / seeds, paired t-test p, df={n_seeds - 1}).", "",
+                  "| model | vs | " + " | ".join(f"Δ {title}" for _, title in COLUMNS) + " |",
+                  "|---|---|" + "---:|" * len(COLUMNS)]
+        for cmp in result["paired"].values():
+            cells = " | ".join(_signed(cmp[m]) if m in cmp else "—" for m, _ in COLUMNS)
+            lines.append(f"| {cmp['model']} | {cmp['baseline']} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -234,38 +378,44 @@ def add_common_options(parser: argparse.ArgumentParser, default_workdir: str) ->
                         help="directory of JAX's persistent compilation cache ('' to disable)")
 
 
-def main(argv: list[str] | None = None, *, echo: Callable[[str], None] = print) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help=f"config file with get_config() (default {DEFAULT_CONFIG})")
-    add_common_options(parser, "runs/compare_methods")
+def main(argv: list[str] | None = None, *, echo: Callable[[str], None] = print, default_config: str = DEFAULT_CONFIG,
+         name: str = "compare_methods", description: str | None = None) -> int:
+    """The command line of this protocol; experiments/fashion_mnist.py calls it with its own config and name."""
+    parser = argparse.ArgumentParser(prog=f"experiments/{name}.py",
+                                     description=description or __doc__.splitlines()[0])
+    parser.set_defaults(default_config=default_config)
+    parser.add_argument("--config", help=f"config file with get_config() (default {default_config})")
+    add_common_options(parser, f"runs/{name}")
     parser.add_argument("--datasets", help="comma-separated dataset specs (default: the config's compare.datasets)")
     parser.add_argument("--students", help="comma-separated <kind>-<method> students (default: the config's)")
-    parser.add_argument("--smoke", action="store_true", help="digits, 2 seeds, 1 epoch, 4 students: seconds")
+    parser.add_argument("--smoke", action="store_true", help="the config's compare.smoke (default: digits, 2 seeds, "
+                                                             "1 epoch, 4 students): seconds")
     args = parser.parse_args(argv)
     try:
         c = configure(args)
         use_compilation_cache(args.compilation_cache)
         start = time.perf_counter()
         datasets, seeds = parse_list(c.compare.datasets, "datasets"), parse_list(c.compare.seeds, "seeds", int)
-        payload = {"command": " ".join(["python", "experiments/compare_methods.py", *(argv if argv is not None
-                                                                                      else sys.argv[1:])]),
+        payload = {"command": " ".join(["python", f"experiments/{name}.py", *(argv if argv is not None
+                                                                            else sys.argv[1:])]),
                    "date": time.strftime("%Y-%m-%d %H:%M %Z"), "environment": environment(),
                    "config": c.to_dict(), "datasets": {}}
         markdown = []
         for dataset in datasets:
             t0 = time.perf_counter()
-            runs = run_dataset(c, dataset, seeds, echo=echo)
-            result = {"runs": runs, **summarize(runs), "wall_seconds": round(time.perf_counter() - t0, 1)}
+            runs = run_dataset(c, dataset, seeds, workdir=args.workdir, echo=echo)
+            result = {"runs": runs, **summarize(runs, parse_pairs(c.compare.get("pairs", ""))),
+                      "wall_seconds": round(time.perf_counter() - t0, 1)}
             payload["datasets"][dataset] = result
             table = markdown_tables(dataset, result, len(seeds))
             markdown.append(table + f"\nWall time for {dataset}: {result['wall_seconds']:.0f} s.\n")
             echo("\n" + table)
         payload["wall_seconds"] = round(time.perf_counter() - start, 1)
-        md_path, json_path = write_outputs(args.workdir, "compare_methods", "\n".join(markdown), payload)
+        md_path, json_path = write_outputs(args.workdir, name, "\n".join(markdown), payload)
         echo(f"total wall time {payload['wall_seconds']:.0f} s; wrote {md_path} and {json_path}")
         return 0
     except (ValueError, FileNotFoundError, FloatingPointError) as exc:
-        print(f"compare_methods: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"{name}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

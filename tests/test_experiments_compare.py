@@ -64,23 +64,46 @@ def _runs():
         "cnn-labels": [m(0, 0.8, 0.8, 0.4), m(1, 0.7, 0.7, 0.5)],
         "cnn-kd": [m(0, 0.85, 0.9, 0.2), m(1, 0.7, 0.8, 0.3)],
         "tree-kd": [m(0, 0.5, 0.5, 1.0), m(1, 0.5, 0.5, 1.0)],  # no tree-labels baseline: not paired
+        "sk-tree-d8": [m(0, 0.45, 0.4, 3.0), m(1, 0.5, 0.45, 3.0)],
     }
 
 
 def test_summarize_pairs_each_distilled_student_with_its_kinds_labels_student():
-    out = cm.summarize(_runs())
-    assert set(out["summary"]) == {"teacher", "cnn-labels", "cnn-kd", "tree-kd"}
+    out = cm.summarize(_runs(), [("tree-kd", "sk-tree-d8"), ("tree-kd", "absent")])
+    assert set(out["summary"]) == {"teacher", "cnn-labels", "cnn-kd", "tree-kd", "sk-tree-d8"}
     assert "agreement" not in out["summary"]["teacher"]
     assert out["summary"]["cnn-kd"]["accuracy"]["mean"] == pytest.approx(0.775)
-    assert list(out["paired"]) == ["cnn-kd"]
-    p = out["paired"]["cnn-kd"]
+    assert list(out["paired"]) == ["cnn-kd vs cnn-labels", "tree-kd vs sk-tree-d8"]  # absent models are skipped
+    assert out["paired"]["tree-kd vs sk-tree-d8"]["accuracy"]["diff"] == pytest.approx([0.05, 0.0])
+    assert "ig_spearman" not in out["paired"]["tree-kd vs sk-tree-d8"]  # a metric neither side has
+    p = out["paired"]["cnn-kd vs cnn-labels"]
     assert p["baseline"] == "cnn-labels"
     assert p["agreement"]["diff"] == pytest.approx([0.1, 0.1])
     assert p["kl"]["diff"] == pytest.approx([-0.2, -0.2]) and p["kl"]["wins"] == 2
     assert p["accuracy"]["diff"] == pytest.approx([0.05, 0.0]) and p["accuracy"]["wins"] == 1
     table = cm.markdown_tables("digits", out, 2)
-    assert "| cnn-kd | cnn-labels | +0.1000 ± 0.0000 (2/2, p=n/a)" in table
-    assert "| teacher | 10 | 0.8500 ± 0.0707 | — | — |" in table
+    assert "| cnn-kd | cnn-labels | +0.0250 ± 0.0354 (1/2, p=0.500) | +0.1000 ± 0.0000 (2/2, p=n/a)" in table
+    assert "| teacher | 10 |  | 0.8500 ± 0.0707 | — | — | — | — |" in table
+
+
+def test_method_overrides_apply_to_that_methods_students_only():
+    from distill_jax import config as config_lib
+
+    c = config_lib.default_config()
+    import ml_collections
+
+    c.compare = ml_collections.ConfigDict(dict(method_overrides=("fm:method.mixup=1.0", "fm:teacher.augment_shift=2",
+                                                                 "kd:method.alpha=0.3")))
+    fm = cm.student_config(c, "fm")
+    assert (fm.method.mixup, fm.teacher.augment_shift, fm.method.alpha) == (1.0, 2, 0.9)
+    assert cm.student_config(c, "labels") is c and c.method.mixup == 0.0  # the shared config is not changed
+    assert cm.student_config(c, "kd").method.alpha == 0.3
+    c.compare.method_overrides = ("fm-method.mixup=1",)
+    with pytest.raises(ValueError, match="'<method>:<key>=<value>'"):
+        cm.method_overrides(c, "fm")
+    assert cm.parse_pairs("tree-fm:sk-tree-d8, a:b") == [("tree-fm", "sk-tree-d8"), ("a", "b")]
+    with pytest.raises(ValueError, match="'<model>:<baseline>'"):
+        cm.parse_pairs("tree-fm")
 
 
 def test_linear_readability_counts_nonzeros_per_class_and_components():
@@ -116,7 +139,16 @@ def test_compare_methods_smoke(tmp_path):
     for m in digits["runs"]["cnn-kd"]:
         assert 0 <= m["agreement"] <= 1 and m["kl"] >= 0 and np.isfinite(m["kl"])
     diffs = [a["agreement"] - b["agreement"] for a, b in zip(digits["runs"]["cnn-kd"], digits["runs"]["cnn-labels"])]
-    assert digits["paired"]["cnn-kd"]["agreement"]["diff"] == pytest.approx(diffs)
+    assert digits["paired"]["cnn-kd vs cnn-labels"]["agreement"]["diff"] == pytest.approx(diffs)
+    for m in digits["runs"]["cnn-kd"]:  # integrated-gradients scores on the explained sample
+        assert -1 <= m["ig_spearman"] <= 1 and 0 <= m["deletion_auc"] <= 1
+    # finished seeds are kept and reused by a rerun with the same config
+    assert sorted(os.listdir(tmp_path / "seeds")) == ["digits-seed0.json", "digits-seed1.json"]
+    again = []
+    assert cm.main(argv, echo=again.append) == 0
+    assert sum("reusing" in line for line in again) == 2 and not any("cnn-kd: accuracy" in l for l in again)
+    rerun = json.loads((tmp_path / "compare_methods.json").read_text())["datasets"]["digits"]["runs"]
+    assert rerun["cnn-kd"] == digits["runs"]["cnn-kd"]
     assert payload["environment"]["cpu"] and payload["wall_seconds"] > 0
     md = (tmp_path / "compare_methods.md").read_text()
     assert "| cnn-kd | cnn-labels |" in md and "### digits (2 seeds" in md
@@ -131,3 +163,49 @@ def test_pruning_smoke_reaches_target_sparsity(tmp_path):
     assert sparse["sparsity"] == pytest.approx(0.8, abs=0.01)
     assert sum(sparse["nonzero_per_class"]) == sparse["nonzero"] == round(0.2 * dense["nonzero"])
     assert "| linear-kd@0.8 | 0.800 ± 0.000 |" in (tmp_path / "pruning.md").read_text()
+
+
+def test_sklearn_baselines_match_scikit_learn_and_run_through_the_library():
+    import _baselines
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.tree import DecisionTreeClassifier
+
+    from distill_jax import config as config_lib, parallel, pipeline
+
+    c = config_lib.apply_smoke(config_lib.default_config())
+    prep = pipeline.prepare_data(c)
+    mesh = parallel.make_mesh()
+    x_train, x_test = _baselines.flat_inputs(prep, prep.x_train), _baselines.flat_inputs(prep, prep.x_test)
+    pca_mean, comps = np.asarray(prep.pca.mean), np.asarray(prep.pca.components)
+    for name, fit_x, test_x in [("sk-logreg-pixels", x_train, x_test),
+                                ("sk-logreg-pca", (x_train - pca_mean) @ comps.T, (x_test - pca_mean) @ comps.T)]:
+        trained, info = _baselines.fit_logreg(name, prep, seed=0, mesh=mesh)
+        reference = LogisticRegression(max_iter=300, random_state=0).fit(fit_x, prep.y_train)
+        # the library's Linear model with the fitted coefficients gives scikit-learn's decision function
+        np.testing.assert_allclose(trained.test_logits, reference.decision_function(test_x), rtol=1e-3, atol=1e-3)
+        assert info["iterations"] >= 1 and isinstance(info["converged"], bool)
+    teacher_logits = np.asarray(trained.test_logits)  # any logits: agreement is then a known number
+    tree = _baselines.fit_tree("sk-tree-d8", prep, teacher_logits, seed=0)
+    reference = DecisionTreeClassifier(max_depth=8, random_state=0).fit(x_train, prep.y_train)
+    assert tree["accuracy"] == pytest.approx(reference.score(x_test, prep.y_test))
+    expected_agreement = np.mean(reference.predict(x_test) == np.argmax(teacher_logits, -1))
+    assert tree["agreement"] == pytest.approx(expected_agreement)
+    assert tree["depth"] <= 8 and tree["params"] == reference.tree_.node_count and np.isfinite(tree["kl"])
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="Fashion-MNIST IDX files absent (apt-get install dataset-fashion-mnist)")
+def test_fashion_mnist_experiment_smoke(tmp_path):
+    import fashion_mnist
+
+    lines = []
+    assert fashion_mnist.main(["--smoke", "--workdir", str(tmp_path), *FAST], echo=lines.append) == 0
+    payload = json.loads((tmp_path / "fashion_mnist.json").read_text())
+    runs = payload["datasets"]["fashion_mnist"]["runs"]
+    assert set(runs) == {"teacher", "tree-labels", "tree-fm", "linear-labels", "linear-kd", "linear-fm",
+                         "sk-tree-d8", "sk-logreg-pca"}
+    assert runs["tree-fm"][0]["train_images"] == 600 and "ig_spearman" in runs["tree-fm"][0]
+    assert "ig_spearman" not in runs["sk-tree-d8"][0] and "ig_spearman" in runs["sk-logreg-pca"][0]
+    paired = payload["datasets"]["fashion_mnist"]["paired"]
+    assert {"tree-fm vs tree-labels", "tree-fm vs sk-tree-d8", "linear-fm vs sk-logreg-pca"} <= set(paired)
+    assert "| tree-fm | sk-tree-d8 |" in (tmp_path / "fashion_mnist.md").read_text()
