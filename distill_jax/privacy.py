@@ -1,0 +1,508 @@
+"""Private distillation: PATE's noisy teacher votes, vmapped teacher ensembles, DP-SGD, and their epsilons.
+
+PATE (Papernot et al., ICLR 2017; "Scalable Private Learning with PATE", ICLR 2018) trains T teachers
+on disjoint shards of the private data and labels public student data by a noisy vote::
+
+    votes = teacher_votes(ensemble_logits(apply_fn, stacked_params, x_public))   # [B, classes]
+    labels, answered = confident_gnmax(votes, threshold=..., sigma_threshold=..., sigma=..., key=key)
+    eps = gnmax_epsilon(int(answered.sum()), sigma=sigma, delta=1e-5)          # GNMax part only
+
+The teachers are trained together: their parameters are stacked on a leading axis [T, ...] and one
+jitted `jax.vmap` of a single-teacher step updates all of them, each on a batch of its own shard.
+
+DP-SGD (Abadi et al., CCS 2016) clips every per-example gradient and adds Gaussian noise to the sum;
+`dp_sgd_epsilon` gives its (epsilon, delta) guarantee. Every epsilon here comes from Google's
+`dp_accounting` Renyi-DP accountant (Mironov 2017), so the numbers match the reference implementation.
+
+Loss functions take `(params, batch) -> [batch]` per-example losses (the caller -- here the step --
+reduces); `batch` is a pytree of arrays whose leaves share the leading batch axis (e.g. {"x", "y"}).
+Hyper-parameters are Python numbers (static under jit).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, NamedTuple, Sequence
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from distill_jax import parallel
+
+LossFn = Callable[[Any, Any], jax.Array]  # (params, batch) -> per-example losses [batch]
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _number(name: str, value) -> float | None:
+    """The Python float of a scalar hyper-parameter, or None when it is traced (then unchecked)."""
+    if jnp.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar; got shape {tuple(jnp.shape(value))}")
+    try:
+        return float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_nonnegative(name: str, value) -> float | None:
+    v = _number(name, value)
+    if v is not None and not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"{name} must be >= 0; got {v!r}")
+    return v
+
+
+def _check_positive(name: str, value) -> float:
+    v = _number(name, value)
+    if v is None or not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be > 0; got {value!r}")
+    return v
+
+
+def _check_delta(delta) -> float:
+    d = _number("delta", delta)
+    if d is None or not 0 < d < 1:
+        raise ValueError(f"delta must be in (0, 1); got {delta!r}")
+    return d
+
+
+def _check_count(name: str, value, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def _check_key(key) -> None:
+    """A typed key (`jax.random.key`) or a raw uint32 key (`jax.random.PRNGKey`)."""
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and jnp.ndim(key) == 0
+    raw = dtype == jnp.uint32 and jnp.ndim(key) == 1
+    if not (typed or raw):
+        raise ValueError(
+            f"key must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)); "
+            f"got {type(key).__name__} with dtype {dtype} and shape {tuple(jnp.shape(key))}"
+        )
+
+
+def _check_votes(votes) -> None:
+    if jnp.ndim(votes) != 2:
+        raise ValueError(f"votes must be [batch, classes]; got shape {tuple(jnp.shape(votes))}")
+
+
+# --------------------------------------------------------------------------- PATE aggregation
+
+
+def teacher_votes(logits: jax.Array) -> jax.Array:
+    """Vote counts of a teacher ensemble: how many teachers predict each class.
+
+    votes[b, c] = #{t : argmax_k logits[t, b, k] = c}
+
+    A teacher whose logits tie votes for the lowest tied class (`jnp.argmax`).
+
+    Args:
+      logits: [teachers, batch, classes], e.g. from `ensemble_logits`.
+    Returns:
+      [batch, classes] int32; every row sums to the number of teachers.
+
+    Reference: Papernot et al., "Semi-supervised Knowledge Transfer for Deep Learning from Private
+    Training Data" (PATE), ICLR 2017, section 2.1.
+    """
+    if jnp.ndim(logits) != 3:
+        raise ValueError(f"logits must be [teachers, batch, classes]; got shape {tuple(jnp.shape(logits))}")
+    num_classes = jnp.shape(logits)[-1]
+    return jax.nn.one_hot(jnp.argmax(logits, axis=-1), num_classes, dtype=jnp.int32).sum(axis=0)
+
+
+def gnmax(votes: jax.Array, *, sigma, key: jax.Array) -> jax.Array:
+    """Gaussian NoisyMax (GNMax): the class with the most votes after Gaussian noise on every count.
+
+    label[b] = argmax_c (votes[b, c] + N(0, sigma^2)),  noise i.i.d. over b and c
+
+    sigma=0 is exactly the plain argmax of the votes (no noise is drawn). Ties (equal noisy counts,
+    in practice only when sigma=0) go to the lowest class index, as in `jnp.argmax`.
+
+    Args:
+      votes: [batch, classes] vote counts (any real dtype), e.g. from `teacher_votes`.
+      sigma: noise standard deviation, >= 0 (Python number).
+      key: PRNG key for the noise.
+    Returns:
+      [batch] int32 labels.
+
+    Reference: Papernot et al., "Scalable Private Learning with PATE", ICLR 2018, section 4.1.
+    """
+    _check_votes(votes)
+    s = _check_nonnegative("sigma", sigma)
+    _check_key(key)
+    votes = jnp.asarray(votes)
+    if s == 0:
+        return jnp.argmax(votes, axis=-1).astype(jnp.int32)
+    counts = votes.astype(jnp.promote_types(votes.dtype, jnp.float32))
+    noisy = counts + sigma * jax.random.normal(key, counts.shape, counts.dtype)
+    return jnp.argmax(noisy, axis=-1).astype(jnp.int32)
+
+
+def confident_gnmax(votes: jax.Array, *, threshold, sigma_threshold, sigma, key: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+    """Confident GNMax: answer a query only when the teachers agree enough, then label it by GNMax.
+
+    answered[b] = max_c votes[b, c] + N(0, sigma_threshold^2) >= threshold
+    label[b]    = gnmax(votes, sigma=sigma)[b]  if answered[b]  else -1
+
+    The key is split once: `k_threshold, k_label = jax.random.split(key)`; the labels are
+    `gnmax(votes, sigma=sigma, key=k_label)` where answered. Unanswered queries get label -1 so that no
+    label outside the privacy accounting can be used by mistake (only answered queries pay the GNMax cost;
+    every query pays the threshold check).
+
+    Args:
+      votes: [batch, classes] vote counts.
+      threshold: the noisy maximum vote must reach this (T in the paper).
+      sigma_threshold: noise std of the threshold check, >= 0 (sigma_1 in the paper).
+      sigma: noise std of the GNMax answer, >= 0 (sigma_2 in the paper).
+      key: PRNG key.
+    Returns:
+      (labels [batch] int32, -1 where not answered; answered [batch] bool).
+
+    Reference: Papernot et al., "Scalable Private Learning with PATE", ICLR 2018, Algorithm 1.
+    """
+    _check_votes(votes)
+    _number("threshold", threshold)
+    s1 = _check_nonnegative("sigma_threshold", sigma_threshold)
+    _check_nonnegative("sigma", sigma)
+    _check_key(key)
+    votes = jnp.asarray(votes)
+    k_threshold, k_label = jax.random.split(key)
+    top = jnp.max(votes, axis=-1).astype(jnp.promote_types(votes.dtype, jnp.float32))
+    if s1 != 0:
+        top = top + sigma_threshold * jax.random.normal(k_threshold, top.shape, top.dtype)
+    answered = top >= threshold
+    labels = jnp.where(answered, gnmax(votes, sigma=sigma, key=k_label), -1).astype(jnp.int32)
+    return labels, answered
+
+
+def gnmax_epsilon(num_queries: int, *, sigma, delta) -> float:
+    """Data-independent (epsilon, delta) of answering `num_queries` GNMax queries.
+
+    One teacher's data changes its vote, so two counts move by 1: L2 sensitivity sqrt(2), and a
+    GNMax answer is a Gaussian mechanism with noise multiplier sigma / sqrt(2), i.e.
+    (lambda, lambda / sigma^2)-RDP at every order lambda. `num_queries` answers compose to
+    (lambda, num_queries * lambda / sigma^2)-RDP, converted to (epsilon, delta) by `dp_accounting`'s
+    `RdpAccountant.get_epsilon`. (PATE 2018's data-dependent analysis can be much tighter; this is the
+    bound that holds whatever the votes.)
+
+    Args:
+      num_queries: number of answered queries, an int >= 1.
+      sigma: GNMax noise std, > 0.
+      delta: target delta, in (0, 1).
+    Returns:
+      epsilon (Python float).
+
+    Reference: Papernot et al., "Scalable Private Learning with PATE", ICLR 2018, Proposition 8;
+    Mironov, "Renyi Differential Privacy", CSF 2017.
+    """
+    num_queries = _check_count("num_queries", num_queries)
+    sigma = _check_positive("sigma", sigma)
+    delta = _check_delta(delta)
+    event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma / math.sqrt(2.0)), num_queries)
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(event)
+    return float(accountant.get_epsilon(delta))
+
+
+# --------------------------------------------------------------------------- teacher ensembles
+
+
+def ensemble_shards(n: int, num_teachers: int, *, seed: int) -> list[np.ndarray]:
+    """Disjoint shards of `range(n)`, one per teacher, covering every example.
+
+    A random permutation (numpy, `seed`) split into `num_teachers` parts whose sizes differ by at most
+    one (the first `n % num_teachers` shards hold one more). Each shard is sorted.
+
+    Args:
+      n: number of training examples.
+      num_teachers: number of shards, 1 <= num_teachers <= n.
+      seed: permutation seed.
+    Returns:
+      list of `num_teachers` int64 index arrays.
+
+    Reference: PATE (Papernot et al., ICLR 2017), section 2.1: teachers see disjoint data.
+    """
+    n = _check_count("n", n)
+    num_teachers = _check_count("num_teachers", num_teachers)
+    if num_teachers > n:
+        raise ValueError(f"more teachers ({num_teachers}) than examples ({n})")
+    order = np.random.default_rng(seed).permutation(n)
+    return [np.sort(part) for part in np.array_split(order, num_teachers)]
+
+
+def ensemble_batch_indices(shards: Sequence[np.ndarray], *, batch_size: int, steps: int, seed: int) -> np.ndarray:
+    """Per-teacher batches: at every step each teacher gets `batch_size` examples of its own shard.
+
+    Teacher t walks through epochs of its shard, each a fresh permutation
+    (`np.random.default_rng([seed, t, epoch])`) with the ragged tail dropped.
+
+    Args:
+      shards: from `ensemble_shards`.
+      batch_size: per-teacher batch, 1 <= batch_size <= the smallest shard.
+      steps: number of steps.
+      seed: data-order seed.
+    Returns:
+      [steps, teachers, batch_size] int64 indices into the full training set.
+    """
+    batch_size = _check_count("batch_size", batch_size)
+    steps = _check_count("steps", steps)
+    smallest = min(len(s) for s in shards)
+    if batch_size > smallest:
+        raise ValueError(f"batch_size must be <= the smallest shard ({smallest} examples); got {batch_size}")
+    out = np.empty((steps, len(shards), batch_size), np.int64)
+    for t, shard in enumerate(shards):
+        per_epoch = len(shard) // batch_size
+        for step in range(steps):
+            epoch, i = divmod(step, per_epoch)
+            if i == 0:
+                order = np.random.default_rng([seed, t, epoch]).permutation(len(shard))
+            out[step, t] = shard[order[i * batch_size : (i + 1) * batch_size]]
+    return out
+
+
+def teacher_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> Callable:
+    """The un-jitted step of ONE teacher: (params, opt_state, batch) -> (params, opt_state, loss).
+
+    loss = mean_b loss_fn(params, batch)[b];  params <- params + optimizer.update(grad loss)
+
+    `make_ensemble_step` vmaps this over the stacked teachers.
+    """
+
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def _teacher_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[teachers, batch, ...]: the teacher axis replicated, the batch axis split over `data`."""
+    return NamedSharding(mesh, P(None, parallel.DATA_AXIS))
+
+
+def make_ensemble_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, mesh: Mesh | None = None
+                       ) -> Callable:
+    """One jitted step for all teachers: `jax.vmap(teacher_step_fn)` over the leading teacher axis.
+
+    step(stacked_params, stacked_opt_state, batch) -> (stacked_params, stacked_opt_state, losses [T])
+    with batch leaves [T, batch_size, ...] (teacher t trains on batch[t]). The old parameters and
+    optimizer state are donated.
+
+    With a `mesh` (single process): parameters and optimizer state replicated, batches split along
+    `data` on their second (batch) axis; the per-teacher batch must divide by the mesh's devices.
+    """
+    step = jax.vmap(teacher_step_fn(loss_fn, optimizer))
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    repl = parallel.replicated(mesh)
+    return jax.jit(step, in_shardings=(repl, repl, _teacher_batch_sharding(mesh)),
+                   out_shardings=(repl, repl, repl), donate_argnums=(0, 1))
+
+
+def init_ensemble(init_fn: Callable[[jax.Array], Any], num_teachers: int, *, seed: int):
+    """Stacked parameters of `num_teachers` teachers: `jax.vmap(init_fn)(jax.random.split(key(seed), T))`.
+
+    Teacher t's parameters equal `init_fn(jax.random.split(jax.random.key(seed), T)[t])`.
+
+    Args:
+      init_fn: key -> params of one teacher (e.g. `lambda k: model.init(k, x[:1])["params"]`).
+    Returns:
+      params pytree whose leaves have a leading [num_teachers] axis.
+    """
+    num_teachers = _check_count("num_teachers", num_teachers)
+    return jax.vmap(init_fn)(jax.random.split(jax.random.key(seed), num_teachers))
+
+
+class Ensemble(NamedTuple):
+    """A trained teacher ensemble: stacked params [T, ...], the shards, and the losses [steps, T]."""
+
+    params: Any
+    shards: list[np.ndarray]
+    losses: np.ndarray
+
+
+def train_ensemble(init_fn: Callable[[jax.Array], Any], loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                   data, *, num_teachers: int, batch_size: int, steps: int, seed: int = 0,
+                   mesh: Mesh | None = None) -> Ensemble:
+    """Trains `num_teachers` teachers on disjoint shards of `data` with one vmapped, jitted step.
+
+    shards = ensemble_shards(n, T, seed); params = init_ensemble(init_fn, T, seed);
+    for each step: params = ensemble_step(params, opt_state, data[idx[step]]), idx from
+    `ensemble_batch_indices(shards, batch_size, steps, seed)`.
+
+    Args:
+      init_fn: key -> one teacher's params.
+      loss_fn: (params, batch) -> [batch] per-example losses.
+      optimizer: an optax transformation (its state is vmapped too).
+      data: pytree of host arrays with a common leading axis n (e.g. {"x": [n, ...], "y": [n]}).
+      num_teachers, batch_size (per teacher), steps, seed: see above.
+      mesh: optional single-process mesh; batches are split along `data` (see `make_ensemble_step`).
+    Returns:
+      Ensemble(params [T, ...], shards, losses [steps, T] numpy).
+
+    Reference: PATE (Papernot et al., ICLR 2017), section 2.1.
+    """
+    leaves = jax.tree_util.tree_leaves(data)
+    if not leaves:
+        raise ValueError("data must hold at least one array")
+    n = len(leaves[0])
+    if any(len(a) != n for a in leaves):
+        raise ValueError(f"data arrays must share their leading axis; got lengths {[len(a) for a in leaves]}")
+    if mesh is not None:
+        parallel.check_batch_size(batch_size, mesh)
+    shards = ensemble_shards(n, num_teachers, seed=seed)
+    idx = ensemble_batch_indices(shards, batch_size=batch_size, steps=steps, seed=seed)
+    params = init_ensemble(init_fn, num_teachers, seed=seed)
+    opt_state = jax.vmap(optimizer.init)(params)
+    step_fn = make_ensemble_step(loss_fn, optimizer, mesh=mesh)
+    host = jax.tree_util.tree_map(np.asarray, data)
+    sync = jax.default_backend() == "cpu"  # as train._sync_every_step: XLA:CPU collectives starve otherwise
+    losses = []
+    for step in range(steps):
+        batch = jax.tree_util.tree_map(lambda a: a[idx[step]], host)
+        params, opt_state, loss = step_fn(params, opt_state, batch)
+        if sync:
+            loss.block_until_ready()
+        losses.append(loss)
+    return Ensemble(params, shards, np.asarray(jax.device_get(jnp.stack(losses))))
+
+
+def ensemble_logits(apply_fn: Callable, stacked_params, x: jax.Array, *, mesh: Mesh | None = None) -> jax.Array:
+    """Every teacher's logits on the same inputs: `jax.vmap(apply_fn, in_axes=(0, None))`, jitted.
+
+    logits[t] = apply_fn(stacked_params[t], x)
+
+    Args:
+      apply_fn: (params, x) -> [batch, classes] for one teacher.
+      stacked_params: leaves with a leading [T] axis (from `train_ensemble`).
+      x: [batch, ...].
+      mesh: optional single-process mesh: x split along `data` when its batch divides by the devices
+        (replicated otherwise), parameters replicated.
+    Returns:
+      [T, batch, classes].
+    """
+    fn = jax.vmap(apply_fn, in_axes=(0, None))
+    if mesh is None:
+        return jax.jit(fn)(stacked_params, x)
+    repl = parallel.replicated(mesh)
+    split = jnp.shape(x)[0] % mesh.shape[parallel.DATA_AXIS] == 0
+    x_sharding, out_sharding = (parallel.data_sharding(mesh), _teacher_batch_sharding(mesh)) if split else (repl, repl)
+    return jax.jit(fn, in_shardings=(repl, x_sharding), out_shardings=out_sharding)(stacked_params, x)
+
+
+# --------------------------------------------------------------------------- DP-SGD
+
+
+def per_example_gradients(loss_fn: LossFn, params, batch):
+    """Gradient of every example's loss: leaves [batch, *param_shape].
+
+    g_i = grad_params loss_fn(params, batch[i:i+1])[0]   (`jax.vmap(jax.grad(...))` over examples;
+    each example is passed as a batch of one, so `loss_fn` sees its usual shapes).
+    """
+
+    def one(params, example):
+        return jnp.sum(loss_fn(params, jax.tree_util.tree_map(lambda a: a[None], example)))
+
+    return jax.vmap(jax.grad(one), in_axes=(None, 0))(params, batch)
+
+
+def clip_per_example(grads, *, l2_clip) -> tuple[Any, jax.Array]:
+    """Scales each example's gradient (over the whole parameter tree) to L2 norm <= l2_clip.
+
+    g_i <- g_i * min(1, C / ||g_i||_2),  ||g_i||_2^2 = sum over every leaf of g_i's squares
+
+    Args:
+      grads: per-example gradients, leaves [batch, ...].
+      l2_clip: C > 0.
+    Returns:
+      (clipped grads, same structure; norms [batch] before clipping).
+
+    Reference: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016, Algorithm 1.
+    """
+    _check_positive("l2_clip", l2_clip)
+    leaves = jax.tree_util.tree_leaves(grads)
+    sq = sum(jnp.sum(jnp.reshape(g, (g.shape[0], -1)) ** 2, axis=1) for g in leaves)
+    norms = jnp.sqrt(sq)
+    scale = jnp.where(norms > l2_clip, l2_clip / jnp.where(norms > 0, norms, 1.0), 1.0)
+    clipped = jax.tree_util.tree_map(lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), grads)
+    return clipped, norms
+
+
+def dp_sgd_gradients(loss_fn: LossFn, params, batch, *, l2_clip, noise_multiplier, key: jax.Array):
+    """The DP-SGD gradient: clipped per-example gradients, summed, plus Gaussian noise, over the batch size.
+
+    g = (sum_i clip(g_i, C) + N(0, (z * C)^2 I)) / B,   clip(g, C) = g * min(1, C / ||g||_2)
+
+    with g_i the gradient of example i's loss (`per_example_gradients`), the norm over the whole
+    parameter tree, z = noise_multiplier, B the number of examples in `batch` (with Poisson sampling,
+    pass batches of the expected size or rescale). Same values as
+    `optax.contrib.differentially_private_aggregate` on the per-example gradients; here the key is an
+    argument instead of optimizer state.
+
+    Args:
+      loss_fn: (params, batch) -> [batch] per-example losses.
+      params: parameter pytree.
+      batch: pytree of arrays with a leading [B] axis.
+      l2_clip: C > 0.
+      noise_multiplier: z >= 0 (z = 0: no noise, only clipping).
+      key: PRNG key for the noise.
+    Returns:
+      gradient pytree, the structure of `params`.
+
+    Reference: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016, Algorithm 1.
+    """
+    _check_positive("l2_clip", l2_clip)
+    z = _check_nonnegative("noise_multiplier", noise_multiplier)
+    _check_key(key)
+    clipped, _ = clip_per_example(per_example_gradients(loss_fn, params, batch), l2_clip=l2_clip)
+    leaves, treedef = jax.tree_util.tree_flatten(clipped)
+    size = leaves[0].shape[0]
+    summed = [jnp.sum(g, axis=0) for g in leaves]
+    if z != 0:
+        keys = jax.random.split(key, len(summed))
+        std = noise_multiplier * l2_clip
+        summed = [s + std * jax.random.normal(k, s.shape, s.dtype) for s, k in zip(summed, keys)]
+    return jax.tree_util.tree_unflatten(treedef, [s / size for s in summed])
+
+
+def dp_sgd_epsilon(steps: int, *, batch_size: int, n: int, noise_multiplier, delta) -> float:
+    """(epsilon, delta) of `steps` DP-SGD steps with Poisson sampling rate q = batch_size / n.
+
+    Each step is the sampled Gaussian mechanism PoissonSampled(q, Gaussian(z)); `steps` of them are
+    composed by `dp_accounting`'s `RdpAccountant` (add-or-remove-one neighbours) and converted to
+    epsilon at `delta`.
+
+    Args:
+      steps: number of noisy steps, an int >= 1.
+      batch_size: expected batch size, 1 <= batch_size <= n.
+      n: training-set size.
+      noise_multiplier: z > 0.
+      delta: target delta, in (0, 1).
+    Returns:
+      epsilon (Python float).
+
+    Reference: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016; Mironov, Talwar and
+    Zhang, "Renyi Differential Privacy of the Sampled Gaussian Mechanism", 2019.
+    """
+    steps = _check_count("steps", steps)
+    n = _check_count("n", n)
+    batch_size = _check_count("batch_size", batch_size)
+    if batch_size > n:
+        raise ValueError(f"batch_size must be <= n ({n}); got {batch_size}")
+    z = _check_positive("noise_multiplier", noise_multiplier)
+    delta = _check_delta(delta)
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(batch_size / n, dp_accounting.GaussianDpEvent(z)), steps
+    )
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(event)
+    return float(accountant.get_epsilon(delta))
