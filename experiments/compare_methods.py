@@ -127,7 +127,7 @@ def configure(args):
         c.students = args.students
     parse_list(c.compare.datasets, "datasets")
     parse_pairs(c.compare.get("pairs", ""))
-    method_overrides(c, "")  # checks the form of every item
+    method_overrides(c)  # checks the form of every item
     import _baselines  # noqa: PLC0415 - next to this script
 
     for name in parse_list(c.compare.baselines, "baselines") if c.compare.get("baselines", "") else []:
@@ -141,23 +141,27 @@ def configure(args):
 # --------------------------------------------------------------------------- the experiment
 
 
-def method_overrides(c, method: str) -> list[str]:
-    """The `KEY=VALUE` assignments `compare.method_overrides` gives students of `method` ("fm:method.mixup=1")."""
+def method_overrides(c, *targets: str) -> list[str]:
+    """The `KEY=VALUE` assignments `compare.method_overrides` gives to any of `targets`, in their order.
+
+    Items read `<method or student>:<key>=<value>`: "fm:method.mixup=1" applies to every `*-fm`
+    student, "cnn-fm:teacher.augment_shift=2" to that student only.
+    """
     out = []
     for item in c.get("compare", {}).get("method_overrides", ()):
         target, sep, assignment = str(item).partition(":")
         if not sep or "=" not in assignment:
-            raise ValueError(f"compare.method_overrides item {item!r} must be '<method>:<key>=<value>'")
-        if target == method:
+            raise ValueError(f"compare.method_overrides item {item!r} must be '<method or student>:<key>=<value>'")
+        if target in targets:
             out.append(assignment)
     return out
 
 
-def student_config(cs, method: str):
-    """`cs` with `compare.method_overrides` of `method` applied (the same config when there are none)."""
+def student_config(cs, name: str, method: str):
+    """`cs` with the `compare.method_overrides` of student `name` (`<kind>-<method>`) applied; `cs` if none."""
     from distill_jax import cli, config as config_lib  # noqa: PLC0415
 
-    assignments = method_overrides(cs, method)
+    assignments = method_overrides(cs, method, name)
     if not assignments:
         return cs
     out = cs.copy_and_resolve_references()
@@ -229,7 +233,7 @@ def run_seed(c, dataset: str, seed: int, mesh, *, echo: Callable[[str], None] = 
     echo(f"{dataset} seed {seed} teacher: accuracy {out['teacher']['accuracy']:.4f} ({teacher.seconds:.1f} s)")
     teacher_maps = {k: jnp.asarray(v) for k, v in teacher_maps.items()}
     for name, kind, method in config_lib.parse_students(cs.students):
-        ck = student_config(cs, method)
+        ck = student_config(cs, name, method)
         s = pipeline.train_student(name, kind, method, prep, teacher, ck, mesh, None, show_progress=False)
         m = {"seed": seed, **pipeline.model_metrics(s, teacher, prep), **explanation_scores(s, x, target,
                                                                                              teacher_maps, ck)[0]}

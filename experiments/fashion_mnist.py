@@ -6,8 +6,8 @@ Command (the run recorded in experiments/RESULTS.md):
 Data: the full Fashion-MNIST (60,000 training / 10,000 test images; Debian's `dataset-fashion-mnist`,
 or `--set data_dir=DIR` holding the four IDX files). Per seed: one SeedCNN teacher; a depth-8 soft
 tree, a linear model over 50 PCA components and the small CNN, each trained on labels, with Hinton
-KD (T = 2, alpha = 0.5) and with function matching (`fm`: teacher and student on the same shifted,
-mixed-up view, T = 1, no labels); scikit-learn's DecisionTreeClassifier (depth 8 and unlimited) and
+KD (T = 2, alpha = 0.5) and with function matching (`fm`: teacher and student on the same mixed-up
+view, shifted too for the CNN, T = 1, no labels); scikit-learn's DecisionTreeClassifier (depth 8 and unlimited) and
 LogisticRegression (pixels, and the same 50 PCA components) on the same split. Prints one line per
 model, then the mean ± std table (accuracy, agreement and KL with the teacher, Spearman ρ of the
 model's integrated-gradients maps with the teacher's, IG deletion AUC) and the paired tables

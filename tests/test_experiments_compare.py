@@ -92,14 +92,16 @@ def test_method_overrides_apply_to_that_methods_students_only():
     c = config_lib.default_config()
     import ml_collections
 
-    c.compare = ml_collections.ConfigDict(dict(method_overrides=("fm:method.mixup=1.0", "fm:teacher.augment_shift=2",
+    c.compare = ml_collections.ConfigDict(dict(method_overrides=("fm:method.mixup=1.0", "cnn-fm:teacher.augment_shift=2",
                                                                  "kd:method.alpha=0.3")))
-    fm = cm.student_config(c, "fm")
+    fm = cm.student_config(c, "cnn-fm", "fm")
     assert (fm.method.mixup, fm.teacher.augment_shift, fm.method.alpha) == (1.0, 2, 0.9)
-    assert cm.student_config(c, "labels") is c and c.method.mixup == 0.0  # the shared config is not changed
-    assert cm.student_config(c, "kd").method.alpha == 0.3
+    tree_fm = cm.student_config(c, "tree-fm", "fm")
+    assert (tree_fm.method.mixup, tree_fm.teacher.augment_shift) == (1.0, 0)  # the student-named item is cnn-fm's
+    assert cm.student_config(c, "cnn-labels", "labels") is c and c.method.mixup == 0.0  # the shared config stays
+    assert cm.student_config(c, "tree-kd", "kd").method.alpha == 0.3
     c.compare.method_overrides = ("fm-method.mixup=1",)
-    with pytest.raises(ValueError, match="'<method>:<key>=<value>'"):
+    with pytest.raises(ValueError, match="'<method or student>:<key>=<value>'"):
         cm.method_overrides(c, "fm")
     assert cm.parse_pairs("tree-fm:sk-tree-d8, a:b") == [("tree-fm", "sk-tree-d8"), ("a", "b")]
     with pytest.raises(ValueError, match="'<model>:<baseline>'"):
