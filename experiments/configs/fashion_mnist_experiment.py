@@ -3,9 +3,15 @@
 Command:
     python experiments/fashion_mnist.py --workdir runs/fashion_mnist_students
 
-Budgets for a 2-core CPU (about 30 minutes per seed, measured on a 2-core AMD EPYC): SeedCNN teacher
-3 epochs; soft tree (depth 8) 20 epochs; linear student (50 PCA components) 10 epochs; small CNN
-5 epochs; batch 128. Prints one line per model and the tables described in the script's docstring.
+Budgets for a 2-core CPU (about 25 minutes per seed on a 2-core AMD EPYC; experiments/RESULTS.md has
+the measured times): SeedCNN teacher 3 epochs; soft tree (depth 8) 15 epochs; linear student (50 PCA
+components) 8 epochs; small CNN 4 epochs; batch 128.
+
+The label-scarce variant (the teacher and the label-trained students see 10 % of the labels; the
+students that learn from the teacher also see the other 90 % of the images, labelled by it):
+    python experiments/fashion_mnist.py --workdir runs/fashion_mnist_transfer \
+        --set transfer.unlabelled_fraction=0.9 --set teacher.epochs=10 \
+        --students tree-labels,tree-kd,tree-fm,linear-labels,linear-kd,linear-fm Prints one line per model and the tables described in the script's docstring.
 """
 import ml_collections
 
@@ -21,11 +27,11 @@ def get_config():
     c.pca_components = 50
     c.teacher.epochs = 3
     c.teacher.batch_size = 128
-    c.student.epochs = 5  # the small CNN
+    c.student.epochs = 4  # the small CNN
     c.student.batch_size = 128
     c.tree.depth = 8
-    c.tree.epochs = 20
-    c.linear = ml_collections.ConfigDict(dict(epochs=10))
+    c.tree.epochs = 15
+    c.linear = ml_collections.ConfigDict(dict(epochs=8))
     c.method.temperature = 2.0
     c.method.alpha = 0.5
     c.explain.ig_steps = 32
