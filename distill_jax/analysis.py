@@ -1,8 +1,16 @@
 """Inner-product analysis: exact linear decompositions, CKA, concept vectors, soft-tree usage.
 
-Models that expose features follow the convention `forward_fn(x, deltas=None) -> (logits, features)`
-(see `explain.py`): `features` is a dict name -> [batch, ...] array and `deltas[name]` is added to
-that feature inside the network, so d logits / d feature is a gradient w.r.t. a zero delta.
+Argument convention (DESIGN.md, one order everywhere): attributions are
+`(apply_fn, x, target, *, options)`, anything that scores an attribution
+`(apply_fn, x, attribution, target, *, options)`, functions of two models `(student..., teacher...)`
+(`cka_matrix(feats_a, feats_b)` is symmetric in its two models). TCAV follows the attribution order
+with `forward` for `apply_fn`: `tcav_score(forward, x, target, cav, *, layer=None)`.
+
+TCAV reads a feature map from a `forward` in either form of `explain.split_forward`:
+`forward_fn(x, deltas=None) -> (logits, features dict)` with `layer=` naming the feature
+(`deltas[layer]` is added to it inside the network, so d logits / d feature is a gradient w.r.t. a
+zero delta), or a pair `(features_fn, head_fn)` with features_fn(x) -> [batch, ...] and
+head_fn(features) -> logits [batch, classes] (any JAX model cut in two; no `layer`).
 """
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ import optax
 
 from distill_jax import backend
 from distill_jax.attribution_core import validate_target
-from distill_jax.explain import _feature_shapes, check_layer
+from distill_jax.explain import Forward, layer_grad, split_forward
 
 __all__ = [
     "CAV_METHODS",
@@ -182,10 +190,9 @@ def cka_matrix(feats_a: dict, feats_b: dict) -> tuple[list[str], list[str], jax.
 # --------------------------------------------------------------------------------------------
 # Concept activation vectors (TCAV)
 # --------------------------------------------------------------------------------------------
-def _layer_features(forward_fn, x, layer: str) -> jax.Array:
-    _, feats = _feature_shapes(forward_fn, x)
-    check_layer(feats, layer)
-    return forward_fn(x)[1][layer]
+def _layer_features(forward: Forward, x: jax.Array, layer: str | None) -> jax.Array:
+    """The feature map [n, ...] that `forward` (either form of `explain.split_forward`) gives for x."""
+    return split_forward(forward, x, layer=layer).run(x)[1]
 
 
 def _cav_mean_difference(pos, neg, *, key, **_):
@@ -221,11 +228,11 @@ CAV_METHODS: dict[str, Callable] = {"logistic": _cav_logistic, "mean_difference"
 
 
 def concept_activation_vector(
-    forward_fn: Callable,
+    forward: Forward,
     concept_x: jax.Array,
     random_x: jax.Array,
     *,
-    layer: str,
+    layer: str | None = None,
     key: jax.Array,
     method: str = "logistic",
     **method_kw,
@@ -237,9 +244,10 @@ def concept_activation_vector(
     "mean_difference": v = (mean a(concept) - mean a(random)) / ||...|| (closed form).
 
     Args:
-      forward_fn: forward_fn(x, deltas=None) -> (logits, features).
+      forward: forward_fn(x, deltas=None) -> (logits, features) with `layer`, or a pair
+        (features_fn, head_fn) with features_fn(x) -> [n, ...] (then `layer` is None).
       concept_x: [n_c, ...] images showing the concept (n_c >= 1). random_x: [n_r, ...] (n_r >= 1).
-      layer: feature name. key: PRNG key (initialises the logistic weights; the loss is convex, so
+      layer: feature name (forward_fn only). key: PRNG key (initialises the logistic weights; the loss is convex, so
         the result barely depends on it). method: a key of CAV_METHODS.
     Returns:
       unit vector shaped like one example's feature at `layer` (e.g. [h, w, c]).
@@ -254,20 +262,20 @@ def concept_activation_vector(
         raise ValueError(f"concept_x and random_x must have the same example shape; got {concept_x.shape} and {random_x.shape}")
     if method not in CAV_METHODS:
         raise ValueError(f"method must be one of {sorted(CAV_METHODS)}; got {method!r}")
-    pos = _layer_features(forward_fn, concept_x, layer)
-    neg = _layer_features(forward_fn, random_x, layer)
+    pos = _layer_features(forward, concept_x, layer)
+    neg = _layer_features(forward, random_x, layer)
     shape = pos.shape[1:]
     w = CAV_METHODS[method](pos.reshape(pos.shape[0], -1), neg.reshape(neg.shape[0], -1), key=key, **method_kw)
     return (w / jnp.maximum(jnp.linalg.norm(w), 1e-12)).reshape(shape)
 
 
 def tcav_score(
-    forward_fn: Callable,
+    forward: Forward,
     x: jax.Array,
     target: jax.Array,
     cav: jax.Array,
     *,
-    layer: str,
+    layer: str | None = None,
     return_derivatives: bool = False,
 ):
     """TCAV score: the fraction of examples whose target logit increases along the concept direction.
@@ -275,28 +283,24 @@ def tcav_score(
     S_b = grad_{a_l} logit_target(x_b) . v_C;   TCAV = |{b : S_b > 0}| / batch.
 
     Args:
-      forward_fn: forward_fn(x, deltas=None) -> (logits, features). x: [batch, ...].
-      target: [batch] ints. cav: shaped like one example's feature at `layer` (or flattened).
+      forward: forward_fn(x, deltas=None) -> (logits, features) with `layer`, or a pair
+        (features_fn, head_fn) (then `layer` is None). x: [batch, ...].
+      target: [batch] ints. cav: shaped like one example's feature (or flattened).
+      layer: feature name (forward_fn only).
     Returns:
       scalar in [0, 1]; with return_derivatives, (score, S [batch]).
     Reference: Kim et al. 2018.
     """
     x = jnp.asarray(x)
-    logits_s, feats = _feature_shapes(forward_fn, x)
-    check_layer(feats, layer)
-    fshape = feats[layer].shape
-    target = validate_target(target, x.shape[0], int(logits_s.shape[1]))
+    split = split_forward(forward, x, layer=layer)
+    fshape = split.feature.shape
+    target = validate_target(target, x.shape[0], int(split.logits.shape[1]))
     if target.ndim != 1:
         raise ValueError(f"target must be [batch] for tcav_score; got shape {target.shape}")
     cav = jnp.asarray(cav)
     if cav.size != int(np.prod(fshape[1:])):
-        raise ValueError(f"cav must have the shape of one example's {layer!r} feature {fshape[1:]}; got {cav.shape}")
-
-    def f(delta):
-        logits, _ = forward_fn(x, {layer: delta})
-        return jnp.sum(jnp.take_along_axis(logits, target[:, None], axis=1))
-
-    grads = jax.grad(f)(jnp.zeros(fshape, feats[layer].dtype))
+        raise ValueError(f"cav must have the shape of one example's feature ({split.name}) {fshape[1:]}; got {cav.shape}")
+    grads, _ = layer_grad(split, x, target)
     derivs = _dot(grads.reshape(x.shape[0], -1), cav.reshape(-1))
     score = jnp.mean((derivs > 0).astype(jnp.float32))
     return (score, derivs) if return_derivatives else score

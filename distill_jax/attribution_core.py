@@ -223,3 +223,35 @@ def check_attribution(attribution: Any, x: jax.Array, *, name: str = "attributio
         return jnp.broadcast_to(a[..., None], x.shape).astype(jnp.result_type(a.dtype, jnp.float32))
     raise ValueError(f"{name} must have the shape of x {tuple(x.shape)} (or, for NHWC images, {tuple(x.shape[:3])}); "
                      f"got {tuple(a.shape)}")
+
+
+def per_target_scored(score: Callable, x: jax.Array, attribution: Any, target: jax.Array, num_classes: int):
+    """Runs a score of one attribution per target for [batch] or [batch, K] targets.
+
+    [batch] targets: score(x, attribution, target); [batch, K] targets: the same for every column,
+    score(x, attribution[:, k], target[:, k]), stacked on axis 1 (`jax.vmap` over the K axis of the
+    attribution and the target; parts of `score` that depend on neither, e.g. f(x), run once). Both
+    go through `attribution_core.per_target`, which sets the result of an out-of-range (traced)
+    target to NaN.
+
+    Args:
+      score: score(x, attribution_1, target_1d) -> an array [batch, ...] or a tuple of them.
+      x: [batch, ...]. attribution: what `score` takes for [batch] targets; [batch, K, ...] for
+        [batch, K] targets. target: validated [batch] or [batch, K] ints.
+      num_classes: the number of logits.
+    Returns:
+      what score returns ([batch, ...]), with a K axis after the batch axis for [batch, K] targets.
+    Raises:
+      ValueError: a [batch, K] target whose attribution is not [batch, K, ...].
+    """
+    attribution = jnp.asarray(attribution)
+    if target.ndim == 1:
+        return per_target(lambda v, t: score(v, attribution, t), x, target, num_classes)
+    if attribution.ndim < 2 or attribution.shape[:2] != target.shape:
+        raise ValueError(f"attribution must be [batch, K, ...] with [batch, K] = {tuple(target.shape)} (one map per "
+                         f"target of a [batch, K] target); got shape {tuple(attribution.shape)}")
+
+    def column(a, t):
+        return per_target(lambda v, tt: score(v, a, tt), x, t, num_classes)
+
+    return jax.vmap(column, in_axes=(1, 1), out_axes=1)(attribution, target)

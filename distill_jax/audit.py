@@ -176,7 +176,7 @@ def rank_methods(scores: dict[str, dict[str, float]]) -> dict[str, dict]:
 
 
 def _ig_completeness(model, variables, x, target, ig_map):
-    return explain.ig_completeness_error(_apply(model, variables), x, target, ig_map)
+    return explain.ig_completeness_error(_apply(model, variables), x, ig_map, target)
 
 
 def ig_completeness(model: nn.Module, variables, x, target, ig_map) -> float:

@@ -1,9 +1,26 @@
 """Attributions over any pure `apply_fn(x) -> logits`, computed for a whole batch in one call.
 
+Argument convention (DESIGN.md, one order everywhere): attributions are
+`method(apply_fn, x, target, *, options)`; anything that scores an attribution is
+`metric(apply_fn, x, attribution, target, *, options)` (here `ig_completeness_error`); functions of
+two models take `(student..., teacher...)`. Grad-CAM takes a `forward` in place of `apply_fn`
+(see "Feature maps" below).
+
 Every method takes `x` (NHWC images, or any [batch, ...] array) and `target` and returns an array
 shaped like `x` (Grad-CAM: [batch, H, W]). `target` is either [batch] ints (one class per example)
 or [batch, K] ints (K classes per example); with K targets the output gains a K axis right after
-the batch axis ([batch, K, ...]), computed by `jax.vmap` over the targets.
+the batch axis ([batch, K, ...]), computed by `jax.vmap` over the targets (`per_target`), so column k
+equals the call with target[:, k]. A metric given [batch, K] targets takes one attribution per
+target, [batch, K, ...], and returns [batch, K] (`attribution_core.per_target_scored`).
+
+Feature maps (Grad-CAM here, TCAV in analysis.py) come from a `forward` in one of two forms,
+turned into one by `split_forward`:
+  - `forward_fn(x, deltas=None) -> (logits, features dict)` with `layer=` naming the feature (the
+    convention of the models in models.py, `models.forward_with_features`; `deltas[layer]` is added
+    to that feature inside the network);
+  - a pair `(features_fn, head_fn)`: `features_fn(x) -> feature [batch, ...]` and
+    `head_fn(feature) -> logits [batch, classes]`, i.e. any JAX model cut in two (linen, NNX,
+    Equinox, plain jnp), no `layer` needed.
 
 Batched gradients: the methods differentiate sum_b logits[b, target_b] with respect to the whole
 batch, which equals the per-example gradients when examples do not interact inside `apply_fn`
@@ -16,7 +33,7 @@ target is set to NaN instead.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +42,7 @@ import numpy as np
 from distill_jax import backend
 from distill_jax.attribution_core import (  # noqa: F401 - gaussian_blur, validate_target, BASELINES are public here
     BASELINES, ApplyFn, ForwardFn, check_x, gaussian_blur, in_groups, input_grad, num_classes_of,
-    per_target, resolve_baseline, target_logits, validate_target,
+    per_target, per_target_scored, resolve_baseline, target_logits, validate_target,
 )
 # methods kept in modules of their own, re-exported: `explain.<method>` is the public name
 from distill_jax.gradient_attributions import blur_ig, gradient_shap, guided_ig, smoothgrad_squared, vargrad
@@ -34,6 +51,7 @@ from distill_jax.perturbation_attributions import feature_ablation, kernel_shap,
 __all__ = [
     "METHODS",
     "IG_RULES",
+    "LayerForward",
     "attribute",
     "blur_ig",
     "feature_ablation",
@@ -49,10 +67,12 @@ __all__ = [
     "grad_x_input",
     "integrated_gradients",
     "ig_completeness_error",
+    "layer_grad",
     "occlusion",
     "path_rule",
     "saliency",
     "smoothgrad",
+    "split_forward",
     "validate_target",
 ]
 
@@ -250,8 +270,8 @@ def _completeness(apply_fn, x, base, t, attr, eps):
 def ig_completeness_error(
     apply_fn: ApplyFn,
     x: jax.Array,
-    target: jax.Array,
     attribution: jax.Array,
+    target: jax.Array,
     *,
     baseline: Any = None,
     blur_sigma: float = 5.0,
@@ -262,7 +282,10 @@ def ig_completeness_error(
     err_b = |sum_i A_bi - (f(x_b) - f(x'_b))| / max(|f(x_b) - f(x'_b)|, eps),   f = logit_target.
 
     Args:
+      apply_fn: pure x -> logits [batch, classes]. x: [batch, ...].
       attribution: like x for [batch] targets ([batch, K, ...] for [batch, K] targets).
+      target: [batch] or [batch, K] class indices.
+      baseline, blur_sigma: the baseline x' (as `integrated_gradients`). eps: floor of the denominator.
     Returns:
       [batch] (or [batch, K]).
     Reference: Sundararajan et al. 2017 (the completeness axiom).
@@ -271,14 +294,14 @@ def ig_completeness_error(
     c = num_classes_of(apply_fn, x)
     target = validate_target(target, x.shape[0], c)
     base = resolve_baseline(x, baseline, blur_sigma=blur_sigma)
-    expected = x.shape if target.ndim == 1 else x.shape[:1] + target.shape[1:] + x.shape[1:]
-    if attribution.shape != expected:
-        raise ValueError(f"attribution must have shape {expected}; got {attribution.shape}")
-    if target.ndim == 1:
-        return _completeness(apply_fn, x, base, target, attribution, eps)
-    return jax.vmap(lambda t, a: _completeness(apply_fn, x, base, t, a, eps), in_axes=(1, 1), out_axes=1)(
-        target, attribution
-    )
+
+    def score(v, a, t):
+        if a.shape != v.shape:
+            raise ValueError(f"attribution must have the shape of x {tuple(v.shape)} (one map per target); "
+                             f"got {tuple(a.shape)}")
+        return _completeness(apply_fn, v, base, t, a, eps)
+
+    return per_target_scored(score, x, jnp.asarray(attribution), target, c)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,8 +327,9 @@ def smoothgrad(
     examples), so memory does not grow with `samples`.
 
     Args:
-      method_fn: e.g. `saliency`, `integrated_gradients`, or `grad_cam` (then `apply_fn` is the
-        forward_fn and `layer=` goes in `method_kw`); called as method_fn(apply_fn, x, target, **method_kw).
+      method_fn: e.g. `saliency`, `integrated_gradients`, or `grad_cam` (then `apply_fn` is its
+        `forward`: forward_fn with `layer=` in `method_kw`, or a (features_fn, head_fn) pair);
+        called as method_fn(apply_fn, x, target, **method_kw).
       key: PRNG key for the noise. samples: n >= 1. noise: fraction of each example's value range.
     Returns:
       what method_fn returns for x (like x, [batch, K, ...], or [batch, H, W] for grad_cam).
@@ -345,8 +369,26 @@ def smoothgrad(
 
 
 # --------------------------------------------------------------------------------------------
-# Grad-CAM and occlusion
+# Feature maps: one form for forward_fn + layer and for (features_fn, head_fn)
 # --------------------------------------------------------------------------------------------
+Forward = Union[ForwardFn, Sequence[Callable]]
+
+
+class LayerForward(NamedTuple):
+    """A model cut at one feature map (what `split_forward` returns).
+
+    run(x, delta=None) -> (logits [batch, classes], feature [batch, ...]); `delta` (shaped like the
+    feature) is added to the feature inside the network, so d logits / d feature = d logits / d delta
+    at delta = 0. `logits` and `feature` are their shapes for the x given to `split_forward`; `name`
+    says where the feature comes from, for messages ("layer 'conv2'" or "features_fn").
+    """
+
+    run: Callable[..., tuple[jax.Array, jax.Array]]
+    logits: jax.ShapeDtypeStruct
+    feature: jax.ShapeDtypeStruct
+    name: str
+
+
 def _feature_shapes(forward_fn: ForwardFn, x: jax.Array) -> tuple[jax.ShapeDtypeStruct, dict]:
     out = jax.eval_shape(lambda v: forward_fn(v), x)
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
@@ -360,39 +402,119 @@ def check_layer(features: dict, layer: str, *, name: str = "layer") -> None:
         raise ValueError(f"{name} {layer!r} is not a feature of this model; it has {list(features)}")
 
 
-def grad_cam(forward_fn: ForwardFn, x: jax.Array, target: jax.Array, *, layer: str, method: str = "bilinear") -> jax.Array:
-    """Grad-CAM on a named feature map, resized to the input.
+def _run_pair(features_fn: Callable, head_fn: Callable) -> Callable:
+    def run(x, delta=None):
+        feature = features_fn(x)
+        feature = feature if delta is None else feature + delta
+        return head_fn(feature), feature
+
+    return run
+
+
+def _run_layer(forward_fn: ForwardFn, layer: str) -> Callable:
+    def run(x, delta=None):
+        logits, feats = forward_fn(x) if delta is None else forward_fn(x, {layer: delta})
+        return logits, feats[layer]
+
+    return run
+
+
+def split_forward(forward: Forward, x: jax.Array, *, layer: str | None = None) -> LayerForward:
+    """Brings both forms of `forward` (module docstring) to one: a model cut at one feature map.
+
+    forward_fn + layer: run(x, delta) = forward_fn(x, {layer: delta}) -> (logits, features[layer]).
+    (features_fn, head_fn): run(x, delta) = (head_fn(features_fn(x) + delta), features_fn(x) + delta).
+    A linen model gives the first form with `models.forward_with_features(model, variables)`; any model
+    gives the second by splitting its apply into the part up to the feature map and the rest.
+
+    Args:
+      forward: forward_fn(x, deltas=None) -> (logits, features dict), or a pair (features_fn, head_fn)
+        with features_fn(x) -> [batch, ...] and head_fn(feature) -> logits [batch, classes].
+      x: [batch, ...] inputs (only their shape is used: `jax.eval_shape`).
+      layer: the feature name for forward_fn; must be None for a pair.
+    Returns:
+      LayerForward(run, logits shape, feature shape, name).
+    Raises:
+      ValueError (one line) for a pair that is not two callables, a missing or unknown `layer`, a
+      `layer` given with a pair, a feature without the batch axis first, or logits not [batch, classes].
+    """
+    batch = x.shape[0]
+    if isinstance(forward, (tuple, list)):
+        if len(forward) != 2 or not all(callable(f) for f in forward):
+            kinds = ", ".join(type(f).__name__ for f in forward)
+            raise ValueError(f"forward must be forward_fn or a pair (features_fn, head_fn) of callables; got a "
+                             f"{type(forward).__name__} of {len(forward)} ({kinds})")
+        if layer is not None:
+            raise ValueError(f"layer must be None when forward is a (features_fn, head_fn) pair (features_fn picks "
+                             f"the feature map); got {layer!r}")
+        run, name = _run_pair(*forward), "features_fn"
+        feature = jax.eval_shape(forward[0], x)
+        if not isinstance(feature, jax.ShapeDtypeStruct):
+            raise ValueError(f"features_fn must return one array [batch, ...]; got {jax.tree.structure(feature)}")
+        logits = jax.eval_shape(forward[1], feature)
+        where = "head_fn"
+    elif callable(forward):
+        if not isinstance(layer, str):
+            raise ValueError(f"layer must name a feature of forward_fn (a str); got {layer!r} (or pass forward as "
+                             f"a pair (features_fn, head_fn))")
+        logits, feats = _feature_shapes(forward, x)
+        check_layer(feats, layer)
+        run, name, feature, where = _run_layer(forward, layer), f"layer {layer!r}", feats[layer], "forward_fn"
+    else:
+        raise ValueError(f"forward must be forward_fn or a pair (features_fn, head_fn) of callables; "
+                         f"got {type(forward).__name__}")
+    if len(feature.shape) < 1 or feature.shape[0] != batch:
+        raise ValueError(f"{name} must have the batch axis first, [batch={batch}, ...]; got shape {feature.shape}")
+    if not isinstance(logits, jax.ShapeDtypeStruct) or len(logits.shape) != 2 or logits.shape[0] != batch:
+        got = logits.shape if isinstance(logits, jax.ShapeDtypeStruct) else jax.tree.structure(logits)
+        raise ValueError(f"{where} must return logits [batch, classes] = [{batch}, C]; got {got}")
+    return LayerForward(run, logits, feature, name)
+
+
+def layer_grad(split: LayerForward, x: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(d sum_b logits[b, target_b] / d feature, feature), both [batch, ...] (targets clipped into range)."""
+
+    def f(delta):
+        logits, feature = split.run(x, delta)
+        t = jnp.clip(target, 0, logits.shape[1] - 1)
+        return jnp.sum(jnp.take_along_axis(logits, t[:, None], axis=1)), feature
+
+    return jax.grad(f, has_aux=True)(jnp.zeros(split.feature.shape, split.feature.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Grad-CAM and occlusion
+# --------------------------------------------------------------------------------------------
+def grad_cam(
+    forward: Forward, x: jax.Array, target: jax.Array, *, layer: str | None = None, method: str = "bilinear"
+) -> jax.Array:
+    """Grad-CAM on a feature map, resized to the input.
 
     alpha_bc = mean_{h,w} d logit_target / d A_bhwc;  L_b = ReLU(sum_c alpha_bc A_bhwc), resized to H x W.
 
-    The gradient w.r.t. the feature map is the gradient w.r.t. a zero `deltas[layer]` added to it.
+    The gradient w.r.t. the feature map A is the gradient w.r.t. a zero delta added to it (`split_forward`).
 
     Args:
-      forward_fn: forward_fn(x, deltas=None) -> (logits [batch, classes], features dict name -> array).
-      x: [batch, H, W, C]. target: [batch] or [batch, K]. layer: a feature name with shape [batch, h, w, c].
+      forward: forward_fn(x, deltas=None) -> (logits [batch, classes], features dict) with `layer`, or a
+        pair (features_fn, head_fn): features_fn(x) -> A [batch, h, w, c], head_fn(A) -> logits [batch, classes].
+      x: [batch, H, W, C]. target: [batch] or [batch, K].
+      layer: a feature name with shape [batch, h, w, c] (forward_fn only; None for a pair).
       method: `jax.image.resize` method.
     Returns:
-      [batch, H, W] (or [batch, K, H, W]).
+      [batch, H, W] (or [batch, K, H, W]; column k equals the call with target[:, k]).
     Reference: Selvaraju et al. 2017, "Grad-CAM".
     """
     x = check_x(x)
     if x.ndim != 4:
         raise ValueError(f"grad_cam needs NHWC images x [batch, H, W, C]; got shape {x.shape}")
-    logits_s, feats_s = _feature_shapes(forward_fn, x)
-    check_layer(feats_s, layer)
-    fshape = feats_s[layer].shape
-    if len(fshape) != 4 or fshape[0] != x.shape[0]:
-        raise ValueError(f"layer {layer!r} must be a spatial map [batch, h, w, c] for grad_cam; got shape {fshape}")
-    c = int(logits_s.shape[1])
+    split = split_forward(forward, x, layer=layer)
+    if len(split.feature.shape) != 4:
+        raise ValueError(f"{split.name} must be a spatial map [batch, h, w, c] for grad_cam; got shape {split.feature.shape}")
+    c = int(split.logits.shape[1])
     target = validate_target(target, x.shape[0], c)
 
     def core(v, t):
-        def f(delta):
-            logits, feats = forward_fn(v, {layer: delta})
-            tt = jnp.clip(t, 0, logits.shape[1] - 1)
-            return jnp.sum(jnp.take_along_axis(logits, tt[:, None], axis=1)), feats[layer]
-
-        grads, feat = jax.grad(f, has_aux=True)(jnp.zeros(fshape, feats_s[layer].dtype))
+        grads, feat = layer_grad(split, v, t)
         alpha = jnp.mean(grads, axis=(1, 2), keepdims=True)
         cam = jax.nn.relu(jnp.sum(alpha * feat, axis=-1))
         return jax.image.resize(cam, (v.shape[0],) + v.shape[1:3], method=method)
@@ -491,7 +613,7 @@ METHODS: dict[str, Callable[..., Any]] = {
     "saliency": saliency,
     "grad_x_input": grad_x_input,
     "integrated_gradients": integrated_gradients,
-    "grad_cam": grad_cam,  # takes forward_fn instead of apply_fn, and layer=
+    "grad_cam": grad_cam,  # takes forward (forward_fn with layer=, or (features_fn, head_fn)) instead of apply_fn
     "occlusion": occlusion,
     "smoothgrad": _smoothgrad_by_name,  # method= a METHODS name or function; key= required
     "smoothgrad_squared": smoothgrad_squared,  # key= required

@@ -1,10 +1,18 @@
 """Faithfulness of attributions: does the model's output move the way the attribution says it should?
 
-Every metric is `metric(apply_fn, x, attribution, target, **options)` and returns one value per
-example. `apply_fn` is any pure `x -> logits [batch, classes]`; unless a metric says otherwise the
-model output it reads is the target logit f(x) = logits[b, target_b] (Quantus reads "the model output
-as given", i.e. logits unless its `softmax=True`). `target` is [batch] ints (one class per example;
-for several classes call the metric once per column, with the matching attribution).
+Argument convention (DESIGN.md, one order everywhere): anything that scores an attribution is
+`metric(apply_fn, x, attribution, target, *, options)`; attributions are
+`method(apply_fn, x, target, *, options)`; functions of two models take `(student..., teacher...)`.
+
+Every metric here returns one value per example. `apply_fn` is any pure `x -> logits [batch, classes]`;
+unless a metric says otherwise the model output it reads is the target logit f(x) = logits[b, target_b]
+(Quantus reads "the model output as given", i.e. logits unless its `softmax=True`).
+
+Targets: [batch] ints (one class per example, attribution shaped as below), or [batch, K] ints (K
+classes per example) with one attribution per target, [batch, K, ...]; the result then gains a K axis
+after the batch axis ([batch] -> [batch, K], [batch, n] -> [batch, K, n]), and column k is exactly the
+call with (attribution[:, k], target[:, k]) -- the same draws from `key` for every k
+(`attribution_core.per_target_scored`, which `metrics.deletion_auc` and `explain.ig_completeness_error` use too).
 
 Features. The metrics that remove or perturb "features" take `patch`:
   - `patch=None`: every entry of x is one feature (NHWC: one pixel of one channel). The attribution
@@ -37,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.attribution_core import (
-    BASELINES, ApplyFn, check_attribution, check_positive_int, check_x, mask_invalid, num_classes_of,
-    resolve_baseline, sample_chunk, target_logits, validate_target,
+    BASELINES, ApplyFn, check_attribution, check_positive_int, check_x, num_classes_of,
+    per_target_scored, resolve_baseline, sample_chunk, target_logits, validate_target,
 )
 from distill_jax.stats import pearson, spearman
 
@@ -58,17 +66,11 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Shared checks and helpers
 # --------------------------------------------------------------------------------------------
-def _prepare(apply_fn: ApplyFn, x: Any, attribution: Any, target: Any):
-    """Checked (x, attribution like x, target [batch] int32, number of classes)."""
+def _prepare(apply_fn: ApplyFn, x: Any, target: Any):
+    """Checked (x, target [batch] or [batch, K] int32, number of classes)."""
     x = check_x(x)
     num_classes = num_classes_of(apply_fn, x)
-    target = validate_target(target, x.shape[0], num_classes)
-    if target.ndim != 1:
-        raise ValueError(
-            f"target must be [batch] class indices for faithfulness metrics (call once per column of a "
-            f"[batch, K] target); got shape {target.shape}"
-        )
-    return x, check_attribution(attribution, x), target, num_classes
+    return x, validate_target(target, x.shape[0], num_classes), num_classes
 
 
 def _need_nhwc(x: jax.Array, what: str) -> None:
@@ -215,17 +217,18 @@ def faithfulness_correlation(
 
     Args:
       apply_fn: pure x -> logits [batch, classes].
-      x: [batch, ...] inputs. attribution: like x, or [batch, H, W] for NHWC x. target: [batch] ints.
+      x: [batch, ...] inputs. attribution: like x, or [batch, H, W] for NHWC x ([batch, K, ...] for
+        [batch, K] targets). target: [batch] or [batch, K] ints (module docstring).
       key: PRNG key. subset_size: features removed per sample, 1 <= subset_size <= features.
       samples: number of random subsets (>= 2). baseline: see the module docstring.
       patch: None (entries of x) or p (p x p pixel squares, all channels; NHWC).
       chunk: samples evaluated together (None: backend default).
     Returns:
-      [batch] correlations in [-1, 1].
+      [batch] correlations in [-1, 1] ([batch, K] for [batch, K] targets).
     Reference: Bhatt, Weller & Moura 2020, "Evaluating and Aggregating Feature-based Model
     Explanations" (IJCAI).
     """
-    x, a, target, num_classes = _prepare(apply_fn, x, attribution, target)
+    x, target, num_classes = _prepare(apply_fn, x, target)
     key = _check_key(key)
     samples = check_positive_int(samples, "samples")
     if samples < 2:
@@ -236,9 +239,13 @@ def faithfulness_correlation(
         raise ValueError(f"subset_size must be at most the number of features {features.n}; got {subset_size}")
     base = _replacement(x, baseline)
     keys = jax.random.split(key, samples)
-    atts, deltas = _subset_drops(apply_fn, x, a, target, base, features, keys,
-                                 jnp.full((samples,), subset_size), subset_size, sample_chunk(chunk, samples))
-    return mask_invalid(pearson(atts.T, deltas.T), target, num_classes)
+
+    def score_one(v, a, t):
+        atts, deltas = _subset_drops(apply_fn, v, check_attribution(a, v), t, base, features, keys,
+                                     jnp.full((samples,), subset_size), subset_size, sample_chunk(chunk, samples))
+        return pearson(atts.T, deltas.T)
+
+    return per_target_scored(score_one, x, attribution, target, num_classes)
 
 
 def _subset_drops(apply_fn, x, a, target, base, features, keys, sizes, max_size, batch_size):
@@ -287,11 +294,11 @@ def sensitivity_n(
       x, attribution, target, key, baseline, patch, chunk: as `faithfulness_correlation`.
       n: an int or a tuple of ints, each 1 <= n <= features. samples: subsets per n (>= 2).
     Returns:
-      [batch] for an int n; [batch, len(n)] for a tuple.
+      [batch] for an int n; [batch, len(n)] for a tuple ([batch, K] / [batch, K, len(n)] for [batch, K] targets).
     Reference: Ancona, Ceolini, Öztireli & Gross 2018, "Towards better understanding of
     gradient-based attribution methods for Deep Neural Networks" (ICLR).
     """
-    x, a, target, num_classes = _prepare(apply_fn, x, attribution, target)
+    x, target, num_classes = _prepare(apply_fn, x, target)
     key = _check_key(key)
     samples = check_positive_int(samples, "samples")
     if samples < 2:
@@ -306,13 +313,17 @@ def sensitivity_n(
     base = _replacement(x, baseline)
     keys = jnp.repeat(jax.random.split(key, samples), len(sizes), axis=0)  # pair (s, j) -> row s * len(n) + j
     size_of_pair = jnp.tile(jnp.asarray(sizes, jnp.int32), samples)
-    atts, deltas = _subset_drops(apply_fn, x, a, target, base, features, keys, size_of_pair, max(sizes),
-                                 sample_chunk(chunk, samples * len(sizes)))
     batch = x.shape[0]
-    atts = atts.reshape(samples, len(sizes), batch).transpose(2, 1, 0).reshape(batch * len(sizes), samples)
-    deltas = deltas.reshape(samples, len(sizes), batch).transpose(2, 1, 0).reshape(batch * len(sizes), samples)
-    r = mask_invalid(pearson(atts, deltas).reshape(batch, len(sizes)), target, num_classes)
-    return r[:, 0] if single else r
+
+    def score_one(v, a, t):
+        atts, deltas = _subset_drops(apply_fn, v, check_attribution(a, v), t, base, features, keys, size_of_pair,
+                                     max(sizes), sample_chunk(chunk, samples * len(sizes)))
+        atts = atts.reshape(samples, len(sizes), batch).transpose(2, 1, 0).reshape(batch * len(sizes), samples)
+        deltas = deltas.reshape(samples, len(sizes), batch).transpose(2, 1, 0).reshape(batch * len(sizes), samples)
+        r = pearson(atts, deltas).reshape(batch, len(sizes))
+        return r[:, 0] if single else r
+
+    return per_target_scored(score_one, x, attribution, target, num_classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,31 +356,36 @@ def infidelity(
     not comparable with Quantus' default; they are with Captum given the same draws.
 
     Args:
-      x: [batch, ...]. attribution: like x, or [batch, H, W] (broadcast over channels). target: [batch].
+      x: [batch, ...]. attribution: like x, or [batch, H, W] (broadcast over channels); [batch, K, ...]
+        for [batch, K] targets. target: [batch] or [batch, K].
       key: PRNG key. samples: >= 1. noise: standard deviation sigma >= 0 (in input units).
       normalize: apply the optimal scaling beta. chunk: samples evaluated together.
     Returns:
-      [batch] >= 0.
+      [batch] >= 0 ([batch, K] for [batch, K] targets).
     Reference: Yeh, Hsieh, Suggala, Inouye & Ravikumar 2019, "On the (In)fidelity and Sensitivity
     of Explanations" (NeurIPS).
     """
-    x, a, target, num_classes = _prepare(apply_fn, x, attribution, target)
+    x, target, num_classes = _prepare(apply_fn, x, target)
     key = _check_key(key)
     samples = check_positive_int(samples, "samples")
     noise = _check_nonnegative(noise, "noise")
-    full = target_logits(apply_fn, x, target)
-    a_flat = a.reshape(x.shape[0], -1)
 
-    def one(k):
-        perturbation = noise * jax.random.normal(k, x.shape, x.dtype)
-        explained = jnp.sum(perturbation.reshape(a_flat.shape) * a_flat, axis=1)
-        return explained, full - target_logits(apply_fn, x - perturbation, target)
+    def score_one(v, a, t):
+        full = target_logits(apply_fn, v, t)
+        a_flat = check_attribution(a, v).reshape(v.shape[0], -1)
 
-    explained, delta = jax.lax.map(one, jax.random.split(key, samples), batch_size=sample_chunk(chunk, samples))
-    if normalize:
-        num, den = jnp.mean(explained * delta, axis=0), jnp.mean(explained**2, axis=0)
-        explained = explained * (num / jnp.where(den > 0, den, 1.0))
-    return mask_invalid(jnp.mean((explained - delta) ** 2, axis=0), target, num_classes)
+        def one(k):
+            perturbation = noise * jax.random.normal(k, v.shape, v.dtype)
+            explained = jnp.sum(perturbation.reshape(a_flat.shape) * a_flat, axis=1)
+            return explained, full - target_logits(apply_fn, v - perturbation, t)
+
+        explained, delta = jax.lax.map(one, jax.random.split(key, samples), batch_size=sample_chunk(chunk, samples))
+        if normalize:
+            num, den = jnp.mean(explained * delta, axis=0), jnp.mean(explained**2, axis=0)
+            explained = explained * (num / jnp.where(den > 0, den, 1.0))
+        return jnp.mean((explained - delta) ** 2, axis=0)
+
+    return per_target_scored(score_one, x, attribution, target, num_classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,15 +430,16 @@ def monotonicity(
 
     Args:
       x: [batch, H, W, C] (any [batch, ...] with patch=None). attribution: like x or [batch, H, W].
-      target: [batch]. key: PRNG key (needed for baseline="uniform" only). samples: >= 1.
+      target: [batch] or [batch, K] (attribution [batch, K, ...]). key: PRNG key (needed for
+        baseline="uniform" only). samples: >= 1.
       baseline: see the module docstring, or "uniform". uniform_range: (low, high) for "uniform".
       patch: None (entries of x), p (p x p pixel squares, all channels). Default 1: pixels.
       absolute: rank |A_i| (Quantus' abs=True) or the signed A_i. chunk: forward passes evaluated together.
     Returns:
-      [batch] Spearman correlations in [-1, 1].
+      [batch] Spearman correlations in [-1, 1] ([batch, K] for [batch, K] targets).
     Reference: Nguyen & Martinez 2020, "On quantitative aspects of model interpretability" (arXiv:2007.07584).
     """
-    x, a, target, num_classes = _prepare(apply_fn, x, attribution, target)
+    x, target, num_classes = _prepare(apply_fn, x, target)
     samples = check_positive_int(samples, "samples")
     features = _Features(x.shape, _check_patch(patch, x, allow_none=True))
     uniform = isinstance(baseline, str) and baseline == "uniform"
@@ -435,25 +452,28 @@ def monotonicity(
     else:
         base = _replacement(x, baseline)
         samples = 1
-    full = target_logits(apply_fn, x, target)
     pairs = features.n * samples
     feature_of_pair = jnp.repeat(jnp.arange(features.n), samples)
     keys = jax.random.split(key, pairs) if uniform else jnp.zeros((pairs,), jnp.uint32)
 
-    def one(args):
-        i, k = args
-        where = (features.ids == i).reshape((1,) + x.shape[1:])
-        if uniform:
-            value = jax.random.uniform(k, (x.shape[0],), x.dtype, low, high).reshape((-1,) + (1,) * (x.ndim - 1))
-        else:
-            value = base
-        return (full - target_logits(apply_fn, jnp.where(where, value, x), target)) ** 2
+    def score_one(v, a, t):
+        full = target_logits(apply_fn, v, t)
 
-    change = jax.lax.map(one, (feature_of_pair, keys), batch_size=sample_chunk(chunk, pairs))
-    change = change.reshape(features.n, samples, x.shape[0]).mean(axis=1).T  # [batch, features]
-    scores = features.sums(a)
-    scores = jnp.abs(scores) if absolute else scores
-    return mask_invalid(spearman(scores, change), target, num_classes)
+        def one(args):
+            i, k = args
+            where = (features.ids == i).reshape((1,) + v.shape[1:])
+            if uniform:
+                value = jax.random.uniform(k, (v.shape[0],), v.dtype, low, high).reshape((-1,) + (1,) * (v.ndim - 1))
+            else:
+                value = base
+            return (full - target_logits(apply_fn, jnp.where(where, value, v), t)) ** 2
+
+        change = jax.lax.map(one, (feature_of_pair, keys), batch_size=sample_chunk(chunk, pairs))
+        change = change.reshape(features.n, samples, v.shape[0]).mean(axis=1).T  # [batch, features]
+        scores = features.sums(check_attribution(a, v))
+        return spearman(jnp.abs(scores) if absolute else scores, change)
+
+    return per_target_scored(score_one, x, attribution, target, num_classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,17 +631,18 @@ def road(
     (Quantus: most relevant first, correct/incorrect only).
 
     Args:
-      x: [batch, H, W, C]. attribution: like x or [batch, H, W]. target: [batch].
-      key: PRNG key (needed when noise > 0). percentages: fractions in [0, 1) (static floats).
+      x: [batch, H, W, C]. attribution: like x or [batch, H, W] ([batch, K, ...] for [batch, K] targets).
+      target: [batch] or [batch, K]. key: PRNG key (needed when noise > 0).
+      percentages: fractions in [0, 1) (static floats).
       order: a key of `ORDERS`. noise: imputation noise std >= 0. score: a key of `ROAD_SCORES`.
       max_iter, tol: conjugate-gradient limits (see `noisy_linear_imputation`).
       chunk: fractions evaluated together.
     Returns:
-      [batch, len(percentages)].
+      [batch, len(percentages)] ([batch, K, len(percentages)] for [batch, K] targets).
     Reference: Rong, Leemann, Borisov, Kasneci & Kasneci 2022, "A Consistent and Efficient
     Evaluation Strategy for Attribution Methods" (ICML).
     """
-    x, a, target, num_classes = _prepare(apply_fn, x, attribution, target)
+    x, target, num_classes = _prepare(apply_fn, x, target)
     _need_nhwc(x, "road")
     order = _check_order(order)
     if score not in ROAD_SCORES:
@@ -636,18 +657,21 @@ def road(
         key = _check_key(key, "key (needed when noise > 0)")
     max_iter = 4 * (x.shape[1] + x.shape[2]) + 50 if max_iter is None else check_positive_int(max_iter, "max_iter")
     batch, height, width, _ = x.shape
-    ranks = _feature_ranks(a.sum(-1).reshape(batch, -1), order).reshape(batch, height, width)
     counts = jnp.asarray([int(np.floor(height * width * float(q) + 1e-9)) for q in percentages], jnp.int32)
     score_fn = ROAD_SCORES[score]
-
-    def one(args):
-        k, noise_key = args
-        imputed = _impute(x, ranks < k, noise_key, noise, max_iter, float(tol))
-        return score_fn(apply_fn(imputed), target)
-
     keys = jax.random.split(key, len(percentages)) if noise > 0 else jnp.zeros(len(percentages), jnp.uint32)
-    out = jax.lax.map(one, (counts, keys), batch_size=sample_chunk(chunk, len(percentages))).T
-    return mask_invalid(out, target, num_classes)
+
+    def score_one(v, a, t):
+        ranks = _feature_ranks(check_attribution(a, v).sum(-1).reshape(batch, -1), order).reshape(batch, height, width)
+
+        def one(args):
+            k, noise_key = args
+            imputed = _impute(v, ranks < k, noise_key, noise, max_iter, float(tol))
+            return score_fn(apply_fn(imputed), t)
+
+        return jax.lax.map(one, (counts, keys), batch_size=sample_chunk(chunk, len(percentages))).T
+
+    return per_target_scored(score_one, x, attribution, target, num_classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -678,27 +702,32 @@ def region_perturbation(
     removes every patch (Quantus: min(100, patches)).
 
     Args:
-      x: [batch, H, W, C]. attribution: like x or [batch, H, W]. target: [batch].
-      patch: side p >= 1. steps: patches removed in all, 1 <= steps <= patches (None: all).
+      x: [batch, H, W, C]. attribution: like x or [batch, H, W] ([batch, K, ...] for [batch, K] targets).
+      target: [batch] or [batch, K]. patch: side p >= 1.
+      steps: patches removed in all, 1 <= steps <= patches (None: all).
       order: a key of `ORDERS`. baseline: see the module docstring. chunk: curve points evaluated together.
     Returns:
-      (aopc [batch], curve [batch, steps + 1]).
+      (aopc [batch], curve [batch, steps + 1]); for [batch, K] targets (aopc [batch, K], curve
+      [batch, K, steps + 1]).
     Reference: Samek, Binder, Montavon, Lapuschkin & Müller 2017, "Evaluating the visualization of
     what a deep neural network has learned" (IEEE TNNLS).
     """
-    x, a, target, num_classes = _prepare(apply_fn, x, attribution, target)
+    x, target, num_classes = _prepare(apply_fn, x, target)
     features = _Features(x.shape, _check_patch(patch, x, allow_none=False))
     order = _check_order(order)
     steps = features.n if steps is None else check_positive_int(steps, "steps")
     if steps > features.n:
         raise ValueError(f"steps must be at most the number of patches {features.n}; got {steps}")
     base = _replacement(x, baseline)
-    ranks = _feature_ranks(features.sums(a), order)
-    full = target_logits(apply_fn, x, target)
 
-    def drop_after(k):
-        return full - target_logits(apply_fn, jnp.where(features.mask(ranks < k), base, x), target)
+    def score_one(v, a, t):
+        ranks = _feature_ranks(features.sums(check_attribution(a, v)), order)
+        full = target_logits(apply_fn, v, t)
 
-    curve = jax.lax.map(drop_after, jnp.arange(steps + 1), batch_size=sample_chunk(chunk, steps + 1)).T
-    curve = mask_invalid(curve, target, num_classes)
-    return curve.mean(axis=1), curve
+        def drop_after(k):
+            return full - target_logits(apply_fn, jnp.where(features.mask(ranks < k), base, v), t)
+
+        curve = jax.lax.map(drop_after, jnp.arange(steps + 1), batch_size=sample_chunk(chunk, steps + 1)).T
+        return curve.mean(axis=1), curve
+
+    return per_target_scored(score_one, x, attribution, target, num_classes)

@@ -1,8 +1,16 @@
 """Accuracy, fidelity, faithfulness of attributions, sanity checks and adversarial robustness.
 
+Argument convention (DESIGN.md, one order everywhere): anything that scores an attribution is
+`metric(apply_fn, x, attribution, target, *, options)`; attributions are
+`method(apply_fn, x, target, *, options)`; functions of two models take `(student..., teacher...)`
+(`mean_kl(teacher_logits, student_logits)` predates the rule and keeps the order of KL(t || s)).
+
 Everything is batched: the deletion/insertion curves run `lax.map` over the steps with the whole
 batch in each call, and the robustness checks run `lax.map` over noise samples.
-Targets follow `explain.py`: [batch] ints in [0, num_classes), checked when concrete.
+Targets follow `explain.py`: [batch] ints in [0, num_classes), checked when concrete, or [batch, K]
+ints with one attribution per target ([batch, K, ...]); the scores then gain a K axis after the batch
+axis and column k equals the call with (attribution[:, k], target[:, k])
+(`attribution_core.per_target_scored`). Inside `jax.jit` an out-of-range target gives NaN.
 """
 from __future__ import annotations
 
@@ -13,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill_jax.attribution_core import check_x, gaussian_blur, num_classes_of, validate_target
+from distill_jax.attribution_core import check_x, gaussian_blur, num_classes_of, per_target_scored, validate_target
 from distill_jax.explain import ig_completeness_error
 from distill_jax.param_randomization import as_dicts, check_layer_order, default_randomize, randomize_layer
 from distill_jax.stats import flat_pair, spearman
@@ -131,30 +139,31 @@ def _pixel_ranks(attribution: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def _perturbation_curve(apply_fn, x, attribution, target, steps, baseline, blur_sigma, insert, chunk):
+    """(auc, curve) of deletion (insert=False) or insertion, for [batch] or [batch, K] targets."""
     x = check_x(x)
     c = num_classes_of(apply_fn, x)
     target = validate_target(target, x.shape[0], c)
-    if target.ndim != 1:
-        raise ValueError(f"target must be [batch] here; got shape {target.shape}")
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
     base = _baseline_image(x, baseline, blur_sigma)
-    ranks = _pixel_ranks(jnp.asarray(attribution), x)
-    n_pix = ranks.shape[1]
     spatial = x.shape[1:3] if x.ndim == 4 else x.shape[1:]
-    counts = jnp.asarray(np.round(np.linspace(0, n_pix, steps + 1)).astype(np.int32))
+    counts = jnp.asarray(np.round(np.linspace(0, int(np.prod(spatial)), steps + 1)).astype(np.int32))
 
-    def prob_at(k):
-        changed = (ranks < k).reshape((x.shape[0],) + tuple(spatial))
-        if x.ndim == 4:
-            changed = changed[..., None]
-        img = jnp.where(changed, x, base) if insert else jnp.where(changed, base, x)
-        p = jax.nn.softmax(apply_fn(img), axis=-1)
-        return jnp.take_along_axis(p, target[:, None], axis=1)[:, 0]
+    def score_one(v, a, t):
+        ranks = _pixel_ranks(a, v)
 
-    curve = jax.lax.map(prob_at, counts, batch_size=chunk).T  # [batch, steps + 1]
-    auc = jnp.sum((curve[:, 1:] + curve[:, :-1]) / 2, axis=1) / steps
-    return auc, curve
+        def prob_at(k):
+            changed = (ranks < k).reshape((v.shape[0],) + tuple(spatial))
+            if v.ndim == 4:
+                changed = changed[..., None]
+            img = jnp.where(changed, v, base) if insert else jnp.where(changed, base, v)
+            p = jax.nn.softmax(apply_fn(img), axis=-1)
+            return jnp.take_along_axis(p, jnp.clip(t, 0, c - 1)[:, None], axis=1)[:, 0]
+
+        curve = jax.lax.map(prob_at, counts, batch_size=chunk).T  # [batch, steps + 1]
+        return jnp.sum((curve[:, 1:] + curve[:, :-1]) / 2, axis=1) / steps, curve
+
+    return per_target_scored(score_one, x, attribution, target, c)
 
 
 def deletion_auc(
@@ -176,11 +185,14 @@ def deletion_auc(
     trapezoid rule on [0, 1]. Lower = more faithful attribution.
 
     Args:
-      apply_fn: x -> logits. x: [batch, H, W, C]. attribution: like x or [batch, H, W].
-      target: [batch]. steps: >= 1. baseline: "zeros", "blur" (Gaussian, `blur_sigma`), a float, or an array like x.
+      apply_fn: x -> logits. x: [batch, H, W, C]. attribution: like x or [batch, H, W]; for [batch, K]
+        targets one map per target, [batch, K, H, W, C] or [batch, K, H, W].
+      target: [batch] or [batch, K]. steps: >= 1. baseline: "zeros", "blur" (Gaussian, `blur_sigma`), a
+        float, or an array like x.
       chunk: steps evaluated together by `lax.map` (None: one at a time).
     Returns:
-      [batch] AUC; with return_curve, (auc, curve [batch, steps + 1]).
+      [batch] AUC; with return_curve, (auc, curve [batch, steps + 1]). For [batch, K] targets [batch, K]
+      and [batch, K, steps + 1], column k equal to the call with (attribution[:, k], target[:, k]).
     Reference: Petsiuk, Das & Saenko 2018, "RISE: Randomized Input Sampling for Explanation of Black-box Models".
     """
     auc, curve = _perturbation_curve(apply_fn, x, attribution, target, steps, baseline, blur_sigma, False, chunk)

@@ -1,5 +1,11 @@
 """Perturbation attributions: model-agnostic methods that only run `apply_fn` forward (no gradients).
 
+Argument convention (DESIGN.md, one order everywhere): attributions are
+`method(apply_fn, x, target, *, options)` (every method here); anything that scores an attribution is
+`metric(apply_fn, x, attribution, target, *, options)`; functions of two models take
+`(student..., teacher...)`. Occlusion (sliding windows, `explain.occlusion`) lives in explain.py;
+`feature_ablation` is its non-overlapping-patch form.
+
 feature_ablation, rise, kernel_shap and lime perturb the input, read the model's score for the
 target class and turn the score changes into a map shaped like `x`. They share one notion of a
 *feature*: for NHWC images a cell of a regular grid of `patch`-sized patches (all channels of a

@@ -1,10 +1,11 @@
 """Tests for distill_jax.analysis: exact decompositions, CKA invariants, CAV/TCAV, tree usage."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill_jax import analysis
+from distill_jax import analysis, models
 
 
 def _orthonormal_rows(key, k, d):
@@ -137,6 +138,71 @@ def test_cav_bad_inputs():
         analysis.tcav_score(forward_fn, x, jnp.zeros(4, jnp.int32), jnp.ones(5), layer="h")
     with pytest.raises(ValueError, match="target values"):
         analysis.tcav_score(forward_fn, x, jnp.full(4, 2), jnp.ones(6), layer="h")
+
+
+def _concept_pair():
+    """The same model as `_concept_model`, cut in two without any dict or deltas."""
+    _, m, v = _concept_model()
+    return (lambda x: x.reshape(x.shape[0], -1) @ m, lambda h: h @ v)
+
+
+@pytest.mark.parametrize("method", ["logistic", "mean_difference"])
+def test_cav_and_tcav_pair_form_equal_forward_fn_form(method):
+    forward_fn, _, v = _concept_model()
+    pair = _concept_pair()
+    direction = jax.random.normal(jax.random.key(5), (12,))
+    random_x = 0.3 * jax.random.normal(jax.random.key(6), (40, 3, 4))
+    concept_x = 0.3 * jax.random.normal(jax.random.key(7), (30, 3, 4)) + direction.reshape(3, 4)
+    kw = dict(key=jax.random.key(8), method=method, **({"steps": 50} if method == "logistic" else {}))
+    want = analysis.concept_activation_vector(forward_fn, concept_x, random_x, layer="h", **kw)
+    got = analysis.concept_activation_vector(pair, concept_x, random_x, **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    x = jax.random.normal(jax.random.key(9), (10, 3, 4))
+    t = jnp.array([0, 1] * 5)
+    cav = v[:, 0] / jnp.linalg.norm(v[:, 0])  # derivative |V[:, 0]| > 0 for class 0; V[:, 1] . cav for class 1
+    score_f, derivs_f = analysis.tcav_score(forward_fn, x, t, cav, layer="h", return_derivatives=True)
+    score_p, derivs_p = analysis.tcav_score(pair, x, t, cav, return_derivatives=True)
+    np.testing.assert_allclose(derivs_p, derivs_f, rtol=1e-5, atol=1e-6)
+    expected = float(jnp.mean((v[:, t].T @ cav) > 0))
+    assert float(score_p) == float(score_f) == expected and expected >= 0.5
+    jitted = jax.jit(lambda v, tt: analysis.tcav_score(pair, v, tt, cav, return_derivatives=True))(x, t)
+    np.testing.assert_allclose(jitted[1], derivs_f, rtol=1e-5, atol=1e-6)
+
+
+def test_tcav_on_a_linen_model_split_at_dense1():
+    """SmallCNN by its feature dict (forward_fn + layer="dense1") and cut by hand after dense1
+    (features_fn -> dense1 [B, 64], head_fn = its `head` Dense): the same derivatives and CAV."""
+    model = models.SmallCNN(num_classes=3)
+    x = jax.random.uniform(jax.random.key(11), (6, 8, 8, 1))
+    variables = model.init(jax.random.key(12), x)
+    forward_fn = models.forward_with_features(model, variables)
+    pair = (lambda v: forward_fn(v)[1]["dense1"], lambda h: nn.Dense(3).apply({"params": variables["params"]["head"]}, h))
+    np.testing.assert_allclose(pair[1](pair[0](x)), model.apply(variables, x), rtol=1e-5, atol=1e-6)
+    t = jnp.array([0, 1, 2, 0, 1, 2])
+    cav = analysis.concept_activation_vector(forward_fn, x[:3], x[3:], layer="dense1", key=jax.random.key(0),
+                                             method="mean_difference")
+    np.testing.assert_allclose(analysis.concept_activation_vector(pair, x[:3], x[3:], key=jax.random.key(0),
+                                                                  method="mean_difference"), cav, rtol=1e-5, atol=1e-6)
+    _, want = analysis.tcav_score(forward_fn, x, t, cav, layer="dense1", return_derivatives=True)
+    _, got = analysis.tcav_score(pair, x, t, cav, return_derivatives=True)
+    assert float(jnp.max(jnp.abs(want))) > 0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_tcav_pair_bad_inputs():
+    pair = _concept_pair()
+    forward_fn, _, _ = _concept_model()
+    x = jnp.ones((4, 3, 4))
+    for call, match in [
+        (lambda: analysis.tcav_score(pair, x, jnp.zeros(4, jnp.int32), jnp.ones(6), layer="h"), "layer must be None"),
+        (lambda: analysis.tcav_score(forward_fn, x, jnp.zeros(4, jnp.int32), jnp.ones(6)), "layer must name"),
+        (lambda: analysis.tcav_score(pair, x, jnp.zeros(4, jnp.int32), jnp.ones(5)), r"cav must have .*features_fn"),
+        (lambda: analysis.tcav_score(pair, x, jnp.zeros((4, 2), jnp.int32), jnp.ones(6)), r"target must be \[batch\]"),
+        (lambda: analysis.concept_activation_vector((pair[0],), x, x, key=jax.random.key(0)), "pair"),
+    ]:
+        with pytest.raises(ValueError, match=match) as err:
+            call()
+        assert "\n" not in str(err.value)
 
 
 def test_tree_usage_hand_computed():

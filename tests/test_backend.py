@@ -308,7 +308,7 @@ def test_ig_and_occlusion_products_are_highest(images, name):
     with backend.override(name):
         assert_all_highest(lambda v: explain.integrated_gradients(f, v, t, steps=4, return_error=True), x, at_least=4)
         assert_all_highest(lambda v: explain.integrated_gradients(f, v, t2, steps=3, chunk=2, batch_chunk=2), x)
-        assert_all_highest(lambda v: explain.ig_completeness_error(f, v, t, v), x)
+        assert_all_highest(lambda v: explain.ig_completeness_error(f, v, v, t), x)
         assert_all_highest(lambda v: explain.occlusion(f, v, t, patch=3, stride=3), x)
         assert_all_highest(lambda v: gradient_attributions.blur_ig(f, v, t, steps=2, max_sigma=1.0), x)
 

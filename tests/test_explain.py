@@ -1,12 +1,14 @@
 """Tests for distill_jax.explain on analytic functions and a tiny random ReLU CNN."""
 import functools
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill_jax import explain
+from distill_jax import explain, models
 
 B, H, W, C, K = 5, 6, 6, 2, 3
 
@@ -109,7 +111,7 @@ def test_ig_completeness_relu_cnn(method):
     t = jnp.argmax(f(x), axis=1)
     attr, err = explain.integrated_gradients(f, x, t, steps=128, method=method, return_error=True)
     assert float(err.max()) < 0.01
-    np.testing.assert_allclose(explain.ig_completeness_error(f, x, t, attr), err, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(explain.ig_completeness_error(f, x, attr, t), err, rtol=1e-4, atol=1e-6)
 
 
 def test_ig_chunks_agree_and_jit_matches():
@@ -346,3 +348,128 @@ def test_gaussian_blur_matches_scipy_where_the_kernel_fits():
     ours = np.asarray(explain.gaussian_blur(jnp.asarray(x), sigma=1.5))
     ref = ndimage.gaussian_filter(x.astype(np.float64), sigma=(0, 1.5, 1.5, 0), mode="mirror", truncate=3.0)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Grad-CAM from a split model, [batch, K] targets, ig_completeness_error's argument order
+# --------------------------------------------------------------------------------------------
+def _split_small_cnn(size=8):
+    """SmallCNN (8x8x1 inputs) as forward_fn and cut after conv2: features_fn -> conv2 [B, 4, 4, 32],
+    head_fn = the rest of the network (2x2 max-pool, flatten, dense1 + ReLU, head), from the same params."""
+    model = models.SmallCNN(num_classes=K)
+    x = jax.random.uniform(jax.random.key(20), (4, size, size, 1))
+    variables = model.init(jax.random.key(21), x)
+    forward_fn = models.forward_with_features(model, variables)
+    params = variables["params"]
+
+    def features_fn(v):
+        return forward_fn(v)[1]["conv2"]
+
+    def head_fn(a):
+        h = models.POOL_IMPLS[model.impl](a).reshape(a.shape[0], -1)
+        h = nn.relu(nn.Dense(64).apply({"params": params["dense1"]}, h))
+        return nn.Dense(K).apply({"params": params["head"]}, h)
+
+    return forward_fn, (features_fn, head_fn), model.apply(variables, x), x
+
+
+class SplitGradCamTest(chex.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.forward_fn, self.pair, self.logits, self.x = _split_small_cnn()
+        self.t = jnp.array([0, 2, 1, 1])
+        self.tk = jnp.array([[0, 1, 2], [2, 2, 0], [1, 0, 1], [1, 2, 0]])  # [batch, K=3], a repeated class too
+
+    def test_the_split_is_the_same_network(self):
+        features_fn, head_fn = self.pair
+        np.testing.assert_allclose(head_fn(features_fn(self.x)), self.logits, rtol=1e-5, atol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_pair_form_equals_forward_fn_and_layer(self):
+        by_layer = self.variant(functools.partial(explain.grad_cam, self.forward_fn, layer="conv2"))
+        by_pair = self.variant(functools.partial(explain.grad_cam, self.pair))
+        want = by_layer(self.x, self.t)
+        got = by_pair(self.x, self.t)
+        assert got.shape == (4, 8, 8) and float(jnp.max(want)) > 0
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_k_targets_equal_k_separate_calls_in_both_forms(self):
+        for forward, kw in ((self.forward_fn, {"layer": "conv2"}), (self.pair, {})):
+            cam = self.variant(functools.partial(explain.grad_cam, forward, **kw))
+            out = cam(self.x, self.tk)
+            chex.assert_shape(out, (4, 3, 8, 8))
+            stacked = jnp.stack([cam(self.x, self.tk[:, k]) for k in range(3)], axis=1)
+            np.testing.assert_allclose(out, stacked, rtol=1e-5, atol=1e-6)
+            assert float(jnp.max(out)) > 0
+
+    def test_pair_matches_the_hand_computed_map(self):
+        """Features = relu(x @ m) (a 1x1 conv), head = spatial mean then v: alpha = v[:, t] / (h w) (see
+        test_grad_cam_hand_computed), here without any dict or deltas."""
+        x = jax.random.normal(jax.random.key(22), (B, H, W, C))
+        t = jnp.array([0, 1, 2, 0, 1])
+        m = jax.random.normal(jax.random.key(10), (C, 4))
+        v = jax.random.normal(jax.random.key(11), (4, K))
+        pair = (lambda z: jax.nn.relu(z @ m), lambda a: a.mean(axis=(1, 2)) @ v)
+        want = jax.nn.relu(jnp.einsum("bhwc,cb->bhw", jax.nn.relu(x @ m), v[:, t] / (H * W)))
+        np.testing.assert_allclose(explain.grad_cam(pair, x, t), want, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(explain.grad_cam(list(pair), x, t), want, rtol=1e-5, atol=1e-7)
+        # smoothgrad and the registry pass the pair through as the forward
+        np.testing.assert_allclose(explain.attribute("grad_cam", pair, x, t), want, rtol=1e-5, atol=1e-7)
+        sg = explain.smoothgrad(explain.grad_cam, pair, x, t, key=jax.random.key(0), samples=2, noise=0.0)
+        np.testing.assert_allclose(sg, want, rtol=1e-5, atol=1e-7)
+
+
+def _one_line_error(call, match):
+    with pytest.raises(ValueError, match=match) as err:
+        call()
+    assert "\n" not in str(err.value), str(err.value)
+
+
+def test_split_forward_bad_inputs_give_one_line_errors(data):
+    x, t = data
+    feats = lambda z: z.mean(axis=(1, 2))  # [B, C]: not a spatial map
+    head = lambda a: a @ jnp.ones((a.shape[-1], K))
+    _one_line_error(lambda: explain.grad_cam((feats, head), x, t),
+                    rf"features_fn must be a spatial map \[batch, h, w, c\] for grad_cam; got shape \({B}, {C}\)")
+    spatial = (lambda z: z, lambda a: a.mean(axis=(1, 2)) @ jnp.ones((C, K)))
+    _one_line_error(lambda: explain.grad_cam(spatial, x, t, layer="a"), "layer must be None when forward is a")
+    _one_line_error(lambda: explain.grad_cam(spatial + (head,), x, t), "pair")
+    _one_line_error(lambda: explain.grad_cam((feats, 3), x, t), "pair")
+    _one_line_error(lambda: explain.grad_cam(spatial[0], x, t), "layer must name a feature")
+    _one_line_error(lambda: explain.grad_cam((lambda z: z, lambda a: a.sum(axis=(1, 2, 3))), x, t),
+                    rf"head_fn must return logits \[batch, classes\] = \[{B}, C\]; got \({B},\)")
+    _one_line_error(lambda: explain.grad_cam((lambda z: z[0], head), x, t), "features_fn must have the batch axis")
+    _one_line_error(lambda: explain.grad_cam((lambda z: {"a": z}, head), x, t), "features_fn must return one array")
+    _one_line_error(lambda: explain.grad_cam(spatial, x, t.at[0].set(K)), r"target values must lie in \[0, 3\)")
+    _one_line_error(lambda: explain.grad_cam(spatial, x, jnp.zeros((B, 2, 2), jnp.int32)), "target must have shape")
+
+
+class OcclusionTargetsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_k_targets_equal_k_separate_calls(self):
+        x = jax.random.normal(jax.random.key(1), (B, H, W, C))
+        _, f = _cnn(jax.random.key(7))
+        tk = jnp.array([[0, 2], [1, 1], [2, 0], [0, 0], [1, 2]])
+        occ = self.variant(functools.partial(explain.occlusion, f, patch=3, stride=2, value=0.5))
+        out = occ(x, tk)
+        chex.assert_shape(out, (B, 2, H, W, C))
+        np.testing.assert_allclose(out, jnp.stack([occ(x, tk[:, k]) for k in range(2)], axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_ig_completeness_error_argument_order_and_k_targets(data):
+    """(apply_fn, x, attribution, target) as every metric. A linear model's exact IG has error 0, twice it 1."""
+    x, t = data
+    w, f = _linear_model(jax.random.key(0))
+    exact = w[t] * x
+    np.testing.assert_allclose(explain.ig_completeness_error(f, x, exact, t), 0.0, atol=1e-5)
+    np.testing.assert_allclose(explain.ig_completeness_error(f, x, 2 * exact, t), 1.0, rtol=1e-4)
+    tk = jnp.stack([t, (t + 1) % K], axis=1)
+    attr = jnp.stack([exact, 3 * w[tk[:, 1]] * x], axis=1)  # [B, 2, H, W, C]: errors 0 and 2
+    err = jax.jit(functools.partial(explain.ig_completeness_error, f))(x, attr, tk)
+    chex.assert_shape(err, (B, 2))
+    stacked = jnp.stack([explain.ig_completeness_error(f, x, attr[:, k], tk[:, k]) for k in range(2)], axis=1)
+    np.testing.assert_allclose(err, stacked, rtol=1e-5, atol=1e-5)  # float32 sums in another order under jit
+    np.testing.assert_allclose(err, jnp.broadcast_to(jnp.array([0.0, 2.0]), (B, 2)), rtol=1e-4, atol=1e-5)
+    _one_line_error(lambda: explain.ig_completeness_error(f, x, exact, tk), r"attribution must be \[batch, K, \.\.\.\]")
+    _one_line_error(lambda: explain.ig_completeness_error(f, x, exact[..., 0], t), "attribution must have the shape of x")

@@ -409,6 +409,45 @@ def test_invalid_traced_target_gives_nan(setup):
 
 
 # --------------------------------------------------------------------------------------------
+# [batch, K] targets: one attribution per target, exactly the K separate calls
+# --------------------------------------------------------------------------------------------
+MULTI_TARGET_CASES = {
+    "faithfulness_correlation": (F.faithfulness_correlation, dict(key=KEY(40), subset_size=6, samples=5)),
+    "sensitivity_n": (F.sensitivity_n, dict(key=KEY(41), n=(2, 9), samples=4, patch=2)),
+    "infidelity": (F.infidelity, dict(key=KEY(42), samples=3, normalize=True)),
+    "monotonicity": (F.monotonicity, dict(key=KEY(43), samples=2, baseline="uniform", patch=3)),
+    "road": (F.road, dict(key=KEY(44), percentages=(0.1, 0.5), score="probability", max_iter=20)),
+    "region_perturbation": (F.region_perturbation, dict(patch=3, steps=3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MULTI_TARGET_CASES))
+def test_k_targets_equal_k_separate_calls(setup, name):
+    """target [B, K] with attribution [B, K, ...] -> [B, K, ...] whose column k is the call with
+    (attribution[:, k], target[:, k]) and the same key (values compared, under one jit each)."""
+    x, weights, t = setup
+    metric, options = MULTI_TARGET_CASES[name]
+    fn = jax.jit(partial(metric, nonlinear(weights), **options))
+    tk = jnp.stack([t, (t + 1) % K], axis=1)  # [B, 2]
+    maps = jnp.stack([rand(50, x.shape, "normal"), rand(51, x.shape[:3], "normal")[..., None] * x], axis=1)
+    out = fn(x, maps, tk)
+    columns = [fn(x, maps[:, k], tk[:, k]) for k in range(2)]
+    stacked = jax.tree.map(lambda *cols: jnp.stack(cols, axis=1), *columns)
+    chex.assert_trees_all_equal_shapes(out, stacked)
+    chex.assert_trees_all_close(out, stacked, rtol=1e-5, atol=1e-6)
+    first = jax.tree.leaves(out)[0]
+    assert first.shape[:2] == (B, 2) and bool(jnp.all(jnp.isfinite(first)))
+    assert float(jnp.max(jnp.abs(first[:, 0] - first[:, 1]))) > 1e-4  # the two columns really differ
+
+
+def test_k_targets_traced_out_of_range_entry_is_nan(setup):
+    x, weights, t = setup
+    tk = jnp.stack([t, (t + 1) % K], axis=1).at[2, 1].set(K)
+    out = jax.jit(partial(F.infidelity, linear(weights), key=KEY(0), samples=2))(x, jnp.stack([x, x], 1), tk)
+    assert bool(jnp.isnan(out[2, 1])) and int(jnp.isnan(out).sum()) == 1
+
+
+# --------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------
 def test_invalid_arguments_raise(setup):
@@ -422,7 +461,10 @@ def test_invalid_arguments_raise(setup):
         (lambda: F.faithfulness_correlation(f, x, a, t, key=k, subset_size=4, baseline="grey"), "baseline"),
         (lambda: F.faithfulness_correlation(f, x, a[:, :2], t, key=k, subset_size=4), "attribution"),
         (lambda: F.faithfulness_correlation(f, x, a, t[:2], key=k, subset_size=4), "target"),
-        (lambda: F.faithfulness_correlation(f, x, a, jnp.stack([t, t], 1), key=k, subset_size=4), "target"),
+        (lambda: F.faithfulness_correlation(f, x, a, jnp.stack([t, t], 1), key=k, subset_size=4),
+         r"attribution must be \[batch, K, \.\.\.\] with \[batch, K\] = \(3, 2\)"),
+        (lambda: F.infidelity(f, x, jnp.stack([a, a], 1)[..., :1], jnp.stack([t, t], 1), key=k), "attribution"),
+        (lambda: F.road(f, x, a, t[:, None, None], key=k), "target must have shape"),
         (lambda: F.faithfulness_correlation(f, x, a, t + 5, key=k, subset_size=4), "target"),
         (lambda: F.faithfulness_correlation(f, x, a, t, key=k, subset_size=4, chunk=0), "chunk"),
         (lambda: F.sensitivity_n(f, x, a, t, key=k, n=0), "n"),

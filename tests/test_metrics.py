@@ -1,6 +1,7 @@
 """Tests for distill_jax.metrics: fidelity, deletion/insertion, rank agreement, sanity checks, robustness."""
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,6 +152,58 @@ def test_deletion_bad_inputs(images):
         metrics.insertion_auc(f, x, x, t, baseline="noise")
 
 
+def _three_class_model():
+    """logit_c = sum(w_c * x) with a different pixel weighting per class: the curves differ per target."""
+    w = 0.5 * jax.random.normal(jax.random.key(30), (3, H, W, C))
+    return lambda v: jnp.einsum("chwk,bhwk->bc", w, v)
+
+
+class MultiTargetDeletionTest(chex.TestCase):
+    """A [batch, K] target with one map per target, [batch, K, ...], gives exactly the K separate calls."""
+
+    def setUp(self):
+        super().setUp()
+        self.f = _three_class_model()
+        self.x = jax.random.uniform(jax.random.key(31), (B, H, W, C), minval=0.5, maxval=1.0)
+        self.tk = jnp.array([[0, 1, 2], [2, 2, 0], [1, 0, 1], [0, 0, 0], [2, 1, 0], [1, 2, 2]])  # [B, K=3]
+        self.maps = jax.random.normal(jax.random.key(32), (B, 3, H, W, C))  # a different map per target
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_deletion_auc_k_targets_equal_separate_calls(self):
+        fn = self.variant(functools.partial(metrics.deletion_auc, self.f, steps=5, chunk=2, return_curve=True))
+        for maps in (self.maps, self.maps.sum(-1)):  # like x, or without the channel axis
+            auc, curve = fn(self.x, maps, self.tk)
+            chex.assert_shape((auc, curve), ((B, 3), (B, 3, 6)))
+            for k in range(3):
+                auc_k, curve_k = fn(self.x, maps[:, k], self.tk[:, k])
+                np.testing.assert_allclose(auc[:, k], auc_k, rtol=1e-6, atol=1e-7)
+                np.testing.assert_allclose(curve[:, k], curve_k, rtol=1e-6, atol=1e-7)
+            assert float(jnp.std(auc)) > 1e-3  # the columns really differ
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_insertion_auc_k_targets_equal_separate_calls(self):
+        fn = self.variant(functools.partial(metrics.insertion_auc, self.f, steps=4, baseline="zeros"))
+        auc = fn(self.x, self.maps, self.tk)
+        chex.assert_shape(auc, (B, 3))
+        stacked = jnp.stack([fn(self.x, self.maps[:, k], self.tk[:, k]) for k in range(3)], axis=1)
+        np.testing.assert_allclose(auc, stacked, rtol=1e-6, atol=1e-7)
+
+    def test_out_of_range_traced_target_gives_nan_for_its_entry_only(self):
+        auc = jax.jit(functools.partial(metrics.deletion_auc, self.f, steps=3))(self.x, self.maps, self.tk.at[1, 2].set(3))
+        assert bool(jnp.isnan(auc[1, 2])) and int(jnp.isnan(auc).sum()) == 1
+
+    def test_bad_shapes_give_one_line_errors(self):
+        for call, match in [
+            (lambda: metrics.deletion_auc(self.f, self.x, self.maps[:, 0], self.tk), r"attribution must be \[batch, K"),
+            (lambda: metrics.insertion_auc(self.f, self.x, self.maps[:, :2], self.tk), r"\[batch, K\] = \(6, 3\)"),
+            (lambda: metrics.deletion_auc(self.f, self.x, self.maps[..., :1], self.tk), "attribution must have the shape"),
+            (lambda: metrics.deletion_auc(self.f, self.x, self.maps, self.tk[..., None]), "target must have shape"),
+        ]:
+            with pytest.raises(ValueError, match=match) as err:
+                call()
+            assert "\n" not in str(err.value)
+
+
 def test_spearman_and_top_k():
     a = jax.random.normal(jax.random.key(2), (4, 5, 5))
     b = a + 0.5 * jax.random.normal(jax.random.key(3), a.shape)
@@ -256,5 +309,5 @@ def test_max_sensitivity_and_completeness():
         metrics.max_sensitivity(gxi, x, t, key=jax.random.key(0), radius=0.0)
     # completeness: IG of a linear model is exact, a wrong attribution is not
     ig = explain.integrated_gradients(f, x, t, steps=4)
-    np.testing.assert_allclose(metrics.ig_completeness_error(f, x, t, ig), 0.0, atol=1e-5)
-    assert bool(jnp.all(metrics.ig_completeness_error(f, x, t, 2 * ig) > 0.99))
+    np.testing.assert_allclose(metrics.ig_completeness_error(f, x, ig, t), 0.0, atol=1e-5)
+    assert bool(jnp.all(metrics.ig_completeness_error(f, x, 2 * ig, t) > 0.99))

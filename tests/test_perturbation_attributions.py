@@ -370,6 +370,30 @@ def test_lime_same_values_for_every_chunk(data):
 
 
 # --------------------------------------------------------------------------------------------
+# [batch, K] targets
+# --------------------------------------------------------------------------------------------
+MULTI = {
+    "feature_ablation": functools.partial(pa.feature_ablation, mlp, patch=2, baseline=0.5),
+    "rise": functools.partial(pa.rise, mlp, key=jax.random.key(3), masks=6, cells=2),
+    "kernel_shap": functools.partial(pa.kernel_shap, mlp, key=jax.random.key(4), samples=12, patch=3),
+    "lime": functools.partial(pa.lime, mlp, key=jax.random.key(5), samples=12, patch=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MULTI))
+def test_k_targets_equal_k_separate_calls(data, name):
+    """[batch, K] targets read from the same forward passes give exactly the K calls with target[:, k]."""
+    x, _, _ = data
+    fn = jax.jit(MULTI[name])
+    tk = np.array([[0, 1, 2], [2, 2, 0], [1, 0, 1]])
+    out = fn(x, tk)
+    chex.assert_shape(out, (B, 3, H, W, C))
+    stacked = jnp.stack([fn(x, tk[:, k]) for k in range(3)], axis=1)
+    np.testing.assert_allclose(out, stacked, rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(out[:, 0] - out[:, 2]))) > 1e-4
+
+
+# --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------
 KEY = jax.random.key(0)
