@@ -25,14 +25,19 @@ def default_config() -> ml_collections.ConfigDict:
     # throughput); parameters, optimizer state, losses and everything reported stay float32
     c.dtype = "float32"
 
+    # adversarial training (Madry et al. 2018), per model: adversarial="pgd" trains on PGD examples made
+    # against the model each step (distill.ADVERSARIAL); epsilon and step size in standardized input units,
+    # like robustness.epsilon; adversarial_step_size=0 means 2.5 * epsilon / steps. Networks only
+    # (seed_cnn, cnn, mlp); for students a kind's group may override them (see `student`)
+    adversarial = dict(adversarial="none", adversarial_epsilon=0.25, adversarial_steps=5, adversarial_step_size=0.0)
     c.teacher = ml_collections.ConfigDict(dict(
         kind="seed_cnn", optimizer="adam", learning_rate=1e-3, momentum=0.9, weight_decay=0.0,
-        schedule="cosine", epochs=25, batch_size=64, augment_shift=0, augment_flip=False))
+        schedule="cosine", epochs=25, batch_size=64, augment_shift=0, augment_flip=False, **adversarial))
     c.student = ml_collections.ConfigDict(dict(
         optimizer="adam", learning_rate=3e-3, momentum=0.9, weight_decay=0.0,
         schedule="cosine", epochs=40, batch_size=64,
         # gradual magnitude pruning of the students' kernels (Zhu & Gupta 2017); 0 = off
-        prune_sparsity=0.0, prune_begin=0.2, prune_end=0.8))
+        prune_sparsity=0.0, prune_begin=0.2, prune_end=0.8, **adversarial))
     # "<kind>-<method>": kind in STUDENT_KINDS, method a '+'-joined sum of distill.TERMS.
     c.students = "cnn-labels,cnn-kd,tree-labels,tree-kd,linear-labels,linear-kd,cnn-kd+attention"
     # a kind's group may override any key of `student` for that kind's students
@@ -41,7 +46,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.method = ml_collections.ConfigDict(dict(
         # KD temperature and alpha: numbers, or "auto" to choose each kd student's on a validation split
-        # held out from the training images (distill_jax.tuning), from these grids, by auto_score
+        # held out from the training images (distill_jax.tuning), from these grids, by auto_score.
+        # fm and defensive read the temperature too ("auto": 4.0); defensive distillation (Papernot et al. 2016)
+        # used T = 20..100
         temperature=ml_collections.FieldReference(4.0, field_type=object),
         alpha=ml_collections.FieldReference(0.9, field_type=object),
         auto_temperatures=(1.0, 2.0, 4.0, 8.0), auto_alphas=(0.5, 0.9), auto_score="accuracy",
@@ -130,6 +137,19 @@ def _auto_or(value, ok) -> bool:
     return value == "auto" or (_number(value) and ok(value))
 
 
+def _validate_adversarial(g, group: str) -> None:
+    """The numeric `adversarial*` keys of one budget group, where it has them (the name: `pipeline.check_choices`)."""
+    if "adversarial_epsilon" in g:
+        _require(_number(g.adversarial_epsilon) and g.adversarial_epsilon >= 0, f"{group}.adversarial_epsilon",
+                 g.adversarial_epsilon, "must be >= 0 (standardized input units)")
+    if "adversarial_steps" in g:
+        _require(isinstance(g.adversarial_steps, int) and g.adversarial_steps >= 1, f"{group}.adversarial_steps",
+                 g.adversarial_steps, "must be an integer >= 1")
+    if "adversarial_step_size" in g:
+        _require(_number(g.adversarial_step_size) and g.adversarial_step_size >= 0, f"{group}.adversarial_step_size",
+                 g.adversarial_step_size, "must be >= 0 (0 = 2.5 * epsilon / steps)")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first out-of-range value."""
     _require(0 < c.test_fraction < 1, "test_fraction", c.test_fraction, "must be in (0, 1)")
@@ -141,6 +161,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _require(g.batch_size >= 1, f"{group}.batch_size", g.batch_size, "must be >= 1")
         _require(g.epochs >= 1, f"{group}.epochs", g.epochs, "must be >= 1")
         _require(g.learning_rate > 0, f"{group}.learning_rate", g.learning_rate, "must be > 0")
+    for group in ("teacher", "student") + STUDENT_KINDS:
+        _validate_adversarial(c.get(group, {}), group)
     _require(0 <= c.student.prune_sparsity < 1, "student.prune_sparsity", c.student.prune_sparsity,
              "must be in [0, 1)")
     _require(0 <= c.student.prune_begin <= c.student.prune_end <= 1, "student.prune_begin/prune_end",

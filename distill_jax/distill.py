@@ -10,6 +10,7 @@ A *method* is a weighted sum of *terms*, written like `"kd"`, `"labels+hint"` or
     hint       FitNets hints through a learned 1x1 regressor                     model-based
     attention  attention transfer (Zagoruyko & Komodakis 2017)                   mask-based
     saliency   input-gradient saliency matching                                  mask-based
+    defensive  defensive distillation: CE(teacher_T, student_T), no labels       loss-based
 
 Distilling into an interpretable model class (the soft decision tree, the linear model over
 PCA components) is model-based distillation too: for the tree, `labels` and `kd` use the
@@ -18,6 +19,16 @@ Frosst & Hinton objective (expected cross entropy over leaves) plus its balance 
 Function matching (Beyer et al. 2022, "a good teacher is patient and consistent") is `fm` with
 augmentation and `mixup` on: teacher and student see the same augmented, mixed view, the teacher runs
 inside the step, and no label is read, so unlabelled images can be distilled too.
+
+Defensive distillation (Papernot et al. 2016) is `defensive` with a high `temperature` (they used
+20 to 100): the student learns the teacher's softmax at T through its own softmax at T and is used
+at T = 1, its logits unchanged (`losses.defensive_distillation_loss` says what that does to attacks).
+
+Adversarial training (Madry et al. 2018) is a view, not a term: with `adversarial="pgd"` each
+batch's inputs (after the model-input transform, augmentation and mixup) are replaced by PGD
+adversarial examples against the model being trained (`adversarial_view`), and every term, the
+teacher included, reads that view. Any method can be trained so; `check_adversarial` says which
+models and settings can.
 
 The frozen teacher is either run inside the step (its variables are a step argument, under
 `stop_gradient`) or, when nothing changes its inputs (no augmentation), run once over the
@@ -53,6 +64,11 @@ class MethodConfig:
     augment_shift: int = 0
     augment_flip: bool = False
     mixup: float = 0.0  # Beta(mixup, mixup) weights of `data.mixup` on every batch; 0 = off
+    # adversarial training (`ADVERSARIAL`): "none" or "pgd"; budget and step in standardized input units
+    adversarial: str = "none"
+    adversarial_epsilon: float = 0.25
+    adversarial_steps: int = 5
+    adversarial_step_size: float = 0.0  # 0 = 2.5 * epsilon / steps (Madry et al. 2018)
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -63,11 +79,30 @@ class MethodConfig:
             raise ValueError(f"tree_balance must be >= 0; got {self.tree_balance}")
         if self.mixup < 0:
             raise ValueError(f"mixup must be >= 0 (0 = off); got {self.mixup}")
+        if self.adversarial not in ADVERSARIAL:
+            raise ValueError(f"adversarial {self.adversarial!r} is not known; use one of {sorted(ADVERSARIAL)}")
+        if not self.adversarial_epsilon >= 0:
+            raise ValueError(f"adversarial_epsilon must be >= 0; got {self.adversarial_epsilon}")
+        if not (isinstance(self.adversarial_steps, (int, np.integer)) and self.adversarial_steps >= 1):
+            raise ValueError(f"adversarial_steps must be an integer >= 1; got {self.adversarial_steps!r}")
+        if not self.adversarial_step_size >= 0:
+            raise ValueError(f"adversarial_step_size must be >= 0 (0 = 2.5 * epsilon / steps); "
+                             f"got {self.adversarial_step_size}")
+
+    @property
+    def adversarial_on(self) -> bool:
+        return self.adversarial != "none"
+
+    @property
+    def pgd_step_size(self) -> float:
+        """`adversarial_step_size`, or Madry et al.'s 2.5 * epsilon / steps when it is 0."""
+        return self.adversarial_step_size or 2.5 * self.adversarial_epsilon / self.adversarial_steps
 
     @property
     def changes_inputs(self) -> bool:
-        """Whether each step sees new inputs (augmentation or mixup): then no teacher output can be cached."""
-        return bool(self.augment_shift or self.augment_flip or self.mixup)
+        """Whether each step sees new inputs (augmentation, mixup or adversarial examples): then no teacher
+        output can be cached."""
+        return bool(self.augment_shift or self.augment_flip or self.mixup or self.adversarial_on)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +211,20 @@ def saliency_term(ctx: Context) -> jax.Array:
     return losses.saliency_matching_loss(ctx.student_apply, ctx.x, ctx.labels, ctx.teacher_saliency)
 
 
+def defensive_term(ctx: Context) -> jax.Array:
+    """Defensive distillation: -sum softmax(t/T) log softmax(s/T), labels unread; the student is used at T = 1.
+
+    For a soft tree the leaves play the student's logits: Frosst & Hinton's path-weighted leaf cross
+    entropy with the leaf logits divided by T and the teacher's softmax at T as the target.
+    See `losses.defensive_distillation_loss` (Papernot et al. 2016).
+    """
+    t = ctx.cfg.temperature
+    if _is_tree(ctx):
+        f = ctx.student_features
+        return losses.soft_tree_loss(f["path_probs"], f["leaf_logits"] / t, jax.nn.softmax(ctx.teacher_logits / t, -1))
+    return losses.defensive_distillation_loss(ctx.student_logits, ctx.teacher_logits, temperature=t)
+
+
 def _pairs_side(attr: str, side: int):
     return lambda cfg: tuple(pair[side] for pair in getattr(cfg, attr))
 
@@ -190,6 +239,7 @@ TERMS: dict[str, TermSpec] = {
     "attention": TermSpec(attention_term, teacher_attention=_pairs_side("attention_pairs", 1),
                           student_layers=_pairs_side("attention_pairs", 0)),
     "saliency": TermSpec(saliency_term, teacher_saliency=True, reads_labels=True),
+    "defensive": TermSpec(defensive_term, teacher_logits=True),
 }
 
 _TERM_RE = re.compile(r"^\s*(?:(?P<w>[0-9.eE+-]+)\s*\*\s*)?(?P<name>[a-z_]+)\s*$")
@@ -428,14 +478,78 @@ def check_mixup(method: str, cfg: MethodConfig) -> None:
                          f"labels; use 'fm' (function matching) or set method.mixup=0")
 
 
-def training_view(key: jax.Array, x: jax.Array, cfg: MethodConfig) -> jax.Array:
-    """The view of a batch that student and teacher both see: `data.augment`, then `data.mixup` when on."""
+# --------------------------------------------------------------------------- adversarial training
+
+
+def pgd_view(apply_fn: Callable[[jax.Array], jax.Array], x: jax.Array, labels: jax.Array, *, key: jax.Array,
+             cfg: MethodConfig) -> jax.Array:
+    """PGD adversarial examples against `apply_fn`, under stop_gradient: `metrics.pgd` with the config's budget.
+
+    Formula: x_0 = x + U(-eps, eps);  x_{k+1} = Proj_{||v - x||_inf <= eps}(x_k + a * sign(grad_x CE(f(x_k), y))),
+    `adversarial_steps` times, eps = `adversarial_epsilon`, a = `pgd_step_size`, both in standardized
+    input units; no clipping to the pixel range (as `metrics.adversarial_accuracy` evaluates).
+
+    Args:
+      apply_fn: x -> logits [B, C] of the model being trained (its parameters under stop_gradient).
+      x: [B, ...] model inputs; labels: [B] ints; key: the random start.
+    Returns:
+      [B, ...] like x, with no gradient to anything.
+    Reference: Madry, Makelov, Schmidt, Tsipras & Vladu (2018), "Towards Deep Learning Models
+    Resistant to Adversarial Attacks", ICLR, section 3 and appendix (the min-max training).
+    """
+    from distill_jax import metrics  # noqa: PLC0415 - the evaluation's attack, reused; metrics imports explain
+
+    x_adv = metrics.pgd(apply_fn, x, labels, epsilon=cfg.adversarial_epsilon, step_size=cfg.pgd_step_size,
+                        steps=int(cfg.adversarial_steps), key=key)
+    return jax.lax.stop_gradient(x_adv)
+
+
+# name -> (apply_fn, x, labels, *, key, cfg) -> adversarial view of x; "none" leaves the batch alone
+ADVERSARIAL: dict[str, Callable | None] = {"none": None, "pgd": pgd_view}
+ADVERSARIAL_KINDS = ("seed_cnn", "cnn", "mlp")  # the networks; trees and linear-over-PCA students are not supported
+
+
+def check_adversarial(kind: str, cfg: MethodConfig, *, key: str = "adversarial") -> None:
+    """Adversarial training only for the networks (`ADVERSARIAL_KINDS`) and without mixup.
+
+    The attack maximizes the cross entropy with the batch's labels, which a mixed image does not have.
+    Raises:
+      ValueError: naming `key` (the config key that asked for it), the model kind and the fix.
+    """
+    if not cfg.adversarial_on:
+        return
+    if kind not in ADVERSARIAL_KINDS:
+        raise ValueError(f"{key}={cfg.adversarial!r}: adversarial training is supported for {list(ADVERSARIAL_KINDS)} "
+                         f"models, not {kind!r}; set it to 'none' for this model")
+    if cfg.mixup:
+        raise ValueError(f"{key}={cfg.adversarial!r}: the attack maximizes the cross entropy with the labels, but "
+                         f"mixup makes images whose labels are undefined; set method.mixup=0 or {key}='none'")
+
+
+def adversarial_view(apply_fn: Callable[[jax.Array], jax.Array], x: jax.Array, labels: jax.Array, *,
+                     key: jax.Array, cfg: MethodConfig) -> jax.Array:
+    """`ADVERSARIAL[cfg.adversarial]`'s view of the batch (`x` itself for "none")."""
+    make = ADVERSARIAL[cfg.adversarial]
+    return x if make is None else make(apply_fn, x, labels, key=key, cfg=cfg)
+
+
+def training_view(key: jax.Array, x: jax.Array, cfg: MethodConfig, *, labels: jax.Array | None = None,
+                  apply_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """The view of a batch that student and teacher both see: `data.augment`, then `data.mixup`, then
+    `adversarial_view` against `apply_fn` (the model being trained) with `labels`, each when on.
+
+    Keys: the augmentation reads `key`, mixup `fold_in(key, 1)`, the attack's random start `fold_in(key, 2)`.
+    """
     from distill_jax import data  # noqa: PLC0415 - data imports jax-heavy loaders lazily
 
     if cfg.augment_shift or cfg.augment_flip:
         x = data.augment(key, x, max_shift=cfg.augment_shift, flip=cfg.augment_flip)
     if cfg.mixup:
         x, _ = data.mixup(jax.random.fold_in(key, 1), x, alpha=cfg.mixup)
+    if cfg.adversarial_on:
+        if apply_fn is None or labels is None:
+            raise ValueError(f"adversarial={cfg.adversarial!r} needs the model (apply_fn) and the labels to attack")
+        x = adversarial_view(apply_fn, x, labels, key=jax.random.fold_in(key, 2), cfg=cfg)
     return x
 
 
@@ -445,25 +559,29 @@ def make_loss_fn(student: nn.Module, student_kind: str, method: str, cfg: Method
 
     `batch` holds `x`, `y` and, when the teacher's outputs are cached, the `teacher_*` entries
     of `teacher_outputs`; otherwise the teacher runs here on the view the student sees
-    (`training_view`: augmented and mixed when the config says so).
+    (`training_view`: augmented, mixed and adversarial when the config says so; the attack runs
+    against the student's current parameters under stop_gradient, through `models.for_attribution`).
     aux: `accuracy` per example. For a tree student the balance penalty (a batch-level
     scalar) is spread evenly over the examples.
     """
     terms = parse_method(method)
     needs = method_needs(method, cfg)
     check_mixup(method, cfg)
+    check_adversarial(student_kind, cfg)
+    attacked = models.for_attribution(student)  # the attack runs the model in a loop (see for_attribution)
 
     def loss_fn(params, extra, batch, teacher_vars, key):
         x, y = batch["x"], batch["y"]
         if cfg.changes_inputs:
-            x = training_view(key, x, cfg)
+            frozen = {"params": jax.lax.stop_gradient(params["model"]), **extra}
+            x = training_view(key, x, cfg, labels=y, apply_fn=lambda z: attacked.apply(frozen, z))
         variables = {"params": params["model"], **extra}
         logits, feats = student.apply(variables, x, return_features=True)
         feats = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), feats)  # losses in float32 under bf16 compute
         t_out = {k: v for k, v in batch.items() if k.startswith("teacher_")}
         if t_out and cfg.changes_inputs:
-            raise ValueError("the batch holds cached teacher outputs of the stored images, but augmentation or mixup "
-                             "changes the inputs every step; pass no teacher_* entries so the teacher sees the same view")
+            raise ValueError("the batch holds cached teacher outputs of the stored images, but augmentation, mixup or "
+                             "adversarial training changes the inputs every step; pass no teacher_* entries so the teacher sees the same view")
         if needs.teacher and not t_out:
             t_out = teacher_outputs(teacher, teacher_vars, x, y, needs)
         ctx = Context(

@@ -2,7 +2,7 @@
 
 Loss-based (the student imitates the teacher's outputs):
   ``cross_entropy``, ``soft_cross_entropy``, ``kd_loss``, ``distillation_loss``,
-  ``logit_matching_loss``.
+  ``defensive_distillation_loss``, ``logit_matching_loss``.
 Model-based (the student imitates the teacher's internals, or has a readable form):
   ``hint_loss`` (FitNets), ``soft_tree_loss``, ``soft_tree_kd_loss`` and ``tree_balance_penalty``
   (soft decision trees).
@@ -32,6 +32,7 @@ __all__ = [
     "soft_cross_entropy",
     "kd_loss",
     "distillation_loss",
+    "defensive_distillation_loss",
     "logit_matching_loss",
     "hint_loss",
     "soft_tree_loss",
@@ -309,6 +310,46 @@ def distillation_loss(
         )
     ce = cross_entropy(student_logits, labels)
     return alpha * _kd(student_logits, teacher_logits, temperature) + (1.0 - alpha) * ce
+
+
+def defensive_distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature) -> jax.Array:
+    """Defensive distillation: cross entropy of the teacher's softmax at ``T`` under the student's softmax at ``T``.
+
+    Formula: ``L_b = -sum_c softmax(t_b / T)_c * log softmax(s_b / T)_c``, per example, with no
+    ``T^2`` factor (Papernot et al. train the distilled network on this objective as it is; its
+    gradient with respect to the student logits is ``(softmax(s / T) - softmax(t / T)) / T``, zero
+    exactly when ``s - t`` is constant within the example). The minimum over ``s`` is the entropy
+    ``H(softmax(t / T))``, not 0: this is a cross entropy, not ``kd_loss``'s KL.
+
+    The student is trained at temperature ``T`` and used at ``T = 1``: its logits are left as they
+    are, so they come out about ``T`` times larger than those of a network trained at ``T = 1``
+    (they had to reach the teacher's softened distribution after the division by ``T``). At
+    ``T = 1`` its softmax is then nearly one-hot and its cross-entropy gradient with respect to the
+    input nearly 0, which is why gradient attacks (FGSM, PGD) find little to follow: the defence
+    masks gradients rather than removing adversarial examples (Carlini & Wagner 2016,
+    "Defensive Distillation is Not Robust to Adversarial Examples").
+
+    Args:
+      student_logits: ``[batch, classes]`` floating.
+      teacher_logits: ``[batch, classes]`` floating (the caller stops its gradient).
+      temperature: scalar ``T > 0`` (keyword-only); Papernot et al. used ``T`` from 20 to 100.
+
+    Returns:
+      ``[batch]`` losses (>= the entropy of ``softmax(t / T)``).
+
+    Reference: Papernot, McDaniel, Wu, Jha & Swami (2016), "Distillation as a Defense to
+    Adversarial Perturbations against Deep Neural Networks", IEEE S&P, section IV.
+    """
+    fn = "defensive_distillation_loss"
+    _check_logits(fn, "student_logits", student_logits)
+    _check_logits(fn, "teacher_logits", teacher_logits)
+    _check_same_shape(
+        fn, "student_logits", student_logits, "teacher_logits", teacher_logits,
+        "[batch, classes]",
+    )
+    _check_temperature(fn, temperature)
+    soft_targets = jax.nn.softmax(teacher_logits / temperature, axis=-1)
+    return -jnp.sum(soft_targets * jax.nn.log_softmax(student_logits / temperature, axis=-1), axis=-1)
 
 
 def logit_matching_loss(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:

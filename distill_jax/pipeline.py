@@ -169,11 +169,18 @@ def training_set(needs: distill.Needs, prep: Prepared, teacher: Trained | None, 
             np.concatenate([prep.y_train, transfer_labels(teacher, prep, c, mesh)]))
 
 
-def method_config(c, *, temperature: float | None = None, alpha: float | None = None) -> distill.MethodConfig:
+ADVERSARIAL_KEYS = ("adversarial", "adversarial_epsilon", "adversarial_steps", "adversarial_step_size")
+
+
+def method_config(c, *, temperature: float | None = None, alpha: float | None = None,
+                  group=None) -> distill.MethodConfig:
     """The distillation hyper-parameters of config `c`; `temperature`/`alpha` override the config's.
 
     A setting left at `"auto"` and not overridden takes `distill.MethodConfig`'s default (it is only
     read by the `kd` term, whose students get the chosen value through `kd_settings`).
+    `group`: the budget of the model being trained (`c.teacher`, or `student_budget(kind, c)`), whose
+    `adversarial*` keys (`ADVERSARIAL_KEYS`) set adversarial training; None (or keys it lacks) leaves
+    `distill.MethodConfig`'s defaults (no adversarial training).
     """
     m = c.method
     defaults = distill.MethodConfig()
@@ -186,7 +193,15 @@ def method_config(c, *, temperature: float | None = None, alpha: float | None = 
         attention_pairs=config_lib.parse_pairs(m.attention_pairs, "method.attention_pairs"),
         hint_pairs=config_lib.parse_pairs(m.hint_pairs, "method.hint_pairs"),
         augment_shift=c.teacher.augment_shift, augment_flip=c.teacher.augment_flip, mixup=m.get("mixup", 0.0),
+        **adversarial_settings(group),
     )
+
+
+def adversarial_settings(group) -> dict:
+    """The `adversarial*` keys of a budget group that has them, as `distill.MethodConfig` fields."""
+    if group is None:
+        return {}
+    return {key: group[key] for key in ADVERSARIAL_KEYS if key in group}
 
 
 def build_model(kind: str, c, num_classes: int, pca_state) -> tuple[nn.Module, dict]:
@@ -274,9 +289,9 @@ def _teacher_cache_fits(name: str, needs: distill.Needs, mcfg: distill.MethodCon
                         x: np.ndarray, prep: Prepared, c) -> bool:
     """Whether to run the teacher once and cache its outputs, rather than inside every step.
 
-    Only when a term reads the teacher, no augmentation changes the inputs between epochs, and the
-    cache fits in `c.method.cache_limit_mb` of host memory (whole feature maps for hints can be
-    gigabytes at 60,000 images; logits and attention maps are small).
+    Only when a term reads the teacher, nothing (augmentation, mixup, adversarial examples) changes the
+    inputs between epochs, and the cache fits in `c.method.cache_limit_mb` of host memory (whole feature
+    maps for hints can be gigabytes at 60,000 images; logits and attention maps are small).
     """
     if not needs.teacher or mcfg.changes_inputs:
         return False
@@ -306,15 +321,18 @@ def _predict_program(evaluator: nn.Module, mesh) -> Callable:
 
 
 def train_teacher(prep: Prepared, c, mesh, ckpt_dir: str | None, **kw) -> Trained:
-    """Trains the teacher (`c.teacher.kind`, SeedCNN by default) on labels."""
+    """Trains the teacher (`c.teacher.kind`, SeedCNN by default) on labels; on PGD adversarial examples when
+    `c.teacher.adversarial="pgd"` (Madry et al. 2018)."""
     model, extra = build_model(c.teacher.kind, c, prep.num_classes, prep.pca)
-    mcfg = dataclasses.replace(method_config(c), mixup=0.0)  # mixup is a distillation setting: the teacher learns labels
+    # mixup is a distillation setting: the teacher learns labels
+    mcfg = dataclasses.replace(method_config(c, group=c.teacher), mixup=0.0)
     return _train("teacher", c.teacher.kind, "labels", model, extra, c.teacher, prep, mcfg, c, mesh,
                   ckpt_dir, **kw)
 
 
 def student_budget(kind: str, c):
-    """`c.student`, with any of its keys overridden by the kind's own group (e.g. `c.tree.learning_rate`)."""
+    """`c.student`, with any of its keys overridden by the kind's own group (e.g. `c.tree.learning_rate`,
+    or `c.mlp.adversarial` in a config file)."""
     budget = ml_collections.ConfigDict(c.student.to_dict())
     for key, value in c.get(kind, {}).items():
         if key in budget:
@@ -331,9 +349,10 @@ def train_student(name: str, kind: str, method: str, prep: Prepared, teacher: Tr
     """
     start = time.perf_counter()
     settings = kd_settings(name, kind, method, prep, teacher, c, mesh)
-    mcfg = method_config(c, temperature=settings.get("temperature"), alpha=settings.get("alpha"))
+    budget = student_budget(kind, c)
+    mcfg = method_config(c, temperature=settings.get("temperature"), alpha=settings.get("alpha"), group=budget)
     model, extra = build_model(kind, c, prep.num_classes, prep.pca)
-    trained = _train(name, kind, method, model, extra, student_budget(kind, c), prep, mcfg, c, mesh, ckpt_dir,
+    trained = _train(name, kind, method, model, extra, budget, prep, mcfg, c, mesh, ckpt_dir,
                      teacher=teacher, cache_teacher=c.method.cache_teacher, **kw)
     if "selection" in settings:
         settings["selection"]["seconds"] = round(time.perf_counter() - start - trained.seconds, 2)
@@ -384,8 +403,8 @@ def select_kd_settings(name: str, kind: str, method: str, prep: Prepared, teache
     def validation_logits(temperature: float, alpha: float) -> np.ndarray:
         model, extra = build_model(kind, c, prep.num_classes, prep.pca)
         candidate = _train(f"{name}@T={temperature:g},alpha={alpha:g}", kind, method, model, extra, budget, held,
-                           method_config(c, temperature=temperature, alpha=alpha), c, mesh, None, teacher=teacher,
-                           cache_teacher=m.cache_teacher, show_progress=False)
+                           method_config(c, temperature=temperature, alpha=alpha, group=budget), c, mesh, None,
+                           teacher=teacher, cache_teacher=m.cache_teacher, show_progress=False)
         return candidate.test_logits
 
     grid = tuning.candidates(m.temperature, m.alpha, m.auto_temperatures, m.auto_alphas)
@@ -532,8 +551,23 @@ def check_choices(c) -> None:
         require(c[group].schedule in train.SCHEDULES, f"{group}.schedule", c[group].schedule, train.SCHEDULES)
     for method in c.explain.methods:
         require(method in audit.ATTRIBUTION_METHODS, "explain.methods", method, audit.ATTRIBUTION_METHODS)
-    for _, _, method in config_lib.parse_students(c.students):
-        distill.check_mixup(method, method_config(c))  # a mixed image has no label: say so before training
+    students = config_lib.parse_students(c.students)
+    groups = [("teacher", c.teacher)] + [(kind, c[kind]) for kind in dict.fromkeys(k for _, k, _ in students)
+                                         if kind in c and "adversarial" in c[kind]]
+    for group, values in [("student", c.student)] + groups:
+        if "adversarial" in values:
+            require(values.adversarial in distill.ADVERSARIAL, f"{group}.adversarial", values.adversarial,
+                    distill.ADVERSARIAL)
+    distill.check_adversarial(c.teacher.kind, dataclasses.replace(method_config(c, group=c.teacher), mixup=0.0),
+                              key="teacher.adversarial")
+    for name, kind, method in students:
+        mcfg = method_config(c, group=student_budget(kind, c))
+        distill.check_mixup(method, mcfg)  # a mixed image has no label: say so before training
+        key = f"{kind}.adversarial" if "adversarial" in c.get(kind, {}) else "student.adversarial"
+        try:
+            distill.check_adversarial(kind, mcfg, key=key)
+        except ValueError as exc:
+            raise ValueError(f"student {name!r}: {exc} (or leave {name!r} out of `students`)") from None
 
 
 def model_metrics(t: Trained, teacher: Trained | None, prep: Prepared) -> dict:

@@ -39,6 +39,7 @@ def test_needs_are_the_union_of_terms():
 CASES = [
     ("cnn", "labels"), ("cnn", "kd"), ("cnn", "logits"), ("cnn", "labels+hint"), ("cnn", "kd+attention"),
     ("cnn", "labels+saliency"), ("tree", "labels"), ("tree", "kd"), ("linear", "kd"), ("mlp", "kd"),
+    ("cnn", "defensive"), ("tree", "defensive"), ("linear", "defensive"),
 ]
 
 
