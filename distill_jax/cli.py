@@ -4,6 +4,9 @@
                     [--set KEY=VALUE ...] [--coordinator HOST:PORT --num-processes N --process-id I]
     distill-jax explain [--workdir DIR]
 
+Both end by printing the report's verdict: which readable student to trust and which explanation of it
+(`report.verdict_text`).
+
 Exit statuses: 0 done; 2 a problem with the input that the user can fix (one line on stderr,
 ``distill-jax: error: ...``, and nothing already saved is changed); 130 Ctrl-C or SIGTERM (a
 checkpoint is saved first); 1 a bug in distill_jax (the traceback, then one line saying so, with
@@ -261,14 +264,24 @@ def cmd_run(args) -> int:
     from distill_jax import data, pipeline
 
     try:
-        pipeline.run(c, workdir, show_progress=False if args.no_progress else (True if args.progress else None))
+        result = pipeline.run(c, workdir,
+                              show_progress=False if args.no_progress else (True if args.progress else None))
     except (zipfile.BadZipFile, EOFError) as exc:  # numpy's reader on a truncated file, under data.load
         if not _raised_in(exc, data.__file__):
             raise
         raise UsageError(f"dataset {c.dataset!r} cannot be read ({_one_line(exc)}); is the file truncated or "
                          f"corrupt?") from None
     print(f"wrote {os.path.join(workdir, 'metrics.json')} and {os.path.join(workdir, 'report.html')}")
+    if parallel.is_main_process():
+        print_verdict(result)
     return 0
+
+
+def print_verdict(result: dict) -> None:
+    """Prints the report's verdict (which readable student to trust, which explanation of it) after a blank line."""
+    from distill_jax import report
+
+    print(f"\n{report.verdict_text(report.verdict(result))}")
 
 
 def check_finished_run(workdir: str) -> str:
@@ -296,8 +309,9 @@ def cmd_explain(args) -> int:
 
     workdir = check_workdir(check_finished_run(args.workdir))
     setup_compilation_cache(args)
-    pipeline.explain_from_checkpoints(workdir)
+    result = pipeline.explain_from_checkpoints(workdir)
     print(f"rewrote {os.path.join(workdir, 'metrics.json')} and {os.path.join(workdir, 'report.html')}")
+    print_verdict(result)
     return 0
 
 

@@ -1,7 +1,12 @@
-"""Figures (matplotlib, PNG) and the HTML report of a run, plus the terminal summary table."""
+"""Figures (matplotlib, PNG) and the HTML report of a run, its verdict, plus the terminal summary table.
+
+The report opens with a verdict (`verdict`, `verdict_text`): the most faithful readable student and the
+explanation method to trust for it, each with the rule that chose it and the numbers behind it.
+"""
 from __future__ import annotations
 
 import html
+import math
 import os
 from typing import Sequence
 
@@ -14,36 +19,75 @@ import numpy as np  # noqa: E402
 FIG_DIR = "figures"
 
 
-def _to_image(x: np.ndarray) -> np.ndarray:
-    """[h, w, c] -> something imshow draws: grayscale [h, w] or RGB scaled to [0, 1]."""
-    if x.shape[-1] == 1:
-        return x[..., 0]
-    lo, hi = x.min(), x.max()
-    return (x - lo) / (hi - lo + 1e-12)
-
-
 def _heat(a: np.ndarray) -> np.ndarray:
     """Attribution [h, w, c] -> [h, w] magnitude normalised to [0, 1] per image."""
     m = np.abs(a).sum(-1)
-    return m / (m.max() + 1e-12)
+    top = m.max()
+    return m / top if top > 0 else np.zeros_like(m)
+
+
+def _gray(x: np.ndarray) -> np.ndarray:
+    """Image [h, w, c] -> grey [h, w] in [0, 1]: the channel mean, min-max scaled per image (constant -> 0)."""
+    g = np.asarray(x, np.float64).mean(-1)
+    lo, hi = g.min(), g.max()
+    return (g - lo) / (hi - lo) if hi > lo else np.zeros_like(g)
+
+
+def overlay(image: np.ndarray, attribution: np.ndarray, *, alpha: float = 0.7, cmap: str = "inferno") -> np.ndarray:
+    """An attribution map laid over its image: grey image, colour layer whose opacity grows with |attribution|.
+
+    out = (1 - a) * gray + a * colour, per pixel, with heat = sum_c |attribution| / max (in [0, 1]),
+    a = alpha * heat, colour = cmap(heat)[:3] and gray = `_gray(image)` repeated over RGB, so pixels the
+    map ignores show the plain image and the most attributed ones `alpha` of the colour.
+
+    Args:
+      image: [h, w, c] one image (any scale). attribution: [h, w, c'] its map.
+      alpha: opacity of the colour layer where the map is largest, in [0, 1].
+      cmap: a matplotlib colormap name.
+    Returns:
+      [h, w, 3] RGB in [0, 1].
+    """
+    if image.shape[:2] != attribution.shape[:2]:
+        raise ValueError(f"overlay: image {image.shape} and attribution {attribution.shape} differ in height/width")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"overlay: alpha must be in [0, 1], got {alpha}")
+    heat = _heat(np.asarray(attribution, np.float64))
+    colour = plt.get_cmap(cmap)(heat)[..., :3]
+    a = (alpha * heat)[..., None]
+    return (1.0 - a) * _gray(image)[..., None] + a * colour
+
+
+def one_per_class(labels: Sequence[int], *, limit: int | None = None) -> np.ndarray:
+    """Indices of the first example of each class in `labels`, in increasing class order (at most `limit` classes).
+
+    The explained sample is class-stratified (`pipeline.test_sample`), so it holds one example per class
+    before any repeats; this drops the repeats, and keeps every image when the sample is smaller than the
+    number of classes.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    classes, first = np.unique(labels, return_index=True)
+    return first[:limit].astype(np.int64) if limit is not None else first.astype(np.int64)
+
+
+MAX_EXAMPLES = 10  # rows of an attribution figure: one test image per class, at most this many classes
 
 
 def attribution_grid(path: str, images: np.ndarray, maps: dict[str, np.ndarray], labels: Sequence[str],
-                     title: str) -> str:
-    """Rows: images; columns: input | one map per model. Saves a PNG and returns its path."""
+                     title: str, *, alpha: float = 0.7) -> str:
+    """Rows: images; columns: the input in grey, then each model's map laid over it (`overlay`). Saves a PNG."""
     names = list(maps)
     rows, cols = len(images), 1 + len(names)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows + 0.6), squeeze=False)
     for i in range(rows):
-        axes[i, 0].imshow(_to_image(images[i]), cmap="gray")
+        axes[i, 0].imshow(_gray(images[i]), cmap="gray", vmin=0, vmax=1)
         axes[i, 0].set_ylabel(labels[i], fontsize=8)
         for j, name in enumerate(names, start=1):
-            axes[i, j].imshow(_heat(maps[name][i]), cmap="inferno", vmin=0, vmax=1)
+            axes[i, j].imshow(overlay(images[i], maps[name][i], alpha=alpha))
     for j, name in enumerate(["input", *names]):
-        axes[0, j].set_title(name, fontsize=8)
+        axes[0, j].set_title(name, fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -138,10 +182,14 @@ def soft_tree(path: str, name: str, filters: np.ndarray, leaf_probs: np.ndarray,
 
 
 def heatmap(path: str, panels: dict[str, tuple[list[str], list[str], np.ndarray]], title: str,
-            *, vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis") -> str:
-    """One annotated heat map per panel: (row labels, column labels, matrix)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
-    for ax, (name, (rows, cols, m)) in zip(axes[0], panels.items()):
+            *, vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis", per_row: int = 4) -> str:
+    """One annotated heat map per panel: (row labels, column labels, matrix), at most `per_row` panels a row."""
+    n_cols = min(per_row, len(panels))
+    n_rows = -(-len(panels) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.6 * n_cols, 3.4 * n_rows), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (name, (rows, cols, m)) in zip(axes.flat, panels.items()):
         m = np.asarray(m)
         im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_yticks(range(len(rows)), rows, fontsize=7), ax.set_xticks(range(len(cols)), cols, fontsize=7, rotation=90)
@@ -149,9 +197,9 @@ def heatmap(path: str, panels: dict[str, tuple[list[str], list[str], np.ndarray]
             for (i, j), v in np.ndenumerate(m):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
         ax.set_title(name, fontsize=8)
-    fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
+    fig.colorbar(im, ax=list(axes.flat), shrink=0.8)
     fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # a title wider than one panel stays whole
     plt.close(fig)
     return path
 
@@ -180,18 +228,23 @@ def method_ranking(path: str, ranking: dict[str, dict]) -> str:
 
 def perturbation_curves(path: str, curves: dict[str, dict], methods: Sequence[str]) -> str:
     """Mean deletion and insertion curves (probability of the true class) per model, for each method."""
-    fig, axes = plt.subplots(2, len(methods), figsize=(3.6 * len(methods), 6), squeeze=False)
+    fig, axes = plt.subplots(2, len(methods), figsize=(3.6 * len(methods), 6.4), squeeze=False)
+    colour = {name: f"C{i % 10}" for i, name in enumerate(curves)}  # one colour per model in every panel
     for j, method in enumerate(methods):
         for i, kind in enumerate(("deletion", "insertion")):
             ax = axes[i, j]
             for name, per_method in curves.items():
                 if method in per_method:
                     c = per_method[method][kind]
-                    ax.plot(np.linspace(0, 1, len(c)), c, label=name)
+                    ax.plot(np.linspace(0, 1, len(c)), c, label=name, color=colour[name])
             ax.set(title=f"{kind}: {method}", xlabel=f"fraction of pixels {'removed' if i == 0 else 'inserted'}",
                    ylabel="p(true class)", ylim=(0, 1.02))
-    axes[0, -1].legend(fontsize=6)
-    return _save(fig, path)
+    handles = [plt.Line2D([], [], color=colour[name], label=name) for name in curves]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.025 * ((len(handles) - 1) // 5), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def randomization_plot(path: str, results: dict[str, list]) -> str:
@@ -206,24 +259,400 @@ def randomization_plot(path: str, results: dict[str, list]) -> str:
     return _save(fig, path)
 
 
+# --------------------------------------------------------------------------- figures read from metrics alone
+
+KIND_COLOURS = {"tree": "#1b9e77", "linear": "#7570b3", "mlp": "#e6ab02", "cnn": "#d95f02"}
+
+
+def _spread_labels(ys: Sequence[float], gap: float) -> list[float]:
+    """Label heights at least `gap` apart, each as close to its point's height as the gap allows (bottom-up)."""
+    order = np.argsort(ys, kind="stable")
+    out = np.asarray(ys, float).copy()
+    for a, b in zip(order[:-1], order[1:]):
+        out[b] = max(out[b], out[a] + gap)
+    return list(out)
+
+
+def readability_fidelity(path: str, result: dict) -> str:
+    """Readability against fidelity: one labelled point per student (`rank_students`), coloured by kind.
+
+    x: parameters, log scale (fewer: easier to read; trees also show their depth in the label);
+    y: agreement with the teacher (left panel) and KL(teacher || student) (right panel). The teacher is a
+    star at agreement 1 and KL 0. Saves a PNG and returns its path.
+    """
+    points = [s for s in rank_students(result) if _finite(s.get("params")) and s["params"] > 0]
+    teacher = result.get("models", {}).get("teacher", {})
+    panels = (("agreement", "agreement with the teacher (higher: more faithful)", 1.0),
+              ("kl", "KL(teacher || student) (lower: more faithful)", 0.0))
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    for ax, (key, ylabel, teacher_value) in zip(axes, panels):
+        pts = [p for p in points if _finite(p.get(key))]
+        for kind in dict.fromkeys(p["kind"] for p in pts):
+            mine = [p for p in pts if p["kind"] == kind]
+            ax.scatter([p["params"] for p in mine], [p[key] for p in mine], s=36, zorder=3,
+                       color=KIND_COLOURS.get(kind, "#666"), label=KIND_NAMES.get(kind, kind))
+        if _finite(teacher.get("params")):
+            ax.scatter([teacher["params"]], [teacher_value], marker="*", s=90, color="#444", zorder=3, label="teacher")
+            ax.annotate("teacher", (teacher["params"], teacher_value), xytext=(-6, 6), textcoords="offset points",
+                        fontsize=7, ha="right")
+        values = [p[key] for p in pts] + [teacher_value]
+        lo, hi = min(values), max(values)
+        span = max(hi - lo, 1e-6)
+        ax.set_ylim(lo - 0.08 * span, hi + 0.12 * span)
+        sizes = sorted({p["params"] for p in pts})
+        for g, x in enumerate(sizes):  # labels of students of one size kept apart; the smallest size's on the left
+            same = [p for p in pts if p["params"] == x]
+            left = g == 0 and len(sizes) > 1
+            for p, y in zip(same, _spread_labels([p[key] for p in same], 0.07 * span)):
+                depth = f" (depth {p['depth']})" if "depth" in p else ""
+                ax.annotate(p["name"] + depth, (x, p[key]), xytext=(x / 1.3 if left else x * 1.3, y), fontsize=7,
+                            va="center", ha="right" if left else "left",
+                            arrowprops=dict(arrowstyle="-", color="#999", lw=0.6) if y != p[key] else None)
+        ax.set_xscale("log")
+        xs = [p["params"] for p in pts] + ([teacher["params"]] if _finite(teacher.get("params")) else [])
+        if xs:
+            ax.set_xlim(min(xs) / (40 if len(sizes) > 1 else 2), max(xs) * 6)
+        ax.set(xlabel="parameters (log scale; fewer: easier to read)", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    if not points:
+        axes[0].text(0.5, 0.5, "no student with agreement and parameters", ha="center", transform=axes[0].transAxes)
+    fig.suptitle("readability against fidelity to the teacher", fontsize=9)
+    return _save(fig, path)
+
+
+def faithfulness_matrix(result: dict, metric: str = "deletion_auc") -> tuple[list[str], list[str], np.ndarray]:
+    """Models (rows) x attribution methods (columns) matrix of one faithfulness score; NaN where not computed.
+
+    Rows follow `result["explanations"]`, columns the methods in order of first appearance.
+    """
+    per_model = {name: {m: s for m, s in per.items() if isinstance(s, dict)}
+                 for name, per in result.get("explanations", {}).items()}
+    models_ = [name for name, per in per_model.items() if per]
+    methods = list(dict.fromkeys(m for name in models_ for m in per_model[name]))
+    m = np.full((len(models_), len(methods)), np.nan)
+    for i, name in enumerate(models_):
+        for j, method in enumerate(methods):
+            v = per_model[name].get(method, {}).get(metric)
+            if _finite(v):
+                m[i, j] = float(v)
+    return models_, methods, m
+
+
+def faithfulness_heatmap(path: str, result: dict, scores: Sequence[str] = ("deletion_auc", "insertion_auc")) -> str:
+    """One heat map per score in `scores` (rows: models, columns: methods, `faithfulness_matrix`), stacked.
+
+    Each cell shows its value; colours run so that brighter is better (reversed for deletion AUC, where
+    lower is better); methods a model lacks are grey "n/a". Saves a PNG and returns its path.
+    """
+    better = {"deletion_auc": "lower", "insertion_auc": "higher", "spearman_vs_teacher": "higher",
+              "top10_overlap_vs_teacher": "higher"}
+    rows, cols, _ = faithfulness_matrix(result, scores[0])
+    fig, axes = plt.subplots(len(scores), 1, figsize=(2.4 + 0.95 * max(len(cols), 1),
+                                                         0.9 + len(scores) * (0.9 + 0.32 * max(len(rows), 1))),
+                             squeeze=False)
+    for ax, metric in zip(axes[:, 0], scores):
+        rows, cols, m = faithfulness_matrix(result, metric)
+        if not m.size:
+            ax.text(0.5, 0.5, f"no {metric} in this run", ha="center", va="center", transform=ax.transAxes)
+            ax.axis("off")
+            continue
+        lower = better.get(metric) == "lower"
+        cmap = plt.get_cmap("viridis_r" if lower else "viridis").with_extremes(bad="#e8e8e8")
+        finite = m[np.isfinite(m)]
+        lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+        im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1e-6, aspect="auto")
+        ax.set_yticks(range(len(rows)), rows, fontsize=7)
+        ax.set_xticks(range(len(cols)), cols, fontsize=7, rotation=30, ha="right")
+        for (i, j), v in np.ndenumerate(m):
+            if np.isfinite(v):
+                bright = (hi - v if lower else v - lo) > 0.6 * (hi - lo)
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=6.5, color="k" if bright else "w")
+            else:
+                ax.text(j, i, "n/a", ha="center", va="center", fontsize=6, color="#777")
+        ax.set_title(f"{metric} ({better.get(metric, '?')} is better)", fontsize=8)
+        bar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+        bar.ax.tick_params(labelsize=6)
+    return _save(fig, path)
+
+
+def summary_figures(workdir: str, result: dict) -> dict[str, str]:
+    """The figures drawn from metrics alone (readability against fidelity, faithfulness heat map); title -> path."""
+    out_dir = os.path.join(workdir, FIG_DIR)
+    os.makedirs(out_dir, exist_ok=True)
+    figures = {}
+    if rank_students(result):
+        figures[READABILITY_TITLE] = os.path.relpath(
+            readability_fidelity(os.path.join(out_dir, "readability.png"), result), workdir)
+    if faithfulness_matrix(result)[2].size:
+        figures[FAITHFULNESS_TITLE] = os.path.relpath(
+            faithfulness_heatmap(os.path.join(out_dir, "faithfulness.png"), result), workdir)
+    return figures
+
+
+READABILITY_TITLE = "Readability against fidelity"
+FAITHFULNESS_TITLE = "Faithfulness of each explanation"
+RANKING_TITLE = "Explanation methods ranked per model"
+
+FIGURE_CAPTIONS = {
+    READABILITY_TITLE: "Each point is a student: further left means fewer parameters (easier to read); higher in "
+                       "the left panel and lower in the right one means closer to the teacher (the star).",
+    FAITHFULNESS_TITLE: "Rows are models, columns attribution methods, each cell the mean score over the explained "
+                        "images: brighter is better in both panels (deletion AUC: lower; insertion AUC: higher); "
+                        "n/a: the method does not apply to that model.",
+    RANKING_TITLE: "Mean rank of each method (columns) for each model (rows) over the six quality metrics: "
+                   "1 = best; read along a row to choose a method for that model.",
+    "Deletion and insertion curves": "Probability of the true class as the most-attributed pixels are removed (top: "
+                                     "a faster drop is better) or inserted into a blurred image (bottom: a faster "
+                                     "rise is better); one line per model.",
+    "Sanity check: parameter randomisation": "Rank correlation of the teacher's maps with those of the same network "
+                                             "as its layers are randomised from the output down: a method that reads "
+                                             "the learned weights falls towards 0.",
+    "CKA: teacher layers (rows) vs student layers": "Linear CKA (0 to 1) between each teacher layer (rows) and each "
+                                                    "student layer (columns) on test images: bright cells are "
+                                                    "layers that represent the images alike.",
+    "Training curves": "Training loss (left, log scale) and test accuracy (right) per epoch for every model; a curve "
+                       "still moving at the last epoch would gain from more epochs.",
+    "PCA components (inputs of the linear student)": "The principal components the linear students read, as "
+                                                     "images: red pixels raise a component's value, blue lower it.",
+    "Linear students: class templates in pixel space": "Each linear student's weights for each class (columns) "
+                                                       "mapped back to pixels: red pixels raise that class's logit, "
+                                                       "blue lower it.",
+}
+
+
+# (prefix, suffix, caption) for titles that carry a method or model name; the first match wins
+CAPTION_PATTERNS = (
+    ("Attributions: ", "", "Rows: one test image per class (its label on the left); columns: the image in grey, then "
+                           "each model's map for the true class laid over it: the brighter and more opaque the "
+                           "colour, the larger |attribution|."),
+    ("Soft tree ", ": leaf usage per class", "Fraction of each class's test images (rows) that end in each leaf "
+                                             "(columns) on the greedy path: one dark cell per row means the tree "
+                                             "gives that class a leaf of its own."),
+    ("Soft tree ", "", "Top: each inner node's filter (red pixels send an image to the right child); bottom: each "
+                       "leaf's class distribution, titled with its most likely class."),
+)
+
+
+def figure_caption(title: str) -> str:
+    """One line saying how to read the figure `title` (as `write_figures` / `summary_figures` name it); "" if unknown."""
+    if title in FIGURE_CAPTIONS:
+        return FIGURE_CAPTIONS[title]
+    return next((c for pre, suf, c in CAPTION_PATTERNS if title.startswith(pre) and title.endswith(suf)), "")
+
+
+# --------------------------------------------------------------------------- verdict: which student, which explanation
+
+READABLE_KINDS = ("tree", "linear")  # students one reads directly: a soft tree's filters and leaves, linear templates
+KIND_NAMES = {"tree": "soft decision tree", "linear": "linear model over PCA", "mlp": "MLP", "cnn": "small CNN"}
+SANITY_RHO_MAX = 0.5
+STUDENT_RULE = ("among the soft-tree and linear students, the highest agreement with the teacher's top-1 class on the "
+                "test set wins; equal agreement goes to the lower KL(teacher || student)")
+METHOD_RULE = ("the lowest mean rank (1 = best) over the explanation-quality metrics of the method ranking, among "
+               "methods that do not fail the randomisation sanity check on the teacher (Spearman rho of the maps "
+               "after every layer is randomised below {rho_max:g}); equal mean rank goes to the lower deletion AUC")
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def student_kind(name: str) -> str:
+    """A student's kind from its name, as `config.parse_students` reads it: "tree-kd" -> "tree"."""
+    return name.partition("-")[0]
+
+
+def rank_students(result: dict) -> list[dict]:
+    """Every model with an agreement score (the students), most faithful first: agreement down, then KL up, then name.
+
+    Returns [{name, kind, readable, agreement, kl, accuracy, params[, depth]}] (depth for trees, from the config).
+    """
+    depth = (result.get("config") or {}).get("tree", {}).get("depth")
+    out = []
+    for name, m in result.get("models", {}).items():
+        if not _finite(m.get("agreement")):
+            continue
+        kind = student_kind(name)
+        s = {"name": name, "kind": kind, "readable": kind in READABLE_KINDS, "agreement": float(m["agreement"]),
+             "kl": float(m["kl"]) if _finite(m.get("kl")) else None,
+             "accuracy": float(m["accuracy"]) if _finite(m.get("accuracy")) else None,
+             "params": int(m["params"]) if _finite(m.get("params")) else None}
+        if kind == "tree" and depth is not None:
+            s["depth"] = int(depth)
+        out.append(s)
+    return sorted(out, key=lambda s: (-s["agreement"], s["kl"] if s["kl"] is not None else math.inf, s["name"]))
+
+
+def sanity_results(result: dict, *, rho_max: float = SANITY_RHO_MAX) -> dict[str, dict]:
+    """method -> {layer, rho, passed} from the teacher's cascading randomisation check, after its last layer.
+
+    passed: |rho| < rho_max, i.e. the maps of a fully randomised network no longer look like the trained
+    network's (Adebayo et al. 2018). Methods the check did not cover are absent.
+    """
+    out = {}
+    for method, steps in ((result.get("analysis") or {}).get("randomization") or {}).items():
+        if steps and _finite(steps[-1][1]):
+            rho = float(steps[-1][1])
+            out[method] = {"layer": str(steps[-1][0]), "rho": rho, "passed": abs(rho) < rho_max}
+    return out
+
+
+def choose_method(result: dict, model: str, *, rho_max: float = SANITY_RHO_MAX) -> dict | None:
+    """The attribution method to trust for `model` by `METHOD_RULE`, with its numbers; None without a ranking.
+
+    Returns {name, model, mean_rank, metrics, best_on, scores, sanity, failed_sanity, all_failed_sanity,
+    checked, runner_up}: `metrics` the ranked metric names, `best_on` how many of them rank it first,
+    `scores` its faithfulness and quality values, `sanity` its randomisation result (None if not checked),
+    `failed_sanity` method -> rho of those set aside, `checked` the methods the sanity check covered,
+    `runner_up` {name, mean_rank, deletion_auc} of the next method. When every ranked method fails the
+    check, the best of them is named and `all_failed_sanity` is True.
+    """
+    ranking = {m: r for m, r in ((result.get("explanation_ranking") or {}).get(model) or {}).items()
+               if _finite(r.get("mean_rank"))}
+    if not ranking:
+        return None
+    scores = (result.get("explanations") or {}).get(model) or {}
+    sanity = sanity_results(result, rho_max=rho_max)
+    failed = {m: sanity[m]["rho"] for m in ranking if m in sanity and not sanity[m]["passed"]}
+    candidates = [m for m in ranking if m not in failed] or list(ranking)
+
+    def deletion(m):
+        d = (scores.get(m) or {}).get("deletion_auc")
+        return float(d) if _finite(d) else None
+
+    order = sorted(candidates, key=lambda m: (ranking[m]["mean_rank"], deletion(m) is None, deletion(m) or 0.0, m))
+    best = order[0]
+    ranks = ranking[best].get("ranks", {})
+    values = scores.get(best) or {}
+    return {"name": best, "model": model, "mean_rank": float(ranking[best]["mean_rank"]), "metrics": list(ranks),
+            "best_on": int(sum(r == 1 for r in ranks.values())),
+            "scores": {k: float(values[k]) for k in (*FAITHFULNESS_KEYS, *QUALITY_KEYS) if _finite(values.get(k))},
+            "sanity": sanity.get(best), "failed_sanity": failed, "all_failed_sanity": len(failed) == len(ranking),
+            "checked": sorted(sanity), "runner_up": None if len(order) < 2 else {
+                "name": order[1], "mean_rank": float(ranking[order[1]]["mean_rank"]),
+                "deletion_auc": deletion(order[1])}}
+
+
+def verdict(result: dict, *, rho_max: float = SANITY_RHO_MAX) -> dict:
+    """Which readable student to trust and which explanation of it, with the numbers behind both (JSON-ready).
+
+    Student rule (`STUDENT_RULE`): among the tree and linear students, the highest agreement with the
+    teacher, ties by the lower KL; without such a student, the most faithful of the others (readable: False).
+    Method rule (`METHOD_RULE`, `choose_method`) for the chosen student, or for the teacher when there is
+    no student. Missing pieces give None and a note, never an error.
+
+    Returns:
+      {rules: {student, method}, student, runner_up, least_readable, teacher_accuracy, method, notes}:
+      student / runner_up / least_readable as `rank_students` entries (least_readable: the most faithful
+      cnn or mlp student, for comparison), method as `choose_method` returns it.
+    """
+    ranked = rank_students(result)
+    readable = [s for s in ranked if s["readable"]]
+    others = [s for s in ranked if not s["readable"]]
+    student = (readable or others or [None])[0]
+    pool = readable if readable else others
+    notes = []
+    if student is None:
+        notes.append("no student with an agreement score")
+    elif not readable:
+        notes.append("no tree or linear student in this run")
+    model = student["name"] if student else ("teacher" if "teacher" in (result.get("models") or {}) else None)
+    method = choose_method(result, model, rho_max=rho_max) if model else None
+    if method is None:
+        notes.append(f"no explanation ranking for {model}" if model else "no model to explain")
+    teacher_acc = (result.get("models") or {}).get("teacher", {}).get("accuracy")
+    return {"rules": {"student": STUDENT_RULE, "method": METHOD_RULE.format(rho_max=rho_max)},
+            "student": student, "runner_up": pool[1] if len(pool) > 1 else None,
+            "least_readable": others[0] if readable and others else None,
+            "teacher_accuracy": float(teacher_acc) if _finite(teacher_acc) else None,
+            "explained_model": model, "method": method, "notes": notes}
+
+
+def _num(v, fmt: str = ".4f") -> str:
+    return format(v, fmt) if _finite(v) else "n/a"
+
+
+def _describe(s: dict) -> str:
+    """`tree-kd (soft decision tree, depth 3, 536 parameters)`."""
+    parts = [KIND_NAMES.get(s["kind"], s["kind"])]
+    if "depth" in s:
+        parts.append(f"depth {s['depth']}")
+    if s.get("params") is not None:
+        parts.append(f"{s['params']:,} parameters")
+    return f"{s['name']} ({', '.join(parts)})"
+
+
+def verdict_text(v: dict) -> str:
+    """The verdict as two plain-text paragraphs (student, then explanation method), each stating its rule."""
+    s = v.get("student")
+    if s is None:
+        first = ("Student: none to recommend: no student in this run has an agreement score with the teacher "
+                 "(name some in `students`, e.g. students=tree-kd,linear-kd).")
+    else:
+        teacher = f"; teacher accuracy {_num(v['teacher_accuracy'])}" if v.get("teacher_accuracy") is not None else ""
+        head = ("Most faithful readable student" if s["readable"] else
+                "No tree or linear student in this run; the most faithful student")
+        first = (f"{head}: {_describe(s)}. It agrees with the teacher's top-1 class on {s['agreement']:.1%} of test "
+                 f"images (agreement {_num(s['agreement'])}, KL {_num(s['kl'])}, accuracy {_num(s['accuracy'])}"
+                 f"{teacher}).")
+        if v.get("runner_up"):
+            r = v["runner_up"]
+            first += f" Next: {r['name']} (agreement {_num(r['agreement'])}, KL {_num(r['kl'])})."
+        if v.get("least_readable"):
+            c = v["least_readable"]
+            first += (f" For comparison, the most faithful less readable student, {_describe(c)}, agrees on "
+                      f"{c['agreement']:.1%} (KL {_num(c['kl'])}).")
+        first += f" Rule: {v['rules']['student']}."
+    m = v.get("method")
+    if m is None:
+        model = v.get("explained_model")
+        second = (f"Explanation: none to recommend: this run has no explanation-method ranking for {model} (the "
+                  f"explanation stage did not score its attribution methods)." if model else
+                  "Explanation: none to recommend: there is no model to explain.")
+        return f"{first}\n\n{second}"
+    sc = m["scores"]
+    second = (f"Explanation to trust for {m['model']}: {m['name']}, mean rank {m['mean_rank']:.2f} over "
+              f"{len(m['metrics'])} quality metrics (first on {m['best_on']} of {len(m['metrics'])}); deletion AUC "
+              f"{_num(sc.get('deletion_auc'))} (lower is better), insertion AUC {_num(sc.get('insertion_auc'))} "
+              f"(higher is better), faithfulness correlation {_num(sc.get('faithfulness_correlation'))}.")
+    if m["sanity"] is not None:
+        second += (f" Sanity check on the teacher: after every layer is randomised its maps correlate with the "
+                   f"trained ones at rho {m['sanity']['rho']:.2f} "
+                   f"({'passed' if m['sanity']['passed'] else 'failed'}).")
+    else:
+        covered = f" (it ran for {', '.join(m['checked'])})" if m["checked"] else ""
+        second += f" The randomisation sanity check did not cover it{covered}."
+    if m["failed_sanity"]:
+        failed = ", ".join(f"{k} (rho {r:.2f})" for k, r in m["failed_sanity"].items())
+        second += (f" Every ranked method failed the sanity check ({failed}): trust none of them fully."
+                   if m["all_failed_sanity"] else f" Set aside for failing the sanity check: {failed}.")
+    if m["runner_up"]:
+        r = m["runner_up"]
+        second += (f" Next: {r['name']} (mean rank {r['mean_rank']:.2f}, deletion AUC {_num(r['deletion_auc'])}).")
+    second += f" Rule: {v['rules']['method']}."
+    return f"{first}\n\n{second}"
+
+
 def write_figures(workdir: str, prep, trained, found) -> dict[str, str]:
     """Writes every figure of a run under `workdir/figures/`; returns title -> path relative to workdir."""
     out_dir = os.path.join(workdir, FIG_DIR)
     os.makedirs(out_dir, exist_ok=True)
     rel = lambda p: os.path.relpath(p, workdir)
-    labels = [f"label {prep.class_names[y]}" for y in found.labels]
+    shown = one_per_class(found.labels, limit=MAX_EXAMPLES)
+    labels = [f"label {prep.class_names[y]}" for y in np.asarray(found.labels)[shown]]
+    images = np.asarray(found.images)[shown]
     figures = {}
     methods = list(dict.fromkeys(m for per_model in found.maps.values() for m in per_model))
     for method in methods:
-        maps = {name: per[method] for name, per in found.maps.items() if method in per}
+        maps = {name: np.asarray(per[method])[shown] for name, per in found.maps.items() if method in per}
         path = os.path.join(out_dir, f"{method}.png")
-        attribution_grid(path, found.images, maps, labels, f"{method}: |attribution| per model (true class)")
+        attribution_grid(path, images, maps, labels, f"{method}: |attribution| of the true class over the image")
         figures[f"Attributions: {method}"] = rel(path)
     curve_methods = [m for m in ("saliency", "integrated_gradients", "grad_cam") if m in methods]
     figures["Deletion and insertion curves"] = rel(perturbation_curves(
         os.path.join(out_dir, "deletion_insertion.png"), found.curves, curve_methods))
     if found.ranking:
-        figures["Explanation methods ranked per model"] = rel(method_ranking(
+        figures[RANKING_TITLE] = rel(method_ranking(
             os.path.join(out_dir, "method_ranking.png"), found.ranking))
     figures["Sanity check: parameter randomisation"] = rel(randomization_plot(
         os.path.join(out_dir, "randomization.png"), found.analysis["randomization"]))
@@ -316,7 +745,7 @@ QUALITY_KEYS = ("faithfulness_correlation", "infidelity", "sparseness", "complex
 def explanation_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """Faithfulness table: one row per (model, attribution method)."""
     rows = []
-    for name, per in result["explanations"].items():
+    for name, per in result.get("explanations", {}).items():
         for method, scores in per.items():
             if isinstance(scores, dict):
                 rows.append([name, method, *(_fmt(scores.get(k)) for k in FAITHFULNESS_KEYS)])
@@ -335,22 +764,63 @@ def quality_rows(result: dict) -> tuple[list[str], list[list[str]]]:
 
 def sensitivity_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     keys = ("ig_completeness_error", "saliency_max_sensitivity")
-    rows = [[name, *(_fmt(per.get(k)) for k in keys)] for name, per in result["explanations"].items()]
+    rows = [[name, *(_fmt(per.get(k)) for k in keys)] for name, per in result.get("explanations", {}).items()]
     return ["model", *keys], rows
 
 
-CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
-td:first-child,th:first-child{text-align:left}th{background:#f0f0f0}img{max-width:100%;border:1px solid #eee}
-figure{margin:1.5em 0}figcaption{font-weight:600;margin-bottom:.4em}.note{color:#555;font-size:14px}"""
+CSS = """*{box-sizing:border-box}
+body{font-family:system-ui,sans-serif;margin:0 auto;padding:1em 1.5em;max-width:1200px;color:#222;line-height:1.45}
+h1{font-size:1.6em;overflow-wrap:anywhere}.scroll{overflow-x:auto;margin:1em 0}
+table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap}
+td:first-child,th:first-child{text-align:left}th{background:#f0f0f0}img{max-width:100%;height:auto;border:1px solid #eee}
+figure{margin:1.5em 0}figcaption{margin-bottom:.4em}figcaption b{display:block}
+.note{color:#555;font-size:14px;overflow-wrap:anywhere}
+.verdict{background:#f3f8f5;border-left:4px solid #1b9e77;padding:.4em 1em;margin:1em 0}
+.verdict .rule{color:#555;font-size:.9em}details{margin:1em 0}summary{cursor:pointer;font-weight:600}
+@media (max-width:600px){body{padding:.5em .7em}h1{font-size:1.3em}h2{font-size:1.2em}table{font-size:12px}
+.verdict{padding:.2em .7em}}"""
+
+
+def _figure_html(title: str, path: str) -> str:
+    """A figure with its title and its one-line caption (how to read it) above the image (a link to full size)."""
+    caption = figure_caption(title)
+    line = f'<br><span class="note">{html.escape(caption)}</span>' if caption else ""
+    src = html.escape(path)
+    return (f'<figure><figcaption><b>{html.escape(title)}</b>{line}</figcaption>'
+            f'<a href="{src}"><img src="{src}" alt="{html.escape(title)}"></a></figure>')
+
+
+def _scroll(table: str) -> str:
+    return f'<div class="scroll">{table}</div>'
+
+
+def verdict_html(v: dict) -> str:
+    """The verdict section: `verdict_text` as paragraphs in a box (lead in bold, the rule in small print)."""
+    paragraphs = []
+    for p in verdict_text(v).split("\n\n"):
+        text, _, rule = p.partition(" Rule: ")
+        lead, _, rest = text.partition(": ")
+        rule_html = f' <span class="rule">Rule: {html.escape(rule)}</span>' if rule else ""
+        paragraphs.append(f"<p><strong>{html.escape(lead)}:</strong> {html.escape(rest)}{rule_html}</p>")
+    paragraphs = "".join(paragraphs)
+    return f'<section class="verdict" id="verdict"><h2>Verdict: which student, which explanation</h2>{paragraphs}</section>'
 
 
 def write_html(workdir: str, result: dict, figures: dict[str, str]) -> str:
-    """Writes `workdir/report.html`: the model and explanation tables and every figure. Returns its path."""
-    model_table = _html_table(*model_rows(result))
-    expl_table = _html_table(*explanation_rows(result))
-    sens_table = _html_table(*sensitivity_rows(result))
-    quality_table = _html_table(*quality_rows(result))
+    """Writes `workdir/report.html`: the verdict, the summary figures, the tables (long ones folded), every figure.
+
+    The figures drawn from metrics alone (`summary_figures`) are drawn here when `figures` lacks them.
+    Returns the path of the page.
+    """
+    if not {READABILITY_TITLE, FAITHFULNESS_TITLE} & set(figures):
+        figures = {**summary_figures(workdir, result), **figures}
+    figures = dict(figures)
+    placed = {t: _figure_html(t, figures.pop(t)) if t in figures else ""
+              for t in (READABILITY_TITLE, FAITHFULNESS_TITLE, RANKING_TITLE)}
+    model_table = _scroll(_html_table(*model_rows(result)))
+    expl_header, expl = explanation_rows(result)
+    sens_table = _scroll(_html_table(*sensitivity_rows(result)))
+    quality_header, quality = quality_rows(result)
     selection_header, selection = selection_rows(result)
     n_val = max((m["selection"]["validation_images"] for m in result["models"].values() if m.get("selection")),
                 default=0)
@@ -359,15 +829,18 @@ def write_html(workdir: str, result: dict, figures: dict[str, str]) -> str:
 the training images minus a class-stratified validation split ({n_val} images), then retrained on every training image with the
 chosen values; the test set played no part. T, alpha in the table above are the values each student was trained with
 (Hinton KD: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross entropy).</p>
-{_html_table(selection_header, selection)}"""
-    figs = "".join(f'<figure><figcaption>{html.escape(t)}</figcaption><img src="{html.escape(p)}" alt="{html.escape(t)}">'
-                   f"</figure>" for t, p in figures.items())
+{_scroll(_html_table(selection_header, selection))}"""
+    figs = "".join(_figure_html(t, p) for t, p in figures.items())
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in result["timing_s"].items())
     v = result["versions"]
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>distill_jax report: {html.escape(result['dataset'])}</title>
+    page = f"""<!doctype html><html><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>distill_jax report: {html.escape(result['dataset'])}</title>
 <style>{CSS}</style></head><body>
 <h1>distill_jax report: {html.escape(result['dataset'])}</h1>
 <p class="note">jax {html.escape(v['jax'])} on {html.escape(v['backend'])} ({v['devices']} device(s)); {html.escape(timing)}</p>
+{verdict_html(verdict(result))}
+{placed[READABILITY_TITLE]}
 <h2>Models</h2>
 <p class="note">accuracy: test top-1; agreement: fraction of test images where the student's top-1 equals the teacher's;
 kl: mean KL(teacher || student) over the test set; fgsm/pgd_accuracy: test accuracy under L-inf attacks of the configured
@@ -378,7 +851,10 @@ budget; ig_completeness_error: |sum IG - (f(x) - f(0))| / |f(x) - f(0)|.</p>
 <p class="note">deletion AUC: probability of the true class as the most-attributed pixels are removed first (lower: the map
 found pixels the model needs); insertion AUC: the same as they are inserted into a blurred image (higher is better);
 spearman / top-10% overlap vs teacher: agreement of the student's map with the teacher's map of the same method.</p>
-{expl_table}
+{placed[FAITHFULNESS_TITLE]}
+<details id="faithfulness-table"><summary>Full faithfulness table ({len(expl)} rows: every model and method)</summary>
+{_scroll(_html_table(expl_header, expl))}
+</details>
 <p class="note">max-sensitivity: largest relative change of the saliency map under small uniform input noise (Yeh et al.
 2019; lower is more stable).</p>
 {sens_table}
@@ -389,7 +865,10 @@ Bhatt et al. 2020), infidelity (lower: squared error of the map's first-order pr
 Gaussian noise, after the best rescaling; Yeh et al. 2019), sparseness (higher: Gini index of |map|; Chalasani et al.
 2020) and complexity (lower: entropy of |map|; Bhatt et al. 2020); mean rank over those six. Sparseness and complexity
 say how concise a map is, not whether it is right: read them after the faithfulness columns.</p>
-{quality_table}
+{placed[RANKING_TITLE]}
+<details id="quality-table"><summary>Explanation-quality table ({len(quality)} rows: every model and method, best first)</summary>
+{_scroll(_html_table(quality_header, quality))}
+</details>
 <h2>Figures</h2>
 {figs}
 </body></html>"""

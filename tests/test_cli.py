@@ -65,6 +65,9 @@ def test_smoke_run_writes_figures_report_and_checkpoints(smoke_run):
         assert os.path.getsize(os.path.join(workdir, "figures", fig)) > 1000
     html = open(os.path.join(workdir, "report.html")).read()
     assert "<table>" in html and 'src="figures/saliency.png"' in html and "cnn-kd" in html
+    assert 'id="verdict"' in html and "Most faithful readable student:" in html
+    for fig in ("readability.png", "faithfulness.png"):
+        assert os.path.getsize(os.path.join(workdir, "figures", fig)) > 10_000
     for name in ["teacher", *STUDENTS]:
         assert os.path.isdir(os.path.join(workdir, "checkpoints", name, "final"))
 
@@ -456,6 +459,50 @@ def test_a_value_error_raised_by_distill_jax_itself_is_the_users(tmp_path, capsy
     monkeypatch.setattr(pipeline, "run", invalid)
     code = cli.main(["run", "--smoke", "--workdir", str(tmp_path), "--no-progress"])
     _one_line(code, capsys, "'oops' must be '<kind>-<method>'")
+
+
+VERDICT_RESULT = {
+    "dataset": "digits", "config": {"tree": {"depth": 2}},
+    "models": {"teacher": {"accuracy": 0.9, "params": 1000},
+               "tree-kd": {"accuracy": 0.7, "params": 50, "agreement": 0.75, "kl": 0.3},
+               "linear-kd": {"accuracy": 0.6, "params": 40, "agreement": 0.65, "kl": 0.2}},
+    "explanations": {"tree-kd": {"saliency": {"deletion_auc": 0.2}, "grad_x_input": {"deletion_auc": 0.1}}},
+    "explanation_ranking": {"tree-kd": {"saliency": {"ranks": {"deletion_auc": 2}, "mean_rank": 2.0},
+                                        "grad_x_input": {"ranks": {"deletion_auc": 1}, "mean_rank": 1.0}}},
+}
+
+
+@pytest.mark.parametrize("command", ["run", "explain"])
+def test_run_and_explain_end_by_printing_the_reports_verdict(command, tmp_path, capsys, monkeypatch):
+    from distill_jax import pipeline, report
+
+    workdir = str(tmp_path / "w")
+    if command == "run":
+        monkeypatch.setattr(pipeline, "run", lambda c, workdir, **kw: VERDICT_RESULT)
+        code = cli.main(["run", "--smoke", "--workdir", workdir, "--no-progress", "--no-compilation-cache"])
+    else:
+        os.makedirs(workdir)
+        with open(os.path.join(workdir, "metrics.json"), "w") as f:
+            json.dump(VERDICT_RESULT, f)
+        monkeypatch.setattr(pipeline, "explain_from_checkpoints", lambda workdir: VERDICT_RESULT)
+        code = cli.main(["explain", "--workdir", workdir, "--no-compilation-cache"])
+    out = capsys.readouterr().out
+    assert code == 0
+    text = report.verdict_text(report.verdict(VERDICT_RESULT))
+    assert out.endswith(f"\n\n{text}\n")
+    assert "Most faithful readable student: tree-kd (soft decision tree, depth 2, 50 parameters)" in out
+    assert "Explanation to trust for tree-kd: grad_x_input" in out
+
+
+def test_the_verdict_of_a_run_without_explanations_is_printed_not_raised(tmp_path, capsys, monkeypatch):
+    """A run whose explanation stage produced nothing (as multi-host TRAIN_ONLY runs do) still ends cleanly."""
+    from distill_jax import pipeline
+
+    bare = {"models": VERDICT_RESULT["models"]}
+    monkeypatch.setattr(pipeline, "run", lambda c, workdir, **kw: bare)
+    code = cli.main(["run", "--smoke", "--workdir", str(tmp_path), "--no-progress", "--no-compilation-cache"])
+    out = capsys.readouterr().out
+    assert code == 0 and "Explanation: none to recommend" in out
 
 
 def _cli(*args, **kw):
