@@ -5,7 +5,7 @@
     distill-jax explain [--workdir DIR]
 
 Both end by printing the report's verdict: which readable student to trust and which explanation of it
-(`report.verdict_text`).
+(`distill_jax.verdict`).
 
 Exit statuses: 0 done; 2 a problem with the input that the user can fix (one line on stderr,
 ``distill-jax: error: ...``, and nothing already saved is changed); 130 Ctrl-C or SIGTERM (a
@@ -279,9 +279,9 @@ def cmd_run(args) -> int:
 
 def print_verdict(result: dict) -> None:
     """Prints the report's verdict (which readable student to trust, which explanation of it) after a blank line."""
-    from distill_jax import report
+    from distill_jax import verdict  # noqa: PLC0415 - the CLI imports the library lazily
 
-    print(f"\n{report.verdict_text(report.verdict(result))}")
+    print(f"\n{verdict.as_text(result.get('verdict') or verdict.decide(result))}")
 
 
 def check_finished_run(workdir: str) -> str:

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax import losses, models, parallel
+from distill_jax import attacks, losses, models, parallel
 
 Pair = tuple[str, str]  # (student layer, teacher layer)
 
@@ -483,7 +483,7 @@ def check_mixup(method: str, cfg: MethodConfig) -> None:
 
 def pgd_view(apply_fn: Callable[[jax.Array], jax.Array], x: jax.Array, labels: jax.Array, *, key: jax.Array,
              cfg: MethodConfig) -> jax.Array:
-    """PGD adversarial examples against `apply_fn`, under stop_gradient: `metrics.pgd` with the config's budget.
+    """PGD adversarial examples against `apply_fn`, under stop_gradient: `attacks.pgd` with the config's budget.
 
     Formula: x_0 = x + U(-eps, eps);  x_{k+1} = Proj_{||v - x||_inf <= eps}(x_k + a * sign(grad_x CE(f(x_k), y))),
     `adversarial_steps` times, eps = `adversarial_epsilon`, a = `pgd_step_size`, both in standardized
@@ -497,9 +497,7 @@ def pgd_view(apply_fn: Callable[[jax.Array], jax.Array], x: jax.Array, labels: j
     Reference: Madry, Makelov, Schmidt, Tsipras & Vladu (2018), "Towards Deep Learning Models
     Resistant to Adversarial Attacks", ICLR, section 3 and appendix (the min-max training).
     """
-    from distill_jax import metrics  # noqa: PLC0415 - the evaluation's attack, reused; metrics imports explain
-
-    x_adv = metrics.pgd(apply_fn, x, labels, epsilon=cfg.adversarial_epsilon, step_size=cfg.pgd_step_size,
+    x_adv = attacks.pgd(apply_fn, x, labels, epsilon=cfg.adversarial_epsilon, step_size=cfg.pgd_step_size,
                         steps=int(cfg.adversarial_steps), key=key)
     return jax.lax.stop_gradient(x_adv)
 

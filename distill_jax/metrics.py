@@ -2,8 +2,7 @@
 
 Argument convention (DESIGN.md, one order everywhere): anything that scores an attribution is
 `metric(apply_fn, x, attribution, target, *, options)`; attributions are
-`method(apply_fn, x, target, *, options)`; functions of two models take `(student..., teacher...)`
-(`mean_kl(teacher_logits, student_logits)` predates the rule and keeps the order of KL(t || s)).
+`method(apply_fn, x, target, *, options)`; functions of two models take `(student..., teacher...)` (`mean_kl(student_logits, teacher_logits)` is KL(teacher || student)).
 
 Everything is batched: the deletion/insertion curves run `lax.map` over the steps with the whole
 batch in each call, and the robustness checks run `lax.map` over noise samples.
@@ -19,8 +18,8 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from distill_jax.attacks import ATTACKS, fgsm, pgd  # noqa: F401 - re-exported: `metrics.pgd` is public
 from distill_jax.attribution_core import check_x, gaussian_blur, num_classes_of, per_target_scored, validate_target
 from distill_jax.explain import ig_completeness_error
 from distill_jax.param_randomization import as_dicts, check_layer_order, default_randomize, randomize_layer
@@ -94,8 +93,9 @@ def agreement(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array
     return jnp.mean((jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32))
 
 
-def mean_kl(teacher_logits: jax.Array, student_logits: jax.Array, *, temperature: float = 1.0) -> jax.Array:
-    """Mean KL(softmax(t/T) || softmax(s/T)) over the batch. Returns a scalar.
+def mean_kl(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 1.0) -> jax.Array:
+    """Mean KL(softmax(t/T) || softmax(s/T)) over the batch: how much the student loses of the teacher's
+    distribution (student first, as every two-model function). Returns a scalar.
 
     Reference: Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network".
     """
@@ -289,76 +289,6 @@ def randomization_check(
 # --------------------------------------------------------------------------------------------
 # Adversarial robustness and explanation sensitivity
 # --------------------------------------------------------------------------------------------
-def _check_attack(apply_fn, x, labels, epsilon):
-    x = check_x(x)
-    validate_target(labels, x.shape[0], num_classes_of(apply_fn, x), name="labels")
-    if epsilon < 0:
-        raise ValueError(f"epsilon must be >= 0; got {epsilon}")
-    return x, jnp.asarray(labels).astype(jnp.int32)
-
-
-def _loss_grad(apply_fn, x, labels):
-    def loss(v):
-        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(apply_fn(v), labels))
-
-    return jax.grad(loss)(x)
-
-
-def _clip(x, clip):
-    return x if clip is None else jnp.clip(x, clip[0], clip[1])
-
-
-def fgsm(apply_fn: Callable, x: jax.Array, labels: jax.Array, *, epsilon: float, clip: tuple[float, float] | None = None) -> jax.Array:
-    """Fast gradient sign attack (L-inf).
-
-    x_adv = clip(x + epsilon * sign(d CE(f(x), y) / dx)).
-
-    Args:
-      x: [batch, ...]; labels: [batch]; epsilon: L-inf budget; clip: optional (lo, hi) valid input range.
-    Returns:
-      adversarial examples like x.
-    Reference: Goodfellow, Shlens & Szegedy 2015, "Explaining and Harnessing Adversarial Examples".
-    """
-    x, labels = _check_attack(apply_fn, x, labels, epsilon)
-    return _clip(x + epsilon * jnp.sign(_loss_grad(apply_fn, x, labels)), clip)
-
-
-def pgd(
-    apply_fn: Callable,
-    x: jax.Array,
-    labels: jax.Array,
-    *,
-    epsilon: float,
-    step_size: float,
-    steps: int,
-    key: jax.Array,
-    clip: tuple[float, float] | None = None,
-    random_start: bool = True,
-) -> jax.Array:
-    """Projected gradient descent attack (L-inf), on the cross-entropy.
-
-    x_0 = x + U(-eps, eps) (random_start);  x_{t+1} = P_{B_inf(x, eps)}(clip(x_t + a sign(grad CE(x_t)))).
-
-    Args:
-      epsilon: budget; step_size: a; steps: >= 1 iterations (lax.fori_loop); key: for the random start.
-    Returns:
-      adversarial examples like x.
-    Reference: Madry et al. 2018, "Towards Deep Learning Models Resistant to Adversarial Attacks".
-    """
-    x, labels = _check_attack(apply_fn, x, labels, epsilon)
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
-    start = x + (jax.random.uniform(key, x.shape, x.dtype, -epsilon, epsilon) if random_start else 0.0)
-    start = _clip(start, clip)
-
-    def body(_, v):
-        v = v + step_size * jnp.sign(_loss_grad(apply_fn, v, labels))
-        return _clip(jnp.clip(v, x - epsilon, x + epsilon), clip)
-
-    return jax.lax.fori_loop(0, steps, body, start)
-
-
-ATTACKS: dict[str, Callable] = {"fgsm": fgsm, "pgd": pgd}
 
 
 def adversarial_accuracy(apply_fn: Callable, x: jax.Array, labels: jax.Array, *, attack: str = "fgsm", **attack_kw) -> jax.Array:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax import audit, checkpoint, config as config_lib, data, distill, metrics, models, parallel
-from distill_jax import pca as pca_lib, preprocess, prune, train, tuning
+from distill_jax import pca as pca_lib, preprocess, prune, train, tuning, verdict
 
 log = logging.getLogger(__name__)
 
@@ -579,7 +579,7 @@ def model_metrics(t: Trained, teacher: Trained | None, prep: Prepared) -> dict:
     if teacher is not None:
         out.update(
             agreement=float(metrics.agreement(jnp.asarray(t.test_logits), jnp.asarray(teacher.test_logits))),
-            kl=float(metrics.mean_kl(jnp.asarray(teacher.test_logits), jnp.asarray(t.test_logits))),
+            kl=float(metrics.mean_kl(jnp.asarray(t.test_logits), jnp.asarray(teacher.test_logits))),
             method=t.method,
         )
     out.update(t.settings)
@@ -669,7 +669,8 @@ def run(c, workdir: str, *, show_progress: bool | None = None, echo: Callable[[s
 
 def explain_and_report(result: dict, everyone: list[Trained], prep: Prepared, c, workdir: str, *, main: bool = True,
                        echo: Callable[[str], None] = print, show_progress: bool | None = None) -> dict:
-    """Explains every model, adds the scores to `result`, and writes metrics.json, figures and report.html."""
+    """Explains every model, adds the scores and the verdict (`distill_jax.verdict`) to `result`, and writes
+    metrics.json, figures and report.html."""
     timing = result["timing_s"]
     t1 = time.perf_counter()
     found = audit_models(everyone, prep, c, show_progress=show_progress if main else False)
@@ -681,12 +682,13 @@ def explain_and_report(result: dict, everyone: list[Trained], prep: Prepared, c,
     for name, scores in found.robustness.items():
         result["models"][name].update(scores)
     result["analysis"] = found.analysis
+    result["verdict"] = verdict.decide(result)
     if main:
         from distill_jax import report  # noqa: PLC0415 - matplotlib only where a report is written
 
         _write_json(os.path.join(workdir, "metrics.json"), result)  # first: a failing figure must not lose the scores
         t2 = time.perf_counter()
-        figures = report.write_figures(workdir, prep, everyone, found)
+        figures = {**report.summary_figures(workdir, result), **report.write_figures(workdir, prep, everyone, found)}
         timing["report"] = time.perf_counter() - t2
         memory["report"] = peak_rss_mb()
         timing["total"] = sum(v for k, v in timing.items() if k != "total")

@@ -1,12 +1,11 @@
 """Figures (matplotlib, PNG) and the HTML report of a run, its verdict, plus the terminal summary table.
 
-The report opens with a verdict (`verdict`, `verdict_text`): the most faithful readable student and the
-explanation method to trust for it, each with the rule that chose it and the numbers behind it.
+The report opens with the run's verdict (`distill_jax.verdict`): the most faithful readable student and
+the explanation method to trust for it, each with the rule that chose it and the numbers behind it.
 """
 from __future__ import annotations
 
 import html
-import math
 import os
 from typing import Sequence
 
@@ -15,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from distill_jax import verdict as verdict_lib  # noqa: E402
 
 FIG_DIR = "figures"
 
@@ -280,18 +281,18 @@ def readability_fidelity(path: str, result: dict) -> str:
     y: agreement with the teacher (left panel) and KL(teacher || student) (right panel). The teacher is a
     star at agreement 1 and KL 0. Saves a PNG and returns its path.
     """
-    points = [s for s in rank_students(result) if _finite(s.get("params")) and s["params"] > 0]
+    points = [s for s in verdict_lib.rank_students(result) if verdict_lib.is_number(s.get("params")) and s["params"] > 0]
     teacher = result.get("models", {}).get("teacher", {})
     panels = (("agreement", "agreement with the teacher (higher: more faithful)", 1.0),
               ("kl", "KL(teacher || student) (lower: more faithful)", 0.0))
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
     for ax, (key, ylabel, teacher_value) in zip(axes, panels):
-        pts = [p for p in points if _finite(p.get(key))]
+        pts = [p for p in points if verdict_lib.is_number(p.get(key))]
         for kind in dict.fromkeys(p["kind"] for p in pts):
             mine = [p for p in pts if p["kind"] == kind]
             ax.scatter([p["params"] for p in mine], [p[key] for p in mine], s=36, zorder=3,
-                       color=KIND_COLOURS.get(kind, "#666"), label=KIND_NAMES.get(kind, kind))
-        if _finite(teacher.get("params")):
+                       color=KIND_COLOURS.get(kind, "#666"), label=verdict_lib.KIND_NAMES.get(kind, kind))
+        if verdict_lib.is_number(teacher.get("params")):
             ax.scatter([teacher["params"]], [teacher_value], marker="*", s=90, color="#444", zorder=3, label="teacher")
             ax.annotate("teacher", (teacher["params"], teacher_value), xytext=(-6, 6), textcoords="offset points",
                         fontsize=7, ha="right")
@@ -309,7 +310,7 @@ def readability_fidelity(path: str, result: dict) -> str:
                             va="center", ha="right" if left else "left",
                             arrowprops=dict(arrowstyle="-", color="#999", lw=0.6) if y != p[key] else None)
         ax.set_xscale("log")
-        xs = [p["params"] for p in pts] + ([teacher["params"]] if _finite(teacher.get("params")) else [])
+        xs = [p["params"] for p in pts] + ([teacher["params"]] if verdict_lib.is_number(teacher.get("params")) else [])
         if xs:
             ax.set_xlim(min(xs) / (40 if len(sizes) > 1 else 2), max(xs) * 6)
         ax.set(xlabel="parameters (log scale; fewer: easier to read)", ylabel=ylabel)
@@ -334,7 +335,7 @@ def faithfulness_matrix(result: dict, metric: str = "deletion_auc") -> tuple[lis
     for i, name in enumerate(models_):
         for j, method in enumerate(methods):
             v = per_model[name].get(method, {}).get(metric)
-            if _finite(v):
+            if verdict_lib.is_number(v):
                 m[i, j] = float(v)
     return models_, methods, m
 
@@ -381,7 +382,7 @@ def summary_figures(workdir: str, result: dict) -> dict[str, str]:
     out_dir = os.path.join(workdir, FIG_DIR)
     os.makedirs(out_dir, exist_ok=True)
     figures = {}
-    if rank_students(result):
+    if verdict_lib.rank_students(result):
         figures[READABILITY_TITLE] = os.path.relpath(
             readability_fidelity(os.path.join(out_dir, "readability.png"), result), workdir)
     if faithfulness_matrix(result)[2].size:
@@ -439,198 +440,6 @@ def figure_caption(title: str) -> str:
     if title in FIGURE_CAPTIONS:
         return FIGURE_CAPTIONS[title]
     return next((c for pre, suf, c in CAPTION_PATTERNS if title.startswith(pre) and title.endswith(suf)), "")
-
-
-# --------------------------------------------------------------------------- verdict: which student, which explanation
-
-READABLE_KINDS = ("tree", "linear")  # students one reads directly: a soft tree's filters and leaves, linear templates
-KIND_NAMES = {"tree": "soft decision tree", "linear": "linear model over PCA", "mlp": "MLP", "cnn": "small CNN"}
-SANITY_RHO_MAX = 0.5
-STUDENT_RULE = ("among the soft-tree and linear students, the highest agreement with the teacher's top-1 class on the "
-                "test set wins; equal agreement goes to the lower KL(teacher || student)")
-METHOD_RULE = ("the lowest mean rank (1 = best) over the explanation-quality metrics of the method ranking, among "
-               "methods that do not fail the randomisation sanity check on the teacher (Spearman rho of the maps "
-               "after every layer is randomised below {rho_max:g}); equal mean rank goes to the lower deletion AUC")
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def student_kind(name: str) -> str:
-    """A student's kind from its name, as `config.parse_students` reads it: "tree-kd" -> "tree"."""
-    return name.partition("-")[0]
-
-
-def rank_students(result: dict) -> list[dict]:
-    """Every model with an agreement score (the students), most faithful first: agreement down, then KL up, then name.
-
-    Returns [{name, kind, readable, agreement, kl, accuracy, params[, depth]}] (depth for trees, from the config).
-    """
-    depth = (result.get("config") or {}).get("tree", {}).get("depth")
-    out = []
-    for name, m in result.get("models", {}).items():
-        if not _finite(m.get("agreement")):
-            continue
-        kind = student_kind(name)
-        s = {"name": name, "kind": kind, "readable": kind in READABLE_KINDS, "agreement": float(m["agreement"]),
-             "kl": float(m["kl"]) if _finite(m.get("kl")) else None,
-             "accuracy": float(m["accuracy"]) if _finite(m.get("accuracy")) else None,
-             "params": int(m["params"]) if _finite(m.get("params")) else None}
-        if kind == "tree" and depth is not None:
-            s["depth"] = int(depth)
-        out.append(s)
-    return sorted(out, key=lambda s: (-s["agreement"], s["kl"] if s["kl"] is not None else math.inf, s["name"]))
-
-
-def sanity_results(result: dict, *, rho_max: float = SANITY_RHO_MAX) -> dict[str, dict]:
-    """method -> {layer, rho, passed} from the teacher's cascading randomisation check, after its last layer.
-
-    passed: |rho| < rho_max, i.e. the maps of a fully randomised network no longer look like the trained
-    network's (Adebayo et al. 2018). Methods the check did not cover are absent.
-    """
-    out = {}
-    for method, steps in ((result.get("analysis") or {}).get("randomization") or {}).items():
-        if steps and _finite(steps[-1][1]):
-            rho = float(steps[-1][1])
-            out[method] = {"layer": str(steps[-1][0]), "rho": rho, "passed": abs(rho) < rho_max}
-    return out
-
-
-def choose_method(result: dict, model: str, *, rho_max: float = SANITY_RHO_MAX) -> dict | None:
-    """The attribution method to trust for `model` by `METHOD_RULE`, with its numbers; None without a ranking.
-
-    Returns {name, model, mean_rank, metrics, best_on, scores, sanity, failed_sanity, all_failed_sanity,
-    checked, runner_up}: `metrics` the ranked metric names, `best_on` how many of them rank it first,
-    `scores` its faithfulness and quality values, `sanity` its randomisation result (None if not checked),
-    `failed_sanity` method -> rho of those set aside, `checked` the methods the sanity check covered,
-    `runner_up` {name, mean_rank, deletion_auc} of the next method. When every ranked method fails the
-    check, the best of them is named and `all_failed_sanity` is True.
-    """
-    ranking = {m: r for m, r in ((result.get("explanation_ranking") or {}).get(model) or {}).items()
-               if _finite(r.get("mean_rank"))}
-    if not ranking:
-        return None
-    scores = (result.get("explanations") or {}).get(model) or {}
-    sanity = sanity_results(result, rho_max=rho_max)
-    failed = {m: sanity[m]["rho"] for m in ranking if m in sanity and not sanity[m]["passed"]}
-    candidates = [m for m in ranking if m not in failed] or list(ranking)
-
-    def deletion(m):
-        d = (scores.get(m) or {}).get("deletion_auc")
-        return float(d) if _finite(d) else None
-
-    order = sorted(candidates, key=lambda m: (ranking[m]["mean_rank"], deletion(m) is None, deletion(m) or 0.0, m))
-    best = order[0]
-    ranks = ranking[best].get("ranks", {})
-    values = scores.get(best) or {}
-    return {"name": best, "model": model, "mean_rank": float(ranking[best]["mean_rank"]), "metrics": list(ranks),
-            "best_on": int(sum(r == 1 for r in ranks.values())),
-            "scores": {k: float(values[k]) for k in (*FAITHFULNESS_KEYS, *QUALITY_KEYS) if _finite(values.get(k))},
-            "sanity": sanity.get(best), "failed_sanity": failed, "all_failed_sanity": len(failed) == len(ranking),
-            "checked": sorted(sanity), "runner_up": None if len(order) < 2 else {
-                "name": order[1], "mean_rank": float(ranking[order[1]]["mean_rank"]),
-                "deletion_auc": deletion(order[1])}}
-
-
-def verdict(result: dict, *, rho_max: float = SANITY_RHO_MAX) -> dict:
-    """Which readable student to trust and which explanation of it, with the numbers behind both (JSON-ready).
-
-    Student rule (`STUDENT_RULE`): among the tree and linear students, the highest agreement with the
-    teacher, ties by the lower KL; without such a student, the most faithful of the others (readable: False).
-    Method rule (`METHOD_RULE`, `choose_method`) for the chosen student, or for the teacher when there is
-    no student. Missing pieces give None and a note, never an error.
-
-    Returns:
-      {rules: {student, method}, student, runner_up, least_readable, teacher_accuracy, method, notes}:
-      student / runner_up / least_readable as `rank_students` entries (least_readable: the most faithful
-      cnn or mlp student, for comparison), method as `choose_method` returns it.
-    """
-    ranked = rank_students(result)
-    readable = [s for s in ranked if s["readable"]]
-    others = [s for s in ranked if not s["readable"]]
-    student = (readable or others or [None])[0]
-    pool = readable if readable else others
-    notes = []
-    if student is None:
-        notes.append("no student with an agreement score")
-    elif not readable:
-        notes.append("no tree or linear student in this run")
-    model = student["name"] if student else ("teacher" if "teacher" in (result.get("models") or {}) else None)
-    method = choose_method(result, model, rho_max=rho_max) if model else None
-    if method is None:
-        notes.append(f"no explanation ranking for {model}" if model else "no model to explain")
-    teacher_acc = (result.get("models") or {}).get("teacher", {}).get("accuracy")
-    return {"rules": {"student": STUDENT_RULE, "method": METHOD_RULE.format(rho_max=rho_max)},
-            "student": student, "runner_up": pool[1] if len(pool) > 1 else None,
-            "least_readable": others[0] if readable and others else None,
-            "teacher_accuracy": float(teacher_acc) if _finite(teacher_acc) else None,
-            "explained_model": model, "method": method, "notes": notes}
-
-
-def _num(v, fmt: str = ".4f") -> str:
-    return format(v, fmt) if _finite(v) else "n/a"
-
-
-def _describe(s: dict) -> str:
-    """`tree-kd (soft decision tree, depth 3, 536 parameters)`."""
-    parts = [KIND_NAMES.get(s["kind"], s["kind"])]
-    if "depth" in s:
-        parts.append(f"depth {s['depth']}")
-    if s.get("params") is not None:
-        parts.append(f"{s['params']:,} parameters")
-    return f"{s['name']} ({', '.join(parts)})"
-
-
-def verdict_text(v: dict) -> str:
-    """The verdict as two plain-text paragraphs (student, then explanation method), each stating its rule."""
-    s = v.get("student")
-    if s is None:
-        first = ("Student: none to recommend: no student in this run has an agreement score with the teacher "
-                 "(name some in `students`, e.g. students=tree-kd,linear-kd).")
-    else:
-        teacher = f"; teacher accuracy {_num(v['teacher_accuracy'])}" if v.get("teacher_accuracy") is not None else ""
-        head = ("Most faithful readable student" if s["readable"] else
-                "No tree or linear student in this run; the most faithful student")
-        first = (f"{head}: {_describe(s)}. It agrees with the teacher's top-1 class on {s['agreement']:.1%} of test "
-                 f"images (agreement {_num(s['agreement'])}, KL {_num(s['kl'])}, accuracy {_num(s['accuracy'])}"
-                 f"{teacher}).")
-        if v.get("runner_up"):
-            r = v["runner_up"]
-            first += f" Next: {r['name']} (agreement {_num(r['agreement'])}, KL {_num(r['kl'])})."
-        if v.get("least_readable"):
-            c = v["least_readable"]
-            first += (f" For comparison, the most faithful less readable student, {_describe(c)}, agrees on "
-                      f"{c['agreement']:.1%} (KL {_num(c['kl'])}).")
-        first += f" Rule: {v['rules']['student']}."
-    m = v.get("method")
-    if m is None:
-        model = v.get("explained_model")
-        second = (f"Explanation: none to recommend: this run has no explanation-method ranking for {model} (the "
-                  f"explanation stage did not score its attribution methods)." if model else
-                  "Explanation: none to recommend: there is no model to explain.")
-        return f"{first}\n\n{second}"
-    sc = m["scores"]
-    second = (f"Explanation to trust for {m['model']}: {m['name']}, mean rank {m['mean_rank']:.2f} over "
-              f"{len(m['metrics'])} quality metrics (first on {m['best_on']} of {len(m['metrics'])}); deletion AUC "
-              f"{_num(sc.get('deletion_auc'))} (lower is better), insertion AUC {_num(sc.get('insertion_auc'))} "
-              f"(higher is better), faithfulness correlation {_num(sc.get('faithfulness_correlation'))}.")
-    if m["sanity"] is not None:
-        second += (f" Sanity check on the teacher: after every layer is randomised its maps correlate with the "
-                   f"trained ones at rho {m['sanity']['rho']:.2f} "
-                   f"({'passed' if m['sanity']['passed'] else 'failed'}).")
-    else:
-        covered = f" (it ran for {', '.join(m['checked'])})" if m["checked"] else ""
-        second += f" The randomisation sanity check did not cover it{covered}."
-    if m["failed_sanity"]:
-        failed = ", ".join(f"{k} (rho {r:.2f})" for k, r in m["failed_sanity"].items())
-        second += (f" Every ranked method failed the sanity check ({failed}): trust none of them fully."
-                   if m["all_failed_sanity"] else f" Set aside for failing the sanity check: {failed}.")
-    if m["runner_up"]:
-        r = m["runner_up"]
-        second += (f" Next: {r['name']} (mean rank {r['mean_rank']:.2f}, deletion AUC {_num(r['deletion_auc'])}).")
-    second += f" Rule: {v['rules']['method']}."
-    return f"{first}\n\n{second}"
 
 
 def write_figures(workdir: str, prep, trained, found) -> dict[str, str]:
@@ -738,8 +547,6 @@ def _html_table(header, rows) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-FAITHFULNESS_KEYS = ("deletion_auc", "insertion_auc", "spearman_vs_teacher", "top10_overlap_vs_teacher")
-QUALITY_KEYS = ("faithfulness_correlation", "infidelity", "sparseness", "complexity")
 
 
 def explanation_rows(result: dict) -> tuple[list[str], list[list[str]]]:
@@ -748,8 +555,8 @@ def explanation_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     for name, per in result.get("explanations", {}).items():
         for method, scores in per.items():
             if isinstance(scores, dict):
-                rows.append([name, method, *(_fmt(scores.get(k)) for k in FAITHFULNESS_KEYS)])
-    return ["model", "method", *FAITHFULNESS_KEYS], rows
+                rows.append([name, method, *(_fmt(scores.get(k)) for k in verdict_lib.FAITHFULNESS_KEYS)])
+    return ["model", "method", *verdict_lib.FAITHFULNESS_KEYS], rows
 
 
 def quality_rows(result: dict) -> tuple[list[str], list[list[str]]]:
@@ -758,8 +565,8 @@ def quality_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     for name, per_method in result.get("explanation_ranking", {}).items():
         for method, r in sorted(per_method.items(), key=lambda kv: kv[1]["mean_rank"]):
             scores = result["explanations"][name][method]
-            rows.append([name, method, _fmt(r["mean_rank"]), *(_fmt(scores.get(k)) for k in QUALITY_KEYS)])
-    return ["model", "method", "mean rank", *QUALITY_KEYS], rows
+            rows.append([name, method, _fmt(r["mean_rank"]), *(_fmt(scores.get(k)) for k in verdict_lib.QUALITY_KEYS)])
+    return ["model", "method", "mean rank", *verdict_lib.QUALITY_KEYS], rows
 
 
 def sensitivity_rows(result: dict) -> tuple[list[str], list[list[str]]]:
@@ -795,9 +602,9 @@ def _scroll(table: str) -> str:
 
 
 def verdict_html(v: dict) -> str:
-    """The verdict section: `verdict_text` as paragraphs in a box (lead in bold, the rule in small print)."""
+    """The verdict section: `verdict.as_text` as paragraphs in a box (lead in bold, the rule in small print)."""
     paragraphs = []
-    for p in verdict_text(v).split("\n\n"):
+    for p in verdict_lib.as_text(v).split("\n\n"):
         text, _, rule = p.partition(" Rule: ")
         lead, _, rest = text.partition(": ")
         rule_html = f' <span class="rule">Rule: {html.escape(rule)}</span>' if rule else ""
@@ -839,7 +646,7 @@ chosen values; the test set played no part. T, alpha in the table above are the 
 <style>{CSS}</style></head><body>
 <h1>distill_jax report: {html.escape(result['dataset'])}</h1>
 <p class="note">jax {html.escape(v['jax'])} on {html.escape(v['backend'])} ({v['devices']} device(s)); {html.escape(timing)}</p>
-{verdict_html(verdict(result))}
+{verdict_html(verdict_lib.decide(result))}
 {placed[READABILITY_TITLE]}
 <h2>Models</h2>
 <p class="note">accuracy: test top-1; agreement: fraction of test images where the student's top-1 equals the teacher's;

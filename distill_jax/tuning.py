@@ -85,7 +85,7 @@ def validation_scores(logits: np.ndarray, teacher_logits: np.ndarray, labels: np
     logits, teacher_logits = np.asarray(logits, np.float32), np.asarray(teacher_logits, np.float32)
     return {"accuracy": train.accuracy_from_logits(logits, np.asarray(labels)),
             "agreement": float(metrics.agreement(jnp.asarray(logits), jnp.asarray(teacher_logits))),
-            "kl": float(metrics.mean_kl(jnp.asarray(teacher_logits), jnp.asarray(logits)))}
+            "kl": float(metrics.mean_kl(jnp.asarray(logits), jnp.asarray(teacher_logits)))}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -88,6 +88,6 @@ def fit_tree(name: str, prep, teacher_logits: np.ndarray, *, seed: int) -> dict:
     logits = np.log((proba + TREE_PROBABILITY_EPS) / (1 + k * TREE_PROBABILITY_EPS)).astype(np.float32)
     return {"accuracy": float(np.mean(np.argmax(proba, -1) == prep.y_test)),
             "agreement": float(metrics.agreement(logits, teacher_logits)),
-            "kl": float(metrics.mean_kl(teacher_logits, logits)),
+            "kl": float(metrics.mean_kl(logits, teacher_logits)),
             "params": int(clf.tree_.node_count), "depth": int(clf.get_depth()), "leaves": int(clf.get_n_leaves()),
             "train_seconds": round(seconds, 2), "train_images": len(prep.y_train), "method": "sklearn"}

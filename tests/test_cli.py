@@ -474,7 +474,7 @@ VERDICT_RESULT = {
 
 @pytest.mark.parametrize("command", ["run", "explain"])
 def test_run_and_explain_end_by_printing_the_reports_verdict(command, tmp_path, capsys, monkeypatch):
-    from distill_jax import pipeline, report
+    from distill_jax import pipeline, verdict
 
     workdir = str(tmp_path / "w")
     if command == "run":
@@ -488,7 +488,7 @@ def test_run_and_explain_end_by_printing_the_reports_verdict(command, tmp_path, 
         code = cli.main(["explain", "--workdir", workdir, "--no-compilation-cache"])
     out = capsys.readouterr().out
     assert code == 0
-    text = report.verdict_text(report.verdict(VERDICT_RESULT))
+    text = verdict.as_text(verdict.decide(VERDICT_RESULT))
     assert out.endswith(f"\n\n{text}\n")
     assert "Most faithful readable student: tree-kd (soft decision tree, depth 2, 50 parameters)" in out
     assert "Explanation to trust for tree-kd: grad_x_input" in out

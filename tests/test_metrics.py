@@ -24,7 +24,7 @@ def test_accuracy_agreement_kl():
     assert float(metrics.mean_kl(logits, logits)) == pytest.approx(0.0, abs=1e-7)
     # KL([1/2, 1/2] || [e/(1+e), 1/(1+e)]) for the first row only
     p, q = np.array([0.5, 0.5]), np.array([np.e, 1.0]) / (1 + np.e)
-    kl = metrics.mean_kl(jnp.zeros((1, 2)), jnp.array([[1.0, 0.0]]))
+    kl = metrics.mean_kl(jnp.array([[1.0, 0.0]]), jnp.zeros((1, 2)))
     assert float(kl) == pytest.approx(float(np.sum(p * np.log(p / q))), rel=1e-5)
     with pytest.raises(ValueError, match="labels"):
         metrics.accuracy(logits, labels[:2])

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from distill_jax import audit, data, report
+from distill_jax import audit, data, report, verdict
 
 METHODS = ("saliency", "grad_x_input", "integrated_gradients", "grad_cam")
 
@@ -67,7 +67,7 @@ def test_make_result_ranks_as_the_tests_below_assume():
 
 def test_verdict_picks_the_readable_student_with_most_agreement_ties_broken_by_kl():
     result = make_result()
-    v = report.verdict(result)
+    v = verdict.decide(result)
     # tree-kd and linear-kd agree equally (0.82): the lower KL (linear-kd, 0.25 < 0.30) wins; cnn-kd agrees
     # more (0.96) but is not a readable kind, so it is only the comparison
     assert v["student"] == {"name": "linear-kd", "kind": "linear", "readable": True, "agreement": 0.82, "kl": 0.25,
@@ -75,12 +75,12 @@ def test_verdict_picks_the_readable_student_with_most_agreement_ties_broken_by_k
     assert v["runner_up"]["name"] == "tree-kd" and v["runner_up"]["depth"] == 3
     assert v["least_readable"]["name"] == "cnn-kd" and v["least_readable"]["agreement"] == 0.96
     assert v["teacher_accuracy"] == 0.95 and v["notes"] == []
-    assert [s["name"] for s in report.rank_students(result)] == ["cnn-kd", "linear-kd", "tree-kd", "linear-labels"]
+    assert [s["name"] for s in verdict.rank_students(result)] == ["cnn-kd", "linear-kd", "tree-kd", "linear-labels"]
 
 
 def test_verdict_picks_the_best_ranked_method_that_passes_the_sanity_check():
     result = make_result()
-    m = report.verdict(result)["method"]
+    m = verdict.decide(result)["method"]
     # saliency has the best mean rank but keeps rho 0.8 > 0.5 after full randomisation: set aside.
     # grad_x_input and integrated_gradients tie on mean rank; grad_x_input's deletion AUC (0.22) is lower.
     ranking = result["explanation_ranking"]["linear-kd"]
@@ -97,28 +97,28 @@ def test_verdict_picks_the_best_ranked_method_that_passes_the_sanity_check():
 def test_without_a_sanity_check_the_best_mean_rank_wins_and_when_all_fail_it_is_flagged():
     result = make_result()
     del result["analysis"]["randomization"]
-    m = report.verdict(result)["method"]
+    m = verdict.decide(result)["method"]
     assert m["name"] == "saliency" and m["sanity"] is None and m["failed_sanity"] == {}
     result = make_result()
     result["explanation_ranking"]["linear-kd"] = {"saliency": {"ranks": {"infidelity": 1}, "mean_rank": 1.0}}
-    m = report.verdict(result)["method"]
+    m = verdict.decide(result)["method"]
     assert m["name"] == "saliency" and m["all_failed_sanity"]
-    assert "Every ranked method failed the sanity check" in report.verdict_text(report.verdict(result))
+    assert "Every ranked method failed the sanity check" in verdict.as_text(verdict.decide(result))
 
 
 def test_verdict_is_json_ready():
-    v = report.verdict(make_result())
+    v = verdict.decide(make_result())
     assert json.loads(json.dumps(v)) == v
 
 
 def test_verdict_text_states_both_rules_and_the_numbers():
-    v = report.verdict(make_result())
-    text = report.verdict_text(v)
+    v = verdict.decide(make_result())
+    text = verdict.as_text(v)
     student, method = text.split("\n\n")
     assert student.startswith("Most faithful readable student: linear-kd (linear model over PCA, 250 parameters)")
     assert "agreement 0.8200, KL 0.2500, accuracy 0.8100; teacher accuracy 0.9500" in student
     assert "Next: tree-kd (agreement 0.8200, KL 0.3000)" in student and "cnn-kd (small CNN, 13,706 parameters)" in student
-    assert f"Rule: {report.STUDENT_RULE}." in student
+    assert f"Rule: {verdict.STUDENT_RULE}." in student
     assert method.startswith("Explanation to trust for linear-kd: grad_x_input, mean rank")
     assert "deletion AUC 0.2300" in method and "rho 0.10 (passed)" in method
     assert "Set aside for failing the sanity check: saliency (rho 0.80)" in method
@@ -129,10 +129,10 @@ def test_without_readable_students_the_most_faithful_other_student_is_named():
     result = make_result()
     for name in ("tree-kd", "linear-kd", "linear-labels"):
         del result["models"][name]
-    v = report.verdict(result)
+    v = verdict.decide(result)
     assert v["student"]["name"] == "cnn-kd" and not v["student"]["readable"] and v["least_readable"] is None
     assert v["notes"] == ["no tree or linear student in this run"]
-    assert report.verdict_text(v).startswith("No tree or linear student in this run; the most faithful student: cnn-kd")
+    assert verdict.as_text(v).startswith("No tree or linear student in this run; the most faithful student: cnn-kd")
 
 
 @pytest.mark.parametrize("drop", ["students", "explanations", "everything"])
@@ -144,8 +144,8 @@ def test_missing_pieces_give_a_sentence_not_an_error(drop):
         del result["explanations"], result["explanation_ranking"]
     else:
         result = {}
-    v = report.verdict(result)
-    text = report.verdict_text(v)
+    v = verdict.decide(result)
+    text = verdict.as_text(v)
     assert json.loads(json.dumps(v)) == v and len(text.split("\n\n")) == 2
     if drop == "students":
         assert v["student"] is None and text.startswith("Student: none to recommend")
@@ -294,10 +294,10 @@ def test_every_figure_has_a_caption(page):
 
 def test_page_opens_with_the_verdict_and_folds_the_long_tables(page):
     workdir, result, figures, text = page
-    verdict = report.verdict_text(report.verdict(result))
+    expected = verdict.as_text(verdict.decide(result))
     section = text[text.index('<section class="verdict"'):text.index("</section>")]
     shown = [html.unescape(re.sub(r"<[^>]+>", "", p)) for p in re.findall(r"<p>(.*?)</p>", section)]
-    assert shown == verdict.split("\n\n")  # the CLI's text, paragraph by paragraph
+    assert shown == expected.split("\n\n")  # the CLI's text, paragraph by paragraph
     assert "<strong>Most faithful readable student:</strong> linear-kd" in section
     assert '<span class="rule">Rule: among the soft-tree and linear students' in section
     assert text.index('id="verdict"') < text.index("<h2>Models</h2>") < text.index('id="faithfulness-table"')
@@ -344,5 +344,5 @@ def test_page_renders_in_headless_chromium(page, width, tmp_path):
 def test_verdict_of_a_copy_does_not_change_the_result():
     result = make_result()
     before = copy.deepcopy(result)
-    report.verdict(result)
+    verdict.decide(result)
     assert result == before
