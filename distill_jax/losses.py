@@ -229,6 +229,14 @@ def _kd(student_logits: jax.Array, teacher_logits: jax.Array, temperature) -> ja
     return temperature**2 * kl
 
 
+def _check_logit_pair(fn: str, student_logits, teacher_logits, temperature) -> None:
+    """Student and teacher logits [batch, classes] of one shape, and a temperature T > 0."""
+    _check_logits(fn, "student_logits", student_logits)
+    _check_logits(fn, "teacher_logits", teacher_logits)
+    _check_same_shape(fn, "student_logits", student_logits, "teacher_logits", teacher_logits, "[batch, classes]")
+    _check_temperature(fn, temperature)
+
+
 def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature) -> jax.Array:
     """Knowledge-distillation loss: temperature-softened KL from teacher to student.
 
@@ -258,13 +266,7 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature
     Network", arXiv:1503.02531.
     """
     fn = "kd_loss"
-    _check_logits(fn, "student_logits", student_logits)
-    _check_logits(fn, "teacher_logits", teacher_logits)
-    _check_same_shape(
-        fn, "student_logits", student_logits, "teacher_logits", teacher_logits,
-        "[batch, classes]",
-    )
-    _check_temperature(fn, temperature)
+    _check_logit_pair(fn, student_logits, teacher_logits, temperature)
     return _kd(student_logits, teacher_logits, temperature)
 
 
@@ -295,13 +297,7 @@ def distillation_loss(
     Reference: Hinton, Vinyals & Dean (2015), arXiv:1503.02531, section 2.
     """
     fn = "distillation_loss"
-    _check_logits(fn, "student_logits", student_logits)
-    _check_logits(fn, "teacher_logits", teacher_logits)
-    _check_same_shape(
-        fn, "student_logits", student_logits, "teacher_logits", teacher_logits,
-        "[batch, classes]",
-    )
-    _check_temperature(fn, temperature)
+    _check_logit_pair(fn, student_logits, teacher_logits, temperature)
     a = _concrete_scalar(fn, "alpha", alpha)
     if a is not None and not (0.0 <= a <= 1.0):
         raise _fail(
@@ -341,13 +337,7 @@ def defensive_distillation_loss(student_logits: jax.Array, teacher_logits: jax.A
     Adversarial Perturbations against Deep Neural Networks", IEEE S&P, section IV.
     """
     fn = "defensive_distillation_loss"
-    _check_logits(fn, "student_logits", student_logits)
-    _check_logits(fn, "teacher_logits", teacher_logits)
-    _check_same_shape(
-        fn, "student_logits", student_logits, "teacher_logits", teacher_logits,
-        "[batch, classes]",
-    )
-    _check_temperature(fn, temperature)
+    _check_logit_pair(fn, student_logits, teacher_logits, temperature)
     soft_targets = jax.nn.softmax(teacher_logits / temperature, axis=-1)
     return -jnp.sum(soft_targets * jax.nn.log_softmax(student_logits / temperature, axis=-1), axis=-1)
 
