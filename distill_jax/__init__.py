@@ -3,6 +3,7 @@
 Modules (import the ones you need; `report` pulls in matplotlib):
     data, preprocess, pca         inputs: loading, standardization, PCA in jnp
     models, losses, distill       teacher and students, per-example losses, distillation methods
+                                  (distill.distill: any JAX teacher function into any student, one call)
     train, parallel, checkpoint   jitted data-parallel training, device mesh, orbax checkpoints
     prune                         gradual magnitude pruning as an optax transformation
     explain, analysis, metrics    attributions, inner-product analysis, faithfulness and fidelity

@@ -33,20 +33,32 @@ models and settings can.
 The frozen teacher is either run inside the step (its variables are a step argument, under
 `stop_gradient`) or, when nothing changes its inputs (no augmentation), run once over the
 training set and its outputs cached (`cache_teacher_outputs`).
+
+Any JAX model: teachers and students reach the terms through two small normal forms,
+`as_teacher` (a linen module, or any function `x -> logits` / `x -> (logits, {name: features})`,
+or `(variables, x) -> ...` with its variables, which then travel as the step's teacher argument)
+and `as_student` (a linen module, or a pair `(init_fn, apply_fn)` of pure functions). Students
+declare their `kind`: a `SoftDecisionTree` is a "tree" (the Frosst & Hinton objective above), a
+`Linear` a "linear" (its "pca" collection is never trained or updated), anything else a
+"network". `distill(student, teacher, x, y, ...)` is the one-call entry point: it builds the loss,
+the library's train step and its fit loop, and returns the student's trained variables.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import re
-from typing import Callable
+from typing import Any, Callable, Mapping
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from distill_jax import attacks, losses, models, parallel
+from distill_jax import attacks, losses, models, parallel, train
 
 Pair = tuple[str, str]  # (student layer, teacher layer)
 
@@ -302,26 +314,233 @@ def _pair_key(student_layer: str, teacher_layer: str) -> str:
     return f"{student_layer}->{teacher_layer}"
 
 
+# --------------------------------------------------------------------------- any model: teachers and students
+
+
+NETWORK = "network"  # the kind of a student that is neither a soft tree nor a linear-over-PCA model
+
+
+def model_outputs(out, *, role: str) -> tuple[jax.Array, dict]:
+    """`(logits, features)` from what a model returned: logits alone, or `(logits, {name: features})`.
+
+    Args:
+      out: logits [batch, classes], or a pair (logits, mapping name -> array).
+      role: who returned it, for the error message (e.g. "teacher").
+    Returns:
+      (logits [batch, classes], features dict; {} when the model gave none).
+    Raises:
+      ValueError: naming `role`, for any other output.
+    """
+    if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], Mapping):
+        logits, features = out[0], dict(out[1])
+    else:
+        logits, features = out, {}
+    if len(getattr(logits, "shape", ())) != 2:
+        got = getattr(logits, "shape", None) or type(out).__name__
+        raise ValueError(f"{role} must return logits [batch, classes] or (logits, {{name: features}}); got {got}")
+    return logits, features
+
+
+def _takes_return_features(module: nn.Module) -> bool:
+    """Whether a linen module's `__call__` has this library's `return_features` option."""
+    return "return_features" in inspect.signature(type(module).__call__).parameters
+
+
+def _linen_apply(module: nn.Module, role: str, **kwargs) -> Callable:
+    """`(variables, x) -> (logits, features)` of a linen module (features {} unless it has `return_features`)."""
+    if _takes_return_features(module):
+        kwargs = {**kwargs, "return_features": True}
+
+    def apply(variables, x):
+        return model_outputs(module.apply(variables, x, **kwargs), role=role)
+
+    return apply
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """A frozen teacher as pure functions of `(variables, x)`, whatever model it came from (`as_teacher`).
+
+    Fields:
+      apply: (variables, x) -> (logits [B, C], features {name: [B, ...]}); gradients go through it (saliency).
+      forward: the same outputs for passes with no backward (a library model runs its fastest impl there).
+      variables: what a train step receives as its `teacher` argument; None when the functions close
+        over their parameters (they then become constants of the compiled step).
+      name: for error messages.
+    """
+
+    apply: Callable
+    forward: Callable
+    variables: Any = None
+    name: str = "teacher"
+
+
+@functools.singledispatch
+def as_teacher(teacher, variables=None) -> Teacher:
+    """Any teacher as a `Teacher`: a linen module, a function, or a `Teacher` (returned as it is).
+
+    - a flax linen module: `module.apply(variables, x)` (with `return_features=True` for this
+      library's models); its variables are given here or passed to each step.
+    - a function with `variables=None`: `x -> logits` or `x -> (logits, {name: features})`, its
+      parameters closed over (an nnx module, `jax.vmap(equinox_module)`, a jnp function);
+    - a function with `variables`: `(variables, x) -> logits` or `(logits, features)`, so the
+      parameters are an argument of the train step, e.g. `(lambda s, x: nnx.merge(graphdef, s)(x), state)`
+      from `nnx.split(model)`, or `(lambda p, x: jax.vmap(eqx.combine(p, static))(x), p)` from
+      `eqx.partition(model, eqx.is_array)`.
+
+    Other model types can register an adapter: `@as_teacher.register(MyModel)`.
+
+    Raises:
+      ValueError: `teacher` is none of these.
+    """
+    if not callable(teacher):
+        raise ValueError(f"teacher must be a flax linen module, a function x -> logits (or (variables, x) -> logits "
+                         f"with variables=...) or a distill.Teacher; got {type(teacher).__name__}")
+    name = getattr(teacher, "__name__", type(teacher).__name__)
+    role = f"teacher {name}"
+    if variables is None:
+        def apply(_, x):
+            return model_outputs(teacher(x), role=role)
+    else:
+        def apply(v, x):
+            return model_outputs(teacher(v, x), role=role)
+    return Teacher(apply=apply, forward=apply, variables=variables, name=name)
+
+
+@as_teacher.register(Teacher)
+def _(teacher, variables=None) -> Teacher:
+    return teacher if variables is None else dataclasses.replace(teacher, variables=variables)
+
+
+@as_teacher.register(nn.Module)
+def _(teacher, variables=None) -> Teacher:
+    name = type(teacher).__name__
+    return Teacher(apply=_linen_apply(teacher, name), forward=_linen_apply(models.forward_only(teacher), name),
+                   variables=variables, name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Student:
+    """A trainable student as pure functions, whatever model it came from (`as_student`).
+
+    Fields:
+      init: (key, x) -> variables `{"params": trainable pytree, **other collections}` (e.g. "batch_stats",
+        "pca"); only "params" is trained by gradient.
+      apply: (variables, x) -> (logits [B, C], features): the evaluation pass (saliency matching reads it).
+      train_apply: (variables, x) -> ((logits, features), updated collections): the training pass; the
+        updates hold only the `mutable` collections ({} when there are none) and go to `state.extra`.
+      loop_apply: (variables, x) -> logits, the same function for use inside loops (the PGD attack).
+      export: variables -> what the user's own apply takes (a linen module's variables; a pair's params).
+      kind: "tree" (the Frosst & Hinton objective), "linear", "network", or a `models.MODEL_KINDS` name.
+      name: for error messages.
+    """
+
+    init: Callable
+    apply: Callable
+    train_apply: Callable
+    loop_apply: Callable
+    export: Callable
+    kind: str = NETWORK
+    name: str = "student"
+
+
+# library models whose class fixes the objective; other linen modules and pairs are networks
+STUDENT_KINDS: tuple[tuple[type, str], ...] = (
+    (models.SoftDecisionTree, "tree"), (models.Linear, "linear"), (models.SeedCNN, "seed_cnn"),
+    (models.SmallCNN, "cnn"), (models.MLP, "mlp"),
+)
+
+
+def _kind_of(module: nn.Module) -> str:
+    return next((kind for cls, kind in STUDENT_KINDS if isinstance(module, cls)), NETWORK)
+
+
+@functools.singledispatch
+def as_student(student, *, kind: str | None = None, mutable=(), train_kwargs=None) -> Student:
+    """Any student as a `Student`: a linen module, a pair `(init_fn, apply_fn)`, or a `Student`.
+
+    - a flax linen module: `init` is `module.init` (jitted), `apply` is `module.apply` (with
+      `return_features=True` for this library's models); `mutable` names the collections its training
+      pass updates (e.g. `("batch_stats",)`, applied with `mutable=` and `train_kwargs`, e.g.
+      `{"train": True}`); every other collection (a PCA) stays as initialised or given.
+    - a pair of pure functions: `init_fn(key, x) -> params`, `apply_fn(params, x) -> logits` or
+      `(logits, {name: features})`; all of `params` is trained, and `distill` returns it as it is.
+
+    Args:
+      kind: overrides the kind found from the model (`STUDENT_KINDS`; "network" otherwise), e.g. "tree"
+        for a pair that returns a soft tree's `path_probs`, `leaf_logits`, `node_reach` and `routing`.
+    Raises:
+      ValueError: naming `student` (not a module or a pair of callables) or `mutable` (given for a pair).
+    Other model types can register an adapter: `@as_student.register(MyModel)`.
+    """
+    if not (isinstance(student, (tuple, list)) and len(student) == 2 and all(callable(f) for f in student)):
+        raise ValueError(f"student must be a flax linen module, a pair (init_fn, apply_fn) of functions or a "
+                         f"distill.Student; got {type(student).__name__}")
+    if mutable:
+        raise ValueError(f"mutable={tuple(mutable)!r} is for linen modules; a pair (init_fn, apply_fn) has no "
+                         f"collections besides its params (all trained)")
+    init_fn, apply_fn = student
+    name = getattr(apply_fn, "__name__", "apply_fn")
+
+    def init(key, x):
+        return {"params": init_fn(key, x)}
+
+    def apply(variables, x):
+        return model_outputs(apply_fn(variables["params"], x), role=f"student {name}")
+
+    return Student(init=init, apply=apply, train_apply=lambda v, x: (apply(v, x), {}),
+                   loop_apply=lambda v, x: apply(v, x)[0], export=lambda v: v["params"], kind=kind or NETWORK,
+                   name=name)
+
+
+@as_student.register(Student)
+def _(student, *, kind: str | None = None, mutable=(), train_kwargs=None) -> Student:
+    del mutable, train_kwargs
+    return student if kind is None else dataclasses.replace(student, kind=kind)
+
+
+@as_student.register(nn.Module)
+def _(student, *, kind: str | None = None, mutable=(), train_kwargs=None) -> Student:
+    name, mutable, train_kwargs = type(student).__name__, tuple(mutable), dict(train_kwargs or {})
+    apply = _linen_apply(student, name)
+    # the attack runs the model in a loop: the backend's attribution impl (see `models.for_attribution`)
+    loop = _linen_apply(models.for_attribution(student), name)
+    options = {**train_kwargs, "return_features": True} if _takes_return_features(student) else train_kwargs
+
+    def train_apply(variables, x):
+        if not mutable:
+            return model_outputs(student.apply(variables, x, **options), role=name), {}
+        out, updates = student.apply(variables, x, mutable=list(mutable), **options)
+        return model_outputs(out, role=name), flax.core.unfreeze(updates)
+
+    return Student(init=_jitted_init(student, tuple(sorted(train_kwargs.items()))), apply=apply,
+                   train_apply=train_apply, loop_apply=lambda v, x: loop(v, x)[0], export=lambda v: v,
+                   kind=kind or _kind_of(student), name=name)
+
+
 # --------------------------------------------------------------------------- teacher outputs
 
 
-def teacher_outputs(teacher: nn.Module, teacher_vars, x: jax.Array, labels: jax.Array, needs: Needs) -> dict:
+def teacher_outputs(teacher, teacher_vars, x: jax.Array, labels: jax.Array, needs: Needs) -> dict:
     """The teacher outputs a method needs, under stop_gradient.
 
+    `teacher`: anything `as_teacher` takes (a linen module, a function `x -> logits`, a `Teacher`);
+    `teacher_vars` is passed to its `(variables, x)` form (None for a function that closes over them).
     Returns a dict with `teacher_logits` [B, C], `teacher_feat/<layer>` feature maps,
     `teacher_attention/<layer>` attention energy maps [B, H, W] and `teacher_saliency`,
     each present only when needed.
     """
     out = {}
+    teacher = as_teacher(teacher)
     if needs.teacher_forward:
-        logits, feats = models.forward_only(teacher).apply(teacher_vars, x, return_features=True)
+        logits, feats = teacher.forward(teacher_vars, x)
         if needs.teacher_logits:
             out["teacher_logits"] = logits
         out.update({f"teacher_feat/{l}": feats[l] for l in needs.teacher_layers})
         out.update({f"teacher_attention/{l}": losses.attention_energy_map(feats[l], p=needs.attention_p)
                     for l in needs.teacher_attention})
     if needs.teacher_saliency:
-        out["teacher_saliency"] = losses.input_saliency(lambda z: teacher.apply(teacher_vars, z), x, labels)
+        out["teacher_saliency"] = losses.input_saliency(lambda z: teacher.apply(teacher_vars, z)[0], x, labels)
     return jax.tree_util.tree_map(jax.lax.stop_gradient, out)
 
 
@@ -329,7 +548,7 @@ def _identity(x):
     return x
 
 
-def teacher_cache_shapes(teacher: nn.Module, teacher_vars, sample_x: jax.Array, needs: Needs, *,
+def teacher_cache_shapes(teacher, teacher_vars, sample_x: jax.Array, needs: Needs, *,
                          inputs: Callable[[jax.Array], jax.Array] = _identity) -> dict[str, jax.ShapeDtypeStruct]:
     """Shape and dtype of one example's cached outputs (no computation): key -> ShapeDtypeStruct without the batch axis."""
     out = jax.eval_shape(lambda v, xb: teacher_outputs(teacher, v, inputs(xb), jnp.zeros(xb.shape[:1], jnp.int32), needs),
@@ -337,14 +556,14 @@ def teacher_cache_shapes(teacher: nn.Module, teacher_vars, sample_x: jax.Array, 
     return {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in out.items()}
 
 
-def teacher_cache_bytes(teacher: nn.Module, teacher_vars, sample_x: jax.Array, needs: Needs, n: int, *,
+def teacher_cache_bytes(teacher, teacher_vars, sample_x: jax.Array, needs: Needs, n: int, *,
                         inputs: Callable[[jax.Array], jax.Array] = _identity) -> int:
     """Host memory `cache_teacher_outputs` would take for `n` examples, in bytes."""
     shapes = teacher_cache_shapes(teacher, teacher_vars, sample_x, needs, inputs=inputs)
     return n * sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in shapes.values())
 
 
-def cache_teacher_outputs(teacher: nn.Module, teacher_vars, x: np.ndarray, labels: np.ndarray, needs: Needs,
+def cache_teacher_outputs(teacher, teacher_vars, x: np.ndarray, labels: np.ndarray, needs: Needs,
                           *, batch_size: int = 256, inputs: Callable[[jax.Array], jax.Array] = _identity,
                           mesh=None) -> dict[str, np.ndarray]:
     """Runs the frozen teacher once over `x` and returns its outputs as host arrays (same keys as `teacher_outputs`).
@@ -353,6 +572,7 @@ def cache_teacher_outputs(teacher: nn.Module, teacher_vars, x: np.ndarray, label
     is the cache itself plus one batch (`teacher_cache_bytes` says how much beforehand).
 
     Args:
+      teacher, teacher_vars: as for `teacher_outputs`.
       x: [n, ...] host images as stored (e.g. uint8); `inputs` maps a batch of them to the teacher's
         input on the device (e.g. standardization), inside the jitted call.
       labels: [n] ints (saliency targets).
@@ -379,7 +599,7 @@ def cache_teacher_outputs(teacher: nn.Module, teacher_vars, x: np.ndarray, label
     return out
 
 
-def teacher_outputs_fn(teacher: nn.Module, teacher_vars, needs: Needs, inputs: Callable, mesh, batch_size: int):
+def teacher_outputs_fn(teacher, teacher_vars, needs: Needs, inputs: Callable, mesh, batch_size: int):
     """The jitted `(variables, x, labels) -> teacher_outputs`, the variables to pass it, and the batch size.
 
     With a mesh: batches split over its `data` axis (the batch size rounded up to a multiple of its
@@ -400,32 +620,46 @@ def teacher_outputs_fn(teacher: nn.Module, teacher_vars, needs: Needs, inputs: C
 # --------------------------------------------------------------------------- the loss function
 
 
-def init_trainable(student: nn.Module, method: str, cfg: MethodConfig, key: jax.Array, sample_x: jax.Array,
-                   teacher: nn.Module | None = None, teacher_vars=None, *, extra=None) -> dict:
+def init_trainable(student, method: str, cfg: MethodConfig, key: jax.Array, sample_x: jax.Array,
+                   teacher=None, teacher_vars=None, *, extra=None) -> dict:
     """Initial trainable parameters `{"model": student params, "aux": {"hint": regressors}}`.
 
+    `student`: anything `as_student` takes; `teacher`, `teacher_vars`: anything `as_teacher` takes.
+    `init_student` also returns the student's other variable collections.
     Checks that the student and teacher produce every feature the method reads and that each
     pair of features can be matched.
 
     Raises:
       ValueError: naming the method, the layers and the shapes that do not fit.
     """
+    return init_student(student, method, cfg, key, sample_x, teacher, teacher_vars, extra=extra)[0]
+
+
+def init_student(student, method: str, cfg: MethodConfig, key: jax.Array, sample_x: jax.Array,
+                 teacher=None, teacher_vars=None, *, extra=None) -> tuple[dict, dict]:
+    """`(init_trainable's parameters, the student's other variable collections)`, `extra` replacing those it names.
+
+    The collections (e.g. "batch_stats", a "pca") are the `extra` of `train.create_state`.
+    """
     needs = method_needs(method, cfg)
     model_key, aux_key = jax.random.split(key)
-    variables = _jitted_init(student)(model_key, sample_x)
-    if extra:
-        variables = {**variables, **extra}
-    s_logits, s_feats = jax.eval_shape(lambda v: student.apply(v, sample_x, return_features=True), variables)
-    _check_layers(method, "student", type(student).__name__, needs.student_layers, s_feats)
+    student = as_student(student)
+    variables = dict(flax.core.unfreeze(student.init(model_key, sample_x)))
+    if "params" not in variables:
+        raise ValueError(f"student {student.name}: init gave no 'params' collection (it gave {sorted(variables)})")
+    variables.update(extra or {})
+    s_logits, s_feats = jax.eval_shape(student.apply, variables, sample_x)
+    _check_layers(method, "student", student.name, needs.student_layers, s_feats)
     aux = {}
     if needs.teacher:
         if teacher is None:
             raise ValueError(f"method {method!r} needs a teacher")
-        t_logits, t_feats = jax.eval_shape(lambda v: teacher.apply(v, sample_x, return_features=True), teacher_vars)
+        teacher = as_teacher(teacher, teacher_vars)
+        t_logits, t_feats = jax.eval_shape(teacher.apply, teacher.variables, sample_x)
         if t_logits.shape[-1] != s_logits.shape[-1]:
             raise ValueError(f"method {method!r}: the student has {s_logits.shape[-1]} classes and the teacher "
                              f"{t_logits.shape[-1]}; they must be equal")
-        _check_layers(method, "teacher", type(teacher).__name__, needs.teacher_layers + needs.teacher_attention, t_feats)
+        _check_layers(method, "teacher", teacher.name, needs.teacher_layers + needs.teacher_attention, t_feats)
         for s_layer, t_layer in _used_pairs(method, cfg, "attention"):
             _check_spatial(method, s_layer, s_feats[s_layer].shape, t_layer, t_feats[t_layer].shape)
         hint_pairs = _used_pairs(method, cfg, "hint")
@@ -438,13 +672,14 @@ def init_trainable(student: nn.Module, method: str, cfg: MethodConfig, key: jax.
                     k, jnp.zeros(s_feats[s].shape, s_feats[s].dtype))["params"]
                 for k, (s, t) in zip(keys, hint_pairs)
             }
-    return {"model": variables["params"], "aux": aux}
+    params = variables.pop("params")
+    return {"model": params, "aux": aux}, variables
 
 
 @functools.lru_cache(maxsize=None)  # linen modules hash by their fields: one compiled init per architecture
-def _jitted_init(module: nn.Module) -> Callable:
-    """`jax.jit(module.init)` (an eager init of a deep net dispatches op by op)."""
-    return jax.jit(module.init)
+def _jitted_init(module: nn.Module, options: tuple = ()) -> Callable:
+    """`jax.jit(module.init)` with keyword `options` (an eager init of a deep net dispatches op by op)."""
+    return jax.jit(functools.partial(module.init, **dict(options)))
 
 
 def _used_pairs(method: str, cfg: MethodConfig, term: str) -> tuple[Pair, ...]:
@@ -508,7 +743,8 @@ ADVERSARIAL_KINDS = ("seed_cnn", "cnn", "mlp")  # the networks; trees and linear
 
 
 def check_adversarial(kind: str, cfg: MethodConfig, *, key: str = "adversarial") -> None:
-    """Adversarial training only for the networks (`ADVERSARIAL_KINDS`) and without mixup.
+    """Adversarial training only for the networks (`ADVERSARIAL_KINDS`, or a user's model of kind "network")
+    and without mixup.
 
     The attack maximizes the cross entropy with the batch's labels, which a mixed image does not have.
     Raises:
@@ -516,7 +752,7 @@ def check_adversarial(kind: str, cfg: MethodConfig, *, key: str = "adversarial")
     """
     if not cfg.adversarial_on:
         return
-    if kind not in ADVERSARIAL_KINDS:
+    if kind not in ADVERSARIAL_KINDS and kind != NETWORK:
         raise ValueError(f"{key}={cfg.adversarial!r}: adversarial training is supported for {list(ADVERSARIAL_KINDS)} "
                          f"models, not {kind!r}; set it to 'none' for this model")
     if cfg.mixup:
@@ -551,41 +787,50 @@ def training_view(key: jax.Array, x: jax.Array, cfg: MethodConfig, *, labels: ja
     return x
 
 
-def make_loss_fn(student: nn.Module, student_kind: str, method: str, cfg: MethodConfig, num_classes: int,
-                 teacher: nn.Module | None = None) -> Callable:
+def make_loss_fn(student, student_kind: str | None, method: str, cfg: MethodConfig, num_classes: int,
+                 teacher=None) -> Callable:
     """The per-example loss `loss_fn(params, extra, batch, teacher_vars, key) -> (losses [B], aux)` for `train`.
 
+    `student`: anything `as_student` takes; `student_kind` overrides its kind (None: the model's own,
+    `STUDENT_KINDS`); "tree" selects the soft tree objective. `teacher`: anything `as_teacher` takes;
+    the step passes its variables as `teacher_vars` (None for a function that closes over them).
     `batch` holds `x`, `y` and, when the teacher's outputs are cached, the `teacher_*` entries
     of `teacher_outputs`; otherwise the teacher runs here on the view the student sees
     (`training_view`: augmented, mixed and adversarial when the config says so; the attack runs
-    against the student's current parameters under stop_gradient, through `models.for_attribution`).
-    aux: `accuracy` per example. For a tree student the balance penalty (a batch-level
-    scalar) is spread evenly over the examples.
+    against the student's current parameters under stop_gradient, through its `loop_apply`).
+    aux: `accuracy` per example and, for a student with mutable collections (BatchNorm statistics),
+    their updated values under `train.MUTABLE` ("mutable"), which the train step writes into
+    `state.extra`. For a tree student the balance penalty (a batch-level scalar) is spread evenly
+    over the examples.
     """
     terms = parse_method(method)
     needs = method_needs(method, cfg)
+    student = as_student(student, kind=student_kind)
+    teacher = None if teacher is None else as_teacher(teacher)
     check_mixup(method, cfg)
-    check_adversarial(student_kind, cfg)
-    attacked = models.for_attribution(student)  # the attack runs the model in a loop (see for_attribution)
+    check_adversarial(student.kind, cfg)
+    is_tree = student.kind == "tree"
 
     def loss_fn(params, extra, batch, teacher_vars, key):
         x, y = batch["x"], batch["y"]
         if cfg.changes_inputs:
             frozen = {"params": jax.lax.stop_gradient(params["model"]), **extra}
-            x = training_view(key, x, cfg, labels=y, apply_fn=lambda z: attacked.apply(frozen, z))
+            x = training_view(key, x, cfg, labels=y, apply_fn=lambda z: student.loop_apply(frozen, z))
         variables = {"params": params["model"], **extra}
-        logits, feats = student.apply(variables, x, return_features=True)
+        (logits, feats), updates = student.train_apply(variables, x)
         feats = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), feats)  # losses in float32 under bf16 compute
         t_out = {k: v for k, v in batch.items() if k.startswith("teacher_")}
         if t_out and cfg.changes_inputs:
             raise ValueError("the batch holds cached teacher outputs of the stored images, but augmentation, mixup or "
                              "adversarial training changes the inputs every step; pass no teacher_* entries so the teacher sees the same view")
         if needs.teacher and not t_out:
+            if teacher is None:
+                raise ValueError(f"method {method!r} needs a teacher: pass teacher= to make_loss_fn")
             t_out = teacher_outputs(teacher, teacher_vars, x, y, needs)
         ctx = Context(
-            x=x, labels=y, num_classes=num_classes, student_kind=student_kind,
+            x=x, labels=y, num_classes=num_classes, student_kind=student.kind,
             student_logits=logits, student_features=feats,
-            student_apply=lambda z: student.apply({"params": params["model"], **extra}, z),
+            student_apply=lambda z: student.apply(variables, z)[0],
             aux_params=params["aux"],
             teacher_logits=t_out.get("teacher_logits"),
             teacher_features={k.split("/", 1)[1]: v for k, v in t_out.items() if k.startswith("teacher_feat/")},
@@ -593,10 +838,82 @@ def make_loss_fn(student: nn.Module, student_kind: str, method: str, cfg: Method
             teacher_saliency=t_out.get("teacher_saliency"), cfg=cfg,
         )
         total = sum(weight * TERMS[name].loss(ctx) for name, weight in terms)
-        if student_kind == "tree" and cfg.tree_balance > 0:
+        if is_tree and cfg.tree_balance > 0:
             penalty = losses.tree_balance_penalty(feats["node_reach"], feats["routing"], strength=cfg.tree_balance)
             total = total + penalty
         accuracy = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
-        return total, {"accuracy": accuracy}
+        aux = {"accuracy": accuracy}
+        if updates:
+            aux[train.MUTABLE] = updates
+        return total, aux
 
     return loss_fn
+
+
+# --------------------------------------------------------------------------- one call
+
+
+def distill(student, teacher, x, y, *, key: jax.Array, method: str = "kd", temperature: float | None = None,
+            alpha: float | None = None, config: MethodConfig | None = None, teacher_variables=None,
+            epochs: int = 10, batch_size: int = 64, learning_rate: float = 1e-3,
+            optimizer: str | optax.GradientTransformation = "adam", seed: int = 0, mesh=None,
+            cache_limit_mb: float = 1024.0, show_progress: bool | None = False):
+    """Distils `teacher` into `student` on `(x, y)` with the library's train step and fit loop.
+
+    The loss is the method's (e.g. "kd": alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y),
+    per example, batch-averaged; a soft tree gets its Frosst & Hinton form), trained by `optimizer` over
+    `epochs` passes of shuffled batches (`train.fit`; the ragged tail of each epoch is dropped).
+
+    Args:
+      student: a linen module, a pair `(init_fn, apply_fn)` or a `Student` (`as_student`).
+      teacher: a linen module (with `teacher_variables`), a function `x -> logits` or
+        `x -> (logits, {name: features})`, a function `(variables, x) -> ...` with `teacher_variables`
+        (then they are an argument of the compiled step, not constants), or a `Teacher`; None for "labels".
+      x: [n, ...] host inputs as the models take them (e.g. NHWC float32). y: [n] int labels.
+      key: PRNG key (student initialization and the step keys).
+      method: `parse_method`'s form, e.g. "kd", "fm", "kd+attention".
+      temperature, alpha: override `config`'s (default `MethodConfig()`: T = 4, alpha = 0.9).
+      config: every other method setting (`MethodConfig`).
+      epochs, batch_size, learning_rate: the budget; batch_size a multiple of the mesh's devices.
+      optimizer: a `train.OPTIMIZERS` name or an optax transformation (then learning_rate is unused).
+      seed: the data order (`train.epoch_batch_indices`).
+      mesh: default `parallel.make_mesh()` (every device; the batch is split over them).
+      cache_limit_mb: when no setting changes the inputs, the teacher runs once over `x` and its outputs are
+        kept on the host if they take at most this many MB; otherwise (or 0) it runs inside every step.
+      show_progress: a progress bar (`train.progress_bar`).
+    Returns:
+      The student's trained variables, as its own apply takes them: a linen module's
+      `{"params": ..., **collections}` (BatchNorm statistics, a PCA), a pair's params.
+    Raises:
+      ValueError: naming the bad argument (`x`/`y` lengths, a linen teacher without `teacher_variables`, ...).
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    if y.ndim != 1 or len(x) != len(y):
+        raise ValueError(f"x and y must hold the same number of examples, y as [n] labels; got x {x.shape}, y {y.shape}")
+    if isinstance(teacher, nn.Module) and teacher_variables is None:
+        raise ValueError(f"teacher is a linen module ({type(teacher).__name__}): pass its variables as teacher_variables=")
+    student = as_student(student)
+    teacher = None if teacher is None else as_teacher(teacher, teacher_variables)
+    overrides = {k: v for k, v in (("temperature", temperature), ("alpha", alpha)) if v is not None}
+    cfg = dataclasses.replace(config or MethodConfig(), **overrides)
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    parallel.check_batch_size(batch_size, mesh)
+    init_key, state_key = jax.random.split(key)
+    sample = jnp.asarray(x[:2])
+    params, collections = init_student(student, method, cfg, init_key, sample, teacher)
+    num_classes = jax.eval_shape(student.apply, {"params": params["model"], **collections}, sample)[0].shape[-1]
+    needs = method_needs(method, cfg)
+    arrays = {"x": x, "y": y}
+    if needs.teacher and not cfg.changes_inputs and cache_limit_mb > 0 and \
+            teacher_cache_bytes(teacher, teacher.variables, x[:1], needs, len(x)) <= cache_limit_mb * 2**20:
+        arrays.update(cache_teacher_outputs(teacher, teacher.variables, x, y, needs, mesh=parallel.local_mesh()))
+    run_teacher = needs.teacher and len(arrays) == 2
+    if isinstance(optimizer, str):
+        steps = train.total_steps(len(y), parallel.local_batch_size(batch_size), epochs)
+        optimizer = train.make_optimizer(optimizer, learning_rate=learning_rate, total_steps=steps)
+    state = train.create_state(params, optimizer, key=state_key, extra=collections)
+    step_fn = train.make_train_step(make_loss_fn(student, None, method, cfg, num_classes, teacher), optimizer, mesh)
+    fit_cfg = train.FitConfig(epochs=epochs, batch_size=batch_size, seed=seed, desc=f"distill {student.name}",
+                              show_progress=show_progress)
+    state, _ = train.fit(state, step_fn, arrays, fit_cfg, mesh=mesh, teacher=teacher.variables if run_teacher else None)
+    return student.export(jax.device_get({"params": state.params["model"], **state.extra}))

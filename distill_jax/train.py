@@ -5,18 +5,30 @@ A train step is built from a per-example loss function
     loss_fn(params, extra, batch, teacher, key) -> (losses [batch], aux: dict of [batch] arrays)
 
 where `params` are the trainable parameters, `extra` the non-trainable variable collections
-(e.g. a PCA), `batch` a dict with at least `x` and `y`, and `teacher` the frozen teacher's
-variables (an argument, never closed over, so it is not baked into the compiled program as
-a constant) or None. The step is jitted once with explicit shardings (batch split over the
-mesh's `data` axis, everything else replicated) and donates the old state.
+(e.g. a PCA, BatchNorm statistics), `batch` a dict with at least `x` and `y`, and `teacher` the
+frozen teacher's variables (an argument, never closed over, so it is not baked into the compiled
+program as a constant) or None. The step is jitted once with explicit shardings (batch split over
+the mesh's `data` axis, everything else replicated) and donates the old state.
+
+Mutable collections: a loss function whose model updates some of `extra` in its training pass
+(BatchNorm's `batch_stats`) returns the updated collections as `aux["mutable"]` (`MUTABLE`), e.g.
+
+    (logits, updates) = model.apply({"params": params, **extra}, x, train=True, mutable=["batch_stats"])
+    return losses, {"accuracy": ..., "mutable": updates}
+
+and the step writes them into `state.extra`; collections it does not return (a PCA) stay as they were.
+
+`fit` reads batches from in-memory arrays (shuffled by `epoch_batch_indices`) or from any iterable of
+batch dicts (a data loader, a tfds `data_source` read through an index sampler, a generator).
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
 import flax
 import jax
@@ -28,6 +40,7 @@ from tqdm.auto import tqdm
 from distill_jax import parallel
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
+MUTABLE = "mutable"  # aux key of a loss function's updated non-trainable collections (see the module docstring)
 
 
 def _sync_every_step() -> bool:
@@ -55,7 +68,7 @@ class TrainState:
     """Everything a run needs to continue exactly where it stopped.
 
     Fields: step (int32 scalar), params (trainable pytree), opt_state, extra (non-trainable
-    variable collections, never updated), key (PRNG key; step keys are fold_in(key, step)),
+    variable collections: updated only where the loss function returns them as `aux["mutable"]`), key (PRNG key; step keys are fold_in(key, step)),
     first_bad_step (int32 scalar; -1 while every loss and gradient has been finite).
     """
 
@@ -126,13 +139,45 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
 
 
+def merge_mutable(extra, updates):
+    """`extra` with the collections in `updates` replaced; the others (e.g. a PCA) stay as they were.
+
+    The result has exactly the tree structure of `extra` (so a jitted step keeps one compiled program).
+
+    Args:
+      extra: the state's non-trainable collections, name -> pytree.
+      updates: name -> pytree for some of those names (a loss function's `aux["mutable"]`), or None.
+    Raises:
+      ValueError: an updated collection that `extra` lacks, or one whose leaves differ in number or shape.
+    """
+    if not updates:
+        return extra
+    unknown = sorted(set(updates) - set(extra))
+    if unknown:
+        raise ValueError(f"loss_fn returned mutable collection(s) {unknown} that state.extra lacks (it has "
+                         f"{sorted(extra)}); create the state with extra= holding their initial values")
+    new = dict(extra)
+    for name, value in updates.items():
+        # FrozenDicts flatten in insertion order, dicts in sorted order: compare and rebuild as plain dicts
+        old, value = flax.core.unfreeze(extra[name]), flax.core.unfreeze(value)
+        old_shapes = jax.tree_util.tree_map(jnp.shape, old)
+        new_shapes = jax.tree_util.tree_map(jnp.shape, value)
+        if old_shapes != new_shapes:
+            raise ValueError(f"loss_fn returned mutable collection {name!r} shaped {new_shapes}; "
+                             f"state.extra[{name!r}] is shaped {old_shapes}")
+        merged = jax.tree_util.tree_map(lambda n, o: jnp.asarray(n, o.dtype), value, old)
+        new[name] = flax.core.freeze(merged) if isinstance(extra[name], flax.core.FrozenDict) else merged
+    return type(extra)(new)
+
+
 def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> Callable:
     """The un-jitted train step: (state, batch, teacher) -> (state, metrics).
 
-    metrics: `loss` (batch mean) and the batch mean of every aux entry. A step whose loss or
-    gradient is not finite records its step number in `first_bad_step`; from then on the state
-    (step, params, optimizer state) stays exactly as it was before that step, so `fit` can save
-    the last good state and stop.
+    metrics: `loss` (batch mean) and the batch mean of every aux entry but `aux["mutable"]`, whose
+    collections are written into `state.extra` (`merge_mutable`). A step whose loss or gradient is
+    not finite records its step number in `first_bad_step`; from then on the state (step, params,
+    optimizer state, extra) stays exactly as it was before that step, so `fit` can save the last
+    good state and stop.
     """
 
     def step(state: TrainState, batch: dict, teacher) -> tuple[TrainState, dict]:
@@ -143,23 +188,29 @@ def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> C
             return jnp.mean(losses), aux
 
         (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
+        aux = dict(aux)
+        new_extra = merge_mutable(state.extra, aux.pop(MUTABLE, None))
         finite = jnp.isfinite(loss) & _all_finite(grads)
         good = finite & (state.first_bad_step < 0)  # after the first bad step the state stays frozen
 
-        def update(grads, opt_state, params):
+        def update(grads, opt_state, params, new_extra, old_extra):
             updates, new_opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), new_opt_state
+            return optax.apply_updates(params, updates), new_opt_state, new_extra
+
+        def keep(grads, opt_state, params, new_extra, old_extra):
+            return params, opt_state, old_extra
 
         # A cond rather than a select over every leaf: the SeedCNN step ran 1.4x faster at batch 32 on
         # XLA:CPU with glibc malloc (benchmarks/RESULTS.md); the result is the same.
-        new_params, new_opt_state = jax.lax.cond(
-            good, update, lambda grads, opt_state, params: (params, opt_state), grads, state.opt_state, state.params
+        new_params, new_opt_state, new_extra = jax.lax.cond(
+            good, update, keep, grads, state.opt_state, state.params, new_extra, state.extra
         )
         first_bad = jnp.where((state.first_bad_step < 0) & ~finite, state.step, state.first_bad_step)
         new_state = state.replace(
             step=jnp.where(good, state.step + 1, state.step),
             params=new_params,
             opt_state=new_opt_state,
+            extra=new_extra,
             first_bad_step=first_bad,
         )
         metrics = {"loss": loss, **{k: jnp.mean(v) for k, v in aux.items()}}
@@ -257,8 +308,8 @@ class FitConfig:
     stop_check_every: int = 10
 
 
-def progress_bar(total: int, *, desc: str, show: bool | None = None, initial: int = 0) -> tqdm:
-    """A tqdm bar over `total` units: `show=None` draws it only on a terminal, True always, False never."""
+def progress_bar(total: int | None, *, desc: str, show: bool | None = None, initial: int = 0) -> tqdm:
+    """A tqdm bar over `total` units (None: unknown): `show=None` draws it only on a terminal, True always, False never."""
     disable = {None: None, True: False, False: True}[show]
     return tqdm(total=total, initial=initial, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
 
@@ -312,21 +363,105 @@ class _StopRequest:
         return False
 
 
-def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: FitConfig, *, mesh,
+Batches = Union[Mapping[str, np.ndarray], Iterable[dict], Callable[[int], Iterable[dict]]]
+
+
+def array_epochs(data: Mapping[str, np.ndarray], cfg: FitConfig, start: int) -> tuple[Iterator, int]:
+    """The batches of in-memory arrays still to run from step `start`: (iterator of (epoch, batches), total steps).
+
+    Each epoch's order is `epoch_batch_indices(n, local batch, seed=cfg.seed, epoch)`; a resumed run
+    (`start` > 0) continues mid-epoch at the batch where it stopped.
+    Raises:
+      ValueError: the batch is larger than the n examples.
+    """
+    n = len(data["y"])
+    local_bs = parallel.local_batch_size(cfg.batch_size)
+    per_epoch = n // local_bs if local_bs <= n else 0
+    if per_epoch == 0:
+        raise ValueError(f"{cfg.desc}: batch_size={cfg.batch_size} is larger than the {n} training examples")
+
+    def epochs():
+        for epoch in range(start // per_epoch, cfg.epochs):
+            order = epoch_batch_indices(n, local_bs, seed=cfg.seed, epoch=epoch)
+            first = start - epoch * per_epoch if epoch == start // per_epoch else 0
+            yield epoch, ({k: v[idx] for k, v in data.items()} for idx in order[first:])
+
+    return epochs(), per_epoch * cfg.epochs
+
+
+def stream_epochs(data: Iterable[dict] | Callable[[int], Iterable[dict]], cfg: FitConfig,
+                  start: int) -> tuple[Iterator, int | None]:
+    """The batches of an iterable (or of `data(epoch)`) still to run from step `start`: (iterator of (epoch, batches), total steps or None).
+
+    One epoch is one pass: `iter(data)` (a re-iterable: a list, a data loader) or `data(epoch)` (a function
+    that may shuffle by epoch). Every batch is a dict of host arrays whose leading axis is this process's
+    share of `cfg.batch_size`. A resumed run reads and drops the first `start` batches, so the stream
+    must give the same batches again (seeded by epoch). Under multi-host, every process must yield
+    the same number of batches. E.g. a tfds `data_source` (random access, nothing loaded up front) read
+    through a per-epoch index sampler:
+
+        source = tfds.data_source("mnist", split="train")
+        def batches(epoch):
+            order = epoch_batch_indices(len(source), batch_size, seed=0, epoch=epoch)
+            for idx in order:
+                records = [source[int(i)] for i in idx]
+                yield {"x": np.stack([r["image"] for r in records]), "y": np.array([r["label"] for r in records])}
+
+    Raises:
+      ValueError: a one-shot iterator with `cfg.epochs` > 1, an epoch with no batches, a batch of the wrong size.
+    """
+    local_bs = parallel.local_batch_size(cfg.batch_size)
+    if not callable(data) and iter(data) is data and cfg.epochs > 1:
+        raise ValueError(f"{cfg.desc}: data is a one-shot iterator, which can feed one epoch, not epochs={cfg.epochs}; "
+                         f"pass a re-iterable (a list, a data loader) or a function epoch -> batches")
+    total = None if callable(data) or not hasattr(data, "__len__") else len(data) * cfg.epochs
+
+    def checked(batches, epoch):
+        for i, batch in enumerate(batches):
+            sizes = {k: len(v) for k, v in batch.items()}
+            if "x" not in batch or "y" not in batch or set(sizes.values()) != {local_bs}:
+                raise ValueError(f"{cfg.desc}: batch {i} of epoch {epoch} has {sizes} examples; every batch must be "
+                                 f"a dict with 'x' and 'y' of {local_bs} examples each (drop or pad the ragged tail)")
+            yield batch
+
+    def epochs():
+        skip = start
+        for epoch in range(cfg.epochs):
+            batches = checked(iter(data(epoch) if callable(data) else data), epoch)
+            head, seen = None, 0
+            for batch in batches:
+                seen += 1
+                if skip:
+                    skip -= 1
+                    continue
+                head = batch
+                break
+            if not seen:
+                raise ValueError(f"{cfg.desc}: data gave no batches in epoch {epoch}")
+            if head is not None:  # else the whole epoch ran before `start`
+                yield epoch, itertools.chain([head], batches)
+
+    return epochs(), total
+
+
+def fit(state: TrainState, step_fn: Callable, data: Batches, cfg: FitConfig, *, mesh,
         teacher=None, evaluate: Callable[[TrainState], float] | None = None,
         save: Callable[[TrainState], None] | None = None,
         on_epoch: Callable[[list[dict]], None] | None = None) -> tuple[TrainState, list[dict]]:
-    """Runs `step_fn` over shuffled batches for `cfg.epochs` epochs, resuming from `state.step`.
+    """Runs `step_fn` over the batches of `data` for `cfg.epochs` epochs, resuming from `state.step`.
 
-    The data order depends only on (cfg.seed, epoch), the step keys on (state.key, step), so a
-    run restored from a checkpoint ends bitwise where an uninterrupted run ends.
+    For arrays the data order depends only on (cfg.seed, epoch), the step keys on (state.key, step),
+    so a run restored from a checkpoint ends bitwise where an uninterrupted run ends; a stream that
+    gives the same batches again resumes the same way.
 
     Args:
       state: a TrainState (fresh or restored; a restored one continues mid-epoch exactly).
       step_fn: from `make_train_step`.
-      data: dict of host arrays with the same leading length n (at least `x`, `y`); each step
-        gets the rows of one batch of every entry (e.g. cached teacher logits). Under
-        multi-host, each process passes its own share of the training data.
+      data: either a dict of host arrays with the same leading length n (at least `x`, `y`); each step
+        gets the rows of one shuffled batch of every entry (e.g. cached teacher logits), `array_epochs`;
+        or an iterable of batch dicts (one pass per epoch), or a function epoch -> such an iterable,
+        each batch `cfg.batch_size` examples (`stream_epochs`). Under multi-host, each process passes
+        its own share of the training data (its batches: its share of every global batch).
       evaluate: optional state -> test accuracy, called after every epoch.
       save: optional state -> None, called every `cfg.checkpoint_every` steps, at the end, and
         on SIGINT/SIGTERM before `Interrupted` is raised. Under multi-host it is called on every
@@ -338,32 +473,28 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
     Raises:
       NonFiniteError: a loss or gradient became non-finite (the state before that step is saved).
       Interrupted: SIGINT/SIGTERM arrived (on any process); the current state was saved first.
+      ValueError: bad data (see `array_epochs`, `stream_epochs`).
     """
-    n = len(data["y"])
-    local_bs = parallel.local_batch_size(cfg.batch_size)
-    steps_per_epoch = n // local_bs if local_bs <= n else 0
-    if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.desc}: batch_size={cfg.batch_size} is larger than the {n} training examples")
-    total = steps_per_epoch * cfg.epochs
     start = step = int(jax.device_get(state.step))  # reads back explicitly: fit runs under transfer guards
+    epochs, total = (array_epochs if isinstance(data, Mapping) else stream_epochs)(data, cfg, start)
     sync = _sync_every_step()
     # committed to the step's sharding (one compilation, not two), and a copy: the step donates its
     # input, which must not delete the caller's arrays
     state = parallel.replicate(state, mesh, copy=True)
     teacher = None if teacher is None else parallel.replicate(teacher, mesh)  # placed once, not sent every step
     history: list[dict] = []
-    bar = progress_bar(total, desc=cfg.desc, show=cfg.show_progress, initial=min(start, total))
+    bar = progress_bar(total, desc=cfg.desc, show=cfg.show_progress, initial=start if total is None else min(start, total))
     shown_at, shown_time = step, time.perf_counter()
     try:
         with _StopRequest() as stop:
-            for epoch in range(start // steps_per_epoch, cfg.epochs):
-                order = epoch_batch_indices(n, local_bs, seed=cfg.seed, epoch=epoch)
+            for epoch, batches in epochs:
                 sums: dict[str, jax.Array] = {}
-                first = start - epoch * steps_per_epoch if epoch == start // steps_per_epoch else 0
-                for idx in order[first:]:
-                    batch = parallel.shard_batch({k: v[idx] for k, v in data.items()}, mesh)
+                ran = 0
+                for host_batch in batches:
+                    batch = parallel.shard_batch(host_batch, mesh)
                     state, metrics = step_fn(state, batch, teacher)
                     step += 1
+                    ran += 1
                     if sync:
                         jax.block_until_ready(metrics)
                     sums = metrics if not sums else jax.tree_util.tree_map(jnp.add, sums, metrics)
@@ -380,7 +511,7 @@ def fit(state: TrainState, step_fn: Callable, data: dict[str, np.ndarray], cfg: 
                         _raise_if_nonfinite(state, cfg.desc, save)
                         save(state)
                 _raise_if_nonfinite(state, cfg.desc, save)
-                record = {"epoch": epoch + 1, **{k: float(v) / len(order[first:]) for k, v in jax.device_get(sums).items()}}
+                record = {"epoch": epoch + 1, **{k: float(v) / ran for k, v in jax.device_get(sums).items()}}
                 if evaluate is not None:
                     record["test_accuracy"] = float(evaluate(state))
                 history.append(record)
