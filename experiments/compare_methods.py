@@ -248,6 +248,16 @@ def run_seed(c, dataset: str, seed: int, mesh, *, echo: Callable[[str], None] = 
     return out
 
 
+def _same_run(config: dict, saved: dict) -> bool:
+    """Whether a saved seed was trained with `config`; which seeds and datasets the run lists does not matter."""
+    def trimmed(d: dict) -> dict:
+        d = json.loads(json.dumps(d, default=str))
+        compare = {k: v for k, v in d.get("compare", {}).items() if k not in ("seeds", "datasets")}
+        return {**d, "compare": compare}
+
+    return trimmed(config) == trimmed(saved)
+
+
 def run_dataset(c, dataset: str, seeds: list[int], *, workdir: str | None = None,
                 echo: Callable[[str], None] = print) -> dict:
     """Every seed of one dataset; returns {"teacher": [...], "<model>": [metrics per seed]}.
@@ -266,7 +276,7 @@ def run_dataset(c, dataset: str, seeds: list[int], *, workdir: str | None = None
         if path and os.path.exists(path):
             with open(path) as f:
                 saved = json.load(f)
-            if json.loads(json.dumps(fingerprint, default=str)) == saved.get("config"):
+            if _same_run(fingerprint, saved.get("config") or {}):
                 block = saved["models"]
                 echo(f"{dataset} seed {seed}: reusing {path}")
         if block is None:

@@ -155,6 +155,9 @@ def test_compare_methods_smoke(tmp_path):
     md = (tmp_path / "compare_methods.md").read_text()
     assert "| cnn-kd | cnn-labels |" in md and "### digits (2 seeds" in md
     assert any("digits seed 1 cnn-kd: accuracy" in l for l in lines)
+    one = []  # listing fewer seeds is the same run: seed 1's file is reused
+    assert cm.main(argv + ["--seeds", "1"], echo=one.append) == 0
+    assert sum("reusing" in line for line in one) == 1 and not any("accuracy" in line for line in one[:1])
 
 
 def test_pruning_smoke_reaches_target_sparsity(tmp_path):
