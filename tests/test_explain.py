@@ -129,8 +129,14 @@ def test_multiple_targets(data):
     x, _ = data
     _, f = _cnn(jax.random.key(7))
     tk = jnp.stack([jnp.zeros(B, jnp.int32), jnp.full(B, 2, jnp.int32)], axis=1)  # [B, 2]
-    for name in ("saliency", "grad_x_input", "integrated_gradients", "occlusion"):
-        kw = {"steps": 8} if name == "integrated_gradients" else {}
+    key = jax.random.key(3)
+    options = {"integrated_gradients": {"steps": 8}, "blur_ig": {"steps": 8}, "guided_ig": {"steps": 6},
+               "smoothgrad": {"key": key, "samples": 4}, "smoothgrad_squared": {"key": key, "samples": 4},
+               "vargrad": {"key": key, "samples": 4}, "gradient_shap": {"key": key, "samples": 4}}
+    # every gradient method of the registry, and occlusion (grad_cam, the perturbation methods: their own tests)
+    for name in ("saliency", "grad_x_input", "integrated_gradients", "occlusion", "smoothgrad",
+                 "smoothgrad_squared", "vargrad", "gradient_shap", "guided_ig", "blur_ig"):
+        kw = options.get(name, {})
         out = explain.attribute(name, f, x, tk, **kw)
         assert out.shape == (B, 2) + x.shape[1:]
         for j in range(2):
