@@ -30,6 +30,10 @@ def default_config() -> ml_collections.ConfigDict:
     # like robustness.epsilon; adversarial_step_size=0 means 2.5 * epsilon / steps. Networks only
     # (seed_cnn, cnn, mlp); for students a kind's group may override them (see `student`)
     adversarial = dict(adversarial="none", adversarial_epsilon=0.25, adversarial_steps=5, adversarial_step_size=0.0)
+    # DP-SGD (Abadi et al. 2016), per model: dp_noise_multiplier > 0 clips every example's gradient to L2 norm
+    # dp_l2_clip and adds Gaussian noise of std dp_noise_multiplier * dp_l2_clip; the run reports the model's
+    # (epsilon, dp_delta) from dp-accounting's RDP accountant (`privacy.dp_sgd_epsilon`); 0 = off
+    adversarial.update(dp_noise_multiplier=0.0, dp_l2_clip=1.0, dp_delta=1e-5)
     c.teacher = ml_collections.ConfigDict(dict(
         kind="seed_cnn", optimizer="adam", learning_rate=1e-3, momentum=0.9, weight_decay=0.0,
         schedule="cosine", epochs=25, batch_size=64, augment_shift=0, augment_flip=False, **adversarial))
@@ -138,7 +142,15 @@ def _auto_or(value, ok) -> bool:
 
 
 def _validate_adversarial(g, group: str) -> None:
-    """The numeric `adversarial*` keys of one budget group, where it has them (the name: `pipeline.check_choices`)."""
+    """The numeric `adversarial*` and `dp_*` keys of one budget group, where it has them (the adversarial
+    method's name: `pipeline.check_choices`)."""
+    if "dp_noise_multiplier" in g:
+        _require(_number(g.dp_noise_multiplier) and g.dp_noise_multiplier >= 0, f"{group}.dp_noise_multiplier",
+                 g.dp_noise_multiplier, "must be >= 0 (0 = no DP-SGD)")
+    if "dp_l2_clip" in g:
+        _require(_number(g.dp_l2_clip) and g.dp_l2_clip > 0, f"{group}.dp_l2_clip", g.dp_l2_clip, "must be > 0")
+    if "dp_delta" in g:
+        _require(_number(g.dp_delta) and 0 < g.dp_delta < 1, f"{group}.dp_delta", g.dp_delta, "must be in (0, 1)")
     if "adversarial_epsilon" in g:
         _require(_number(g.adversarial_epsilon) and g.adversarial_epsilon >= 0, f"{group}.adversarial_epsilon",
                  g.adversarial_epsilon, "must be >= 0 (standardized input units)")

@@ -249,7 +249,8 @@ def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, bud
     if use_cache:
         arrays.update(distill.cache_teacher_outputs(t_model, t_vars, x_fit, y_fit, needs,
                                                     inputs=prep.inputs, mesh=parallel.local_mesh()))
-    step_fn = train.make_train_step(loss_fn, optimizer, mesh)
+    dp = dp_sgd_of(budget)
+    step_fn = train.make_train_step(loss_fn, optimizer, mesh, dp=dp)
     predict_fn = make_predict_fn(model, prep, mesh)
 
     def variables_of(st):
@@ -281,8 +282,34 @@ def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, bud
         checkpoint.save_variables(os.path.join(ckpt_dir, name, "final"), variables)
     test_logits = train.predict(predict_fn, variables, prep.x_test, batch_size=c.eval_batch_size, mesh=mesh)
     # what is evaluated, explained and reported runs in float32, whatever the training compute dtype
+    settings = {} if dp is None else {"privacy": privacy_of(dp, budget, steps, len(y_fit))}
     return Trained(name, models.with_compute_dtype(model, "float32"), variables, kind, method, test_logits, history,
-                   time.perf_counter() - start, train_images=len(y_fit))
+                   time.perf_counter() - start, settings=settings, train_images=len(y_fit))
+
+
+def privacy_text(t: Trained) -> str:
+    """`", DP-SGD epsilon 2.31 (delta 1e-05)"` for a privately trained model; "" otherwise."""
+    p = t.settings.get("privacy")
+    return "" if not p else f", {p['mechanism']} epsilon {p['epsilon']:.2f} (delta {p['delta']:g})"
+
+
+def dp_sgd_of(budget) -> train.DPSGD | None:
+    """The DP-SGD settings of a budget group (`dp_noise_multiplier` > 0), or None."""
+    if not budget.get("dp_noise_multiplier", 0.0):
+        return None
+    return train.DPSGD(l2_clip=float(budget.dp_l2_clip), noise_multiplier=float(budget.dp_noise_multiplier))
+
+
+def privacy_of(dp: train.DPSGD, budget, steps: int, n: int) -> dict:
+    """What a DP-SGD model reports: (epsilon, delta) of its `steps` steps at sampling rate batch / n
+    (`privacy.dp_sgd_epsilon`, which assumes Poisson sampling; the trainer draws shuffled fixed-size
+    batches, as most DP-SGD implementations do), with the settings."""
+    from distill_jax import privacy  # noqa: PLC0415 - dp-accounting loads only for private training
+
+    epsilon = privacy.dp_sgd_epsilon(steps, batch_size=parallel.local_batch_size(budget.batch_size), n=n,
+                                     noise_multiplier=dp.noise_multiplier, delta=float(budget.dp_delta))
+    return {"mechanism": "DP-SGD", "epsilon": round(float(epsilon), 4), "delta": float(budget.dp_delta),
+            "noise_multiplier": dp.noise_multiplier, "l2_clip": dp.l2_clip, "steps": steps}
 
 
 def _teacher_cache_fits(name: str, needs: distill.Needs, mcfg: distill.MethodConfig, t_model, t_vars,
@@ -356,7 +383,7 @@ def train_student(name: str, kind: str, method: str, prep: Prepared, teacher: Tr
                      teacher=teacher, cache_teacher=c.method.cache_teacher, **kw)
     if "selection" in settings:
         settings["selection"]["seconds"] = round(time.perf_counter() - start - trained.seconds, 2)
-    return dataclasses.replace(trained, settings=settings, seconds=time.perf_counter() - start)
+    return dataclasses.replace(trained, settings={**trained.settings, **settings}, seconds=time.perf_counter() - start)
 
 
 def kd_settings(name: str, kind: str, method: str, prep: Prepared, teacher: Trained, c, mesh) -> dict:
@@ -643,7 +670,7 @@ def run(c, workdir: str, *, show_progress: bool | None = None, echo: Callable[[s
     memory["teacher"] = peak_rss_mb()
     if main:
         echo(f"teacher {c.teacher.kind}: test accuracy {train.accuracy_from_logits(teacher.test_logits, prep.y_test):.4f}"
-             f" ({teacher.seconds:.1f} s)")
+             f"{privacy_text(teacher)} ({teacher.seconds:.1f} s)")
     students = []
     for name, kind, method in config_lib.parse_students(c.students):
         s = train_student(name, kind, method, prep, teacher, c, mesh, ckpt_dir, show_progress=show_progress)
@@ -652,7 +679,7 @@ def run(c, workdir: str, *, show_progress: bool | None = None, echo: Callable[[s
         memory[name] = peak_rss_mb()
         if main:
             echo(f"student {name}: test accuracy {train.accuracy_from_logits(s.test_logits, prep.y_test):.4f}"
-                 f" ({s.seconds:.1f} s)")
+                 f"{privacy_text(s)} ({s.seconds:.1f} s)")
 
     result = {
         "dataset": prep.name,

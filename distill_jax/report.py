@@ -499,16 +499,23 @@ def _fmt(v) -> str:
 
 def model_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the model table (one row per model)."""
+    private = any("privacy" in m for m in result["models"].values())
     header = ["model", "method", "T, alpha", "accuracy", "agreement", "kl", "params", "fgsm_accuracy", "pgd_accuracy",
-              "ig_completeness_error"]
+              "ig_completeness_error"] + (["privacy (epsilon, delta)"] if private else [])
     rows = []
     for name, m in result["models"].items():
         ex = result.get("explanations", {}).get(name, {})
         rows.append([name, m.get("method", "labels (teacher)"), kd_settings_text(m), _fmt(m["accuracy"]),
                      _fmt(m.get("agreement")),
                      _fmt(m.get("kl")), str(m["params"]), _fmt(m.get("fgsm_accuracy")), _fmt(m.get("pgd_accuracy")),
-                     _fmt(ex.get("ig_completeness_error"))])
+                     _fmt(ex.get("ig_completeness_error"))] + ([privacy_text(m)] if private else []))
     return header, rows
+
+
+def privacy_text(model: dict) -> str:
+    """`DP-SGD: epsilon 2.31, delta 1e-05` for a privately trained model's metrics; "-" otherwise."""
+    p = model.get("privacy")
+    return "-" if not p else f"{p['mechanism']}: epsilon {p['epsilon']:.2f}, delta {p['delta']:g}"
 
 
 def kd_settings_text(model: dict) -> str:

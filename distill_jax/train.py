@@ -170,8 +170,42 @@ def merge_mutable(extra, updates):
     return type(extra)(new)
 
 
-def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> Callable:
+@dataclasses.dataclass(frozen=True)
+class DPSGD:
+    """Differentially private SGD settings (Abadi et al. 2016): every example's gradient is clipped to L2
+    norm `l2_clip` and Gaussian noise of std `noise_multiplier * l2_clip` is added to their sum
+    (`privacy.dp_sgd_gradients`); the optimizer then applies that gradient as any other."""
+
+    l2_clip: float
+    noise_multiplier: float
+
+
+def _gradients(loss_fn: LossFn, state, batch: dict, teacher, key: jax.Array, dp: DPSGD | None):
+    """(mean loss, aux, gradient) of one step: the plain gradient of the mean, or DP-SGD's."""
+
+    def mean_loss(params):
+        losses, aux = loss_fn(params, state.extra, batch, teacher, key)
+        return jnp.mean(losses), aux
+
+    if dp is None:
+        (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
+        return loss, aux, grads
+    from distill_jax import privacy  # noqa: PLC0415 - dp-accounting loads only for private training
+
+    loss, aux = mean_loss(state.params)
+    if aux.get(MUTABLE):
+        raise ValueError("DP-SGD clips per-example gradients, but this model updates batch statistics "
+                         "(a mutable collection), which mix the examples of a batch; use a model without them")
+    per_example = lambda params, b: loss_fn(params, state.extra, b, teacher, key)[0]
+    grads = privacy.dp_sgd_gradients(per_example, state.params, batch, l2_clip=dp.l2_clip,
+                                     noise_multiplier=dp.noise_multiplier, key=jax.random.fold_in(key, 0x0D9))
+    return loss, aux, grads
+
+
+def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, dp: DPSGD | None = None) -> Callable:
     """The un-jitted train step: (state, batch, teacher) -> (state, metrics).
+
+    `dp`: train with DP-SGD's clipped, noised gradient (`DPSGD`) instead of the gradient of the mean loss.
 
     metrics: `loss` (batch mean) and the batch mean of every aux entry but `aux["mutable"]`, whose
     collections are written into `state.extra` (`merge_mutable`). A step whose loss or gradient is
@@ -182,12 +216,7 @@ def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> C
 
     def step(state: TrainState, batch: dict, teacher) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state.key, state.step)
-
-        def mean_loss(params):
-            losses, aux = loss_fn(params, state.extra, batch, teacher, key)
-            return jnp.mean(losses), aux
-
-        (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
+        loss, aux, grads = _gradients(loss_fn, state, batch, teacher, key, dp)
         aux = dict(aux)
         new_extra = merge_mutable(state.extra, aux.pop(MUTABLE, None))
         finite = jnp.isfinite(loss) & _all_finite(grads)
@@ -232,11 +261,12 @@ def with_inputs(loss_fn: LossFn, inputs: Callable[[jax.Array], jax.Array]) -> Lo
     return loss_on_inputs
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh) -> Callable:
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh, *,
+                    dp: DPSGD | None = None) -> Callable:
     """`train_step_fn` jitted with explicit shardings over `mesh` and the old state donated."""
     repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
     return jax.jit(
-        train_step_fn(loss_fn, optimizer),
+        train_step_fn(loss_fn, optimizer, dp=dp),
         in_shardings=(repl, data, repl),
         out_shardings=(repl, repl),
         donate_argnums=0,

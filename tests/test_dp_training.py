@@ -1,0 +1,101 @@
+"""DP-SGD as a training option: the step applies clipped, noised per-example gradients; runs report epsilon."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from distill_jax import config as config_lib, parallel, pipeline, privacy, report, train
+
+D = 64
+
+
+def _least_squares(params, extra, batch, teacher, key):
+    """Per-example 0.5 * (x . w + b - y)^2, the library's loss signature."""
+    pred = batch["x"] @ params["w"] + params["b"]
+    return 0.5 * (pred - batch["y"]) ** 2, {"accuracy": jnp.zeros_like(pred)}
+
+
+def _setup(n=8):
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.normal(size=(n, D)), jnp.float32), "y": jnp.asarray(rng.normal(size=n), jnp.float32)}
+    params = {"w": jnp.zeros(D), "b": jnp.zeros(())}
+    return batch, params
+
+
+def _step(params, batch, dp, lr=0.1, key=0):
+    optimizer = optax.sgd(lr)
+    state = train.create_state(params, optimizer, key=jax.random.PRNGKey(key))
+    new, _ = jax.jit(train.train_step_fn(_least_squares, optimizer, dp=dp))(state, batch, None)
+    return new.params
+
+
+def test_noiseless_dp_step_applies_the_mean_of_clipped_per_example_gradients():
+    batch, params = _setup()
+    clip = 0.05
+    new = _step(params, batch, train.DPSGD(l2_clip=clip, noise_multiplier=0.0))
+    # at w = 0, b = 0 example i's gradient is (-y_i x_i, -y_i); clipped to norm `clip`
+    x, y = np.asarray(batch["x"], np.float64), np.asarray(batch["y"], np.float64)
+    g = np.concatenate([-y[:, None] * x, -y[:, None]], axis=1)
+    g *= np.minimum(1.0, clip / np.linalg.norm(g, axis=1, keepdims=True))
+    expected = -0.1 * g.mean(0)
+    np.testing.assert_allclose(np.asarray(new["w"]), expected[:D], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(new["b"]), expected[D], rtol=1e-5, atol=1e-7)
+    # a huge clip is the plain gradient of the mean loss
+    plain = _step(params, batch, None)
+    huge = _step(params, batch, train.DPSGD(l2_clip=1e6, noise_multiplier=0.0))
+    np.testing.assert_allclose(np.asarray(huge["w"]), np.asarray(plain["w"]), rtol=1e-5, atol=1e-7)
+
+
+def test_dp_noise_has_the_stated_scale():
+    batch, params = _setup(n=8)
+    params = {"w": jnp.zeros(4096), "b": jnp.zeros(())}
+    batch = {"x": jnp.zeros((8, 4096)), "y": jnp.zeros(8)}  # zero gradients: the update is the noise alone
+    z, clip, lr = 1.5, 2.0, 0.1
+    new = _step(params, batch, train.DPSGD(l2_clip=clip, noise_multiplier=z))
+    assert float(np.std(np.asarray(new["w"]))) == pytest.approx(lr * z * clip / 8, rel=0.05)
+    other = _step(params, batch, train.DPSGD(l2_clip=clip, noise_multiplier=z), key=1)
+    assert not np.allclose(np.asarray(new["w"]), np.asarray(other["w"]))  # the noise follows the state's key
+
+
+def test_a_dp_teacher_reports_the_accountants_epsilon_in_metrics_and_report():
+    c = config_lib.apply_smoke(config_lib.default_config())
+    c.teacher.kind = "mlp"
+    c.teacher.dp_noise_multiplier = 1.1
+    c.teacher.dp_l2_clip = 1.0
+    prep = pipeline.prepare_data(c)
+    teacher = pipeline.train_teacher(prep, c, parallel.make_mesh(), None, show_progress=False)
+    p = teacher.settings["privacy"]
+    steps = train.total_steps(len(prep.y_train), c.teacher.batch_size, c.teacher.epochs)
+    expected = privacy.dp_sgd_epsilon(steps, batch_size=c.teacher.batch_size, n=len(prep.y_train),
+                                      noise_multiplier=1.1, delta=1e-5)
+    assert p["epsilon"] == pytest.approx(expected, rel=1e-3) and p["delta"] == 1e-5 and p["steps"] == steps
+    metrics = pipeline.model_metrics(teacher, None, prep)
+    assert metrics["privacy"]["mechanism"] == "DP-SGD"
+    assert f"epsilon {expected:.2f} (delta 1e-05)" in pipeline.privacy_text(teacher)
+    header, rows = report.model_rows({"models": {"teacher": metrics}})
+    assert header[-1] == "privacy (epsilon, delta)" and rows[0][-1] == f"DP-SGD: epsilon {expected:.2f}, delta 1e-05"
+    plain = {"models": {"teacher": {k: v for k, v in metrics.items() if k != "privacy"}}}
+    assert "privacy (epsilon, delta)" not in report.model_rows(plain)[0]  # no column without a private model
+
+
+@pytest.mark.parametrize("key,value,needle", [("dp_delta", 1.0, "teacher.dp_delta"),
+                                              ("dp_noise_multiplier", -1.0, "teacher.dp_noise_multiplier"),
+                                              ("dp_l2_clip", 0.0, "teacher.dp_l2_clip")])
+def test_bad_dp_settings_are_refused(key, value, needle):
+    c = config_lib.default_config()
+    c.teacher[key] = value
+    with pytest.raises(ValueError, match=needle):
+        config_lib.validate(c)
+
+
+def test_dp_with_batch_statistics_is_refused():
+    def loss_fn(params, extra, batch, teacher, key):
+        return jnp.zeros(batch["x"].shape[0]) + params["w"].sum(), {"mutable": {"batch_stats": {"m": jnp.ones(2)}}}
+
+    optimizer = optax.sgd(0.1)
+    state = train.create_state({"w": jnp.ones(2)}, optimizer, key=jax.random.PRNGKey(0),
+                               extra={"batch_stats": {"m": jnp.zeros(2)}})
+    step = train.train_step_fn(loss_fn, optimizer, dp=train.DPSGD(l2_clip=1.0, noise_multiplier=1.0))
+    with pytest.raises(ValueError, match="mix the examples of a batch"):
+        step(state, {"x": jnp.ones((4, 2)), "y": jnp.zeros(4)}, None)
