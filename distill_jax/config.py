@@ -36,7 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
     adversarial.update(dp_noise_multiplier=0.0, dp_l2_clip=1.0, dp_delta=1e-5)
     c.teacher = ml_collections.ConfigDict(dict(
         kind="seed_cnn", optimizer="adam", learning_rate=1e-3, momentum=0.9, weight_decay=0.0,
-        schedule="cosine", epochs=25, batch_size=64, augment_shift=0, augment_flip=False, **adversarial))
+        schedule="cosine", epochs=25, batch_size=64, augment_shift=0, augment_flip=False,
+        # softmax temperature of the teacher's training (defensive distillation trains it at the student's T)
+        train_temperature=1.0, **adversarial))
     c.student = ml_collections.ConfigDict(dict(
         optimizer="adam", learning_rate=3e-3, momentum=0.9, weight_decay=0.0,
         schedule="cosine", epochs=40, batch_size=64,
@@ -173,6 +175,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _require(g.batch_size >= 1, f"{group}.batch_size", g.batch_size, "must be >= 1")
         _require(g.epochs >= 1, f"{group}.epochs", g.epochs, "must be >= 1")
         _require(g.learning_rate > 0, f"{group}.learning_rate", g.learning_rate, "must be > 0")
+    _require(_number(c.teacher.get("train_temperature", 1.0)) and c.teacher.get("train_temperature", 1.0) > 0,
+             "teacher.train_temperature", c.teacher.get("train_temperature"), "must be > 0 (1 = plain training)")
     for group in ("teacher", "student") + STUDENT_KINDS:
         _validate_adversarial(c.get(group, {}), group)
     _require(0 <= c.student.prune_sparsity < 1, "student.prune_sparsity", c.student.prune_sparsity,

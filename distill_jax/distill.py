@@ -72,6 +72,9 @@ class MethodConfig:
     attention_pairs: tuple[Pair, ...] = (("conv1", "conv1"), ("conv2", "conv2"))
     attention_p: float = 2.0
     tree_balance: float = 0.1
+    # the `labels` term's softmax temperature: 1, except for the teacher of defensive distillation, which
+    # Papernot et al. (2016) train at the same T as its student (its logits grow about T-fold)
+    label_temperature: float = 1.0
     augment_shift: int = 0
     augment_flip: bool = False
     mixup: float = 0.0  # Beta(mixup, mixup) weights of `data.mixup` on every batch; 0 = off
@@ -88,6 +91,8 @@ class MethodConfig:
             raise ValueError(f"alpha must be in [0, 1]; got {self.alpha}")
         if self.tree_balance < 0:
             raise ValueError(f"tree_balance must be >= 0; got {self.tree_balance}")
+        if not self.label_temperature > 0:
+            raise ValueError(f"label_temperature must be > 0; got {self.label_temperature}")
         if self.mixup < 0:
             raise ValueError(f"mixup must be >= 0 (0 = off); got {self.mixup}")
         if self.adversarial not in ADVERSARIAL:
@@ -166,10 +171,11 @@ def _tree_loss(ctx: Context, target_probs: jax.Array) -> jax.Array:
 
 
 def labels_term(ctx: Context) -> jax.Array:
-    """Cross entropy with the labels; for a soft tree, Frosst & Hinton's expected leaf cross entropy."""
+    """Cross entropy with the labels, CE(softmax(logits / label_temperature), y); for a soft tree, Frosst &
+    Hinton's expected leaf cross entropy."""
     if _is_tree(ctx):
         return _tree_loss(ctx, jax.nn.one_hot(ctx.labels, ctx.num_classes))
-    return losses.cross_entropy(ctx.student_logits, ctx.labels)
+    return losses.cross_entropy(ctx.student_logits / ctx.cfg.label_temperature, ctx.labels)
 
 
 def kd_term(ctx: Context) -> jax.Array:

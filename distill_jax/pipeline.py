@@ -349,10 +349,12 @@ def _predict_program(evaluator: nn.Module, mesh) -> Callable:
 
 def train_teacher(prep: Prepared, c, mesh, ckpt_dir: str | None, **kw) -> Trained:
     """Trains the teacher (`c.teacher.kind`, SeedCNN by default) on labels; on PGD adversarial examples when
-    `c.teacher.adversarial="pgd"` (Madry et al. 2018)."""
+    `c.teacher.adversarial="pgd"` (Madry et al. 2018); at softmax temperature `c.teacher.train_temperature`
+    (the teacher of defensive distillation, Papernot et al. 2016; 1 otherwise), used at T = 1 afterwards."""
     model, extra = build_model(c.teacher.kind, c, prep.num_classes, prep.pca)
     # mixup is a distillation setting: the teacher learns labels
-    mcfg = dataclasses.replace(method_config(c, group=c.teacher), mixup=0.0)
+    mcfg = dataclasses.replace(method_config(c, group=c.teacher), mixup=0.0,
+                               label_temperature=float(c.teacher.get("train_temperature", 1.0)))
     return _train("teacher", c.teacher.kind, "labels", model, extra, c.teacher, prep, mcfg, c, mesh,
                   ckpt_dir, **kw)
 

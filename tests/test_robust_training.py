@@ -250,3 +250,38 @@ def test_defensive_term_reads_the_teacher_at_the_method_temperature_and_no_label
         else:
             want = _hand_defensive(logits, t_logits, 20.0)
         np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_the_labels_term_at_a_training_temperature_is_the_cross_entropy_of_logits_over_t(batch):
+    x, y = batch
+    model = models.MLP(N_CLASSES, hidden=(8,))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    params = {"model": variables["params"], "aux": {}}
+    logits = model.apply(variables, x)
+    for t in (1.0, 20.0):
+        cfg = distill.MethodConfig(label_temperature=t)
+        loss, _ = distill.make_loss_fn(model, "mlp", "labels", cfg, N_CLASSES)(params, {}, {"x": x, "y": y}, None,
+                                                                               jax.random.PRNGKey(1))
+        expected = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits / t)), np.asarray(y)[:, None], 1)[:, 0]
+        np.testing.assert_allclose(np.asarray(loss), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="label_temperature must be > 0"):
+        distill.MethodConfig(label_temperature=0.0)
+
+
+def test_a_teacher_trained_at_temperature_t_has_larger_logits():
+    """Papernot et al.'s defensive teacher: trained at T, used at T = 1, its logits grow with T."""
+    c = config.apply_smoke(config.default_config())
+    c.teacher.kind, c.teacher.epochs, c.teacher.learning_rate = "mlp", 6, 3e-3
+    prep = pipeline.prepare_data(c)
+    mesh = parallel.make_mesh()
+    spread = {}
+    for t in (1.0, 20.0):
+        c.teacher.train_temperature = t
+        teacher = pipeline.train_teacher(prep, c, mesh, None, show_progress=False)
+        logits = np.asarray(teacher.test_logits)
+        spread[t] = float(np.mean(logits.max(1) - logits.min(1)))
+        assert train.accuracy_from_logits(logits, prep.y_test) > 0.8
+    assert spread[20.0] > 5 * spread[1.0]
+    c.teacher.train_temperature = 0.0
+    with pytest.raises(ValueError, match="teacher.train_temperature"):
+        config.validate(c)
