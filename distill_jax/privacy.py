@@ -20,6 +20,7 @@ Hyper-parameters are Python numbers (static under jit).
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, Callable, NamedTuple, Sequence
@@ -390,13 +391,18 @@ def ensemble_logits(apply_fn: Callable, stacked_params, x: jax.Array, *, mesh: M
     Returns:
       [T, batch, classes].
     """
+    split = mesh is not None and jnp.shape(x)[0] % mesh.shape[parallel.DATA_AXIS] == 0
+    return _ensemble_program(apply_fn, mesh, split)(stacked_params, x)
+
+
+@functools.lru_cache(maxsize=None)  # one compiled program per (apply_fn, mesh, split), not one per call
+def _ensemble_program(apply_fn: Callable, mesh: Mesh | None, split: bool) -> Callable:
     fn = jax.vmap(apply_fn, in_axes=(0, None))
     if mesh is None:
-        return jax.jit(fn)(stacked_params, x)
+        return jax.jit(fn)
     repl = parallel.replicated(mesh)
-    split = jnp.shape(x)[0] % mesh.shape[parallel.DATA_AXIS] == 0
     x_sharding, out_sharding = (parallel.data_sharding(mesh), _teacher_batch_sharding(mesh)) if split else (repl, repl)
-    return jax.jit(fn, in_shardings=(repl, x_sharding), out_shardings=out_sharding)(stacked_params, x)
+    return jax.jit(fn, in_shardings=(repl, x_sharding), out_shardings=out_sharding)
 
 
 # --------------------------------------------------------------------------- DP-SGD
