@@ -281,7 +281,7 @@ def print_verdict(result: dict) -> None:
     """Prints the report's verdict (which readable student to trust, which explanation of it) after a blank line."""
     from distill_jax import verdict  # noqa: PLC0415 - the CLI imports the library lazily
 
-    print(f"\n{verdict.as_text(result.get('verdict') or verdict.decide(result))}")
+    print(f"\n{verdict.as_text(verdict.of(result))}")
 
 
 def check_finished_run(workdir: str) -> str:

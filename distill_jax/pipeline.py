@@ -97,6 +97,8 @@ class Trained:
     seconds: float
     settings: dict = dataclasses.field(default_factory=dict)
     train_images: int = 0
+    # `transfer_labels` per transfer set; not copied by `dataclasses.replace` (a changed model starts empty)
+    transfer_label_cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def apply_fn(self) -> Callable[[jax.Array], jax.Array]:
@@ -150,10 +152,17 @@ def hold_out_unlabelled(x: np.ndarray, y: np.ndarray, x_transfer: np.ndarray | N
 
 
 def transfer_labels(teacher: Trained, prep: Prepared, c, mesh) -> np.ndarray:
-    """The teacher's arg-max class [m] int32 for each transfer image (its label for label-reading terms)."""
-    logits = train.predict(make_predict_fn(teacher.model, prep, mesh), teacher.variables, prep.x_transfer,
-                           batch_size=c.eval_batch_size, mesh=mesh)
-    return np.argmax(logits, axis=-1).astype(np.int32)
+    """The teacher's arg-max class [m] int32 for each transfer image (its label for label-reading terms).
+
+    Computed once per (teacher, transfer set) and kept on the teacher: every student and every `auto`
+    candidate that learns from it trains on the same labels.
+    """
+    key = id(prep.x_transfer)
+    if key not in teacher.transfer_label_cache:
+        logits = train.predict(make_predict_fn(teacher.model, prep, mesh), teacher.variables, prep.x_transfer,
+                               batch_size=c.eval_batch_size, mesh=mesh)
+        teacher.transfer_label_cache[key] = np.argmax(logits, axis=-1).astype(np.int32)
+    return teacher.transfer_label_cache[key]
 
 
 def training_set(needs: distill.Needs, prep: Prepared, teacher: Trained | None, c, mesh) -> tuple[np.ndarray, np.ndarray]:
@@ -353,10 +362,15 @@ def train_teacher(prep: Prepared, c, mesh, ckpt_dir: str | None, **kw) -> Traine
     (the teacher of defensive distillation, Papernot et al. 2016; 1 otherwise), used at T = 1 afterwards."""
     model, extra = build_model(c.teacher.kind, c, prep.num_classes, prep.pca)
     # mixup is a distillation setting: the teacher learns labels
-    mcfg = dataclasses.replace(method_config(c, group=c.teacher), mixup=0.0,
-                               label_temperature=float(c.teacher.get("train_temperature", 1.0)))
+    mcfg = teacher_method_config(c)
     return _train("teacher", c.teacher.kind, "labels", model, extra, c.teacher, prep, mcfg, c, mesh,
                   ckpt_dir, **kw)
+
+
+def teacher_method_config(c) -> distill.MethodConfig:
+    """The teacher's training settings: its adversarial keys and training temperature, no mixup."""
+    return dataclasses.replace(method_config(c, group=c.teacher), mixup=0.0,
+                               label_temperature=float(c.teacher.get("train_temperature", 1.0)))
 
 
 def student_budget(kind: str, c):
@@ -587,7 +601,7 @@ def check_choices(c) -> None:
         if "adversarial" in values:
             require(values.adversarial in distill.ADVERSARIAL, f"{group}.adversarial", values.adversarial,
                     distill.ADVERSARIAL)
-    distill.check_adversarial(c.teacher.kind, dataclasses.replace(method_config(c, group=c.teacher), mixup=0.0),
+    distill.check_adversarial(c.teacher.kind, teacher_method_config(c),
                               key="teacher.adversarial")
     for name, kind, method in students:
         mcfg = method_config(c, group=student_budget(kind, c))

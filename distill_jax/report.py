@@ -653,7 +653,7 @@ chosen values; the test set played no part. T, alpha in the table above are the 
 <style>{CSS}</style></head><body>
 <h1>distill_jax report: {html.escape(result['dataset'])}</h1>
 <p class="note">jax {html.escape(v['jax'])} on {html.escape(v['backend'])} ({v['devices']} device(s)); {html.escape(timing)}</p>
-{verdict_html(verdict_lib.decide(result))}
+{verdict_html(verdict_lib.of(result))}
 {placed[READABILITY_TITLE]}
 <h2>Models</h2>
 <p class="note">accuracy: test top-1; agreement: fraction of test images where the student's top-1 equals the teacher's;

@@ -155,6 +155,11 @@ def _describe(s: dict) -> str:
     return f"{s['name']} ({', '.join(parts)})"
 
 
+def of(result: dict) -> dict:
+    """The verdict a run stored in its result (`result["verdict"]`), or `decide(result)` when it has none."""
+    return result.get("verdict") or decide(result)
+
+
 def as_text(v: dict) -> str:
     """The verdict as two plain-text paragraphs (student, then explanation method), each stating its rule."""
     s = v.get("student")

@@ -130,7 +130,7 @@ def configure(args):
     method_overrides(c)  # checks the form of every item
     import _baselines  # noqa: PLC0415 - next to this script
 
-    for name in parse_list(c.compare.baselines, "baselines") if c.compare.get("baselines", "") else []:
+    for name in baseline_names(c):
         if name not in _baselines.BASELINES:
             raise ValueError(f"compare.baselines: {name!r} is not known; use any of {list(_baselines.BASELINES)}")
     parse_list(c.compare.seeds, "seeds", int)
@@ -139,6 +139,12 @@ def configure(args):
 
 
 # --------------------------------------------------------------------------- the experiment
+
+
+def baseline_names(c) -> list[str]:
+    """The scikit-learn baselines `compare.baselines` lists (none when it is empty or absent)."""
+    text = c.get("compare", {}).get("baselines", "")
+    return parse_list(text, "baselines") if text else []
 
 
 def method_overrides(c, *targets: str) -> list[str]:
@@ -240,7 +246,7 @@ def run_seed(c, dataset: str, seed: int, mesh, *, echo: Callable[[str], None] = 
         out[name] = m
         echo(f"{dataset} seed {seed} {name}: accuracy {m['accuracy']:.4f} agreement {m['agreement']:.4f} "
              f"kl {m['kl']:.4f} ig_spearman {m['ig_spearman']:.3f} ({s.seconds:.1f} s)")
-    for name in parse_list(cs.compare.baselines, "baselines") if cs.compare.get("baselines", "") else []:
+    for name in baseline_names(cs):
         m = {"seed": seed, **baseline_metrics(name, prep, teacher, cs, mesh, x, target, teacher_maps)}
         out[name] = m
         echo(f"{dataset} seed {seed} {name}: accuracy {m['accuracy']:.4f} agreement {m['agreement']:.4f} "
@@ -304,8 +310,7 @@ def summarize(runs: dict, pairs: list[tuple[str, str]] = ()) -> dict:
     wanted = []
     for name in runs:
         kind, _, method = name.partition("-")
-        if name != "teacher" and method not in ("labels", "sklearn") and not kind.startswith("sk") \
-                and f"{kind}-labels" in runs:
+        if name != "teacher" and method != "labels" and f"{kind}-labels" in runs:
             wanted.append((name, f"{kind}-labels"))
     wanted += [p for p in pairs if p[0] in runs and p[1] in runs and p not in wanted]
     comparisons = {}
