@@ -186,9 +186,7 @@ def kd_term(ctx: Context) -> jax.Array:
     """
     t, alpha = ctx.cfg.temperature, ctx.cfg.alpha
     if _is_tree(ctx):
-        f = ctx.student_features
-        soft = losses.soft_tree_kd_loss(f["path_probs"], f["leaf_logits"], ctx.teacher_logits, temperature=t)
-        return alpha * soft + (1 - alpha) * labels_term(ctx)
+        return alpha * fm_term(ctx) + (1 - alpha) * labels_term(ctx)
     return losses.distillation_loss(ctx.student_logits, ctx.teacher_logits, ctx.labels, temperature=t, alpha=alpha)
 
 

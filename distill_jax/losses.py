@@ -340,8 +340,7 @@ def defensive_distillation_loss(student_logits: jax.Array, teacher_logits: jax.A
     """
     fn = "defensive_distillation_loss"
     _check_logit_pair(fn, student_logits, teacher_logits, temperature)
-    soft_targets = jax.nn.softmax(teacher_logits / temperature, axis=-1)
-    return -jnp.sum(soft_targets * jax.nn.log_softmax(student_logits / temperature, axis=-1), axis=-1)
+    return soft_cross_entropy(student_logits / temperature, jax.nn.softmax(teacher_logits / temperature, axis=-1))
 
 
 def logit_matching_loss(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:

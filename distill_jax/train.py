@@ -23,6 +23,7 @@ batch dicts (a data loader, a tfds `data_source` read through an index sampler, 
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import itertools
 import math
@@ -441,7 +442,7 @@ def stream_epochs(data: Iterable[dict] | Callable[[int], Iterable[dict]], cfg: F
       ValueError: a one-shot iterator with `cfg.epochs` > 1, an epoch with no batches, a batch of the wrong size.
     """
     local_bs = parallel.local_batch_size(cfg.batch_size)
-    if not callable(data) and iter(data) is data and cfg.epochs > 1:
+    if not callable(data) and isinstance(data, collections.abc.Iterator) and cfg.epochs > 1:
         raise ValueError(f"{cfg.desc}: data is a one-shot iterator, which can feed one epoch, not epochs={cfg.epochs}; "
                          f"pass a re-iterable (a list, a data loader) or a function epoch -> batches")
     total = None if callable(data) or not hasattr(data, "__len__") else len(data) * cfg.epochs
