@@ -44,8 +44,9 @@ model's IG and saliency maps with the standard teacher's (`audit.faithfulness`).
 
 What differs from the papers, by design: PATE 2017's MNIST student is a semi-supervised GAN (PATE-G) and
 both papers' epsilons are data-dependent; our students learn from the answered labels only, with the
-data-independent bound. Papernot et al. 2016 train the teacher at temperature T; the library trains every
-teacher at T = 1, so the T-teacher is emulated by scaling the T=1 teacher's class layer by T. Attack budgets
+data-independent bound. Papernot et al. 2016 train the teacher at temperature T; this script emulates that
+teacher by scaling the T=1 teacher's class layer by T (one teacher serves every T; the library can now train
+it for real with `teacher.train_temperature`, which the recorded run predates). Attack budgets
 are in standardized input units (the tables give their size in [0, 1] pixels).
 """
 from __future__ import annotations
@@ -407,7 +408,8 @@ def teacher_at_temperature(teacher, temperature: float):
     softmax at T as it has at 1 and logits T times larger. Distilling from it at T gives the student
     T-times larger logits too (s ~ T * t), which is what makes defensive distillation saturate its softmax
     at T = 1; distilled from the T=1 teacher itself the student's logits just match the teacher's (s ~ t).
-    The library has no temperature option for the teacher, so this lives here.
+    (The library's `teacher.train_temperature` trains such a teacher; the emulation keeps one T=1 teacher for
+    every T of the table.)
     """
     return dataclasses.replace(teacher, name=f"{teacher.name}@T={temperature:g}",
                                variables=scale_head(teacher.variables, temperature),
