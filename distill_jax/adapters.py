@@ -19,7 +19,7 @@ import flax
 import flax.linen as nn
 import jax
 
-from distill_jax import models
+from distill_jax import compilation, models
 
 NETWORK = "network"  # the kind of a student that is neither a soft tree nor a linear-over-PCA model
 
@@ -224,5 +224,6 @@ def _(student, *, kind: str | None = None, mutable=(), train_kwargs=None) -> Stu
 
 @functools.lru_cache(maxsize=None)  # linen modules hash by their fields: one compiled init per architecture
 def _jitted_init(module: nn.Module, options: tuple = ()) -> Callable:
-    """`jax.jit(module.init)` with keyword `options` (an eager init of a deep net dispatches op by op)."""
-    return jax.jit(functools.partial(module.init, **dict(options)))
+    """`module.init` jitted with keyword `options` (an eager init of a deep net dispatches op by op), compiled
+    as a program that runs once (`compilation.run_once`)."""
+    return compilation.run_once(functools.partial(module.init, **dict(options)))

@@ -1,9 +1,12 @@
 """The evaluation half of the job: explain trained models, score the explanations, analyse the readable students.
 
 Everything here takes trained models (a linen module plus its variables) and test images and
-returns plain arrays and floats; `report` draws them. Each computation is jitted once per
-model *class* with the variables as an argument, so three SmallCNN students share one
-compilation (and a new checkpoint of the same model reuses it).
+returns plain arrays and floats; `report` draws them. The gradient and perturbation methods, their
+scores and the attacks ask the model for logits or input gradients at many points through
+`queries.ModelQueries`: two compiled programs per architecture serve all of them (and every student
+of that architecture), the arithmetic around them being `batched_explain`'s numpy. Grad-CAM and the
+feature read-outs are one program per architecture each. Variables placed on a mesh (as the pipeline
+does) make every query split its points over that mesh's devices.
 """
 from __future__ import annotations
 
@@ -15,22 +18,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax import analysis, backend, explain, metrics, models
+from distill_jax import analysis, backend, batched_explain as bx, compilation, explain, metrics, models
+from distill_jax.queries import ModelQueries
 
 ATTRIBUTION_METHODS = ("saliency", "grad_x_input", "integrated_gradients", "smoothgrad", "grad_cam", "occlusion")
-
-
-def _apply(model: nn.Module, variables):
-    return lambda z: model.apply(variables, z)
 
 
 @functools.lru_cache(maxsize=None)  # linen modules hash and compare by their fields
 def _per_model(kernel: Callable, model: nn.Module, *static):
     """`kernel(model, *static, variables, ...)` jitted once per model class and static options.
 
-    Conv models run as `models.for_attribution(model)`: the kernels here loop over the network.
+    Conv models run as `models.for_attribution(model)`. Each runs once or twice per model, so it is
+    compiled as `compilation.run_once`.
     """
-    return jax.jit(functools.partial(kernel, models.for_attribution(model), *static))
+    return compilation.run_once(functools.partial(kernel, models.for_attribution(model), *static))
+
+
+def _mesh_of(variables):
+    """The mesh the variables are placed on (None when they are not on a `NamedSharding`)."""
+    sharding = getattr(jax.tree_util.tree_leaves(variables)[0], "sharding", None)
+    return getattr(sharding, "mesh", None) if isinstance(sharding, jax.sharding.NamedSharding) else None
+
+
+def queries(model: nn.Module, variables) -> ModelQueries:
+    """`model` with `variables` as a `ModelQueries`, splitting its points over the variables' mesh if any."""
+    return ModelQueries(model, variables, _mesh_of(variables))
+
+
+def _host(*arrays):
+    return tuple(np.asarray(a) for a in arrays)
 
 
 def spatial_layer(model: nn.Module, variables, sample_x: jax.Array) -> str | None:
@@ -43,60 +59,45 @@ def spatial_layer(model: nn.Module, variables, sample_x: jax.Array) -> str | Non
     return big[-1] if big else max(maps, key=lambda m: m[1][1] * m[1][2])[0]
 
 
-def _attribution_fn(method: str, model: nn.Module, layer: str | None, *, ig_steps: int, smoothgrad_samples: int,
-                    occlusion_patch: int) -> Callable | None:
-    """(variables, x, target, key) -> maps like x, or None when `method` does not apply to `model`."""
-
-    def wrap(fn):
-        return lambda v, x, t, k: fn(_apply(model, v), x, t, k)
-
-    registry = {
-        "saliency": wrap(lambda f, x, t, k: explain.saliency(f, x, t)),
-        "grad_x_input": wrap(lambda f, x, t, k: explain.grad_x_input(f, x, t)),
-        "integrated_gradients": wrap(lambda f, x, t, k: explain.integrated_gradients(f, x, t, steps=ig_steps)),
-        "smoothgrad": wrap(lambda f, x, t, k: explain.smoothgrad(explain.saliency, f, x, t, key=k,
-                                                                 samples=smoothgrad_samples)),
-        "occlusion": wrap(lambda f, x, t, k: explain.occlusion(f, x, t, patch=occlusion_patch,
-                                                               stride=max(1, occlusion_patch // 2))),
-    }
-    if method == "grad_cam":
-        if layer is None:
-            return None
-        fwd = lambda v: models.forward_with_features(model, v)
-        return lambda v, x, t, k: explain.grad_cam(fwd(v), x, t, layer=layer)[..., None] * jnp.ones_like(x)
-    return registry[method]
+def _grad_cam(model, layer, variables, x, target):
+    maps = explain.grad_cam(models.forward_with_features(model, variables), x, target, layer=layer)
+    return maps[..., None] * jnp.ones_like(x)
 
 
-@functools.lru_cache(maxsize=None)  # linen modules hash and compare by their fields
-def _compiled(method: str, model: nn.Module, layer, ig_steps, smoothgrad_samples, occlusion_patch):
-    fn = _attribution_fn(method, models.for_attribution(model), layer, ig_steps=ig_steps,
-                         smoothgrad_samples=smoothgrad_samples, occlusion_patch=occlusion_patch)
-    return None if fn is None else jax.jit(fn)
+def _occlusion_patch(x) -> int:
+    return max(1, min(x.shape[1:3]) // 4)
 
 
 def attribution_maps(model: nn.Module, variables, x: jax.Array, target: jax.Array, *, methods: Sequence[str],
                      ig_steps: int, smoothgrad_samples: int, key: jax.Array) -> dict[str, np.ndarray]:
-    """Maps of every applicable method: name -> [batch, h, w, c] (Grad-CAM broadcast over channels)."""
-    layer = spatial_layer(model, variables, x[:1])
-    patch = max(1, min(x.shape[1:3]) // 4)
+    """Maps of every applicable method: name -> [batch, h, w, c] (Grad-CAM broadcast over channels).
+
+    Occlusion uses square windows of a quarter of the image side, sliding by half a window.
+    """
+    unknown = [m for m in methods if m not in ATTRIBUTION_METHODS]
+    if unknown:
+        raise ValueError(f"explain.methods: {unknown[0]!r} is not known; use any of {list(ATTRIBUTION_METHODS)}")
+    q, (xh, th) = queries(model, variables), _host(x, target)
+    patch = _occlusion_patch(xh)
+    registry = {
+        "saliency": lambda: bx.saliency(q, xh, th),
+        "grad_x_input": lambda: bx.grad_x_input(q, xh, th),
+        "integrated_gradients": lambda: bx.integrated_gradients(q, xh, th, steps=ig_steps),
+        "smoothgrad": lambda: bx.smoothgrad(q, xh, th, key=key, samples=smoothgrad_samples),
+        "occlusion": lambda: bx.occlusion(q, xh, th, patch=patch, stride=max(1, patch // 2)),
+    }
     out = {}
     for method in methods:
-        if method not in ATTRIBUTION_METHODS:
-            raise ValueError(f"explain.methods: {method!r} is not known; use any of {list(ATTRIBUTION_METHODS)}")
-        fn = _compiled(method, model, layer, ig_steps, smoothgrad_samples, patch)
-        if fn is not None:
-            out[method] = np.asarray(fn(variables, x, target, key))
+        if method != "grad_cam":
+            out[method] = registry[method]()
+            continue
+        layer = spatial_layer(model, variables, x[:1])
+        if layer is not None:
+            out[method] = np.asarray(_per_model(_grad_cam, model, layer)(variables, x, target))
     return out
 
 
 # --------------------------------------------------------------------------- scores of explanations
-
-
-def _faithfulness(model, steps, variables, x, maps, target):
-    f = _apply(model, variables)
-    d_auc, d_curve = metrics.deletion_auc(f, x, maps, target, steps=steps, return_curve=True)
-    i_auc, i_curve = metrics.insertion_auc(f, x, maps, target, steps=steps, return_curve=True)
-    return d_auc, i_auc, d_curve, i_curve
 
 
 def faithfulness(model: nn.Module, variables, x, target, maps: dict[str, np.ndarray], teacher_maps, *,
@@ -106,37 +107,24 @@ def faithfulness(model: nn.Module, variables, x, target, maps: dict[str, np.ndar
     Returns (scores: method -> {deletion_auc, insertion_auc, spearman_vs_teacher, top10_overlap_vs_teacher},
     curves: method -> {"deletion": [steps+1], "insertion": [steps+1]} averaged over images).
     """
-    fn = _per_model(_faithfulness, model, steps)
+    q, (xh, th) = queries(model, variables), _host(x, target)
     scores, curves = {}, {}
     for method, m in maps.items():
-        d_auc, i_auc, d_curve, i_curve = fn(variables, x, jnp.asarray(m), target)
-        s = {"deletion_auc": float(jnp.mean(d_auc)), "insertion_auc": float(jnp.mean(i_auc))}
+        d_auc, i_auc, d_curve, i_curve = bx.deletion_insertion(q, xh, np.asarray(m), th, steps=steps)
+        s = {"deletion_auc": float(np.mean(d_auc)), "insertion_auc": float(np.mean(i_auc))}
         if teacher_maps is not None and method in teacher_maps:
-            a, b = jnp.abs(jnp.asarray(m)).sum(-1), jnp.abs(jnp.asarray(teacher_maps[method])).sum(-1)
+            a, b = np.abs(np.asarray(m)).sum(-1), np.abs(np.asarray(teacher_maps[method])).sum(-1)
             s["spearman_vs_teacher"] = float(jnp.mean(metrics.spearman(a, b)))
             k = max(1, a[0].size // 10)
             s["top10_overlap_vs_teacher"] = float(jnp.mean(metrics.top_k_overlap(a, b, k=k)))
         scores[method] = s
-        curves[method] = {"deletion": np.asarray(d_curve).mean(0), "insertion": np.asarray(i_curve).mean(0)}
+        curves[method] = {"deletion": d_curve.mean(0), "insertion": i_curve.mean(0)}
     return scores, curves
 
 
 # Each metric's direction: +1 when larger is better, -1 when smaller is better (for `rank_methods`).
 QUALITY_DIRECTIONS = {"deletion_auc": -1, "insertion_auc": +1, "faithfulness_correlation": +1,
                       "infidelity": -1, "sparseness": +1, "complexity": -1}
-
-
-def _quality(model, samples, variables, x, attribution, target, key):
-    f = _apply(model, variables)
-    features = int(np.prod(x.shape[1:]))
-    keys = jax.random.split(key, 2)
-    return {
-        "faithfulness_correlation": metrics.faithfulness_correlation(
-            f, x, attribution, target, key=keys[0], subset_size=max(1, features // 10), samples=samples),
-        "infidelity": metrics.infidelity(f, x, attribution, target, key=keys[1], samples=samples, normalize=True),
-        "sparseness": metrics.sparseness(attribution),
-        "complexity": metrics.complexity(attribution),
-    }
 
 
 def explanation_quality(model: nn.Module, variables, x, target, maps: dict[str, np.ndarray], *, key,
@@ -150,11 +138,19 @@ def explanation_quality(model: nn.Module, variables, x, target, maps: dict[str, 
     Returns:
       method -> {faithfulness_correlation, infidelity, sparseness, complexity}.
     """
-    fn = _per_model(_quality, model, samples)
+    q, (xh, th) = queries(model, variables), _host(x, target)
+    subset = max(1, int(np.prod(xh.shape[1:])) // 10)
+    keys = jax.random.split(key, 2)
     out = {}
     for method, m in maps.items():
-        scores = fn(variables, x, jnp.asarray(m), target, key)
-        out[method] = {k: float(jnp.mean(v)) for k, v in scores.items()}
+        m = np.asarray(m)
+        out[method] = {
+            "faithfulness_correlation": float(np.mean(bx.faithfulness_correlation(
+                q, xh, m, th, key=keys[0], subset_size=subset, samples=samples))),
+            "infidelity": float(np.mean(bx.infidelity(q, xh, m, th, key=keys[1], samples=samples))),
+            "sparseness": float(jnp.mean(metrics.sparseness(m))),
+            "complexity": float(jnp.mean(metrics.complexity(m))),
+        }
     return out
 
 
@@ -175,28 +171,16 @@ def rank_methods(scores: dict[str, dict[str, float]]) -> dict[str, dict]:
             for m, r in ranks.items()}
 
 
-def _ig_completeness(model, variables, x, target, ig_map):
-    return explain.ig_completeness_error(_apply(model, variables), x, ig_map, target)
-
-
 def ig_completeness(model: nn.Module, variables, x, target, ig_map) -> float:
     """Mean |sum IG - (f(x) - f(0))| / |f(x) - f(0)| over the images."""
-    return float(jnp.mean(_per_model(_ig_completeness, model)(variables, x, target, jnp.asarray(ig_map))))
-
-
-def _max_sensitivity(model, radius, variables, x, target, key):
-    f = _apply(model, variables)
-    return metrics.max_sensitivity(lambda z, t: explain.saliency(f, z, t), x, target, key=key, radius=radius, samples=8)
+    xh, th = _host(x, target)
+    return float(np.mean(bx.ig_completeness_error(queries(model, variables), xh, np.asarray(ig_map), th)))
 
 
 def saliency_max_sensitivity(model: nn.Module, variables, x, target, *, radius: float, key) -> float:
     """Mean max-sensitivity of the saliency map under uniform noise of `radius` (Yeh et al. 2019)."""
-    return float(jnp.mean(_per_model(_max_sensitivity, model, radius)(variables, x, target, key)))
-
-
-def _randomization_attr(model, method, params, extra, x, target):
-    fn = {"saliency": explain.saliency, "grad_x_input": explain.grad_x_input}[method]
-    return fn(lambda u: model.apply({"params": params, **extra}, u), x, target)
+    xh, th = _host(x, target)
+    return float(np.mean(bx.max_sensitivity(queries(model, variables), xh, th, key=key, radius=radius, samples=8)))
 
 
 def randomization(model: nn.Module, variables, x, target, *, key) -> dict[str, list]:
@@ -207,29 +191,27 @@ def randomization(model: nn.Module, variables, x, target, *, key) -> dict[str, l
     params = variables["params"]
     order = list(reversed(models.layer_order(model, variables, x[:1])))  # top-down: the output layer first
     extra = {k: v for k, v in variables.items() if k != "params"}
+    mesh = _mesh_of(variables)
+    xh, th = _host(x, target)
     out = {}
     for method in ("saliency", "grad_x_input"):
-        fn = _per_model(_randomization_attr, model, method)
-        out[method] = metrics.randomization_check(lambda p, z, t, fn=fn: fn(p, extra, z, t), params, order, x, target,
-                                                  key=key)
+        fn = {"saliency": bx.saliency, "grad_x_input": bx.grad_x_input}[method]
+        out[method] = metrics.randomization_check(
+            lambda p, z, t, fn=fn: fn(ModelQueries(model, {"params": p, **extra}, mesh), z, t), params, order, xh,
+            th, key=key, jit=False)
     return out
 
 
 # --------------------------------------------------------------------------- robustness
 
 
-def _robustness(model, epsilon, pgd_steps, variables, x, labels, key):
-    f = _apply(model, variables)
-    fgsm = metrics.adversarial_accuracy(f, x, labels, attack="fgsm", epsilon=epsilon)
-    pgd = metrics.adversarial_accuracy(f, x, labels, attack="pgd", epsilon=epsilon, step_size=2.5 * epsilon / pgd_steps,
-                                       steps=pgd_steps, key=key)
-    return fgsm, pgd
-
-
 def robustness(model: nn.Module, variables, x, labels, *, epsilon: float, pgd_steps: int, key) -> dict[str, float]:
-    """Accuracy under FGSM and PGD (L-inf, budget `epsilon` in standardized input units)."""
-    fgsm, pgd = _per_model(_robustness, model, epsilon, pgd_steps)(variables, x, labels, key)
-    return {"fgsm_accuracy": float(fgsm), "pgd_accuracy": float(pgd)}
+    """Accuracy under FGSM and PGD (L-inf, budget `epsilon` in standardized input units; PGD steps of
+    2.5 epsilon / pgd_steps from a random start)."""
+    q, (xh, yh) = queries(model, variables), _host(x, labels)
+    return {"fgsm_accuracy": bx.adversarial_accuracy(q, xh, yh, attack="fgsm", epsilon=epsilon),
+            "pgd_accuracy": bx.adversarial_accuracy(q, xh, yh, attack="pgd", epsilon=epsilon,
+                                                    step_size=2.5 * epsilon / pgd_steps, steps=pgd_steps, key=key)}
 
 
 # --------------------------------------------------------------------------- readable students

@@ -49,6 +49,10 @@ class Choices:
       chunk_budget_bytes: None for the fixed chunks above; otherwise a chunk holds as many copies of
         the batch as fit in this many bytes of perturbed inputs (activations take a model-dependent
         multiple of it), split into equal chunks.
+      query_chunk: points per call of a model's compiled logits/gradients programs when the audit
+        queries it at many points (`queries.ModelQueries`); with a budget, at most what fits in it.
+      run_once_compiler_options: XLA compiler options of programs a job runs only a few times
+        (`compilation.run_once`), as (name, value) pairs.
       pca_split_scatter_from: PCA's covariance scatter X^T X is computed as two block rows (3/4 of
         the multiply-adds) from this many features on; None: one matrix product.
     """
@@ -61,6 +65,8 @@ class Choices:
     ig_batch_chunk: int | None
     occlusion_chunk: int
     chunk_budget_bytes: int | None
+    query_chunk: int
+    run_once_compiler_options: tuple[tuple[str, object], ...]
     pca_split_scatter_from: int | None
 
     def attribution_impl(self, impl: str) -> str:
@@ -105,6 +111,12 @@ _CPU = Choices(
     # One window per step, as before this module existed (not measured).
     occlusion_chunk=1,
     chunk_budget_bytes=None,
+    # SeedCNN's input gradients ran at the same rate (within the noise of a shared machine) from 32 to 512
+    # points per call on 8x8 digits, and fastest at 32 on 28x28 images ("Audit queries"); small chunks
+    # also waste least on padding when a method asks for a handful of points.
+    query_chunk=32,
+    # LLVM -O0 ("Start-up"): about a third of the compile time for random draws and initialisation
+    run_once_compiler_options=(("xla_backend_optimization_level", 0),),
     # "PCA": the two-block-row scatter (XLA has no syrk) made the covariance fit of 10000x784 0.65x
     # scikit-learn's time; below 256 features the split is not worth its concatenate.
     pca_split_scatter_from=256,
@@ -122,6 +134,8 @@ _ACCELERATOR = dict(
     ig_batch_chunk=None,
     occlusion_chunk=64,
     chunk_budget_bytes=32 << 20,
+    query_chunk=4096,
+    run_once_compiler_options=(),  # not measured: XLA's defaults
     pca_split_scatter_from=None,  # one product runs at the MXU's / cuBLAS's full rate
 )
 

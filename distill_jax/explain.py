@@ -1,9 +1,7 @@
 """Attributions over any pure `apply_fn(x) -> logits`, computed for a whole batch in one call.
 
-Argument convention (DESIGN.md, one order everywhere): attributions are
-`method(apply_fn, x, target, *, options)`; anything that scores an attribution is
-`metric(apply_fn, x, attribution, target, *, options)` (here `ig_completeness_error`); functions of
-two models take `(student..., teacher...)`. Grad-CAM takes a `forward` in place of `apply_fn`
+Arguments follow the library's one convention (`distill_jax.attribution_core`'s docstring);
+`ig_completeness_error` scores an attribution. Grad-CAM takes a `forward` in place of `apply_fn`
 (see "Feature maps" below).
 
 Every method takes `x` (NHWC images, or any [batch, ...] array) and `target` and returns an array
@@ -69,6 +67,7 @@ __all__ = [
     "ig_completeness_error",
     "layer_grad",
     "occlusion",
+    "occlusion_masks",
     "path_rule",
     "saliency",
     "smoothgrad",
@@ -536,6 +535,23 @@ def _window_starts(size: int, patch: int, stride: int) -> np.ndarray:
     return np.asarray(starts)
 
 
+def occlusion_masks(image_hw: tuple[int, int], patch: int | tuple[int, int], stride: int | tuple[int, int]) -> np.ndarray:
+    """The windows of `occlusion`: [P, H, W] bool, True inside window p.
+
+    Windows of size `patch` start every `stride` rows/columns, plus a last one flush with the border.
+    """
+    (ph, pw), (sh, sw) = _pair(patch, "patch"), _pair(stride, "stride")
+    height, width = image_hw
+    if ph > height or pw > width:
+        raise ValueError(f"patch {(ph, pw)} must fit in the image {(height, width)}")
+    ys, xs = _window_starts(height, ph, sh), _window_starts(width, pw, sw)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    rows, cols = np.arange(height), np.arange(width)
+    return ((rows[None, :, None] >= yy.reshape(-1, 1, 1)) & (rows[None, :, None] < yy.reshape(-1, 1, 1) + ph)) & (
+        (cols[None, None, :] >= xx.reshape(-1, 1, 1)) & (cols[None, None, :] < xx.reshape(-1, 1, 1) + pw)
+    )
+
+
 def occlusion(
     apply_fn: ApplyFn,
     x: jax.Array,
@@ -570,15 +586,7 @@ def occlusion(
     (ph, pw), (sh, sw) = _pair(patch, "patch"), _pair(stride, "stride")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
         raise ValueError(f"chunk must be None or an integer >= 1; got {chunk!r}")
-    _, height, width, _ = x.shape
-    if ph > height or pw > width:
-        raise ValueError(f"patch {(ph, pw)} must fit in the image {(height, width)}")
-    ys, xs = _window_starts(height, ph, sh), _window_starts(width, pw, sw)
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
-    rows, cols = np.arange(height), np.arange(width)
-    masks = ((rows[None, :, None] >= yy.reshape(-1, 1, 1)) & (rows[None, :, None] < yy.reshape(-1, 1, 1) + ph)) & (
-        (cols[None, None, :] >= xx.reshape(-1, 1, 1)) & (cols[None, None, :] < xx.reshape(-1, 1, 1) + pw)
-    )
+    masks = occlusion_masks(x.shape[1:3], (ph, pw), (sh, sw))
     masks_j = jnp.asarray(masks, x.dtype)  # [P, H, W]
     count = jnp.asarray(masks.sum(axis=0), x.dtype)  # every pixel is covered at least once
     if chunk is None:  # one window sends the batch through apply_fn once per target

@@ -1,8 +1,7 @@
 """Accuracy, fidelity, faithfulness of attributions, sanity checks and adversarial robustness.
 
-Argument convention (DESIGN.md, one order everywhere): anything that scores an attribution is
-`metric(apply_fn, x, attribution, target, *, options)`; attributions are
-`method(apply_fn, x, target, *, options)`; functions of two models take `(student..., teacher...)` (`mean_kl(student_logits, teacher_logits)` is KL(teacher || student)).
+Arguments follow the library's one convention (`distill_jax.attribution_core`'s docstring);
+`mean_kl(student_logits, teacher_logits)` is KL(teacher || student).
 
 Everything is batched: the deletion/insertion curves run `lax.map` over the steps with the whole
 batch in each call, and the robustness checks run `lax.map` over noise samples.
@@ -13,6 +12,7 @@ axis and column k equals the call with (attribution[:, k], target[:, k])
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -86,21 +86,37 @@ def accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None
     return jnp.sum(correct * mask) / jnp.maximum(mask.sum(), 1.0)
 
 
+def _check_logit_pair(student_logits, teacher_logits) -> None:
+    if jnp.shape(student_logits) != jnp.shape(teacher_logits):
+        raise ValueError(f"student_logits and teacher_logits must match; got {jnp.shape(student_logits)} and "
+                         f"{jnp.shape(teacher_logits)}")
+
+
 def agreement(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
-    """Top-1 fidelity: mean_b [argmax s_b = argmax t_b]. Returns a scalar."""
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student_logits and teacher_logits must match; got {student_logits.shape} and {teacher_logits.shape}")
+    """Top-1 fidelity: mean_b [argmax s_b = argmax t_b]. Returns a scalar (host or device arrays in,
+    one compiled program per shape)."""
+    _check_logit_pair(student_logits, teacher_logits)
+    return _agreement(student_logits, teacher_logits)
+
+
+@jax.jit
+def _agreement(student_logits, teacher_logits):
     return jnp.mean((jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32))
 
 
 def mean_kl(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 1.0) -> jax.Array:
     """Mean KL(softmax(t/T) || softmax(s/T)) over the batch: how much the student loses of the teacher's
-    distribution (student first, as every two-model function). Returns a scalar.
+    distribution (student first, as every two-model function). Returns a scalar (one compiled program
+    per shape; `temperature` is an operand, so a new value does not recompile).
 
     Reference: Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network".
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student_logits and teacher_logits must match; got {student_logits.shape} and {teacher_logits.shape}")
+    _check_logit_pair(student_logits, teacher_logits)
+    return _mean_kl(student_logits, teacher_logits, temperature)
+
+
+@jax.jit
+def _mean_kl(student_logits, teacher_logits, temperature):
     log_p = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
     log_q = jax.nn.log_softmax(student_logits / temperature, axis=-1)
     return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
@@ -230,12 +246,20 @@ def top_k_overlap(a: jax.Array, b: jax.Array, *, k: int) -> jax.Array:
     overlap_b = |top_k(a_b) ∩ top_k(b_b)| / k  (pass |maps| to rank by magnitude).
 
     Args:
-      a, b: [batch, ...] of the same shape; k: 1 <= k <= entries per example.
+      a, b: [batch, ...] of the same shape; k: 1 <= k <= entries per example (static: one compiled
+        program per shape and k).
     Returns:
       [batch] in [0, 1].
     """
+    if not isinstance(k, (int, np.integer)):
+        raise ValueError(f"k must be an int in [1, {int(np.prod(jnp.shape(a)[1:]))}]; got {k!r}")
+    return _top_k_overlap(a, b, k=int(k))
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _top_k_overlap(a, b, *, k: int):
     a, b = flat_pair(a, b, "top_k_overlap")
-    if not isinstance(k, (int, np.integer)) or not 1 <= k <= a.shape[1]:
+    if not 1 <= k <= a.shape[1]:
         raise ValueError(f"k must be an int in [1, {a.shape[1]}]; got {k!r}")
 
     def mask(v):
@@ -258,6 +282,7 @@ def randomization_check(
     *,
     key: jax.Array,
     randomize: Callable[[jax.Array, jax.Array], jax.Array] = default_randomize,
+    jit: bool = True,
 ) -> list[tuple[str, float]]:
     """Cascading model-parameter randomisation: rank correlation of maps as layers are randomised top-down.
 
@@ -265,7 +290,8 @@ def randomization_check(
     A map that depends on the learned weights should lose correlation as more layers are randomised.
 
     Args:
-      attr_fn: attr_fn(params, x, target) -> maps [batch, ...]; it is jitted once (params are an argument).
+      attr_fn: attr_fn(params, x, target) -> maps [batch, ...]; it is jitted once (params are an argument)
+        unless `jit=False` (an attr_fn that runs compiled programs of its own, as the audit's).
       params: a (nested) dict of parameters. layer_order: names of subtrees, top (output) layer first;
         nested names use "/" (e.g. "params/conv4").
       x, target: inputs and their targets. key: PRNG key for the new weights.
@@ -275,7 +301,7 @@ def randomization_check(
     Reference: Adebayo et al. 2018, "Sanity Checks for Saliency Maps".
     """
     layer_order = check_layer_order(params, layer_order)
-    fn = jax.jit(attr_fn)
+    fn = jax.jit(attr_fn) if jit else attr_fn
     current = as_dicts(params)
     trained = jnp.abs(fn(current, x, target))
     results = []

@@ -13,8 +13,10 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from distill_jax import compilation
 
-@jax.jit  # one program per leaf shape (eagerly: a std, a normal, a where and a product, each compiled)
+
+@compilation.run_once  # one program per leaf shape (eagerly: a std, a normal, a where and a product, each compiled)
 def default_randomize(key: jax.Array, leaf: jax.Array) -> jax.Array:
     """N(0, s^2) with s the leaf's own standard deviation (0.01 for constant leaves such as zero biases)."""
     std = jnp.std(leaf)

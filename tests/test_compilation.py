@@ -18,3 +18,24 @@ def test_counts_one_compilation_per_new_shape_and_none_for_a_cached_call():
     assert eager.count >= 1
     f(np.ones(7, np.float32))  # outside the block: not counted
     assert compiles.count == 2
+
+
+def test_run_once_compiles_with_the_backends_run_once_options():
+    import dataclasses
+
+    import jax.numpy as jnp
+    import numpy as np
+    import pytest
+
+    from distill_jax import backend, compilation
+
+    f = compilation.run_once(lambda a: jnp.sin(a) * 2.0)
+    a = jnp.linspace(0.0, 1.0, 5)
+    np.testing.assert_allclose(f(a), np.sin(np.linspace(0.0, 1.0, 5)) * 2.0, rtol=1e-6)
+    assert backend.choices("cpu").run_once_compiler_options == (("xla_backend_optimization_level", 0),)
+    # the options reach XLA: an option it does not know is refused at compile time
+    bogus = dataclasses.replace(backend.choices(), run_once_compiler_options=(("no_such_xla_option", 1),))
+    g = compilation.run_once(lambda a: jnp.cos(a))
+    with backend.override(bogus), pytest.raises(Exception, match="no_such_xla_option"):
+        g(a)
+    np.testing.assert_allclose(g(a), np.cos(np.linspace(0.0, 1.0, 5)), rtol=1e-6)  # default choices again
