@@ -14,8 +14,10 @@ import subprocess
 import tempfile
 import types
 
+import matplotlib.colors
 import matplotlib.image
 import matplotlib.pyplot as plt
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 import numpy as np
 import pytest
 
@@ -229,6 +231,148 @@ def test_one_per_class_takes_the_first_image_of_each_class_in_class_order():
         sample = labels[data.stratified_indices(labels, n, seed=0)]
         shown = sample[report.one_per_class(sample)]
         assert sorted(shown) == list(range(classes))
+
+
+# --------------------------------------------------------------------------- mosaics and fixed layouts
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Every figure `report._save` writes, in order, kept for inspection after it is saved."""
+    figures, save = [], report._save
+
+    def keep(fig, path):
+        figures.append(fig)
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "_save", keep)
+    return figures
+
+
+def test_mosaic_puts_each_panel_at_its_corner_on_white():
+    panels = [report.Panel(0, 0, np.full((2, 3, 3), 0.1)), report.Panel(0, 1, np.full((2, 3, 3), 0.2)),
+              report.Panel(1, 0.5, np.full((2, 3, 4), 0.3))]
+    canvas = report.mosaic(panels, gap=(1, 1))
+    # rows: 2 pixels and a gap of 1, so row 1 starts at y = 3; columns: 3 + 1, so column 1 at x = 4, 0.5 at x = 2
+    expected = np.ones((5, 7, 4))
+    expected[0:2, 0:3, :3] = 0.1
+    expected[0:2, 4:7, :3] = 0.2
+    expected[3:5, 2:5] = 0.3
+    np.testing.assert_array_equal(canvas, expected)
+
+
+def test_signed_maps_use_rdbu_on_a_symmetric_scale_per_map():
+    m = np.array([[-2.0, 0.0], [0.7, 2.0]])
+    cmap = plt.get_cmap("RdBu_r")
+    np.testing.assert_array_equal(report._signed_rgba(m), cmap(matplotlib.colors.Normalize(-2, 2)(m)))
+    np.testing.assert_array_equal(report._signed_rgba(m)[0, 1], cmap(0.5))  # 0: the white middle of the map
+    np.testing.assert_array_equal(report._signed_rgba(3 * m), report._signed_rgba(m))  # each map on its own scale
+
+
+def test_grid_places_axes_with_margins_and_gaps_in_inches():
+    figsize = (10.0, 5.0)
+    fig, axes = plt.subplots(2, 2, figsize=figsize, gridspec_kw=report._grid(
+        figsize, 2, 2, left=1.0, right=0.5, top=0.25, bottom=0.75, wspace=0.5, hspace=1.0))
+    # Axes (10 - 1 - 0.5 - 0.5) / 2 = 4 wide and (5 - 0.25 - 0.75 - 1) / 2 = 1.5 high
+    inches = [np.array(ax.get_position().extents) * [10, 5, 10, 5] for ax in axes.flat]
+    np.testing.assert_allclose(inches, [[1, 3.25, 5, 4.75], [5.5, 3.25, 9.5, 4.75], [1, 0.75, 5, 2.25],
+                                        [5.5, 0.75, 9.5, 2.25]], atol=1e-12)
+    plt.close(fig)
+
+
+def test_attribution_grid_is_one_image_of_the_overlays_with_every_label(tmp_path, drawn):
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(2, 8, 8, 1))
+    maps = {"teacher": rng.normal(size=images.shape), "student": rng.normal(size=images.shape)}
+    path = str(tmp_path / "grid.png")
+    report.attribution_grid(path, images, maps, ["label 3", "label 5"], "saliency: a title")
+    (fig,) = drawn
+    (ax,) = fig.axes
+    (image,) = ax.images
+    canvas = image.get_array()
+    # 8-pixel panels 1 pixel apart: row i, column j starts at (9 i, 9 j); column 0 the grey input
+    assert canvas.shape == (17, 26, 4)
+    for i in range(2):
+        grey = np.round(255 * report._gray(images[i]))
+        np.testing.assert_array_equal(canvas[9 * i:9 * i + 8, 0:8, :3], np.repeat(grey[..., None], 3, -1))
+        for j, name in enumerate(maps, start=1):
+            expected = np.round(255 * report.overlay(images[i], maps[name][i]))
+            np.testing.assert_array_equal(canvas[9 * i:9 * i + 8, 9 * j:9 * j + 8, :3], expected)
+    assert (canvas[8] == 255).all() and (canvas[:, 8] == 255).all()  # white gaps
+    # column titles centred over the first row, row labels beside each row, the title on top
+    labels = {t.get_text(): t.get_position() for t in ax.texts}
+    assert set(labels) == {"input", "teacher", "student", "label 3", "label 5"}
+    assert [labels[n][0] for n in ("input", "teacher", "student")] == [3.5, 12.5, 21.5]
+    assert labels["label 3"][1] == 3.5 and labels["label 5"][1] == 12.5 and labels["label 5"][0] < -0.5
+    assert [t.get_text() for t in fig.texts] == ["saliency: a title"]
+    # the saved PNG shows each image pixel where the Axes puts it
+    png = matplotlib.image.imread(path)
+    for (r, c) in [(0, 0), (3, 13), (12, 22), (16, 25)]:
+        x, y = ax.transData.transform((c, r))
+        np.testing.assert_allclose(png[int(png.shape[0] - y), int(x), :3], canvas[r, c, :3] / 255, atol=1 / 255)
+
+
+def test_soft_tree_centres_each_node_over_its_children_and_draws_each_leafs_distribution(tmp_path, drawn):
+    rng = np.random.default_rng(2)
+    depth, names = 3, ["zero", "one", "two"]
+    filters = rng.normal(size=(2**depth - 1, 8, 8, 1))
+    leaf_probs = rng.dirichlet(np.ones(3), size=2**depth)
+    report.soft_tree(str(tmp_path / "tree.png"), "tree-kd", filters, leaf_probs, depth, names)
+    (fig,) = drawn
+    ax, ax_leaf = fig.axes
+    x = {t.get_text(): t.get_position()[0] for t in ax.texts}
+    assert set(x) == {f"node {n}" for n in range(7)}
+    for node in range(3):
+        assert x[f"node {node}"] == pytest.approx((x[f"node {2 * node + 1}"] + x[f"node {2 * node + 2}"]) / 2)
+    assert [x[f"node {n}"] for n in range(3, 7)] == sorted(x[f"node {n}"] for n in range(3, 7))
+    # each node's filter at its title's column: the RdBu map of its channel sum
+    canvas = ax.images[0].get_array()
+    for node in range(7):
+        left = int(x[f"node {node}"] + 0.5 - 4)
+        top = int(np.floor(np.log2(node + 1))) * (canvas.shape[0] - 8) // 2  # 3 rows 8 high, 2 equal strides
+        np.testing.assert_array_equal(canvas[top:top + 8, left:left + 8],
+                                      np.round(255 * report._signed_rgba(filters[node].sum(-1))))
+    # leaves: two under each deepest node, titled with the most likely class, one bar per class of that height
+    assert ax_leaf.get_xlim() == ax.get_xlim()
+    leaf_x = [t.get_position()[0] for t in ax_leaf.texts]
+    assert [t.get_text() for t in ax_leaf.texts] == [names[k] for k in leaf_probs.argmax(1)]
+    for k in range(4):
+        assert (leaf_x[2 * k] + leaf_x[2 * k + 1]) / 2 == pytest.approx(x[f"node {3 + k}"])
+    bars = ax_leaf.collections[0].get_paths()
+    heights = [np.ptp(p.vertices[:, 1]) for p in bars]
+    np.testing.assert_allclose(heights, leaf_probs.ravel())
+
+
+def _overhang(fig) -> np.ndarray:
+    """How far (inches) everything drawn in a saved (so closed) figure reaches past its left, bottom, right, top
+    edges; <= 0 where it stays inside."""
+    FigureCanvasAgg(fig).draw()  # a closed figure has lost its canvas; drawing places the tick labels
+    bb = fig.get_tightbbox(fig.canvas.get_renderer())  # inches: axes, their labels and texts, figure texts
+    w, h = fig.get_size_inches()
+    return np.array([-bb.x0, -bb.y0, bb.x1 - w, bb.y1 - h])
+
+
+def test_every_label_of_every_figure_lies_inside_it(tmp_path, drawn):
+    """The layouts are fixed up front (no tight_layout): margins sized from the labels must hold them."""
+    result, prep, trained, found = _fake_run()
+    result["models"]["teacher"]["params"] = 3  # a short x axis, and a run whose names are long
+    found.maps = {f"{name}-with-a-much-longer-name": per for name, per in found.maps.items()}
+    found.analysis = {**found.analysis, "cka": {"cnn-kd": {"teacher_layers": ["conv1", "a_long_layer_name"],
+                                                           "student_layers": ["conv1", "dense"],
+                                                           "matrix": np.array([[0.9, 0.2], [0.3, 0.8]])}}}
+    found.trees = {"tree-kd": {"filters": np.zeros((3, 8, 8, 1)), "leaf_probs": np.full((4, 3), 1 / 3), "depth": 2,
+                               "usage": {"hard": np.eye(3, 4)}}}
+    found.linear = {"linear-kd": {"templates": np.ones((3, 8, 8, 1))}}
+    report.summary_figures(str(tmp_path), result)
+    report.write_figures(str(tmp_path), prep, trained, found)
+    assert len(drawn) == 2 + len(METHODS) + 9  # readability, faithfulness; one per method; 7 more, tree and usage
+    for fig in drawn:
+        name = fig.texts[0].get_text() if fig.texts else fig.axes[0].get_title()
+        assert (_overhang(fig) <= 0.01).all(), (name, _overhang(fig))
+    # the long model names over the attribution columns widen the panels rather than run into each other
+    titles = sorted((t.get_window_extent() for t in drawn[2].axes[0].texts if t.get_rotation() == 0),
+                    key=lambda b: b.x0)
+    assert len(titles) == 1 + len(found.maps) and all(a.x1 < b.x0 for a, b in zip(titles, titles[1:]))
 
 
 # --------------------------------------------------------------------------- write_figures and the page
