@@ -1,9 +1,10 @@
 """Inner-product analysis: exact linear decompositions, CKA, concept vectors, soft-tree usage.
 
-Argument convention (DESIGN.md, one order everywhere): attributions are
-`(apply_fn, x, target, *, options)`, anything that scores an attribution
-`(apply_fn, x, attribution, target, *, options)`, functions of two models `(student..., teacher...)`
-(`cka_matrix(feats_a, feats_b)` is symmetric in its two models). TCAV follows the attribution order
+Each public function checks shapes on the host and runs one jitted program (cached per shape, so a
+repeated call compiles nothing); inside a traced function it is inlined like any jnp code.
+
+Arguments follow the library's one convention (`distill_jax.attribution_core`'s docstring);
+`cka_matrix(feats_a, feats_b)` is symmetric in its two models. TCAV follows the attribution order
 with `forward` for `apply_fn`: `tcav_score(forward, x, target, cav, *, layer=None)`.
 
 TCAV reads a feature map from a `forward` in either form of `explain.split_forward`:
@@ -14,6 +15,7 @@ head_fn(features) -> logits [batch, classes] (any JAX model cut in two; no `laye
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -36,6 +38,12 @@ __all__ = [
     "tcav_score",
     "tree_usage",
 ]
+
+
+def _as_array(v):
+    """``v`` if it is an array (numpy, jax, a tracer), else ``np.asarray(v)``. Host arrays go to the device as
+    arguments of one jitted program: ``jnp.asarray`` and eager ops on them would each compile a program."""
+    return v if hasattr(v, "shape") and hasattr(v, "dtype") else np.asarray(v)
 
 
 def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -75,33 +83,40 @@ def linear_contributions(
       bias is the logits too.
     Reference: the inner-product reading of linear models; PCA as in Jolliffe 2002.
     """
-    weights, bias, z = jnp.asarray(weights), jnp.asarray(bias), jnp.asarray(z)
-    if weights.ndim != 2:
-        raise ValueError(f"weights must be [k, classes]; got shape {weights.shape}")
-    k, num_classes = weights.shape
-    if bias.shape != (num_classes,):
-        raise ValueError(f"bias must be [classes] = [{num_classes}]; got shape {bias.shape}")
-    if z.ndim != 2 or z.shape[1] != k:
-        raise ValueError(f"z must be [batch, k] = [batch, {k}]; got shape {z.shape}")
+    weights, bias, z = _as_array(weights), _as_array(bias), _as_array(z)
+    components, x, mean = (None if v is None else _as_array(v) for v in (components, x, mean))
+    shape = jnp.shape
+    if len(shape(weights)) != 2:
+        raise ValueError(f"weights must be [k, classes]; got shape {shape(weights)}")
+    k, num_classes = shape(weights)
+    if shape(bias) != (num_classes,):
+        raise ValueError(f"bias must be [classes] = [{num_classes}]; got shape {shape(bias)}")
+    if len(shape(z)) != 2 or shape(z)[1] != k:
+        raise ValueError(f"z must be [batch, k] = [batch, {k}]; got shape {shape(z)}")
+    if components is not None:
+        if len(shape(components)) != 2 or shape(components)[0] != k:
+            raise ValueError(f"components must be [k, d] with k={k}; got shape {shape(components)}")
+        d = shape(components)[1]
+        if x is not None and int(np.prod(shape(x))) != shape(z)[0] * d:
+            raise ValueError(f"x must hold d={d} values per example; got shape {shape(x)}")
+        if x is not None and mean is not None and shape(mean) != (d,):
+            raise ValueError(f"mean must be [d] = [{d}]; got shape {shape(mean)}")
+    else:
+        x = None  # only pixel contributions read x and mean
+    return _linear_contributions(weights, bias, z, components, x, None if x is None else mean)
+
+
+@jax.jit
+def _linear_contributions(weights, bias, z, components, x, mean) -> dict[str, jax.Array]:
     per_component = z[:, None, :] * weights.T[None, :, :]
-    out = {"components": per_component, "bias": bias, "logits": per_component.sum(-1) + bias}
+    out = {"components": per_component, "bias": jnp.asarray(bias), "logits": per_component.sum(-1) + bias}
     if components is None:
         return out
-    components = jnp.asarray(components)
-    if components.ndim != 2 or components.shape[0] != k:
-        raise ValueError(f"components must be [k, d] with k={k}; got shape {components.shape}")
-    d = components.shape[1]
     if x is None:
         centred = _dot(z, components)
     else:
-        flat = jnp.asarray(x).reshape(z.shape[0], -1)
-        if flat.shape[1] != d:
-            raise ValueError(f"x must hold d={d} values per example; got shape {jnp.shape(x)}")
-        if mean is not None and jnp.shape(mean) != (d,):
-            raise ValueError(f"mean must be [d] = [{d}]; got shape {jnp.shape(mean)}")
-        centred = flat - (0.0 if mean is None else jnp.asarray(mean))
-    templates = class_templates(weights, components)
-    out["pixels"] = centred[:, None, :] * templates[None, :, :]
+        centred = x.reshape(z.shape[0], -1) - (0.0 if mean is None else mean)
+    out["pixels"] = centred[:, None, :] * _class_templates(weights, components)[None, :, :]
     return out
 
 
@@ -113,9 +128,15 @@ def class_templates(weights: jax.Array, components: jax.Array) -> jax.Array:
     Returns:
       [C, d] (reshape d to the image shape to view it), so logit_c = T_c . (x - mean) + b_c.
     """
-    weights, components = jnp.asarray(weights), jnp.asarray(components)
-    if weights.ndim != 2 or components.ndim != 2 or weights.shape[0] != components.shape[0]:
-        raise ValueError(f"weights [k, C] and components [k, d] must share k; got {weights.shape} and {components.shape}")
+    weights, components = _as_array(weights), _as_array(components)
+    ws, cs = jnp.shape(weights), jnp.shape(components)
+    if len(ws) != 2 or len(cs) != 2 or ws[0] != cs[0]:
+        raise ValueError(f"weights [k, C] and components [k, d] must share k; got {ws} and {cs}")
+    return _class_templates(weights, components)
+
+
+@jax.jit
+def _class_templates(weights, components):
     return _dot(weights.T, components)
 
 
@@ -133,10 +154,11 @@ def _cka_from_grams(k: jax.Array, l: jax.Array) -> jax.Array:
 
 
 def _check_pair(a, b, name_a="a", name_b="b"):
-    if a.ndim != 2 or b.ndim != 2:
-        raise ValueError(f"{name_a} and {name_b} must be [n, features]; got shapes {a.shape} and {b.shape}")
-    if a.shape[0] != b.shape[0] or a.shape[0] < 2:
-        raise ValueError(f"{name_a} and {name_b} need the same number n >= 2 of rows; got {a.shape[0]} and {b.shape[0]}")
+    sa, sb = jnp.shape(a), jnp.shape(b)
+    if len(sa) != 2 or len(sb) != 2:
+        raise ValueError(f"{name_a} and {name_b} must be [n, features]; got shapes {sa} and {sb}")
+    if sa[0] != sb[0] or sa[0] < 2:
+        raise ValueError(f"{name_a} and {name_b} need the same number n >= 2 of rows; got {sa[0]} and {sb[0]}")
 
 
 def linear_cka(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -153,8 +175,13 @@ def linear_cka(a: jax.Array, b: jax.Array) -> jax.Array:
       scalar in [0, 1].
     Reference: Kornblith et al. 2019, "Similarity of Neural Network Representations Revisited".
     """
-    a, b = jnp.asarray(a), jnp.asarray(b)
+    a, b = _as_array(a), _as_array(b)
     _check_pair(a, b)
+    return _linear_cka(a, b)
+
+
+@jax.jit
+def _linear_cka(a, b):
     n = a.shape[0]
     if n <= min(a.shape[1], b.shape[1]):
         return _cka_from_grams(_centred_gram(a), _centred_gram(b))
@@ -176,15 +203,19 @@ def cka_matrix(feats_a: dict, feats_b: dict) -> tuple[list[str], list[str], jax.
     """
     if not feats_a or not feats_b:
         raise ValueError(f"feats_a and feats_b must be non-empty dicts; got {len(feats_a)} and {len(feats_b)} entries")
-    sizes = {v.shape[0] for v in list(feats_a.values()) + list(feats_b.values())}
+    sizes = {jnp.shape(v)[0] for v in list(feats_a.values()) + list(feats_b.values())}
     if len(sizes) != 1 or min(sizes) < 2:
         raise ValueError(f"every feature in feats_a and feats_b must have the same n >= 2 rows; got row counts {sorted(sizes)}")
-    grams_a = [_centred_gram(jnp.asarray(v).reshape(v.shape[0], -1)) for v in feats_a.values()]
-    grams_b = [_centred_gram(jnp.asarray(v).reshape(v.shape[0], -1)) for v in feats_b.values()]
-    ka = jnp.stack(grams_a).reshape(len(grams_a), -1)
-    kb = jnp.stack(grams_b).reshape(len(grams_b), -1)
-    matrix = _dot(ka, kb.T) / (jnp.linalg.norm(ka, axis=1)[:, None] * jnp.linalg.norm(kb, axis=1)[None, :])
-    return list(feats_a), list(feats_b), matrix
+    return list(feats_a), list(feats_b), _cka_matrix(tuple(map(_as_array, feats_a.values())),
+                                                     tuple(map(_as_array, feats_b.values())))
+
+
+@jax.jit
+def _cka_matrix(feats_a: tuple, feats_b: tuple) -> jax.Array:
+    """[len(feats_a), len(feats_b)] CKA from the flattened Gram matrices (one program for the whole matrix)."""
+    ka = jnp.stack([_centred_gram(v.reshape(v.shape[0], -1)) for v in feats_a]).reshape(len(feats_a), -1)
+    kb = jnp.stack([_centred_gram(v.reshape(v.shape[0], -1)) for v in feats_b]).reshape(len(feats_b), -1)
+    return _dot(ka, kb.T) / (jnp.linalg.norm(ka, axis=1)[:, None] * jnp.linalg.norm(kb, axis=1)[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,12 +355,19 @@ def tree_usage(
       dict "soft" [C, L], "hard" [C, L] (rows of classes without examples are 0), "counts" [C].
     Reference: Frosst & Hinton 2017, "Distilling a Neural Network Into a Soft Decision Tree".
     """
-    path_probs = jnp.asarray(path_probs)
-    if path_probs.ndim != 2:
-        raise ValueError(f"path_probs must be [batch, leaves]; got shape {path_probs.shape}")
-    labels = validate_target(labels, path_probs.shape[0], num_classes, name="labels")
+    path_probs = _as_array(path_probs)
+    if len(jnp.shape(path_probs)) != 2:
+        raise ValueError(f"path_probs must be [batch, leaves]; got shape {jnp.shape(path_probs)}")
+    if isinstance(labels, np.ndarray):  # device_put moves it as is; jnp.asarray would compile a program per shape
+        labels = jax.device_put(labels)
+    labels = validate_target(labels, jnp.shape(path_probs)[0], num_classes, name="labels")
     if labels.ndim != 1:
         raise ValueError(f"labels must be [batch]; got shape {labels.shape}")
+    return _tree_usage(path_probs, labels, hard_leaf, num_classes=num_classes)
+
+
+@functools.partial(jax.jit, static_argnames="num_classes")
+def _tree_usage(path_probs, labels, hard_leaf, *, num_classes: int) -> dict[str, jax.Array]:
     n_leaves = path_probs.shape[1]
     if hard_leaf is None:
         hard_leaf = jnp.argmax(path_probs, axis=1)
@@ -343,7 +381,13 @@ def tree_usage(
 
 def node_filters(kernel: jax.Array, image_shape: tuple[int, ...]) -> jax.Array:
     """A soft tree's inner-node weight vectors as images: kernel [d, nodes] -> [nodes, *image_shape]."""
-    kernel = jnp.asarray(kernel)
-    if kernel.ndim != 2 or kernel.shape[0] != int(np.prod(image_shape)):
-        raise ValueError(f"kernel must be [prod(image_shape)={int(np.prod(image_shape))}, nodes]; got shape {kernel.shape}")
-    return kernel.T.reshape((kernel.shape[1],) + tuple(image_shape))
+    kernel = _as_array(kernel)
+    shape, image_shape = jnp.shape(kernel), tuple(image_shape)
+    if len(shape) != 2 or shape[0] != int(np.prod(image_shape)):
+        raise ValueError(f"kernel must be [prod(image_shape)={int(np.prod(image_shape))}, nodes]; got shape {shape}")
+    return _node_filters(kernel, image_shape)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _node_filters(kernel, image_shape: tuple[int, ...]) -> jax.Array:
+    return kernel.T.reshape((kernel.shape[1],) + image_shape)

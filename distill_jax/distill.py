@@ -46,6 +46,7 @@ the library's train step and its fit loop, and returns the student's trained var
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Callable
 
@@ -379,13 +380,20 @@ def cache_teacher_outputs(teacher, teacher_vars, x: np.ndarray, labels: np.ndarr
         the teacher's variables placed on it once; None runs on the default device.
     Returns:
       key -> [n, ...] numpy array.
+
+    The jitted teacher pass is kept for the next call with the same teacher, needs, inputs, mesh and batch
+    size (students of one run share one compiled program instead of one each).
     """
     n = len(x)
     if n == 0:
         return {}
     shapes = teacher_cache_shapes(teacher, teacher_vars, x[:1], needs, inputs=inputs)  # shapes only: no transfer
     out = {k: np.empty((n,) + s.shape, s.dtype) for k, s in shapes.items()}
-    fn, teacher_vars, batch_size = teacher_outputs_fn(teacher, teacher_vars, needs, inputs, mesh, batch_size)
+    if _hashable((teacher, needs, inputs, mesh)):
+        fn, batch_size = _cached_teacher_outputs_fn(teacher, needs, inputs, mesh, batch_size)
+        teacher_vars = teacher_vars if mesh is None else parallel.replicate(teacher_vars, mesh)
+    else:  # e.g. a module with a list field: a program of its own
+        fn, teacher_vars, batch_size = teacher_outputs_fn(teacher, teacher_vars, needs, inputs, mesh, batch_size)
     multiple = batch_size if mesh is not None else 1  # a sharded batch keeps its size: the last one is padded
     for i in range(0, n, batch_size):
         xb, pad = parallel.pad_to_multiple(x[i : i + batch_size], multiple)
@@ -396,6 +404,21 @@ def cache_teacher_outputs(teacher, teacher_vars, x: np.ndarray, labels: np.ndarr
         for k, v in chunk.items():
             out[k][i : i + len(v) - pad] = v[: len(v) - pad]
     return out
+
+
+def _hashable(value) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=4)  # small: each entry keeps its teacher module and `inputs` (and what they hold) alive
+def _cached_teacher_outputs_fn(teacher, needs: Needs, inputs: Callable, mesh, batch_size: int):
+    """`teacher_outputs_fn`'s jitted function and batch size, one per (teacher, needs, inputs, mesh, batch size)."""
+    fn, _, batch_size = teacher_outputs_fn(teacher, None, needs, inputs, mesh, batch_size)
+    return fn, batch_size
 
 
 def teacher_outputs_fn(teacher, teacher_vars, needs: Needs, inputs: Callable, mesh, batch_size: int):

@@ -345,8 +345,12 @@ def path_probabilities(routing: jax.Array, depth: int) -> tuple[jax.Array, jax.A
     return jnp.concatenate(reach_levels, axis=-1), level
 
 
+@functools.partial(jax.jit, static_argnames="depth")
 def tree_hard_predict(routing: jax.Array, leaf_logits: jax.Array, depth: int) -> jax.Array:
     """Class predicted by following the most probable branch at every node to a single leaf.
+
+    node_0 = 0;  node_{t+1} = 2 node_t + 1 + [p_{node_t} > 0.5];  leaf = node_depth - (2^depth - 1).
+    Jitted (depth static): one compiled program per shape, not one per step of the walk.
 
     Args:
       routing: [batch, 2^depth - 1]; leaf_logits: [2^depth, classes].

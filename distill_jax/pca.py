@@ -79,8 +79,10 @@ def _is_traced(*xs) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
-def _check_x(x, name: str = "x") -> jax.Array:
-    if not hasattr(x, "ndim"):
+def _check_x(x, name: str = "x"):
+    """``x`` after checking its rank and dtype; host arrays stay on the host (they reach the device as an
+    argument of the fit's compiled program: ``jnp.asarray`` would compile a program of its own)."""
+    if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
         x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D [n_samples, n_features], got shape {tuple(x.shape)}; "
@@ -88,14 +90,23 @@ def _check_x(x, name: str = "x") -> jax.Array:
     if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)
             or x.dtype == jnp.bool_):
         raise ValueError(f"{name} must be a real numeric array, got dtype {x.dtype}")
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.float32)
-    if not _is_traced(x) and not bool(jnp.isfinite(x).all()):
-        bad = int((~jnp.isfinite(x)).sum())
-        raise ValueError(f"{name} has {bad} non-finite values (NaN or inf) in shape {tuple(x.shape)}; "
-                         f"clean or impute them before PCA")
     return x
+
+
+def _to_float(x) -> jax.Array:
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
+def _count_nonfinite(x) -> jax.Array:
+    return jnp.sum(~jnp.isfinite(x))
+
+
+def _raise_if_nonfinite(bad, shape, name: str = "x") -> None:
+    """Raises if ``bad`` (a count from `_count_nonfinite`, computed in the fit's program) is positive;
+    traced counts (a fit inside jit) pass."""
+    if not _is_traced(bad) and int(bad):
+        raise ValueError(f"{name} has {int(bad)} non-finite values (NaN or inf) in shape {tuple(shape)}; "
+                         f"clean or impute them before PCA")
 
 
 def _check_k(n_components, n: int, d: int) -> int:
@@ -297,10 +308,18 @@ def fit(x, n_components: int, *, whiten: bool = False, method: str = "auto", key
         raise ValueError(f"method={method!r} is not one of {METHODS}")
     chosen = choose_method(n, d, k) if method == "auto" else method
     key = jax.random.PRNGKey(0) if key is None else key
-    options = {"n_oversamples": n_oversamples, "n_iter": n_iter} if chosen == "randomized" else {}
-    p = _FITTERS[chosen](x, key, k=k, whiten=bool(whiten), **options)
+    options = (("n_oversamples", n_oversamples), ("n_iter", n_iter)) if chosen == "randomized" else ()
+    p, bad = _fit_checked(x, key, method=chosen, k=k, whiten=bool(whiten), options=options)
+    _raise_if_nonfinite(bad, x.shape)
     _warn_if_ill_conditioned(p, chosen)
     return p
+
+
+@functools.partial(jax.jit, static_argnames=("method", "k", "whiten", "options"))
+def _fit_checked(x, key, *, method: str, k: int, whiten: bool, options: tuple) -> tuple[PCA, jax.Array]:
+    """One program: the fit by `method` and the count of non-finite values of x (checked after, on the host)."""
+    x = _to_float(x)
+    return _FITTERS[method](x, key, k=k, whiten=whiten, **dict(options)), _count_nonfinite(x)
 
 
 @jax.jit
@@ -428,7 +447,9 @@ def fit_batches(batches: Iterable, n_components: int, *, whiten: bool = False) -
     """Covariance PCA over batches streamed one at a time (same result as `fit(concatenated, method="covariance")`).
 
     Each batch's statistics are computed two-pass and merged exactly (`merge_stats`), so float32
-    accuracy does not depend on the batch order or an offset in the data.
+    accuracy does not depend on the batch order or an offset in the data. Compiled programs: one per
+    batch shape, and the last batch's merge shares one with the eigendecomposition (a single batch: one
+    program in all); all are cached for the next call with the same shapes.
 
     Args:
       batches: an iterable of [b_i, d] arrays (all with the same d), e.g. a generator reading from disk.
@@ -438,18 +459,57 @@ def fit_batches(batches: Iterable, n_components: int, *, whiten: bool = False) -
     Returns:
       PCA, as `fit`.
     """
-    stats = None
+    # One batch is held back, so that the last one is merged in the final program; each merged batch's
+    # non-finite count is read one batch later, when it is ready, so the loop never waits for the device.
+    stats, held, pending, n = None, None, None, 0
     for i, batch in enumerate(batches):
         batch = _check_x(batch, f"batch {i}")
         if batch.shape[0] == 0:
             continue
-        s = covariance_stats(batch)
-        if stats is not None and s.mean.shape != stats.mean.shape:
-            raise ValueError(f"batch {i} has {batch.shape[1]} features, earlier batches {stats.mean.shape[0]}")
-        stats = s if stats is None else merge_stats(stats, s)
-    if stats is None:
+        if held is not None and batch.shape[1] != held[1].shape[1]:
+            raise ValueError(f"batch {i} has {batch.shape[1]} features, earlier batches {held[1].shape[1]}")
+        if held is not None:
+            stats, bad = _accumulate(_empty_stats(held[1]) if stats is None else stats, held[1])
+            if pending is not None:
+                _raise_if_nonfinite(*pending)
+            pending = (bad, held[1].shape, f"batch {held[0]}")
+        held, n = (i, batch), n + batch.shape[0]
+    if held is None:
         raise ValueError("batches is empty: fit_batches needs at least one non-empty [b, d] batch")
-    return fit_from_stats(stats, n_components, whiten=whiten)
+    if pending is not None:
+        _raise_if_nonfinite(*pending)
+    d = held[1].shape[1]
+    if n < 2:
+        raise ValueError(f"the statistics cover {n} samples; PCA needs at least 2")
+    k = _check_k(n_components, n, d)
+    p, bad = _accumulate_and_fit(_empty_stats(held[1]) if stats is None else stats, held[1], n=n, k=k,
+                                 whiten=bool(whiten))
+    _raise_if_nonfinite(bad, held[1].shape, f"batch {held[0]}")
+    _warn_if_ill_conditioned(p, "covariance")
+    return p
+
+
+def _empty_stats(x) -> CovStats:
+    """Statistics of no rows, in the float dtype x's statistics will have (merging into them is exact)."""
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else np.float32
+    d = x.shape[1]
+    return CovStats(np.zeros((), dtype), np.zeros((d,), dtype), np.zeros((d, d), dtype))
+
+
+@jax.jit
+def _accumulate(stats: CovStats, x) -> tuple[CovStats, jax.Array]:
+    """``stats`` merged with x's statistics (x's alone when ``stats`` covers no rows), and x's non-finite count."""
+    x = _to_float(x)
+    own = covariance_stats(x)
+    merged = merge_stats(stats, own)
+    merged = jax.tree_util.tree_map(lambda m, o: jnp.where(stats.n > 0, m, o), merged, own)
+    return merged, _count_nonfinite(x)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "k", "whiten"))
+def _accumulate_and_fit(stats: CovStats, x, *, n: int, k: int, whiten: bool) -> tuple[PCA, jax.Array]:
+    stats, bad = _accumulate(stats, x)
+    return _from_scatter(stats.mean, stats.m2, n, k, whiten), bad
 
 
 def sharded_covariance_stats(x: jax.Array, mesh: Mesh, *, axis: str = "data") -> CovStats:
@@ -472,18 +532,21 @@ def sharded_covariance_stats(x: jax.Array, mesh: Mesh, *, axis: str = "data") ->
     if x.shape[0] % size:
         raise ValueError(f"x has {x.shape[0]} rows, not divisible by the {size} devices on mesh axis {axis!r}; "
                          f"drop or pad rows (padding changes the statistics)")
-    return _sharded_stats(mesh, axis)(x)
+    stats, bad = _sharded_stats(mesh, axis)(x)
+    _raise_if_nonfinite(bad, x.shape)
+    return stats
 
 
 @functools.lru_cache(maxsize=None)
 def _sharded_stats(mesh: Mesh, axis: str):
     def local(xl):
+        xl = _to_float(xl)
         n = jax.lax.psum(jnp.asarray(xl.shape[0], xl.dtype), axis)
         mean = jax.lax.psum(jnp.sum(xl, axis=0), axis) / n
         xc = xl - mean
-        return CovStats(n, mean, jax.lax.psum(_dot(xc.T, xc), axis))
+        return CovStats(n, mean, jax.lax.psum(_dot(xc.T, xc), axis)), jax.lax.psum(_count_nonfinite(xl), axis)
 
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(axis), out_specs=CovStats(P(), P(), P())))
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(axis), out_specs=(CovStats(P(), P(), P()), P())))
 
 
 def fit_sharded(x: jax.Array, n_components: int, *, mesh: Mesh, axis: str = "data", whiten: bool = False) -> PCA:

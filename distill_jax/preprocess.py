@@ -8,6 +8,7 @@ Reference: scikit-learn's StandardScaler / MinMaxScaler (same formulas, same zer
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -48,13 +49,20 @@ def _reduce_axes(x, axis) -> tuple[int, ...]:
     return axes
 
 
-def _as_float(x, name: str = "x") -> jax.Array:
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.float32)
-    if not isinstance(x, jax.core.Tracer) and not bool(jnp.isfinite(x).all()):
+def _as_array(x):
+    """``x`` as it is if it is an array (numpy, jax or a tracer), else ``np.asarray(x)``: host data goes to the
+    device as an argument of the jitted fit (``jnp.asarray`` on a numpy array would compile a program of its own)."""
+    return x if hasattr(x, "ndim") and hasattr(x, "dtype") else np.asarray(x)
+
+
+def _to_float(x) -> jax.Array:
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
+def _check_finite(finite, x, name: str = "x") -> None:
+    """Raises unless ``finite`` (``isfinite(x).all()`` from the fit's program) holds; traced values pass."""
+    if not isinstance(finite, jax.core.Tracer) and not bool(finite):
         raise ValueError(f"{name} has NaN or inf values (shape {tuple(x.shape)}); clean them before scaling")
-    return x
 
 
 def _stats_shape(x, axes) -> tuple[int, ...]:
@@ -70,7 +78,8 @@ def standardize_fit(x, *, axis=None) -> Standardizer:
     """Fits a standardizer: per channel by default, per feature with ``axis=0``.
 
     ``mean = E[x]``, ``std = sqrt(E[(x - mean)^2])`` over ``axis`` (two-pass, ddof=0); zero-variance entries get
-    std 1, so they map to 0.
+    std 1, so they map to 0. One compiled program per input shape and ``axis`` (the NaN/inf check included;
+    it runs only outside jit).
 
     Args:
       x: [n, ...] training data (e.g. NHWC images [n, h, w, c] or features [n, d]).
@@ -80,15 +89,18 @@ def standardize_fit(x, *, axis=None) -> Standardizer:
     Returns:
       Standardizer with mean/std of shape x.shape[1:] with the reduced axes set to 1.
     """
-    x = _as_float(x)
-    axes = _reduce_axes(x, axis)
-    return _standardize_fit(x, axes)
+    x = _as_array(x)
+    scaler, finite = _standardize_fit(x, _reduce_axes(x, axis))
+    _check_finite(finite, x)
+    return scaler
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _standardize_fit(x, axes):
+    x = _to_float(x)
     mean = jnp.mean(x, axis=axes, keepdims=True)
     std = jnp.sqrt(jnp.mean((x - mean) ** 2, axis=axes, keepdims=True))
-    return Standardizer(mean=mean[0], std=_safe(std, mean)[0])
+    return Standardizer(mean=mean[0], std=_safe(std, mean)[0]), jnp.isfinite(x).all()
 
 
 def minmax_fit(x, *, axis=None) -> MinMaxScaler:
@@ -101,11 +113,19 @@ def minmax_fit(x, *, axis=None) -> MinMaxScaler:
     Returns:
       MinMaxScaler with min/scale of shape x.shape[1:] with the reduced axes set to 1 (scale 1 where max == min).
     """
-    x = _as_float(x)
-    axes = _reduce_axes(x, axis)
+    x = _as_array(x)
+    scaler, finite = _minmax_fit(x, _reduce_axes(x, axis))
+    _check_finite(finite, x)
+    return scaler
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _minmax_fit(x, axes):
+    x = _to_float(x)
     lo = jnp.min(x, axis=axes, keepdims=True)
     hi = jnp.max(x, axis=axes, keepdims=True)
-    return MinMaxScaler(min=lo[0], scale=_safe(hi - lo, jnp.maximum(jnp.abs(lo), jnp.abs(hi)))[0])
+    scaler = MinMaxScaler(min=lo[0], scale=_safe(hi - lo, jnp.maximum(jnp.abs(lo), jnp.abs(hi)))[0])
+    return scaler, jnp.isfinite(x).all()
 
 
 def _check_apply(stat, x, name: str):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import functools
 import itertools
 import math
 import signal
@@ -82,17 +83,25 @@ class TrainState:
 
 
 def create_state(params, optimizer: optax.GradientTransformation, *, key: jax.Array, extra=None) -> TrainState:
-    """A fresh TrainState at step 0 (params and extra are copied: the train step donates its state's buffers)."""
-    params = jax.tree_util.tree_map(jnp.array, params)
-    extra = jax.tree_util.tree_map(jnp.array, extra)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=optimizer.init(params),
-        extra={} if extra is None else extra,
-        key=key,
-        first_bad_step=jnp.full((), -1, jnp.int32),
-    )
+    """A fresh TrainState at step 0 (params and extra are copied: the train step donates its state's buffers).
+
+    The copies, `optimizer.init` and the counters are one compiled program, cached per `optimizer.init` and
+    parameter shapes (op by op they were one small program per leaf shape and optimizer statistic).
+    """
+    init = optimizer.init
+    if not isinstance(init, collections.abc.Hashable):
+        init = functools.partial(init)  # hashed by identity: still one program, not cached across calls
+    step, params, opt_state, extra, first_bad_step = _fresh_state(params, extra, init)
+    return TrainState(step=step, params=params, opt_state=opt_state, extra={} if extra is None else extra, key=key,
+                      first_bad_step=first_bad_step)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _fresh_state(params, extra, init):
+    # jnp.copy: the outputs must be new buffers even where XLA could forward an input unchanged
+    params = jax.tree_util.tree_map(jnp.copy, params)
+    extra = jax.tree_util.tree_map(jnp.copy, extra)
+    return jnp.zeros((), jnp.int32), params, init(params), extra, jnp.full((), -1, jnp.int32)
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -182,7 +191,11 @@ class DPSGD:
 
 
 def _gradients(loss_fn: LossFn, state, batch: dict, teacher, key: jax.Array, dp: DPSGD | None):
-    """(mean loss, aux, gradient) of one step: the plain gradient of the mean, or DP-SGD's."""
+    """(mean loss, aux, gradient) of one step: the plain gradient of the mean, or DP-SGD's.
+
+    DP-SGD: loss and aux are the means over the same per-example pass whose gradients are clipped and
+    noised; example i's loss gets `fold_in(loss_key, i)`, so random views differ between examples.
+    """
 
     def mean_loss(params):
         losses, aux = loss_fn(params, state.extra, batch, teacher, key)
@@ -193,14 +206,15 @@ def _gradients(loss_fn: LossFn, state, batch: dict, teacher, key: jax.Array, dp:
         return loss, aux, grads
     from distill_jax import privacy  # noqa: PLC0415 - dp-accounting loads only for private training
 
-    loss, aux = mean_loss(state.params)
-    if aux.get(MUTABLE):
+    if jax.eval_shape(mean_loss, state.params)[1].get(MUTABLE):  # shapes only: the loss runs once, below
         raise ValueError("DP-SGD clips per-example gradients, but this model updates batch statistics "
                          "(a mutable collection), which mix the examples of a batch; use a model without them")
-    per_example = lambda params, b: loss_fn(params, state.extra, b, teacher, key)[0]
-    grads = privacy.dp_sgd_gradients(per_example, state.params, batch, l2_clip=dp.l2_clip,
-                                     noise_multiplier=dp.noise_multiplier, key=jax.random.fold_in(key, 0x0D9))
-    return loss, aux, grads
+    loss_key, noise_key = jax.random.split(key)
+    per_example = lambda params, b, k: loss_fn(params, state.extra, b, teacher, k)
+    (losses, aux), per_grads = privacy.per_example_value_and_grad(per_example, state.params, batch, key=loss_key)
+    grads = privacy.noisy_clipped_mean(per_grads, l2_clip=dp.l2_clip, noise_multiplier=dp.noise_multiplier,
+                                       key=noise_key)
+    return jnp.mean(losses), aux, grads
 
 
 def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, dp: DPSGD | None = None) -> Callable:

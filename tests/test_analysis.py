@@ -229,3 +229,51 @@ def test_node_filters():
     np.testing.assert_array_equal(filt[1].reshape(-1), kernel[:, 1])
     with pytest.raises(ValueError, match="kernel"):
         analysis.node_filters(kernel, (3, 3, 1))
+
+
+def test_cka_matrix_equals_the_direct_numpy_formula():
+    # CKA(A, B) = <Kc, Lc>_F / (||Kc||_F ||Lc||_F), Kc = H A A^T H, in float64 from host inputs
+    rng = np.random.default_rng(5)
+    fa = {"conv": rng.normal(size=(12, 3, 3, 2)).astype(np.float32), "dense": rng.normal(size=(12, 5)).astype(np.float32)}
+    fb = {"h": rng.normal(size=(12, 4)).astype(np.float32) + 3.0}
+
+    def gram(v):
+        v = np.asarray(v, np.float64).reshape(len(v), -1)
+        v = v - v.mean(0)
+        return v @ v.T
+
+    _, _, m = analysis.cka_matrix(fa, fb)
+    for i, a in enumerate(fa.values()):
+        k, l = gram(a), gram(fb["h"])
+        np.testing.assert_allclose(m[i, 0], np.sum(k * l) / (np.linalg.norm(k) * np.linalg.norm(l)), rtol=1e-5)
+
+
+def test_each_call_is_one_compiled_program_and_a_repeat_none():
+    """Host (numpy) inputs of a shape no other test uses: one program per public call, none when repeated."""
+    from distill_jax.compilation import CompileCounter
+
+    rng = np.random.default_rng(6)
+    k, d, c, b = 3, 10, 4, 7
+    w, bias = rng.normal(size=(k, c)).astype(np.float32), rng.normal(size=c).astype(np.float32)
+    comps, mean = rng.normal(size=(k, d)).astype(np.float32), rng.normal(size=d).astype(np.float32)
+    x = rng.normal(size=(b, 2, 5)).astype(np.float32)
+    z = rng.normal(size=(b, k)).astype(np.float32)
+    probs = rng.dirichlet(np.ones(8), size=b).astype(np.float32)
+    labels = rng.integers(0, c, b)
+    calls = {
+        "linear_contributions": lambda: analysis.linear_contributions(w, bias, z, comps, x=x, mean=mean),
+        "class_templates": lambda: analysis.class_templates(w, comps),
+        "linear_cka": lambda: analysis.linear_cka(x.reshape(b, -1), z),
+        "cka_matrix": lambda: analysis.cka_matrix({"x": x, "z": z}, {"p": probs}),
+        "tree_usage": lambda: analysis.tree_usage(probs, labels, c),
+        "node_filters": lambda: analysis.node_filters(comps.T, (2, 5, 1)),
+    }
+    for name, call in calls.items():
+        with CompileCounter() as first:
+            jax.block_until_ready(call())
+        with CompileCounter() as again:
+            jax.block_until_ready(call())
+        assert (first.count, again.count) == (1, 0), name
+    out = calls["linear_contributions"]()  # the host path gives the same numbers
+    np.testing.assert_allclose(out["pixels"].sum(-1) + bias, (x.reshape(b, -1) - mean) @ (w.T @ comps).T + bias,
+                               rtol=1e-4, atol=1e-4)

@@ -85,6 +85,24 @@ def test_cached_teacher_outputs_give_the_same_loss_as_running_the_teacher(setup)
     np.testing.assert_allclose(live, cached, rtol=1e-5, atol=1e-6)
 
 
+def test_teacher_cache_reuses_its_compiled_program_across_calls(setup):
+    """Students of one run share the teacher pass: a second call (same teacher, needs, inputs) compiles nothing."""
+    from distill_jax.compilation import CompileCounter
+
+    x, y, teacher, t_vars = setup
+    needs = distill.method_needs("kd", distill.MethodConfig())
+    scale = lambda v: 0.5 * v  # noqa: E731 - an `inputs` no other test passes
+    with CompileCounter() as first:
+        one = distill.cache_teacher_outputs(teacher, t_vars, np.asarray(x), np.asarray(y), needs, batch_size=8,
+                                            inputs=scale)
+    with CompileCounter() as again:
+        two = distill.cache_teacher_outputs(teacher, t_vars, np.asarray(x), np.asarray(y), needs, batch_size=8,
+                                            inputs=scale)
+    assert (first.count, again.count) == (1, 0)
+    np.testing.assert_allclose(one["teacher_logits"], teacher.apply(t_vars, 0.5 * x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(two["teacher_logits"], one["teacher_logits"])
+
+
 def test_attention_cache_holds_maps_not_features(setup):
     """The attention term caches one [H, W] map per layer and example, a C-th of the [H, W, C] features."""
     x, y, teacher, t_vars = setup

@@ -311,3 +311,51 @@ def test_max_sensitivity_and_completeness():
     ig = explain.integrated_gradients(f, x, t, steps=4)
     np.testing.assert_allclose(metrics.ig_completeness_error(f, x, ig, t), 0.0, atol=1e-5)
     assert bool(jnp.all(metrics.ig_completeness_error(f, x, 2 * ig, t) > 0.99))
+
+
+def test_pearson_and_spearman_match_scipy_on_host_arrays():
+    from scipy.stats import pearsonr
+
+    from distill_jax import stats
+
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(3, 4, 6)).astype(np.float32)
+    b = (a + rng.normal(size=a.shape)).astype(np.float32)
+    b[0] = np.round(b[0])  # ties
+    flat_a, flat_b = a.reshape(3, -1), b.reshape(3, -1)
+    np.testing.assert_allclose(metrics.spearman(a, b), [spearmanr(u, v)[0] for u, v in zip(flat_a, flat_b)], rtol=1e-5)
+    np.testing.assert_allclose(stats.pearson(a, b), [pearsonr(u, v)[0] for u, v in zip(flat_a, flat_b)], rtol=1e-5)
+    np.testing.assert_allclose(stats.average_ranks(np.array([3.0, 1.0, 3.0, 2.0])), [2.5, 0.0, 2.5, 1.0])
+
+
+def test_mean_kl_at_a_temperature_hand_computed():
+    s, t = np.array([[1.0, 0.0, -1.0]], np.float32), np.array([[0.0, 2.0, 0.0]], np.float32)
+    p = np.exp(t / 2) / np.exp(t / 2).sum()
+    q = np.exp(s / 2) / np.exp(s / 2).sum()
+    assert float(metrics.mean_kl(s, t, temperature=2.0)) == pytest.approx(float(np.sum(p * np.log(p / q))), rel=1e-5)
+    assert float(jax.jit(metrics.mean_kl)(jnp.asarray(s), jnp.asarray(t), temperature=2.0)) == pytest.approx(
+        float(np.sum(p * np.log(p / q))), rel=1e-5)
+
+
+def test_map_and_logit_metrics_are_one_compiled_program_per_call():
+    """Host inputs of shapes no other test uses: one program per call, none when repeated with new values."""
+    from distill_jax import stats
+    from distill_jax.compilation import CompileCounter
+
+    rng = np.random.default_rng(8)
+    logits = [rng.normal(size=(9, 5)).astype(np.float32) for _ in range(4)]
+    maps = [rng.normal(size=(3, 7, 5)).astype(np.float32) for _ in range(4)]
+    calls = {
+        "agreement": lambda u, v: metrics.agreement(u, v),
+        "mean_kl": lambda u, v: metrics.mean_kl(u, v, temperature=1.5),
+        "top_k_overlap": lambda u, v: metrics.top_k_overlap(u, v, k=4),
+        "spearman": lambda u, v: metrics.spearman(u, v),
+        "pearson": lambda u, v: stats.pearson(u, v),
+    }
+    for name, call in calls.items():
+        u = logits if name in ("agreement", "mean_kl") else maps
+        with CompileCounter() as first:
+            jax.block_until_ready(call(u[0], u[1]))
+        with CompileCounter() as again:
+            jax.block_until_ready(call(u[2], u[3]))
+        assert (first.count, again.count) == (1, 0), name

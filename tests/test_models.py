@@ -174,3 +174,27 @@ def test_layer_order_follows_the_forward_pass_not_dict_order():
     seed = models.SeedCNN(10)
     assert models.layer_order(seed, seed.init(jax.random.PRNGKey(0), x), x) == [
         "conv1", "conv2", "conv3", "conv4", "dense1", "head"]
+
+
+def test_tree_hard_predict_is_one_program_and_traceable():
+    from distill_jax.compilation import CompileCounter
+
+    depth = 3
+    rng = np.random.default_rng(3)
+    routing = rng.uniform(size=(5, 2**depth - 1)).astype(np.float32)
+    leaf_logits = rng.normal(size=(2**depth, 6)).astype(np.float32)
+    with CompileCounter() as first:
+        leaf, cls = models.tree_hard_predict(routing, leaf_logits, depth)
+    with CompileCounter() as again:
+        models.tree_hard_predict(routing + 0.01, leaf_logits, depth)
+    assert (first.count, again.count) == (1, 0)
+    want = []  # the greedy walk by hand: left child 2i+1, right 2i+2
+    for r in routing:
+        node = 0
+        for _ in range(depth):
+            node = 2 * node + 1 + int(r[node] > 0.5)
+        want.append(node - (2**depth - 1))
+    np.testing.assert_array_equal(leaf, want)
+    np.testing.assert_array_equal(cls, np.argmax(leaf_logits[want], -1))
+    jitted = jax.jit(lambda r: models.tree_hard_predict(r, leaf_logits, depth))(routing)
+    np.testing.assert_array_equal(jitted[0], want)

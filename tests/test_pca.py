@@ -237,3 +237,42 @@ def test_covariance_blocked_scatter_path_matches_full():
     np.testing.assert_allclose(c.components, f.components, atol=1e-4)
     np.testing.assert_allclose(c.explained_variance, f.explained_variance, rtol=1e-4)
     np.testing.assert_allclose(c.explained_variance_ratio, f.explained_variance_ratio, rtol=1e-4)
+
+
+def test_fits_compile_one_program_per_call_and_none_when_repeated():
+    """Host data of shapes no other test uses: `fit` is one program; `fit_batches` one for a single batch,
+    and one per batch shape plus the last batch's merge-and-fit for a stream."""
+    from distill_jax.compilation import CompileCounter
+
+    x = _spectrum_data(n=61, d=12)
+    for call, programs in [
+        (lambda: pca.fit(x, 3, method="covariance"), 1),
+        (lambda: pca.fit(x.astype(np.int32), 3, method="full"), 1),
+        (lambda: pca.fit_batches([x], 3), 1),
+        (lambda: pca.fit_batches((x[i:i + 20] for i in range(0, 61, 20)), 3), 2),  # 20, 20, 20 | 1
+    ]:
+        with CompileCounter() as first:
+            jax.block_until_ready(call())
+        with CompileCounter() as again:
+            jax.block_until_ready(call())
+        assert (first.count, again.count) == (programs, 0)
+    one = pca.fit(x, 3, method="covariance")
+    for streamed in (pca.fit_batches([x], 3), pca.fit_batches((x[i:i + 20] for i in range(0, 61, 20)), 3)):
+        np.testing.assert_allclose(streamed.components, one.components, atol=1e-5)
+        np.testing.assert_allclose(streamed.explained_variance, one.explained_variance, rtol=1e-5)
+        np.testing.assert_allclose(streamed.mean, one.mean, rtol=1e-6, atol=1e-6)
+
+
+def test_fit_batches_names_the_batch_with_non_finite_values():
+    x = _spectrum_data(n=60, d=11)
+    bad = x.copy()
+    bad[25, 1] = np.nan
+    for i in range(3):  # the bad batch first, in the middle, last
+        batches = [x[:20], x[20:40], x[40:]]
+        batches[i] = bad[20:40]
+        with pytest.raises(ValueError, match=f"batch {i} has 1 non-finite"):
+            pca.fit_batches(batches, 2)
+    with pytest.raises(ValueError, match="at least 2"):
+        pca.fit_batches([x[:1], x[:0]], 1)
+    with pytest.raises(ValueError, match="batch 1 has 4 features, earlier batches 11"):
+        pca.fit_batches([x, x[:, :4]], 2)

@@ -76,3 +76,25 @@ def test_bad_inputs():
         preprocess.standardize_fit(x, axis=1)
     with pytest.raises(ValueError, match="scaler must be one of"):
         preprocess.apply({"mean": jnp.zeros(3)}, x)
+
+
+def test_fit_is_one_compiled_program_from_host_integers():
+    """uint8 host images (a shape no other test uses): one program per fit, none when repeated; same numbers as
+    fitting their float32 values."""
+    from distill_jax.compilation import CompileCounter
+
+    x = np.random.default_rng(2).integers(0, 256, (6, 3, 5, 2)).astype(np.uint8)
+    for fit in (preprocess.standardize_fit, preprocess.minmax_fit):
+        with CompileCounter() as first:
+            s = jax.block_until_ready(fit(x))
+        with CompileCounter() as again:
+            jax.block_until_ready(fit(x))
+        assert (first.count, again.count) == (1, 0), fit.__name__
+        ref = fit(x.astype(np.float32))
+        for got, want in zip(jax.tree_util.tree_leaves(s), jax.tree_util.tree_leaves(ref)):
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+    s = preprocess.standardize_fit(x, axis=(0, 1, 2))
+    np.testing.assert_allclose(s.mean.ravel(), x.reshape(-1, 2).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(s.std.ravel(), x.reshape(-1, 2).std(0), rtol=1e-5)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        preprocess.minmax_fit(np.array([[1.0, np.inf], [2.0, 3.0]], np.float32))

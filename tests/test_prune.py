@@ -38,3 +38,15 @@ def test_training_reaches_the_target_sparsity_and_biases_are_left_alone():
 def test_bad_settings_are_refused(kw):
     with pytest.raises(ValueError, match="need"):
         prune.magnitude_pruning(**kw)
+
+
+def test_sparsity_hand_computed_on_host_without_compiling():
+    from distill_jax.compilation import CompileCounter
+
+    params = {"conv": {"kernel": jnp.asarray(np.array([[[0.0, 1.0], [0.0, 2.0]]])), "bias": jnp.zeros(2)},
+              "dense": {"kernel": np.array([[0.0, 3.0, 4.0]])}, "scale": 0.0}
+    with CompileCounter() as compiles:
+        got = prune.sparsity(params)
+    assert got == pytest.approx(3 / 7)  # kernels only: 2 zeros of 4 and 1 of 3; biases and scalars skipped
+    assert compiles.count == 0
+    assert prune.sparsity({"bias": jnp.zeros(3)}) == 0.0

@@ -180,3 +180,30 @@ def test_bad_streams_are_refused(small_run):
         train.fit(fresh(), step, [{"x": x[:8], "y": y[:8]}, {"x": x[8:13], "y": y[8:13]}], cfg, mesh=mesh)
     with pytest.raises(ValueError, match="data gave no batches in epoch 0"):
         train.fit(fresh(), step, [], cfg, mesh=mesh)
+
+
+def test_create_state_is_one_program_of_fresh_copies_equal_to_optimizer_init():
+    from distill_jax.compilation import CompileCounter
+
+    rng = np.random.default_rng(4)
+    params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(5, 3)).astype(np.float32)),
+                        "bias": rng.normal(size=3).astype(np.float32)},  # a host leaf too
+              "scale": jnp.asarray(rng.normal(size=(7,)).astype(np.float32))}
+    extra = {"pca": {"mean": jnp.asarray(rng.normal(size=(5,)).astype(np.float32))}}
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optax.cosine_decay_schedule(0.1, 10), weight_decay=0.1))
+    key = jax.random.PRNGKey(3)
+    with CompileCounter() as first:
+        state = jax.block_until_ready(train.create_state(params, opt, key=key, extra=extra))
+    with CompileCounter() as again:
+        train.create_state(params, opt, key=key, extra=extra)
+    assert (first.count, again.count) == (1, 0)
+    assert int(state.step) == 0 and int(state.first_bad_step) == -1 and state.step.dtype == jnp.int32
+    assert state.key is key
+    chex.assert_trees_all_equal(state.params, params)
+    chex.assert_trees_all_equal(state.extra, extra)
+    chex.assert_trees_all_equal(state.opt_state, opt.init(params))
+    for new, old in zip(jax.tree_util.tree_leaves((state.params, state.extra)), jax.tree_util.tree_leaves((params, extra))):
+        assert isinstance(new, jax.Array)
+        if isinstance(old, jax.Array):  # a donating train step must not delete the caller's arrays
+            assert new.unsafe_buffer_pointer() != old.unsafe_buffer_pointer()
+    assert train.create_state(params, opt, key=key).extra == {}
