@@ -6,6 +6,8 @@ value and what is allowed (the CLI prints it as one line and exits with status 2
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import ml_collections
 
 STUDENT_KINDS = ("cnn", "mlp", "linear", "tree")
@@ -143,25 +145,24 @@ def _auto_or(value, ok) -> bool:
     return value == "auto" or (_number(value) and ok(value))
 
 
-def _validate_adversarial(g, group: str) -> None:
-    """The numeric `adversarial*` and `dp_*` keys of one budget group, where it has them (the adversarial
-    method's name: `pipeline.check_choices`)."""
-    if "dp_noise_multiplier" in g:
-        _require(_number(g.dp_noise_multiplier) and g.dp_noise_multiplier >= 0, f"{group}.dp_noise_multiplier",
-                 g.dp_noise_multiplier, "must be >= 0 (0 = no DP-SGD)")
-    if "dp_l2_clip" in g:
-        _require(_number(g.dp_l2_clip) and g.dp_l2_clip > 0, f"{group}.dp_l2_clip", g.dp_l2_clip, "must be > 0")
-    if "dp_delta" in g:
-        _require(_number(g.dp_delta) and 0 < g.dp_delta < 1, f"{group}.dp_delta", g.dp_delta, "must be in (0, 1)")
-    if "adversarial_epsilon" in g:
-        _require(_number(g.adversarial_epsilon) and g.adversarial_epsilon >= 0, f"{group}.adversarial_epsilon",
-                 g.adversarial_epsilon, "must be >= 0 (standardized input units)")
-    if "adversarial_steps" in g:
-        _require(isinstance(g.adversarial_steps, int) and g.adversarial_steps >= 1, f"{group}.adversarial_steps",
-                 g.adversarial_steps, "must be an integer >= 1")
-    if "adversarial_step_size" in g:
-        _require(_number(g.adversarial_step_size) and g.adversarial_step_size >= 0, f"{group}.adversarial_step_size",
-                 g.adversarial_step_size, "must be >= 0 (0 = 2.5 * epsilon / steps)")
+# The per-model training extras a budget group (teacher, student, a student kind) may set, in the order
+# they are checked: key -> (whether a value is allowed, what is allowed). The adversarial method's name is
+# checked with the other choices (`pipeline.check_choices`).
+_TRAINING_EXTRAS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "dp_noise_multiplier": (lambda v: _number(v) and v >= 0, "must be >= 0 (0 = no DP-SGD)"),
+    "dp_l2_clip": (lambda v: _number(v) and v > 0, "must be > 0"),
+    "dp_delta": (lambda v: _number(v) and 0 < v < 1, "must be in (0, 1)"),
+    "adversarial_epsilon": (lambda v: _number(v) and v >= 0, "must be >= 0 (standardized input units)"),
+    "adversarial_steps": (lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
+    "adversarial_step_size": (lambda v: _number(v) and v >= 0, "must be >= 0 (0 = 2.5 * epsilon / steps)"),
+}
+
+
+def _validate_training_extras(g, group: str) -> None:
+    """The `_TRAINING_EXTRAS` keys (DP-SGD and adversarial training) of one budget group, where it has them."""
+    for key, (ok, allowed) in _TRAINING_EXTRAS.items():
+        if key in g:
+            _require(ok(g[key]), f"{group}.{key}", g[key], allowed)
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -178,7 +179,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(_number(c.teacher.get("train_temperature", 1.0)) and c.teacher.get("train_temperature", 1.0) > 0,
              "teacher.train_temperature", c.teacher.get("train_temperature"), "must be > 0 (1 = plain training)")
     for group in ("teacher", "student") + STUDENT_KINDS:
-        _validate_adversarial(c.get(group, {}), group)
+        _validate_training_extras(c.get(group, {}), group)
     _require(0 <= c.student.prune_sparsity < 1, "student.prune_sparsity", c.student.prune_sparsity,
              "must be in [0, 1)")
     _require(0 <= c.student.prune_begin <= c.student.prune_end <= 1, "student.prune_begin/prune_end",
@@ -193,6 +194,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(m.auto_score in ("accuracy", "agreement", "kl"), "method.auto_score", m.auto_score,
              "must be 'accuracy', 'agreement' or 'kl'")
     _require(m.mixup >= 0, "method.mixup", m.mixup, "must be >= 0 (0 = off)")
+    # DP-SGD takes each example's gradient on its own (a batch of one), where mixup would mix it with itself
+    private = [g for g in ("student",) + STUDENT_KINDS if c.get(g, {}).get("dp_noise_multiplier", 0) > 0]
+    _require(m.mixup == 0 or not private, "method.mixup", m.mixup,
+             f"must be 0 with DP-SGD ({private[0] if private else ''}.dp_noise_multiplier > 0): DP-SGD takes each "
+             f"example's gradient on its own, so there is no batch to mix")
     _require(m.auto_epochs >= 0, "method.auto_epochs", m.auto_epochs, "must be >= 0 (0 = the student's epochs)")
     _require(0 < m.validation_fraction < 1, "method.validation_fraction", m.validation_fraction, "must be in (0, 1)")
     _require(c.method.cache_limit_mb >= 0, "method.cache_limit_mb", c.method.cache_limit_mb, "must be >= 0")

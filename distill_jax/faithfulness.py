@@ -1,8 +1,7 @@
 """Faithfulness of attributions: does the model's output move the way the attribution says it should?
 
-Argument convention (DESIGN.md, one order everywhere): anything that scores an attribution is
-`metric(apply_fn, x, attribution, target, *, options)`; attributions are
-`method(apply_fn, x, target, *, options)`; functions of two models take `(student..., teacher...)`.
+Arguments follow the library's one convention (`distill_jax.attribution_core`'s docstring): every
+metric here is `metric(apply_fn, x, attribution, target, *, options)`.
 
 Every metric here returns one value per example. `apply_fn` is any pure `x -> logits [batch, classes]`;
 unless a metric says otherwise the model output it reads is the target logit f(x) = logits[b, target_b]
@@ -45,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.attribution_core import (
-    BASELINES, ApplyFn, check_attribution, check_positive_int, check_x, num_classes_of,
+    BASELINES, ApplyFn, check_attribution, check_key, check_positive_int, check_x, num_classes_of,
     per_target_scored, resolve_baseline, sample_chunk, target_logits, validate_target,
 )
 from distill_jax.stats import pearson, spearman
@@ -84,10 +83,16 @@ def _check_nonnegative(value: Any, name: str) -> float:
     return float(value)
 
 
-def _check_key(key: Any, name: str = "key") -> jax.Array:
-    if key is None:
-        raise ValueError(f"{name} must be a PRNG key (jax.random.key(seed)); got None")
-    return key
+def _scored(score: Callable, x: jax.Array, attribution: Any, target: jax.Array, num_classes: int):
+    """`per_target_scored(score, ...)` with the attribution checked once (`check_attribution`), so `score`
+    receives `a` shaped like x: [batch, ...] per target, from [batch, ...] or, for [batch, K] targets,
+    [batch, K, ...] (a [batch, (K,) H, W] map of NHWC x is broadcast over the channels)."""
+    a = jnp.asarray(attribution)
+    if target.ndim == 1:
+        a = check_attribution(a, x)
+    elif a.ndim >= 2 and a.shape[:2] == target.shape:  # any other shape: per_target_scored names the mismatch
+        a = jax.vmap(lambda column: check_attribution(column, x), in_axes=1, out_axes=1)(a)
+    return per_target_scored(score, x, a, target, num_classes)
 
 
 _PER_EXAMPLE_BASELINES: dict[str, Callable[..., jax.Array]] = {"black": jnp.min, "white": jnp.max, "mean": jnp.mean}
@@ -229,7 +234,7 @@ def faithfulness_correlation(
     Explanations" (IJCAI).
     """
     x, target, num_classes = _prepare(apply_fn, x, target)
-    key = _check_key(key)
+    key = check_key(key)
     samples = check_positive_int(samples, "samples")
     if samples < 2:
         raise ValueError(f"samples must be >= 2 to compute a correlation; got {samples}")
@@ -241,11 +246,11 @@ def faithfulness_correlation(
     keys = jax.random.split(key, samples)
 
     def score_one(v, a, t):
-        atts, deltas = _subset_drops(apply_fn, v, check_attribution(a, v), t, base, features, keys,
-                                     jnp.full((samples,), subset_size), subset_size, sample_chunk(chunk, samples))
+        atts, deltas = _subset_drops(apply_fn, v, a, t, base, features, keys, jnp.full((samples,), subset_size),
+                                     subset_size, sample_chunk(chunk, samples))
         return pearson(atts.T, deltas.T)
 
-    return per_target_scored(score_one, x, attribution, target, num_classes)
+    return _scored(score_one, x, attribution, target, num_classes)
 
 
 def _subset_drops(apply_fn, x, a, target, base, features, keys, sizes, max_size, batch_size):
@@ -299,7 +304,7 @@ def sensitivity_n(
     gradient-based attribution methods for Deep Neural Networks" (ICLR).
     """
     x, target, num_classes = _prepare(apply_fn, x, target)
-    key = _check_key(key)
+    key = check_key(key)
     samples = check_positive_int(samples, "samples")
     if samples < 2:
         raise ValueError(f"samples must be >= 2 to compute a correlation; got {samples}")
@@ -316,14 +321,14 @@ def sensitivity_n(
     batch = x.shape[0]
 
     def score_one(v, a, t):
-        atts, deltas = _subset_drops(apply_fn, v, check_attribution(a, v), t, base, features, keys, size_of_pair,
-                                     max(sizes), sample_chunk(chunk, samples * len(sizes)))
+        atts, deltas = _subset_drops(apply_fn, v, a, t, base, features, keys, size_of_pair, max(sizes),
+                                     sample_chunk(chunk, samples * len(sizes)))
         atts = atts.reshape(samples, len(sizes), batch).transpose(2, 1, 0).reshape(batch * len(sizes), samples)
         deltas = deltas.reshape(samples, len(sizes), batch).transpose(2, 1, 0).reshape(batch * len(sizes), samples)
         r = pearson(atts, deltas).reshape(batch, len(sizes))
         return r[:, 0] if single else r
 
-    return per_target_scored(score_one, x, attribution, target, num_classes)
+    return _scored(score_one, x, attribution, target, num_classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,13 +371,13 @@ def infidelity(
     of Explanations" (NeurIPS).
     """
     x, target, num_classes = _prepare(apply_fn, x, target)
-    key = _check_key(key)
+    key = check_key(key)
     samples = check_positive_int(samples, "samples")
     noise = _check_nonnegative(noise, "noise")
 
     def score_one(v, a, t):
         full = target_logits(apply_fn, v, t)
-        a_flat = check_attribution(a, v).reshape(v.shape[0], -1)
+        a_flat = a.reshape(v.shape[0], -1)
 
         def one(k):
             perturbation = noise * jax.random.normal(k, v.shape, v.dtype)
@@ -385,7 +390,7 @@ def infidelity(
             explained = explained * (num / jnp.where(den > 0, den, 1.0))
         return jnp.mean((explained - delta) ** 2, axis=0)
 
-    return per_target_scored(score_one, x, attribution, target, num_classes)
+    return _scored(score_one, x, attribution, target, num_classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +449,7 @@ def monotonicity(
     features = _Features(x.shape, _check_patch(patch, x, allow_none=True))
     uniform = isinstance(baseline, str) and baseline == "uniform"
     if uniform:
-        key = _check_key(key, "key (needed for baseline='uniform')")
+        key = check_key(key, "key (needed for baseline='uniform')")
         low, high = (float(v) for v in uniform_range)
         if not low < high:
             raise ValueError(f"uniform_range must be (low, high) with low < high; got {uniform_range!r}")
@@ -470,10 +475,10 @@ def monotonicity(
 
         change = jax.lax.map(one, (feature_of_pair, keys), batch_size=sample_chunk(chunk, pairs))
         change = change.reshape(features.n, samples, v.shape[0]).mean(axis=1).T  # [batch, features]
-        scores = features.sums(check_attribution(a, v))
+        scores = features.sums(a)
         return spearman(jnp.abs(scores) if absolute else scores, change)
 
-    return per_target_scored(score_one, x, attribution, target, num_classes)
+    return _scored(score_one, x, attribution, target, num_classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -572,7 +577,7 @@ def noisy_linear_imputation(
         raise ValueError(f"removed must be a [batch, H, W] mask {tuple(x.shape[:3])}; got {tuple(removed.shape)}")
     noise = _check_nonnegative(noise, "noise")
     if noise > 0:
-        key = _check_key(key, "key (needed when noise > 0)")
+        key = check_key(key, "key (needed when noise > 0)")
     max_iter = 4 * (x.shape[1] + x.shape[2]) + 50 if max_iter is None else check_positive_int(max_iter, "max_iter")
     return _impute(x, removed.astype(bool), key, noise, max_iter, float(tol))
 
@@ -654,7 +659,7 @@ def road(
     percentages = fractions
     noise = _check_nonnegative(noise, "noise")
     if noise > 0:
-        key = _check_key(key, "key (needed when noise > 0)")
+        key = check_key(key, "key (needed when noise > 0)")
     max_iter = 4 * (x.shape[1] + x.shape[2]) + 50 if max_iter is None else check_positive_int(max_iter, "max_iter")
     batch, height, width, _ = x.shape
     counts = jnp.asarray([int(np.floor(height * width * float(q) + 1e-9)) for q in percentages], jnp.int32)
@@ -662,7 +667,7 @@ def road(
     keys = jax.random.split(key, len(percentages)) if noise > 0 else jnp.zeros(len(percentages), jnp.uint32)
 
     def score_one(v, a, t):
-        ranks = _feature_ranks(check_attribution(a, v).sum(-1).reshape(batch, -1), order).reshape(batch, height, width)
+        ranks = _feature_ranks(a.sum(-1).reshape(batch, -1), order).reshape(batch, height, width)
 
         def one(args):
             k, noise_key = args
@@ -671,7 +676,7 @@ def road(
 
         return jax.lax.map(one, (counts, keys), batch_size=sample_chunk(chunk, len(percentages))).T
 
-    return per_target_scored(score_one, x, attribution, target, num_classes)
+    return _scored(score_one, x, attribution, target, num_classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -721,7 +726,7 @@ def region_perturbation(
     base = _replacement(x, baseline)
 
     def score_one(v, a, t):
-        ranks = _feature_ranks(features.sums(check_attribution(a, v)), order)
+        ranks = _feature_ranks(features.sums(a), order)
         full = target_logits(apply_fn, v, t)
 
         def drop_after(k):
@@ -730,4 +735,4 @@ def region_perturbation(
         curve = jax.lax.map(drop_after, jnp.arange(steps + 1), batch_size=sample_chunk(chunk, steps + 1)).T
         return curve.mean(axis=1), curve
 
-    return per_target_scored(score_one, x, attribution, target, num_classes)
+    return _scored(score_one, x, attribution, target, num_classes)

@@ -18,7 +18,7 @@ import numpy as np
 
 from distill_jax import backend
 from distill_jax.attribution_core import (
-    ApplyFn, check_positive_int, check_x, input_grad, num_classes_of, per_target, resolve_baseline,
+    ApplyFn, check_key, check_positive_int, check_x, input_grad, num_classes_of, per_target, resolve_baseline,
     sample_chunk, validate_target,
 )
 
@@ -36,22 +36,6 @@ def _check_number(value: Any, name: str, *, low: float, high: float = np.inf, lo
         bound = f"{'(' if low_open else '['}{low}, {high}{']' if np.isfinite(high) else ')'}"
         raise ValueError(f"{name} must be a number in {bound}; got {value!r}")
     return float(value)
-
-
-def _check_key(key: Any) -> jax.Array:
-    """A PRNG key (`jax.random.key(...)` or a raw uint32[2] `PRNGKey`), or a ValueError naming `key`."""
-    try:
-        k = key if isinstance(key, jax.Array) else jnp.asarray(key)
-    except (TypeError, ValueError):
-        k = None
-    if k is not None:
-        if jnp.issubdtype(k.dtype, jax.dtypes.prng_key) and k.shape == ():
-            return k
-        if k.dtype == jnp.uint32 and k.ndim == 1:  # a raw key, e.g. uint32[2] for threefry
-            return k
-    shape = getattr(key, "shape", None)
-    raise ValueError(f"key must be one PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)); "
-                     f"got {type(key).__name__} with shape {shape}")
 
 
 def _sum_in_chunks(term_fn: Callable, items: tuple[np.ndarray, ...], total: int, chunk: int, init):
@@ -139,7 +123,7 @@ def _copy_bytes(x: jax.Array, target: jax.Array) -> int:
 def _check_sampling(samples, noise, chunk, key, sample_bytes: int) -> tuple[int, float, int, jax.Array]:
     samples = check_positive_int(samples, "samples")
     noise = _check_number(noise, "noise", low=0.0)
-    return samples, noise, sample_chunk(chunk, samples, sample_bytes=sample_bytes), _check_key(key)
+    return samples, noise, sample_chunk(chunk, samples, sample_bytes=sample_bytes), check_key(key)
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ Mask-based (the student imitates where the teacher looks):
   ``attention_map``, ``attention_transfer_loss``, ``input_saliency``,
   ``saliency_matching_loss``.
 
-Argument order (one convention across the library): the student's arrays come first, then the
-teacher's (``kd_loss(student_logits, teacher_logits)``), then labels; hyper-parameters by keyword.
+Argument order: the library's one convention (``distill_jax.attribution_core``'s docstring), i.e.
+``kd_loss(student_logits, teacher_logits)`` with labels last.
 Every loss returns one value per example (``[batch]``) and the caller reduces;
 the one exception is ``tree_balance_penalty``, which is a batch-level scalar by
 definition. Hyper-parameters are keyword-only. Shapes, dtypes and concrete

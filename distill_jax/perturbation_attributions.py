@@ -1,9 +1,7 @@
 """Perturbation attributions: model-agnostic methods that only run `apply_fn` forward (no gradients).
 
-Argument convention (DESIGN.md, one order everywhere): attributions are
-`method(apply_fn, x, target, *, options)` (every method here); anything that scores an attribution is
-`metric(apply_fn, x, attribution, target, *, options)`; functions of two models take
-`(student..., teacher...)`. Occlusion (sliding windows, `explain.occlusion`) lives in explain.py;
+Arguments follow the library's one convention (`distill_jax.attribution_core`'s docstring): every
+method here is `method(apply_fn, x, target, *, options)`. Occlusion (sliding windows, `explain.occlusion`) lives in explain.py;
 `feature_ablation` is its non-overlapping-patch form.
 
 feature_ablation, rise, kernel_shap and lime perturb the input, read the model's score for the
@@ -37,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.attribution_core import (
-    ApplyFn, check_positive_int, check_x, mask_invalid, num_classes_of, resolve_baseline, sample_chunk, validate_target,
+    ApplyFn, check_key, check_positive_int, check_x, mask_invalid, num_classes_of, resolve_baseline, sample_chunk,
+    validate_target,
 )
 
 __all__ = [
@@ -61,16 +60,6 @@ _HIGHEST = jax.lax.Precision.HIGHEST  # the regressions must not run in bf16/TF3
 # --------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------
-def _check_key(key: Any) -> jax.Array:
-    ok = isinstance(key, jax.Array) and (
-        (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ())
-        or (key.dtype == jnp.uint32 and key.shape == (2,))
-    )
-    if not ok:
-        raise ValueError(f"key must be a JAX PRNG key (e.g. jax.random.key(0)); got {key!r}")
-    return key
-
-
 def _check_fraction(value: Any, name: str) -> float:
     if not _is_number(value) or not 0 < value <= 1:
         raise ValueError(f"{name} must be a number in (0, 1]; got {value!r}")
@@ -272,7 +261,7 @@ def rise_masks(key: jax.Array, masks: int, cells: int, p_keep: float, image_hw: 
     Reference: Petsiuk, Das & Saenko 2018, "RISE: Randomized Input Sampling for Explanation of
     Black-box Models" (BMVC).
     """
-    key = _check_key(key)
+    key = check_key(key)
     masks, cells = check_positive_int(masks, "masks"), check_positive_int(cells, "cells")
     p_keep = _check_fraction(p_keep, "p_keep")
     image_hw = (check_positive_int(image_hw[0], "image_hw"), check_positive_int(image_hw[1], "image_hw"))
@@ -310,7 +299,7 @@ def rise(
     Black-box Models" (BMVC).
     """
     x, target, c = _check_inputs(apply_fn, x, target, chunk, image=True)
-    key = _check_key(key)
+    key = check_key(key)
     masks, cells = check_positive_int(masks, "masks"), check_positive_int(cells, "cells")
     p_keep = _check_fraction(p_keep, "p_keep")
     image_hw = x.shape[1:3]
@@ -359,7 +348,7 @@ def kernel_shap_coalitions(key: jax.Array, samples: int, features: int) -> jax.A
       [n, M] float32 in {0, 1}, no row all zeros or all ones.
     Reference: Lundberg & Lee 2017, "A Unified Approach to Interpreting Model Predictions" (NeurIPS).
     """
-    key = _check_key(key)
+    key = check_key(key)
     samples = check_positive_int(samples, "samples")
     features = check_positive_int(features, "features")
     if features < 2:
@@ -453,7 +442,7 @@ def kernel_shap(
                 f"x {tuple(x.shape)} with patch {patch!r} has M={num_features} (use a larger patch or exact=False)"
             )
     else:
-        key = _check_key(key)
+        key = check_key(key)
         samples = check_positive_int(samples, "samples")
     base = resolve_baseline(x, baseline)
     targets = _as_pairs(target)
@@ -488,7 +477,7 @@ def lime_coalitions(key: jax.Array, samples: int, features: int) -> jax.Array:
     Reference: Ribeiro, Singh & Guestrin 2016, "'Why Should I Trust You?': Explaining the Predictions
     of Any Classifier" (KDD).
     """
-    key = _check_key(key)
+    key = check_key(key)
     samples = check_positive_int(samples, "samples")
     features = check_positive_int(features, "features")
     return _draw_lime_coalitions(key, samples, features)
@@ -560,7 +549,7 @@ def lime(
     of Any Classifier" (KDD).
     """
     x, target, c = _check_inputs(apply_fn, x, target, chunk)
-    key = _check_key(key)
+    key = check_key(key)
     samples = check_positive_int(samples, "samples")
     ids, num_features = feature_ids(x.shape, patch)
     kernel_width = _check_positive(kernel_width, "kernel_width")

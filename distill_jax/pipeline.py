@@ -71,7 +71,7 @@ def model_inputs(scaler, x) -> jax.Array:
     return preprocess.apply(scaler, unit)
 
 
-def _batched_inputs(scaler, x: np.ndarray, *, batch_size: int = 4096):
+def batched_inputs(scaler, x: np.ndarray, *, batch_size: int = 4096):
     """Flattened model inputs [b, h*w*c] of consecutive batches of `x` (streamed, never all at once)."""
     to_flat = jax.jit(lambda v: model_inputs(scaler, v).reshape(v.shape[0], -1))
     for start in range(0, len(x), batch_size):
@@ -132,7 +132,7 @@ def prepare_data(c) -> Prepared:
                                                            transfer.unlabelled_fraction, seed=c.seed)
     scaler = preprocess.standardize_fit(data.as_float01(x_train))
     n_components = min(c.pca_components, len(x_train), int(np.prod(x_train.shape[1:])))
-    pca_state = pca_lib.fit_batches(_batched_inputs(scaler, x_train), n_components)
+    pca_state = pca_lib.fit_batches(batched_inputs(scaler, x_train), n_components)
     scaler, pca_state = parallel.broadcast_from_main((scaler, pca_state))
     return Prepared(x_train, np.asarray(y_train, np.int32), ds.x_test, np.asarray(ds.y_test, np.int32),
                     ds.num_classes, tuple(ds.class_names), ds.name, scaler, pca_state, x_transfer)

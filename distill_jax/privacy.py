@@ -33,6 +33,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from distill_jax import parallel
+from distill_jax.attribution_core import check_key
 
 LossFn = Callable[[Any, Any], jax.Array]  # (params, batch) -> per-example losses [batch]
 
@@ -75,18 +76,6 @@ def _check_count(name: str, value, *, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
     return int(value)
-
-
-def _check_key(key) -> None:
-    """A typed key (`jax.random.key`) or a raw uint32 key (`jax.random.PRNGKey`)."""
-    dtype = getattr(key, "dtype", None)
-    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and jnp.ndim(key) == 0
-    raw = dtype == jnp.uint32 and jnp.ndim(key) == 1
-    if not (typed or raw):
-        raise ValueError(
-            f"key must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)); "
-            f"got {type(key).__name__} with dtype {dtype} and shape {tuple(jnp.shape(key))}"
-        )
 
 
 def _check_votes(votes) -> None:
@@ -137,7 +126,7 @@ def gnmax(votes: jax.Array, *, sigma, key: jax.Array) -> jax.Array:
     """
     _check_votes(votes)
     s = _check_nonnegative("sigma", sigma)
-    _check_key(key)
+    check_key(key)
     votes = jnp.asarray(votes)
     if s == 0:
         return jnp.argmax(votes, axis=-1).astype(jnp.int32)
@@ -173,7 +162,7 @@ def confident_gnmax(votes: jax.Array, *, threshold, sigma_threshold, sigma, key:
     _number("threshold", threshold)
     s1 = _check_nonnegative("sigma_threshold", sigma_threshold)
     _check_nonnegative("sigma", sigma)
-    _check_key(key)
+    check_key(key)
     votes = jnp.asarray(votes)
     k_threshold, k_label = jax.random.split(key)
     top = jnp.max(votes, axis=-1).astype(jnp.promote_types(votes.dtype, jnp.float32))
@@ -408,17 +397,43 @@ def _ensemble_program(apply_fn: Callable, mesh: Mesh | None, split: bool) -> Cal
 # --------------------------------------------------------------------------- DP-SGD
 
 
+def per_example_value_and_grad(loss_fn: Callable, params, batch, *, key: jax.Array | None = None):
+    """Every example's loss, aux and gradient from one pass (`jax.vmap(jax.value_and_grad(..., has_aux=True))`).
+
+    (l_i, aux_i), g_i = value_and_grad(loss_fn, has_aux=True)(params, batch[i:i+1], k_i),  k_i = fold_in(key, i)
+
+    Each example is passed as a batch of one, so `loss_fn` sees its usual shapes, and gets its own key,
+    so a loss that draws randomness (augmentation, a PGD start) makes an independent draw per example, as
+    it would across a full batch. (Anything that mixes examples, e.g. mixup, sees only the one example.)
+    `key=None` passes None to `loss_fn`.
+
+    Args:
+      loss_fn: (params, batch, key) -> (losses [batch], aux: pytree whose leaves have a leading [batch] axis).
+      params: parameter pytree.
+      batch: pytree of arrays with a leading [B] axis.
+      key: PRNG key, or None for a loss that draws nothing.
+    Returns:
+      ((losses [B], aux with leaves [B, ...]), gradients with leaves [B, *param_shape]).
+    """
+    if key is not None:
+        check_key(key)
+
+    def one(params, example, k):
+        losses, aux = loss_fn(params, jax.tree_util.tree_map(lambda a: a[None], example), k)
+        return losses[0], jax.tree_util.tree_map(lambda a: a[0], aux)
+
+    size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    keys = None if key is None else jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(size))
+    return jax.vmap(jax.value_and_grad(one, has_aux=True), in_axes=(None, 0, 0))(params, batch, keys)
+
+
 def per_example_gradients(loss_fn: LossFn, params, batch):
     """Gradient of every example's loss: leaves [batch, *param_shape].
 
-    g_i = grad_params loss_fn(params, batch[i:i+1])[0]   (`jax.vmap(jax.grad(...))` over examples;
-    each example is passed as a batch of one, so `loss_fn` sees its usual shapes).
+    g_i = grad_params loss_fn(params, batch[i:i+1])[0]   (`per_example_value_and_grad`, gradients only).
     """
-
-    def one(params, example):
-        return jnp.sum(loss_fn(params, jax.tree_util.tree_map(lambda a: a[None], example)))
-
-    return jax.vmap(jax.grad(one), in_axes=(None, 0))(params, batch)
+    _, grads = per_example_value_and_grad(lambda p, b, k: (loss_fn(p, b), {}), params, batch)
+    return grads
 
 
 def clip_per_example(grads, *, l2_clip) -> tuple[Any, jax.Array]:
@@ -443,33 +458,29 @@ def clip_per_example(grads, *, l2_clip) -> tuple[Any, jax.Array]:
     return clipped, norms
 
 
-def dp_sgd_gradients(loss_fn: LossFn, params, batch, *, l2_clip, noise_multiplier, key: jax.Array):
-    """The DP-SGD gradient: clipped per-example gradients, summed, plus Gaussian noise, over the batch size.
+def noisy_clipped_mean(grads, *, l2_clip, noise_multiplier, key: jax.Array):
+    """DP-SGD's aggregate of per-example gradients: clipped, summed, Gaussian noise added, over the batch size.
 
     g = (sum_i clip(g_i, C) + N(0, (z * C)^2 I)) / B,   clip(g, C) = g * min(1, C / ||g||_2)
 
-    with g_i the gradient of example i's loss (`per_example_gradients`), the norm over the whole
-    parameter tree, z = noise_multiplier, B the number of examples in `batch` (with Poisson sampling,
-    pass batches of the expected size or rescale). Same values as
-    `optax.contrib.differentially_private_aggregate` on the per-example gradients; here the key is an
-    argument instead of optimizer state.
+    with the norm over the whole parameter tree, z = noise_multiplier, B the number of examples (with
+    Poisson sampling, pass batches of the expected size or rescale). Same values as
+    `optax.contrib.differentially_private_aggregate`; here the key is an argument instead of optimizer state.
 
     Args:
-      loss_fn: (params, batch) -> [batch] per-example losses.
-      params: parameter pytree.
-      batch: pytree of arrays with a leading [B] axis.
+      grads: per-example gradients, leaves [B, *param_shape] (e.g. from `per_example_value_and_grad`).
       l2_clip: C > 0.
       noise_multiplier: z >= 0 (z = 0: no noise, only clipping).
       key: PRNG key for the noise.
     Returns:
-      gradient pytree, the structure of `params`.
+      gradient pytree, leaves [*param_shape].
 
     Reference: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016, Algorithm 1.
     """
     _check_positive("l2_clip", l2_clip)
     z = _check_nonnegative("noise_multiplier", noise_multiplier)
-    _check_key(key)
-    clipped, _ = clip_per_example(per_example_gradients(loss_fn, params, batch), l2_clip=l2_clip)
+    check_key(key)
+    clipped, _ = clip_per_example(grads, l2_clip=l2_clip)
     leaves, treedef = jax.tree_util.tree_flatten(clipped)
     size = leaves[0].shape[0]
     summed = [jnp.sum(g, axis=0) for g in leaves]
@@ -478,6 +489,25 @@ def dp_sgd_gradients(loss_fn: LossFn, params, batch, *, l2_clip, noise_multiplie
         std = noise_multiplier * l2_clip
         summed = [s + std * jax.random.normal(k, s.shape, s.dtype) for s, k in zip(summed, keys)]
     return jax.tree_util.tree_unflatten(treedef, [s / size for s in summed])
+
+
+def dp_sgd_gradients(loss_fn: LossFn, params, batch, *, l2_clip, noise_multiplier, key: jax.Array):
+    """The DP-SGD gradient of a batch: `noisy_clipped_mean` of its per-example gradients.
+
+    g = (sum_i clip(g_i, C) + N(0, (z * C)^2 I)) / B,   g_i = grad_params loss_fn(params, batch[i:i+1])[0]
+
+    Args:
+      loss_fn: (params, batch) -> [batch] per-example losses.
+      params: parameter pytree.
+      batch: pytree of arrays with a leading [B] axis.
+      l2_clip, noise_multiplier, key: see `noisy_clipped_mean`.
+    Returns:
+      gradient pytree, the structure of `params`.
+
+    Reference: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016, Algorithm 1.
+    """
+    return noisy_clipped_mean(per_example_gradients(loss_fn, params, batch), l2_clip=l2_clip,
+                              noise_multiplier=noise_multiplier, key=key)
 
 
 def dp_sgd_epsilon(steps: int, *, batch_size: int, n: int, noise_multiplier, delta) -> float:

@@ -26,8 +26,15 @@ TREE_PROBABILITY_EPS = 1e-4
 
 def flat_inputs(prep, x: np.ndarray, *, batch_size: int = 4096) -> np.ndarray:
     """Standardized model inputs of stored images, flattened: [n, h*w*c] float32 on the host."""
-    return np.concatenate([np.asarray(prep.inputs(x[i : i + batch_size])).reshape(len(x[i : i + batch_size]), -1)
-                           for i in range(0, len(x), batch_size)])
+    from distill_jax import pipeline  # noqa: PLC0415
+
+    return np.concatenate([np.asarray(b) for b in pipeline.batched_inputs(prep.scaler, x, batch_size=batch_size)])
+
+
+def flat_split(prep) -> tuple[np.ndarray, np.ndarray]:
+    """(train [n, d], test [m, d]): `flat_inputs` of the training and test images, computed once per seed
+    and passed to every baseline."""
+    return flat_inputs(prep, prep.x_train), flat_inputs(prep, prep.x_test)
 
 
 def _linear_trained(name: str, coef: np.ndarray, intercept: np.ndarray, mean: np.ndarray, components: np.ndarray,
@@ -46,18 +53,19 @@ def _linear_trained(name: str, coef: np.ndarray, intercept: np.ndarray, mean: np
                             train_images=len(prep.y_train))
 
 
-def fit_logreg(name: str, prep, *, seed: int, mesh, eval_batch_size: int = 1000, max_iter: int = 300):
+def fit_logreg(name: str, prep, x_train: np.ndarray, *, seed: int, mesh, eval_batch_size: int = 1000,
+               max_iter: int = 300):
     """`sk-logreg-pixels` or `sk-logreg-pca`: (a `pipeline.Trained` linear model, {iterations, converged}).
 
     L-BFGS on the multinomial log-loss with scikit-learn's default L2 penalty (C = 1), at most
-    `max_iter` iterations; whether it converged is returned, not warned about.
+    `max_iter` iterations; whether it converged is returned, not warned about. `x_train`: the
+    training images' `flat_inputs` [n, d]; the test images are evaluated through the library's model.
     """
     from sklearn.exceptions import ConvergenceWarning  # noqa: PLC0415
     from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
 
     start = time.perf_counter()
-    x = flat_inputs(prep, prep.x_train)
-    d = x.shape[1]
+    x, d = x_train, x_train.shape[1]
     if name == "sk-logreg-pca":
         mean, components = np.asarray(prep.pca.mean), np.asarray(prep.pca.components)
         x = (x - mean) @ components.T
@@ -72,18 +80,22 @@ def fit_logreg(name: str, prep, *, seed: int, mesh, eval_batch_size: int = 1000,
     return trained, {"iterations": int(np.max(clf.n_iter_)), "converged": converged}
 
 
-def fit_tree(name: str, prep, teacher_logits: np.ndarray, *, seed: int) -> dict:
-    """`sk-tree-d8` / `sk-tree`: metrics of a `DecisionTreeClassifier` (no gradients: no attributions)."""
+def fit_tree(name: str, prep, x_train: np.ndarray, x_test: np.ndarray, teacher_logits: np.ndarray, *,
+             seed: int) -> dict:
+    """`sk-tree-d8` / `sk-tree`: metrics of a `DecisionTreeClassifier` (no gradients: no attributions).
+
+    `x_train` [n, d], `x_test` [m, d]: the images' `flat_inputs` (`flat_split`).
+    """
     from sklearn.tree import DecisionTreeClassifier  # noqa: PLC0415
 
     from distill_jax import metrics  # noqa: PLC0415
 
     start = time.perf_counter()
     clf = DecisionTreeClassifier(max_depth=8 if name == "sk-tree-d8" else None, random_state=seed)
-    clf.fit(flat_inputs(prep, prep.x_train), prep.y_train)
+    clf.fit(x_train, prep.y_train)
     seconds = time.perf_counter() - start
     proba = np.zeros((len(prep.y_test), prep.num_classes))
-    proba[:, clf.classes_] = clf.predict_proba(flat_inputs(prep, prep.x_test))
+    proba[:, clf.classes_] = clf.predict_proba(x_test)
     k = prep.num_classes
     logits = np.log((proba + TREE_PROBABILITY_EPS) / (1 + k * TREE_PROBABILITY_EPS)).astype(np.float32)
     return {"accuracy": float(np.mean(np.argmax(proba, -1) == prep.y_test)),

@@ -14,7 +14,7 @@ import json
 import os
 import shlex
 import sys
-from typing import Sequence
+from typing import Mapping, Sequence
 
 VARIANTS = ("full", "local", "smoke")
 
@@ -61,10 +61,23 @@ def errors_text(errors: int, n: int) -> str:
     return f"{errors} / {n} ({100.0 * errors / n:.2f}%)"
 
 
+def command_line() -> str:
+    """`python <script> <arguments>`: how this process was started, shell-quoted, the script relative to the cwd."""
+    args = [os.path.relpath(sys.argv[0]) if sys.argv[0] else "python", *sys.argv[1:]]
+    return "python " + " ".join(shlex.quote(a) for a in args)
+
+
+def header(title: str, *, variant: str, hw: str, wall_s: float, command: str, details: Sequence[str] = ()) -> list[str]:
+    """The markdown lines above a script's tables: the title with the variant, then the command, hardware, total
+    wall time and any `details` as a bullet list, then a blank line."""
+    return [f"### {title} ({variant}{' - SCALED DOWN' if variant != 'full' else ''})", "",
+            f"- command: `{command}`", f"- hardware: {hw}", f"- total wall time: {wall_s:.1f} s",
+            *(f"- {d}" for d in details), ""]
+
+
 def markdown(title: str, rows: Sequence[Row], *, variant: str, hw: str, wall_s: float, command: str) -> str:
-    """The table as markdown, with a header line naming the variant, hardware, total wall time and command."""
-    lines = [f"### {title} ({variant}{' - SCALED DOWN' if variant != 'full' else ''})", "",
-             f"- command: `{command}`", f"- hardware: {hw}", f"- total wall time: {wall_s:.1f} s", "",
+    """The table as markdown, under the `header` naming the variant, hardware, total wall time and command."""
+    lines = [*header(title, variant=variant, hw=hw, wall_s=wall_s, command=command),
              "| result | paper | ours | ours - paper | setting | wall time |", "|---|---|---|---|---|---|"]
     for r in rows:
         diff = r.difference
@@ -77,14 +90,12 @@ def write_table(workdir: str, title: str, rows: Sequence[Row], *, variant: str, 
                 extra: dict | None = None, echo=print) -> dict:
     """Prints the table and writes `results.md` and `results.json` into `workdir`; returns the JSON dict."""
     os.makedirs(workdir, exist_ok=True)
-    hw = hardware()
-    command = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]) if sys.argv[0] else "python",
-                                                *sys.argv[1:]])
-    text = markdown(title, rows, variant=variant, hw=hw, wall_s=wall_s, command=f"python {command}")
+    hw, command = hardware(), command_line()
+    text = markdown(title, rows, variant=variant, hw=hw, wall_s=wall_s, command=command)
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(text)
     out = {"title": title, "variant": variant, "hardware": hw, "wall_s": round(wall_s, 2),
-           "date": datetime.date.today().isoformat(), "command": f"python {command}",
+           "date": datetime.date.today().isoformat(), "command": command,
            "rows": [{**dataclasses.asdict(r), "difference": r.difference} for r in rows], **(extra or {})}
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(out, f, indent=2)
@@ -104,26 +115,40 @@ def load_config(script_file: str, variant: str):
     return module.get_config(variant)
 
 
-def parse_args(argv: Sequence[str] | None, description: str, default_workdir: str) -> argparse.Namespace:
-    """`--local | --smoke` (default: the paper's full setting), `--workdir`, `--data_dir`, `--seed`."""
+def parse_args(argv: Sequence[str] | None, description: str, default_workdir: str, *,
+               extra: Mapping[str, Mapping] | None = None) -> argparse.Namespace:
+    """`--local | --smoke` (default: the paper's full setting), `--workdir`, `--data_dir`, `--seed`.
+
+    `extra`: a script's own options, config key -> `add_argument` keywords (e.g. {"parts": {"help": ...}});
+    each becomes `--<key>`, default None (see `main`).
+    """
     p = argparse.ArgumentParser(description=description)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--local", action="store_true", help="scaled-down variant on data that ships with the package")
+    g.add_argument("--local", action="store_true", help="scaled-down variant (see the script's docstring)")
     g.add_argument("--smoke", action="store_true", help="seconds-long variant for CI")
     p.add_argument("--workdir", default=default_workdir, help="where results.md and results.json go")
-    p.add_argument("--data_dir", default=None, help="tfds data directory (full variant)")
+    p.add_argument("--data_dir", default=None, help="data directory (tfds data for the full variant)")
     p.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    for key, kwargs in (extra or {}).items():
+        p.add_argument(f"--{key}", default=None, **kwargs)
     args = p.parse_args(argv)
     args.variant = "smoke" if args.smoke else "local" if args.local else "full"
     return args
 
 
-def main(argv: Sequence[str] | None, script_file: str, description: str, default_workdir: str, run) -> dict:
-    """A paper script's command line: parses the flags, loads its config and calls `run(config, variant, workdir)`."""
-    args = parse_args(argv, description, default_workdir)
+def main(argv: Sequence[str] | None, script_file: str, description: str, default_workdir: str, run, *,
+         extra: Mapping[str, Mapping] | None = None) -> dict:
+    """A paper script's command line: parses the flags, loads its config and calls `run(config, variant, workdir)`.
+
+    `extra` (see `parse_args`): an option given on the command line overrides the config key of its name.
+    """
+    args = parse_args(argv, description, default_workdir, extra=extra)
     c = load_config(script_file, args.variant)
     if args.data_dir:
         c.data_dir = args.data_dir
     if args.seed is not None:
         c.seed = args.seed
+    for key in extra or {}:
+        if getattr(args, key) is not None:
+            c[key] = getattr(args, key)
     return run(c, args.variant, args.workdir)

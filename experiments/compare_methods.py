@@ -199,15 +199,19 @@ def explanation_scores(t, x, target, teacher_maps, c) -> tuple[dict, dict]:
     return out, maps
 
 
-def baseline_metrics(name: str, prep, teacher, c, mesh, x, target, teacher_maps) -> dict:
-    """Metrics of one scikit-learn baseline (`_baselines.BASELINES`) on the seed's split."""
+def baseline_metrics(name: str, prep, teacher, c, mesh, x, target, teacher_maps, flat) -> dict:
+    """Metrics of one scikit-learn baseline (`_baselines.BASELINES`) on the seed's split.
+
+    `flat`: (train, test) flattened model inputs, `_baselines.flat_split(prep)`, shared by the seed's baselines.
+    """
     import _baselines  # noqa: PLC0415 - next to this script
 
     from distill_jax import pipeline  # noqa: PLC0415
 
     if name.startswith("sk-tree"):
-        return _baselines.fit_tree(name, prep, teacher.test_logits, seed=c.seed)
-    fitted, fit_info = _baselines.fit_logreg(name, prep, seed=c.seed, mesh=mesh, eval_batch_size=c.eval_batch_size)
+        return _baselines.fit_tree(name, prep, *flat, teacher.test_logits, seed=c.seed)
+    fitted, fit_info = _baselines.fit_logreg(name, prep, flat[0], seed=c.seed, mesh=mesh,
+                                             eval_batch_size=c.eval_batch_size)
     m = {**pipeline.model_metrics(fitted, teacher, prep), "method": "sklearn", **fit_info}
     m.update(explanation_scores(fitted, x, target, teacher_maps, c)[0])
     return m
@@ -246,8 +250,13 @@ def run_seed(c, dataset: str, seed: int, mesh, *, echo: Callable[[str], None] = 
         out[name] = m
         echo(f"{dataset} seed {seed} {name}: accuracy {m['accuracy']:.4f} agreement {m['agreement']:.4f} "
              f"kl {m['kl']:.4f} ig_spearman {m['ig_spearman']:.3f} ({s.seconds:.1f} s)")
-    for name in baseline_names(cs):
-        m = {"seed": seed, **baseline_metrics(name, prep, teacher, cs, mesh, x, target, teacher_maps)}
+    names = baseline_names(cs)
+    if names:
+        import _baselines  # noqa: PLC0415 - next to this script
+
+        flat = _baselines.flat_split(prep)
+    for name in names:
+        m = {"seed": seed, **baseline_metrics(name, prep, teacher, cs, mesh, x, target, teacher_maps, flat)}
         out[name] = m
         echo(f"{dataset} seed {seed} {name}: accuracy {m['accuracy']:.4f} agreement {m['agreement']:.4f} "
              f"kl {m['kl']:.4f} ({m['train_seconds']:.1f} s)")

@@ -58,7 +58,6 @@ import functools
 import json
 import math
 import os
-import shlex
 import sys
 import time
 import zlib
@@ -628,10 +627,8 @@ def robust_markdown(res: dict) -> str:
 
 # --------------------------------------------------------------------------- command line
 
-
-def command_line() -> str:
-    args = [os.path.relpath(sys.argv[0]) if sys.argv[0] else "python", *sys.argv[1:]]
-    return "python " + " ".join(shlex.quote(a) for a in args)
+WORKDIR = "runs/private_and_robust"
+EXTRA_ARGS = {"parts": {"help": "'pate', 'robust' or 'pate,robust' (default: the config's)"}}
 
 
 def run(c, variant: str, workdir: str, *, echo=print) -> dict:
@@ -647,11 +644,10 @@ def run(c, variant: str, workdir: str, *, echo=print) -> dict:
     if "robust" in parts:
         out["robust"] = run_robust(c, echo)
     wall = time.perf_counter() - t0
-    hw, command = _table.hardware(), command_line()
+    hw, command = _table.hardware(), _table.command_line()
     times = ", ".join(f"{k} {v['wall_s']:.1f} s" for k, v in out.items())
-    text = "\n".join([f"### {TITLE} ({variant}{' - SCALED DOWN' if variant != 'full' else ''})", "",
-                      f"- command: `{command}`", f"- hardware: {hw}", f"- total wall time: {wall:.1f} s ({times})",
-                      f"- date: {datetime.date.today().isoformat()}", ""])
+    details = [f"wall time per part: {times}", f"date: {datetime.date.today().isoformat()}"]
+    text = "\n".join(_table.header(TITLE, variant=variant, hw=hw, wall_s=wall, command=command, details=details))
     if "pate" in out:
         text += "\n" + pate_markdown(out["pate"])
     if "robust" in out:
@@ -668,29 +664,14 @@ def run(c, variant: str, workdir: str, *, echo=print) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--local", action="store_true", help="scaled-down variant for a 2-core CPU (minutes)")
-    g.add_argument("--smoke", action="store_true", help="seconds-long variant for CI")
-    p.add_argument("--workdir", default="runs/private_and_robust", help="where results.md and results.json go")
-    p.add_argument("--data_dir", default=None, help="data directory (tfds for the full variant; Fashion-MNIST IDX)")
-    p.add_argument("--seed", type=int, default=None, help="override the config's seed")
-    p.add_argument("--parts", default=None, help="'pate', 'robust' or 'pate,robust' (default: the config's)")
-    args = p.parse_args(argv)
-    args.variant = "smoke" if args.smoke else "local" if args.local else "full"
-    return args
+    """`_table.parse_args` with `--parts`."""
+    return _table.parse_args(argv, __doc__.splitlines()[0], WORKDIR, extra=EXTRA_ARGS)
 
 
 def main(argv: Sequence[str] | None = None, *, echo=print) -> dict:
-    args = parse_args(argv)
-    c = _table.load_config(__file__, args.variant)
-    if args.data_dir:
-        c.data_dir = args.data_dir
-    if args.seed is not None:
-        c.seed = args.seed
-    if args.parts:
-        c.parts = args.parts
-    return run(c, args.variant, args.workdir, echo=echo)
+    """The command line (`_table.main` with `--parts`): runs the parts and writes the tables into --workdir."""
+    return _table.main(argv, __file__, __doc__.splitlines()[0], WORKDIR, functools.partial(run, echo=echo),
+                       extra=EXTRA_ARGS)
 
 
 if __name__ == "__main__":

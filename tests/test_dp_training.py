@@ -47,6 +47,37 @@ def test_noiseless_dp_step_applies_the_mean_of_clipped_per_example_gradients():
     np.testing.assert_allclose(np.asarray(huge["w"]), np.asarray(plain["w"]), rtol=1e-5, atol=1e-7)
 
 
+def _noisy_view_loss(params, extra, batch, teacher, key):
+    """Per-example (x + noise(key)) . w: its gradient is the example's random view (as augmentation draws one)."""
+    view = batch["x"] + jax.random.normal(key, batch["x"].shape)
+    return view @ params["w"], {"view_sum": view.sum(axis=1)}
+
+
+def _noisy_view_step(w, dp, lr=0.1, n=8):
+    optimizer = optax.sgd(lr)
+    state = train.create_state({"w": w}, optimizer, key=jax.random.PRNGKey(0))
+    new, metrics = jax.jit(train.train_step_fn(_noisy_view_loss, optimizer, dp=dp))(state, {"x": jnp.zeros((n, D))},
+                                                                                     None)
+    return np.asarray(new.params["w"]), metrics
+
+
+def test_dp_examples_of_a_batch_get_their_own_random_view():
+    clip, lr = 1e-3, 0.1
+    w, _ = _noisy_view_step(jnp.zeros(D), train.DPSGD(l2_clip=clip, noise_multiplier=0.0), lr=lr)
+    # every clipped per-example gradient (the view) has norm `clip`: one shared draw would make the
+    # update's norm exactly lr * clip; 8 independent directions in 64 dims give about lr * clip / sqrt(8)
+    assert np.linalg.norm(w) < 0.6 * lr * clip
+
+
+def test_dp_reported_loss_and_aux_are_the_means_over_the_pass_that_gives_the_gradient():
+    w0, lr = jnp.linspace(-1.0, 1.0, D), 0.1
+    w, metrics = _noisy_view_step(w0, train.DPSGD(l2_clip=1e6, noise_multiplier=0.0), lr=lr)
+    mean_view = (np.asarray(w0) - w) / lr  # the unclipped update is the mean of the per-example views
+    # loss_i = view_i . w0, so the mean loss is mean_view . w0 only if both come from the same draws
+    np.testing.assert_allclose(float(metrics["loss"]), mean_view @ np.asarray(w0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(metrics["view_sum"]), mean_view.sum(), rtol=1e-4, atol=1e-5)
+
+
 def test_dp_noise_has_the_stated_scale():
     batch, params = _setup(n=8)
     params = {"w": jnp.zeros(4096), "b": jnp.zeros(())}
@@ -99,3 +130,14 @@ def test_dp_with_batch_statistics_is_refused():
     step = train.train_step_fn(loss_fn, optimizer, dp=train.DPSGD(l2_clip=1.0, noise_multiplier=1.0))
     with pytest.raises(ValueError, match="mix the examples of a batch"):
         step(state, {"x": jnp.ones((4, 2)), "y": jnp.zeros(4)}, None)
+
+
+def test_mixup_with_dp_sgd_is_refused_in_one_line():
+    from distill_jax import config
+
+    c = config.default_config()
+    c.method.mixup, c.tree = 0.5, {**c.tree, "dp_noise_multiplier": 1.0}
+    with pytest.raises(ValueError, match=r"method.mixup=0.5 .*\(tree.dp_noise_multiplier > 0\)"):
+        config.validate(c)
+    c.tree.dp_noise_multiplier = 0.0
+    config.validate(c)  # mixup alone is fine

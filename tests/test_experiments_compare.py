@@ -180,17 +180,22 @@ def test_sklearn_baselines_match_scikit_learn_and_run_through_the_library():
     c = config_lib.apply_smoke(config_lib.default_config())
     prep = pipeline.prepare_data(c)
     mesh = parallel.make_mesh()
-    x_train, x_test = _baselines.flat_inputs(prep, prep.x_train), _baselines.flat_inputs(prep, prep.x_test)
+    x_train, x_test = _baselines.flat_split(prep)
+    # the flattened model inputs, also across ragged batches
+    np.testing.assert_allclose(_baselines.flat_inputs(prep, prep.x_test[:10], batch_size=4),
+                               np.asarray(prep.inputs(prep.x_test[:10])).reshape(10, -1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(x_test, np.asarray(prep.inputs(prep.x_test)).reshape(len(prep.x_test), -1),
+                               rtol=1e-6, atol=1e-6)
     pca_mean, comps = np.asarray(prep.pca.mean), np.asarray(prep.pca.components)
     for name, fit_x, test_x in [("sk-logreg-pixels", x_train, x_test),
                                 ("sk-logreg-pca", (x_train - pca_mean) @ comps.T, (x_test - pca_mean) @ comps.T)]:
-        trained, info = _baselines.fit_logreg(name, prep, seed=0, mesh=mesh)
+        trained, info = _baselines.fit_logreg(name, prep, x_train, seed=0, mesh=mesh)
         reference = LogisticRegression(max_iter=300, random_state=0).fit(fit_x, prep.y_train)
         # the library's Linear model with the fitted coefficients gives scikit-learn's decision function
         np.testing.assert_allclose(trained.test_logits, reference.decision_function(test_x), rtol=1e-3, atol=1e-3)
         assert info["iterations"] >= 1 and isinstance(info["converged"], bool)
     teacher_logits = np.asarray(trained.test_logits)  # any logits: agreement is then a known number
-    tree = _baselines.fit_tree("sk-tree-d8", prep, teacher_logits, seed=0)
+    tree = _baselines.fit_tree("sk-tree-d8", prep, x_train, x_test, teacher_logits, seed=0)
     reference = DecisionTreeClassifier(max_depth=8, random_state=0).fit(x_train, prep.y_train)
     assert tree["accuracy"] == pytest.approx(reference.score(x_test, prep.y_test))
     expected_agreement = np.mean(reference.predict(x_test) == np.argmax(teacher_logits, -1))

@@ -60,6 +60,23 @@ def test_configs_have_three_variants_and_reject_others(script):
         table.load_config(path, "huge")
 
 
+def test_header_and_command_line(monkeypatch):
+    monkeypatch.setattr(sys, "argv", [os.path.join(os.getcwd(), "x.py"), "--local", "a b"])
+    assert table.command_line() == "python x.py --local 'a b'"
+    lines = table.header("T", variant="smoke", hw="cpu", wall_s=2.0, command="python x.py", details=["date: d"])
+    assert lines == ["### T (smoke - SCALED DOWN)", "", "- command: `python x.py`", "- hardware: cpu",
+                     "- total wall time: 2.0 s", "- date: d", ""]
+
+
+def test_parse_args_extra_options():
+    extra = {"parts": {"help": "which parts"}, "steps": {"type": int}}
+    args = table.parse_args(["--parts", "pate", "--steps", "3"], "d", "w", extra=extra)
+    assert (args.parts, args.steps, args.variant) == ("pate", 3, "full")
+    assert table.parse_args([], "d", "w", extra=extra).parts is None
+    with pytest.raises(SystemExit):
+        table.parse_args(["--parts", "pate"], "d", "w")  # unknown without the hook
+
+
 def test_parse_args_variants():
     assert table.parse_args([], "d", "w").variant == "full"
     assert table.parse_args(["--local"], "d", "w").variant == "local"

@@ -97,6 +97,17 @@ def test_parse_args():
         pr.parse_args(["--smoke", "--local"])
 
 
+def test_main_reads_the_config_of_the_variant_and_applies_parts_seed_and_data_dir():
+    def run(c, variant, workdir):
+        return c, variant, workdir
+
+    c, variant, workdir = table.main(["--smoke", "--parts", "robust", "--seed", "5", "--data_dir", "/d"], SCRIPT,
+                                     "d", pr.WORKDIR, run, extra=pr.EXTRA_ARGS)
+    assert (c.parts, c.seed, c.data_dir, variant, workdir) == ("robust", 5, "/d", "smoke", pr.WORKDIR)
+    default, _, _ = table.main(["--local"], SCRIPT, "d", pr.WORKDIR, run, extra=pr.EXTRA_ARGS)
+    assert default.parts == table.load_config(SCRIPT, "local").parts  # no --parts: the config's
+
+
 # --------------------------------------------------------------------------- --smoke end to end
 
 

@@ -440,6 +440,18 @@ def test_k_targets_equal_k_separate_calls(setup, name):
     assert float(jnp.max(jnp.abs(first[:, 0] - first[:, 1]))) > 1e-4  # the two columns really differ
 
 
+@pytest.mark.parametrize("name", sorted(MULTI_TARGET_CASES))
+def test_k_targets_channelless_maps_equal_maps_broadcast_over_channels(setup, name):
+    """[B, K, H, W] maps are checked once and scored as the same maps repeated over the C channels."""
+    x, weights, t = setup
+    metric, options = MULTI_TARGET_CASES[name]
+    fn = partial(metric, nonlinear(weights), **options)
+    tk = jnp.stack([t, (t + 1) % K], axis=1)
+    maps = rand(52, (B, 2, H, W), "normal")
+    full = jnp.broadcast_to(maps[..., None], (B, 2, H, W, C))
+    chex.assert_trees_all_close(fn(x, maps, tk), fn(x, full, tk), rtol=1e-5, atol=1e-6)
+
+
 def test_k_targets_traced_out_of_range_entry_is_nan(setup):
     x, weights, t = setup
     tk = jnp.stack([t, (t + 1) % K], axis=1).at[2, 1].set(K)

@@ -1,6 +1,7 @@
 """Tests for distill_jax.gradient_attributions: closed forms on linear and quadratic models, and plain
 numpy re-implementations (loops, numpy gradients of a tanh MLP) of each algorithm."""
 import functools
+import re
 
 import chex
 import jax
@@ -498,3 +499,40 @@ class JitMatchesEager(chex.TestCase):
         fn = self.variant(functools.partial(ga.blur_ig, self.linear, max_sigma=2.0, steps=4, grad_step=2.0 / 4))
         expected = weights_of(self.wm, T) * (np.asarray(self.x) - np.asarray(blurred(self.x, 2.0)))
         np.testing.assert_allclose(fn(self.x, T), expected, rtol=1e-3, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# attribution_core.check_key: the one PRNG-key check of attributions, metrics and privacy
+# --------------------------------------------------------------------------------------------
+def test_check_key_accepts_one_key_and_names_what_came_otherwise():
+    from distill_jax.attribution_core import check_key
+
+    typed, raw = jax.random.key(0), jax.random.PRNGKey(0)
+    np.testing.assert_array_equal(jax.random.key_data(check_key(typed)), jax.random.key_data(typed))
+    np.testing.assert_array_equal(check_key(np.asarray(raw)), raw)  # a host copy of a raw key becomes a jax array
+    np.testing.assert_array_equal(jax.jit(check_key)(raw), raw)  # traced keys are checked by dtype and shape
+    assert check_key(jnp.zeros(4, jnp.uint32)).shape == (4,)  # a raw "rbg" key
+    head = r"must be a PRNG key \(jax\.random\.key\(seed\) or jax\.random\.PRNGKey\(seed\)\); got "
+    several = jax.random.split(typed, 3)  # several keys are not one
+    for bad, got in [(None, "None and shape ()"), (3, "None and shape ()"),
+                     (jnp.zeros((2, 2), jnp.uint32), "uint32 and shape (2, 2)"),
+                     (jnp.zeros(2, jnp.float32), "float32 and shape (2,)"), (several, "key<fry> and shape (3,)")]:
+        got = f"{type(bad).__name__} with dtype {got}"
+        with pytest.raises(ValueError, match="^key " + head + re.escape(got) + "$"):
+            check_key(bad)
+    with pytest.raises(ValueError, match=r"^key \(needed when noise > 0\) must be a PRNG key"):
+        check_key(None, "key (needed when noise > 0)")
+
+
+def test_every_module_that_draws_refuses_a_bad_key_with_the_same_message():
+    from distill_jax import faithfulness, perturbation_attributions, privacy
+
+    f = lambda v: v.reshape(v.shape[0], -1)[:, :K]
+    x, t = jnp.ones((2, 4, 4, 1)), jnp.array([0, 1])
+    calls = [lambda: privacy.gnmax(jnp.ones((2, 3)), sigma=1.0, key=5),
+             lambda: faithfulness.infidelity(f, x, x, t, key=5),
+             lambda: ga.vargrad(f, x, t, key=5),
+             lambda: perturbation_attributions.lime(f, x, t, key=5)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"^key must be a PRNG key \(.*\); got int with dtype None and shape \(\)$"):
+            call()

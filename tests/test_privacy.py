@@ -321,6 +321,36 @@ def test_dp_sgd_with_a_huge_clip_is_the_mean_gradient_jitted_and_not():
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), out, plain)
 
 
+def test_per_example_value_and_grad_returns_losses_aux_and_gradients_of_one_pass():
+    loss_fn, params, batch, g = _least_squares()
+    with_aux = lambda p, b, k: (loss_fn(p, b), {"residual": b["x"] @ p["w"] + p["b"] - b["y"]})
+    (losses, aux), grads = privacy.per_example_value_and_grad(with_aux, params, batch)
+    r = g[:, -1]  # d loss_i / d b = r_i
+    np.testing.assert_allclose(aux["residual"], r, rtol=1e-5)
+    np.testing.assert_allclose(losses, 0.5 * r**2, rtol=1e-5)
+    np.testing.assert_allclose(grads["w"], g[:, :-1], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(grads["b"], g[:, -1], rtol=1e-5, atol=1e-7)
+
+
+def test_per_example_value_and_grad_gives_every_example_its_own_key():
+    n, d = 6, 5
+    x = jnp.ones((n, d))  # identical examples: only the random view tells them apart
+    w = jnp.linspace(-1.0, 1.0, d)
+    key = jax.random.key(3)
+
+    def noisy_view_loss(params, batch, key):  # loss = (x + noise(key)) . w, so the gradient is the view
+        view = batch["x"] + jax.random.normal(key, batch["x"].shape)
+        return view @ params, {"view0": view[:, 0]}
+
+    (losses, aux), grads = jax.jit(lambda p, b, k: privacy.per_example_value_and_grad(noisy_view_loss, p, b, key=k))(
+        w, {"x": x}, key)
+    views = np.stack([1.0 + np.asarray(jax.random.normal(jax.random.fold_in(key, i), (1, d)))[0] for i in range(n)])
+    np.testing.assert_allclose(grads, views, rtol=1e-5)
+    np.testing.assert_allclose(losses, views @ np.asarray(w), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(aux["view0"], views[:, 0], rtol=1e-5)
+    assert len({tuple(np.round(v, 5)) for v in views}) == n  # one draw per example, none shared
+
+
 def test_clip_per_example_bounds_norms_and_keeps_small_gradients():
     grads = {"a": jnp.array([[3.0, 0.0], [0.3, 0.0], [0.0, 0.0]]), "b": jnp.array([4.0, 0.4, 0.0])}
     clipped, norms = privacy.clip_per_example(grads, l2_clip=1.0)

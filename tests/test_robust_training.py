@@ -150,6 +150,25 @@ def test_bad_numbers_are_refused_by_validate(key, value, match):
     _one_line_error(lambda: config.validate(c), match)
 
 
+@pytest.mark.parametrize("leaf,value,allowed", [
+    ("dp_noise_multiplier", -1.0, "must be >= 0 (0 = no DP-SGD)"),
+    ("dp_l2_clip", 0.0, "must be > 0"),
+    ("dp_delta", 1.0, "must be in (0, 1)"),
+    ("adversarial_epsilon", "big", "must be >= 0 (standardized input units)"),
+    ("adversarial_steps", 2.5, "must be an integer >= 1"),
+    ("adversarial_step_size", -0.5, "must be >= 0 (0 = 2.5 * epsilon / steps)"),
+])
+def test_training_extras_of_a_student_kind_group_are_validated(leaf, value, allowed):
+    c = config.default_config()
+    c.mlp[leaf] = value  # a kind's group overrides the student's keys; it is checked the same way
+    with pytest.raises(ValueError) as info:
+        config.validate(c)
+    assert str(info.value) == f"config value mlp.{leaf}={value!r} is out of range: {allowed}"
+    fine = config.default_config()
+    fine.mlp[leaf] = fine.student[leaf]
+    config.validate(fine)  # the student's own value is allowed there
+
+
 def test_bad_choices_are_refused_by_check_choices():
     c = config.default_config()
     c.teacher.adversarial = "fgsm"
