@@ -51,8 +51,9 @@ class Choices:
         multiple of it), split into equal chunks.
       query_chunk: points per call of a model's compiled logits/gradients programs when the audit
         queries it at many points (`queries.ModelQueries`); with a budget, at most what fits in it.
-      run_once_compiler_options: XLA compiler options of programs a job runs only a few times
-        (`compilation.run_once`), as (name, value) pairs.
+      compiler_options: XLA compiler options of the programs the library jits itself
+        (`compilation.jit`: train steps, predictions, the audit's model queries), as (name, value) pairs.
+      run_once_compiler_options: added for programs a job runs only a few times (`compilation.run_once`).
       pca_split_scatter_from: PCA's covariance scatter X^T X is computed as two block rows (3/4 of
         the multiply-adds) from this many features on; None: one matrix product.
     """
@@ -66,6 +67,7 @@ class Choices:
     occlusion_chunk: int
     chunk_budget_bytes: int | None
     query_chunk: int
+    compiler_options: tuple[tuple[str, object], ...]
     run_once_compiler_options: tuple[tuple[str, object], ...]
     pca_split_scatter_from: int | None
 
@@ -115,6 +117,9 @@ _CPU = Choices(
     # points per call on 8x8 digits, and fastest at 32 on 28x28 images ("Audit queries"); small chunks
     # also waste least on padding when a method asks for a handful of points.
     query_chunk=32,
+    # XLA:CPU's older (non-MLIR) fusion emitters compiled the default job's train steps in 55-65 % of the
+    # time at the same step time (SeedCNN 12-13 ms, SmallCNN KD 1.4-1.6 ms, soft tree 0.3 ms; "Start-up")
+    compiler_options=(("xla_cpu_use_fusion_emitters", False),),
     # LLVM -O0 ("Start-up"): about a third of the compile time for random draws and initialisation
     run_once_compiler_options=(("xla_backend_optimization_level", 0),),
     # "PCA": the two-block-row scatter (XLA has no syrk) made the covariance fit of 10000x784 0.65x
@@ -135,7 +140,8 @@ _ACCELERATOR = dict(
     occlusion_chunk=64,
     chunk_budget_bytes=32 << 20,
     query_chunk=4096,
-    run_once_compiler_options=(),  # not measured: XLA's defaults
+    compiler_options=(),  # not measured: XLA's defaults
+    run_once_compiler_options=(),
     pca_split_scatter_from=None,  # one product runs at the MXU's / cuBLAS's full rate
 )
 

@@ -51,23 +51,54 @@ class CompileCounter:
         return False
 
 
-def run_once(fun: Callable | None = None, **jit_kwargs) -> Callable:
-    """`jax.jit(fun, **jit_kwargs)` compiled with `backend.choices().run_once_compiler_options`.
+def jit(fun: Callable | None = None, *, run_once: bool = False, **jit_kwargs) -> Callable:
+    """`jax.jit(fun, **jit_kwargs)` compiled with the library's XLA options for the current backend.
 
-    The options are read when the function is first called on a backend (never at import, so
-    `jax.distributed` can start first); inside another jitted function it is inlined as any jit is.
-    Usable as `@run_once` or `@run_once(static_argnums=...)`.
+    `backend.choices().compiler_options`, plus its `run_once_compiler_options` when `run_once`
+    (a program a job calls only a few times). The options are read when the function is first
+    called on a backend (never at import, so `jax.distributed` can start first); an option the
+    installed XLA does not know is left out (checked once per option), so a newer jaxlib cannot
+    break a run. Inside another jitted function it is inlined as any jit is. Usable as a decorator,
+    with or without arguments; `.lower` and the other attributes of the jitted function pass through.
     """
     if fun is None:
-        return functools.partial(run_once, **jit_kwargs)
-    jitted: dict[backend.Choices, Callable] = {}
+        return functools.partial(jit, run_once=run_once, **jit_kwargs)
+    return _LazyJit(fun, run_once, jit_kwargs)
 
-    @functools.wraps(fun)
-    def call(*args, **kwargs):
+
+def run_once(fun: Callable | None = None, **jit_kwargs) -> Callable:
+    """`jit(fun, run_once=True, **jit_kwargs)`: for random draws, initialisation, the audit's read-outs."""
+    return jit(fun, run_once=True, **jit_kwargs)
+
+
+class _LazyJit:
+    """A `jax.jit` of `fun` per backend choices, created on first use."""
+
+    def __init__(self, fun: Callable, run_once: bool, jit_kwargs: dict):
+        functools.update_wrapper(self, fun)
+        self._fun, self._run_once, self._jit_kwargs = fun, run_once, jit_kwargs
+        self._jitted: dict[backend.Choices, Callable] = {}
+
+    def _current(self) -> Callable:
         picked = backend.choices()
-        if picked not in jitted:
-            options = dict(picked.run_once_compiler_options)
-            jitted[picked] = jax.jit(fun, compiler_options=options or None, **jit_kwargs)
-        return jitted[picked](*args, **kwargs)
+        if picked not in self._jitted:
+            wanted = picked.compiler_options + (picked.run_once_compiler_options if self._run_once else ())
+            options = {name: value for name, value in wanted if _supported(name, value)}
+            self._jitted[picked] = jax.jit(self._fun, compiler_options=options or None, **self._jit_kwargs)
+        return self._jitted[picked]
 
-    return call
+    def __call__(self, *args, **kwargs):
+        return self._current()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._current(), name)
+
+
+@functools.lru_cache(maxsize=None)
+def _supported(name: str, value) -> bool:
+    """Whether the installed XLA accepts compile option `name` (a trivial program compiled with it)."""
+    try:
+        jax.jit(lambda: jax.numpy.zeros(()), compiler_options={name: value}).lower().compile()
+    except Exception:  # noqa: BLE001 - XLA reports an unknown option as a runtime error of its own type
+        return False
+    return True

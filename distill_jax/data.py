@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 import warnings
 from typing import Callable, Iterator
@@ -195,13 +196,29 @@ def _split(x, y, *, seed: int, test_fraction: float, name: str):
 # --------------------------------------------------------------------------------------------------- sources
 
 
-def _load_digits(arg: str, *, seed: int, test_fraction: float, **_) -> Dataset:
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: images [1797, 8, 8] with values 0..16 and labels [1797] in 0..9.
+
+    Read from the CSV scikit-learn ships (as `sklearn.datasets.load_digits` reads it) without
+    importing scikit-learn, whose imports took a second of the default job; `load_digits` itself
+    when the file is not where scikit-learn keeps it.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz") if spec and spec.origin else ""
+    if os.path.isfile(path):
+        table = np.loadtxt(path, delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0)[..., None]
-    parts = _split(x, d.target, seed=seed, test_fraction=test_fraction, name="digits")
-    return _make_dataset(*parts, class_names=[str(c) for c in d.target_names], name="digits")
+    return d.images, d.target
+
+
+def _load_digits(arg: str, *, seed: int, test_fraction: float, **_) -> Dataset:
+    images, labels = digits_arrays()
+    x = (images.astype(np.float32) / 16.0)[..., None]
+    parts = _split(x, labels, seed=seed, test_fraction=test_fraction, name="digits")
+    return _make_dataset(*parts, class_names=[str(c) for c in range(10)], name="digits")
 
 
 def _load_mnist5k(arg: str, *, seed: int, test_fraction: float, **_) -> Dataset:

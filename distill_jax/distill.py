@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill_jax import attacks, losses, models, parallel, train
+from distill_jax import attacks, compilation, losses, models, parallel, train
 from distill_jax.adapters import NETWORK, Student, Teacher, as_student, as_teacher, model_outputs  # noqa: F401 - public here too
 
 Pair = tuple[str, str]  # (student layer, teacher layer)
@@ -431,11 +431,11 @@ def teacher_outputs_fn(teacher, teacher_vars, needs: Needs, inputs: Callable, me
         return teacher_outputs(teacher, v, inputs(xb), yb, needs)
 
     if mesh is None:
-        return jax.jit(run), teacher_vars, batch_size
+        return compilation.jit(run), teacher_vars, batch_size
     devices = mesh.shape[parallel.DATA_AXIS]
     batch_size = -(-batch_size // devices) * devices
     repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    return jax.jit(run, in_shardings=(repl, data, data), out_shardings=data), parallel.replicate(teacher_vars, mesh), \
+    return compilation.jit(run, in_shardings=(repl, data, data), out_shardings=data), parallel.replicate(teacher_vars, mesh), \
         batch_size
 
 

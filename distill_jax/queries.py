@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from distill_jax import backend, models, parallel
+from distill_jax import backend, compilation, models, parallel
 
 __all__ = ["ModelQueries"]
 
@@ -49,7 +49,7 @@ def _programs(model: nn.Module):
 
         return jax.grad(total)(z)
 
-    return jax.jit(logits), jax.jit(gradients)
+    return compilation.jit(logits), compilation.jit(gradients)
 
 
 @dataclasses.dataclass(frozen=True)

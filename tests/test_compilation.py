@@ -20,22 +20,25 @@ def test_counts_one_compilation_per_new_shape_and_none_for_a_cached_call():
     assert compiles.count == 2
 
 
-def test_run_once_compiles_with_the_backends_run_once_options():
+def test_library_jits_use_the_backends_options_and_skip_unknown_ones():
     import dataclasses
 
     import jax.numpy as jnp
     import numpy as np
-    import pytest
 
     from distill_jax import backend, compilation
 
-    f = compilation.run_once(lambda a: jnp.sin(a) * 2.0)
+    cpu = backend.choices("cpu")
+    assert cpu.compiler_options == (("xla_cpu_use_fusion_emitters", False),)
+    assert cpu.run_once_compiler_options == (("xla_backend_optimization_level", 0),)
+    assert compilation._supported("xla_backend_optimization_level", 0)
+    assert not compilation._supported("no_such_xla_option", 1)
     a = jnp.linspace(0.0, 1.0, 5)
+    f = compilation.run_once(lambda v: jnp.sin(v) * 2.0)
     np.testing.assert_allclose(f(a), np.sin(np.linspace(0.0, 1.0, 5)) * 2.0, rtol=1e-6)
-    assert backend.choices("cpu").run_once_compiler_options == (("xla_backend_optimization_level", 0),)
-    # the options reach XLA: an option it does not know is refused at compile time
-    bogus = dataclasses.replace(backend.choices(), run_once_compiler_options=(("no_such_xla_option", 1),))
-    g = compilation.run_once(lambda a: jnp.cos(a))
-    with backend.override(bogus), pytest.raises(Exception, match="no_such_xla_option"):
-        g(a)
-    np.testing.assert_allclose(g(a), np.cos(np.linspace(0.0, 1.0, 5)), rtol=1e-6)  # default choices again
+    # an option the installed XLA does not know is left out instead of failing the run
+    bogus = dataclasses.replace(cpu, compiler_options=(("no_such_xla_option", 1),) + cpu.compiler_options)
+    g = compilation.jit(lambda v: jnp.cos(v), static_argnums=())
+    with backend.override(bogus):
+        np.testing.assert_allclose(g(a), np.cos(np.linspace(0.0, 1.0, 5)), rtol=1e-6)
+    assert g.lower(a).compile() is not None  # attributes of the jitted function pass through

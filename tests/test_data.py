@@ -736,3 +736,12 @@ def test_augment_flip_jit_equals_eager_and_identity_default():
         data.augment(key, x, max_shift=-1)
     with pytest.raises(ValueError, match=r"\[batch, h, w, c\]"):
         data.augment(key, x[0], max_shift=1)
+
+
+def test_digits_read_without_scikit_learn_equal_load_digits():
+    from sklearn.datasets import load_digits
+
+    images, labels = data.digits_arrays()
+    reference = load_digits()
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(labels, reference.target)
