@@ -88,7 +88,13 @@ class _LazyJit:
         return self._jitted[picked]
 
     def __call__(self, *args, **kwargs):
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((args, kwargs))):
+            return self._nested(*args, **kwargs)  # JAX takes compiler options at the top level only
         return self._current()(*args, **kwargs)
+
+    @functools.cached_property
+    def _nested(self) -> Callable:
+        return jax.jit(self._fun, **self._jit_kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self._current(), name)

@@ -23,6 +23,7 @@ def test_counts_one_compilation_per_new_shape_and_none_for_a_cached_call():
 def test_library_jits_use_the_backends_options_and_skip_unknown_ones():
     import dataclasses
 
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
@@ -42,3 +43,7 @@ def test_library_jits_use_the_backends_options_and_skip_unknown_ones():
     with backend.override(bogus):
         np.testing.assert_allclose(g(a), np.cos(np.linspace(0.0, 1.0, 5)), rtol=1e-6)
     assert g.lower(a).compile() is not None  # attributes of the jitted function pass through
+    # inside another jit (where JAX refuses compiler options) it is inlined as a plain jit
+    outer = jax.jit(lambda v: f(v) + g(v))
+    np.testing.assert_allclose(outer(a), np.sin(np.linspace(0.0, 1.0, 5)) * 2.0 + np.cos(np.linspace(0.0, 1.0, 5)),
+                               rtol=1e-6)
