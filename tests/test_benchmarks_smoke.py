@@ -97,3 +97,12 @@ def test_scale_table_lists_every_stage_and_size():
     assert "| teacher | 2.0 s / 200 MB | 20.0 s / 600 MB |" in lines
     assert "| whole process (wall, peak) | 4.0 s / 200 MB | 40.0 s / 600 MB |" in lines
     assert not any(line.startswith("| total") for line in lines)
+
+
+def test_queries_benchmark_runs_every_chunk_and_option_set():
+    from benchmarks import queries
+
+    text = queries.main(["--sides", "8", "--chunks", "16", "32", "--points", "64", "--repeats", "1"])
+    assert "8x8, chunk 16" in text and "8x8, chunk 32" in text
+    for label in queries.OPTION_SETS:  # both programs under every option set
+        assert text.count(f"| {label} |") == 2
