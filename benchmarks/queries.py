@@ -70,7 +70,7 @@ def step_program(side: int):
 
 
 def gradient_program(side: int):
-    model = models.for_attribution(models.SeedCNN(num_classes=10))
+    model = models.for_queries(models.SeedCNN(num_classes=10))
     x = np.random.RandomState(2).randn(32, side, side, 1).astype(np.float32)
     variables = model.init(jax.random.PRNGKey(0), x[:1])
     logits_fn, grads_fn = queries._programs(models.SeedCNN(num_classes=10))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill_jax import backend
+from distill_jax import backend, compilation
 from distill_jax.attribution_core import validate_target
 from distill_jax.explain import Forward, layer_grad, split_forward
 
@@ -106,7 +106,7 @@ def linear_contributions(
     return _linear_contributions(weights, bias, z, components, x, None if x is None else mean)
 
 
-@jax.jit
+@compilation.run_once
 def _linear_contributions(weights, bias, z, components, x, mean) -> dict[str, jax.Array]:
     per_component = z[:, None, :] * weights.T[None, :, :]
     out = {"components": per_component, "bias": jnp.asarray(bias), "logits": per_component.sum(-1) + bias}
@@ -135,7 +135,7 @@ def class_templates(weights: jax.Array, components: jax.Array) -> jax.Array:
     return _class_templates(weights, components)
 
 
-@jax.jit
+@compilation.run_once
 def _class_templates(weights, components):
     return _dot(weights.T, components)
 
@@ -180,7 +180,7 @@ def linear_cka(a: jax.Array, b: jax.Array) -> jax.Array:
     return _linear_cka(a, b)
 
 
-@jax.jit
+@compilation.run_once
 def _linear_cka(a, b):
     n = a.shape[0]
     if n <= min(a.shape[1], b.shape[1]):
@@ -210,7 +210,7 @@ def cka_matrix(feats_a: dict, feats_b: dict) -> tuple[list[str], list[str], jax.
                                                      tuple(map(_as_array, feats_b.values())))
 
 
-@jax.jit
+@compilation.run_once
 def _cka_matrix(feats_a: tuple, feats_b: tuple) -> jax.Array:
     """[len(feats_a), len(feats_b)] CKA from the flattened Gram matrices (one program for the whole matrix)."""
     ka = jnp.stack([_centred_gram(v.reshape(v.shape[0], -1)) for v in feats_a]).reshape(len(feats_a), -1)
@@ -366,7 +366,7 @@ def tree_usage(
     return _tree_usage(path_probs, labels, hard_leaf, num_classes=num_classes)
 
 
-@functools.partial(jax.jit, static_argnames="num_classes")
+@compilation.run_once(static_argnames="num_classes")
 def _tree_usage(path_probs, labels, hard_leaf, *, num_classes: int) -> dict[str, jax.Array]:
     n_leaves = path_probs.shape[1]
     if hard_leaf is None:
@@ -388,6 +388,6 @@ def node_filters(kernel: jax.Array, image_shape: tuple[int, ...]) -> jax.Array:
     return _node_filters(kernel, image_shape)
 
 
-@functools.partial(jax.jit, static_argnums=1)
+@compilation.run_once(static_argnums=1)
 def _node_filters(kernel, image_shape: tuple[int, ...]) -> jax.Array:
     return kernel.T.reshape((kernel.shape[1],) + image_shape)

@@ -88,7 +88,7 @@ class _LazyJit:
         return self._jitted[picked]
 
     def __call__(self, *args, **kwargs):
-        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((args, kwargs))):
+        if _tracing(args, kwargs):
             return self._nested(*args, **kwargs)  # JAX takes compiler options at the top level only
         return self._current()(*args, **kwargs)
 
@@ -98,6 +98,18 @@ class _LazyJit:
 
     def __getattr__(self, name: str):
         return getattr(self._current(), name)
+
+
+def _tracing(args, kwargs) -> bool:
+    """Whether this call happens inside a JAX transformation (a traced argument, or an active trace)."""
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((args, kwargs))):
+        return True
+    try:
+        from jax._src import core  # noqa: PLC0415 - no public way to ask; absent: the argument check above
+    except ImportError:
+        return False
+    clean = getattr(core, "trace_state_clean", None)
+    return clean is not None and not clean()
 
 
 @functools.lru_cache(maxsize=None)

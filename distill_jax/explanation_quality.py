@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.attribution_core import check_positive_int, check_x, sample_chunk, validate_target
+from distill_jax import compilation
 from distill_jax.param_randomization import as_dicts, check_layer_order, default_randomize, randomize_layer
 from distill_jax.stats import flat_pair, pearson, spearman
 
@@ -313,7 +314,7 @@ def sparseness(attribution: jax.Array, *, eps: float = 0.0) -> jax.Array:
 
 # The array metrics' cores are jitted (validation stays outside) so that eager calls compile once
 # per shape instead of once per operation; inside a caller's jit they are inlined.
-@partial(jax.jit, static_argnames="eps")
+@compilation.run_once(static_argnames="eps")
 def _gini(a: jax.Array, eps: float) -> jax.Array:
     a = jnp.sort(jnp.abs(a) + eps, axis=1)
     n = a.shape[1]
@@ -347,7 +348,7 @@ def complexity(attribution: jax.Array) -> jax.Array:
     return _abs_entropy(_check_attribution_batch(attribution))
 
 
-@jax.jit
+@compilation.run_once
 def _abs_entropy(a: jax.Array) -> jax.Array:
     a = jnp.abs(a)
     total = a.sum(axis=1, keepdims=True)

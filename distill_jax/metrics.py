@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.attacks import ATTACKS, fgsm, pgd  # noqa: F401 - re-exported: `metrics.pgd` is public
+from distill_jax import compilation
 from distill_jax.attribution_core import check_x, gaussian_blur, num_classes_of, per_target_scored, validate_target
 from distill_jax.explain import ig_completeness_error
 from distill_jax.param_randomization import as_dicts, check_layer_order, default_randomize, randomize_layer
@@ -99,7 +100,7 @@ def agreement(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array
     return _agreement(student_logits, teacher_logits)
 
 
-@jax.jit
+@compilation.run_once
 def _agreement(student_logits, teacher_logits):
     return jnp.mean((jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32))
 
@@ -115,7 +116,7 @@ def mean_kl(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature
     return _mean_kl(student_logits, teacher_logits, temperature)
 
 
-@jax.jit
+@compilation.run_once
 def _mean_kl(student_logits, teacher_logits, temperature):
     log_p = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
     log_q = jax.nn.log_softmax(student_logits / temperature, axis=-1)
@@ -256,7 +257,7 @@ def top_k_overlap(a: jax.Array, b: jax.Array, *, k: int) -> jax.Array:
     return _top_k_overlap(a, b, k=int(k))
 
 
-@functools.partial(jax.jit, static_argnames="k")
+@compilation.run_once(static_argnames="k")
 def _top_k_overlap(a, b, *, k: int):
     a, b = flat_pair(a, b, "top_k_overlap")
     if not 1 <= k <= a.shape[1]:

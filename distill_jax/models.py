@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distill_jax import backend
+from distill_jax import backend, compilation
 
 Features = dict[str, jax.Array]
 
@@ -134,11 +134,24 @@ def for_attribution(model: nn.Module) -> nn.Module:
     about 9x more activation data). The mapping is `backend.choices().attribution_impls`; other
     impls and models without `impl` are returned as they are.
     """
+    return _run_as(model, backend.choices().attribution_impls)
+
+
+def for_queries(model: nn.Module) -> nn.Module:
+    """The same network with the impl `queries.ModelQueries` runs it with: `backend.choices().query_impls`.
+
+    The queries call the network at the top level of a program (no loop around it), where XLA:CPU's
+    own convolution compiled in about half the time of the patch convolution; on GPU/TPU a
+    `"patches"` model runs as `"lax_conv"`, as for attributions.
+    """
+    return _run_as(model, backend.choices().query_impls)
+
+
+def _run_as(model: nn.Module, impls: tuple[tuple[str, str], ...]) -> nn.Module:
+    """`model` with its impl replaced as the (from, to) pairs say (unchanged when none applies or it has no impl)."""
     impl = getattr(model, "impl", None)
-    if impl is None:
-        return model
-    wanted = backend.choices().attribution_impl(impl)
-    return model if wanted == impl else model.clone(impl=wanted)
+    wanted = dict(impls).get(impl, impl)
+    return model if impl is None or wanted == impl else model.clone(impl=wanted)
 
 
 def _check_impl(impl: str) -> None:
@@ -345,7 +358,7 @@ def path_probabilities(routing: jax.Array, depth: int) -> tuple[jax.Array, jax.A
     return jnp.concatenate(reach_levels, axis=-1), level
 
 
-@functools.partial(jax.jit, static_argnames="depth")
+@compilation.run_once(static_argnames="depth")
 def tree_hard_predict(routing: jax.Array, leaf_logits: jax.Array, depth: int) -> jax.Array:
     """Class predicted by following the most probable branch at every node to a single leaf.
 

@@ -33,8 +33,8 @@ __all__ = ["ModelQueries"]
 
 @functools.lru_cache(maxsize=None)  # linen modules hash by their fields: two programs per architecture
 def _programs(model: nn.Module):
-    """(logits, gradients) jitted for `model` as `models.for_attribution` runs it; variables are an argument."""
-    model = models.for_attribution(model)
+    """(logits, gradients) jitted for `model` as `models.for_queries` runs it; variables are an argument."""
+    model = models.for_queries(model)
 
     def logits(variables, z):
         return model.apply(variables, z).astype(jnp.float32)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from distill_jax import compilation
 
-@jax.jit
+
+@compilation.run_once
 def average_ranks(v: jax.Array) -> jax.Array:
     """Ranks 0..n-1 of a 1-D array, ties sharing their average rank."""
     s = jnp.sort(v)
@@ -27,7 +29,7 @@ def flat_pair(a, b, what):
     return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
 
 
-@jax.jit
+@compilation.run_once
 def spearman(a: jax.Array, b: jax.Array) -> jax.Array:
     """Per-example Spearman rank correlation of two flattened maps (ties get average ranks).
 
@@ -43,7 +45,7 @@ def spearman(a: jax.Array, b: jax.Array) -> jax.Array:
     return pearson(jax.vmap(average_ranks)(a), jax.vmap(average_ranks)(b))
 
 
-@jax.jit
+@compilation.run_once
 def pearson(a: jax.Array, b: jax.Array) -> jax.Array:
     """Per-example Pearson correlation of two flattened arrays; 0 when either is constant.
 

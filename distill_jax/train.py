@@ -98,7 +98,7 @@ def create_state(params, optimizer: optax.GradientTransformation, *, key: jax.Ar
                       first_bad_step=first_bad_step)
 
 
-@functools.partial(jax.jit, static_argnums=2)
+@compilation.run_once(static_argnums=2)
 def _fresh_state(params, extra, init):
     # jnp.copy: the outputs must be new buffers even where XLA could forward an input unchanged
     params = jax.tree_util.tree_map(jnp.copy, params)

@@ -96,6 +96,7 @@ def test_cpu_choices_are_the_measured_ones():
     assert c.name == "cpu"
     assert c.attribution_impl("lax_conv") == "patches"
     assert c.attribution_impl("patches") == "patches" and c.attribution_impl("lax") == "lax"
+    assert c.query_impls == ()  # the audit's queries run the network at top level: as built
     assert c.forward_impl == "lax"
     assert (c.sample_chunk, c.ig_path_chunk, c.ig_batch_chunk, c.occlusion_chunk) == (8, 1, None, 1)
     assert c.chunk_budget_bytes is None
@@ -107,6 +108,7 @@ def test_accelerator_choices_use_native_conv_and_budgeted_chunks(name):
     c = backend.choices(name)
     assert c.name == name
     assert c.attribution_impl("patches") == "lax_conv"
+    assert dict(c.query_impls) == {"patches": "lax_conv"}
     assert c.attribution_impl("lax_conv") == "lax_conv" and c.attribution_impl("lax") == "lax"
     assert c.forward_impl == "lax"
     assert c.ig_batch_chunk is None

@@ -198,3 +198,15 @@ def test_tree_hard_predict_is_one_program_and_traceable():
     np.testing.assert_array_equal(cls, np.argmax(leaf_logits[want], -1))
     jitted = jax.jit(lambda r: models.tree_hard_predict(r, leaf_logits, depth))(routing)
     np.testing.assert_array_equal(jitted[0], want)
+
+
+def test_queries_run_the_network_as_built_on_cpu_and_with_xla_convolutions_elsewhere():
+    from distill_jax import backend
+
+    model = models.SeedCNN(num_classes=10, impl="patches")
+    with backend.override("cpu"):
+        assert models.for_queries(model).impl == "patches" and models.for_queries(model.clone(impl="lax_conv")).impl == "lax_conv"
+    with backend.override("gpu"):
+        assert models.for_queries(model).impl == "lax_conv"
+    linear = models.Linear(num_classes=10, n_components=4)
+    assert models.for_queries(linear) is linear  # no impl: as it is
