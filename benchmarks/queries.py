@@ -83,7 +83,8 @@ def compile_rows(side: int, repeats: int) -> list[list[str]]:
                         ("SmallCNN KD train step, batch 64", step_program)):
         fn, args = build(side)
         for label, options in OPTION_SETS.items():
-            lowered = jax.jit(fn, compiler_options=options or None).lower(*args)
+            fresh = lambda *a, fn=fn: fn(*a)  # a new function each time: nothing reused from jit's caches
+            lowered = jax.jit(fresh, compiler_options=options or None).lower(*args)
             t0 = time.perf_counter()
             compiled = lowered.compile()
             compile_s = time.perf_counter() - t0
