@@ -34,11 +34,13 @@ def smoke_run(tmp_path_factory):
 
 
 def test_smoke_run_compiles_each_program_about_once(smoke_run):
-    """A count, not a time: 447 XLA programs when measured on the tests' 4 fake devices (360 on one device,
-    where eager operations on sharded arrays do not compile a second time; 391 there before one init and one
-    predict program per architecture): teacher + 7 students, 6 attribution methods on 4 architectures, their
-    metrics and attacks. A regression that compiles per model or per batch shape again crosses the bound."""
-    assert 100 < SMOKE_COMPILES["count"] <= 470, SMOKE_COMPILES
+    """A count, not a time: 216 XLA programs when measured on the tests' 4 fake devices (131 on one device,
+    where eager operations on sharded arrays do not compile a second time; 447 there before the audit asked
+    every model two compiled programs instead of one per method, metric and attack, and host read-outs
+    compiled one program each): teacher + 7 students, 6 attribution methods on 4 architectures, their
+    metrics and attacks. A regression that compiles per model, per method or per batch shape again crosses
+    the bound."""
+    assert 100 < SMOKE_COMPILES["count"] <= 250, SMOKE_COMPILES
 
 
 def test_smoke_run_writes_metrics_with_the_documented_layout(smoke_run):
