@@ -176,9 +176,7 @@ def main(argv=None, log=print) -> tuple[list[Row], str]:
     rows, job = measure(args)
     report = format_report(rows, job, args)
     log(report)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + report)
+    common.append_to(args.append, report)
     return rows, report
 
 

@@ -104,6 +104,13 @@ def versions(*modules: str) -> str:
     return ", ".join(out)
 
 
+def append_to(path: str | None, text: str) -> None:
+    """Appends `text` (after a blank line) to the markdown file `path`; nothing when `path` is None or empty."""
+    if path:
+        with open(path, "a") as f:
+            f.write("\n" + text)
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     """A GitHub markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -121,9 +121,7 @@ def main(argv=None) -> str:
         common.markdown_table(["input", "program", "XLA options", "compile (s)", "run (ms, median)"], compile_table),
         ""])
     print(text)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + text)
+    common.append_to(args.append, text)
     return text
 
 

@@ -90,9 +90,7 @@ def main(argv=None, log=print) -> list[dict]:
     rows = [row for job in args.jobs for row in measure(job, extra)]
     report = format_report(rows, argv)
     log(report)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + report)
+    common.append_to(args.append, report)
     return rows
 
 
