@@ -229,8 +229,7 @@ def features_of(model: nn.Module, variables, x) -> dict[str, np.ndarray]:
 
 def cka(teacher_feats: dict, student_feats: dict) -> dict:
     """Linear CKA between every teacher layer and every student layer: {teacher_layers, student_layers, matrix}."""
-    names_t, names_s, matrix = analysis.cka_matrix({k: jnp.asarray(v) for k, v in teacher_feats.items()},
-                                                   {k: jnp.asarray(v) for k, v in student_feats.items()})
+    names_t, names_s, matrix = analysis.cka_matrix(teacher_feats, student_feats)
     return {"teacher_layers": list(names_t), "student_layers": list(names_s), "matrix": np.asarray(matrix).tolist()}
 
 
@@ -254,7 +253,7 @@ def tree_student(model: nn.Module, variables, x, labels, num_classes: int, image
     """Node filters as images, leaf class distributions, and per-class leaf usage on `x`."""
     _, f = _per_model(_features, model)(variables, x)
     leaf, _ = models.tree_hard_predict(f["routing"], f["leaf_logits"], model.depth)
-    usage = analysis.tree_usage(f["path_probs"], jnp.asarray(labels), num_classes, hard_leaf=leaf)
+    usage = analysis.tree_usage(f["path_probs"], np.asarray(labels), num_classes, hard_leaf=leaf)
     return {
         "filters": np.asarray(analysis.node_filters(variables["params"]["nodes"]["kernel"], tuple(image_shape))),
         "leaf_probs": np.asarray(jax.nn.softmax(f["leaf_logits"], -1)),

@@ -73,9 +73,13 @@ def model_inputs(scaler, x) -> jax.Array:
 
 def batched_inputs(scaler, x: np.ndarray, *, batch_size: int = 4096):
     """Flattened model inputs [b, h*w*c] of consecutive batches of `x` (streamed, never all at once)."""
-    to_flat = jax.jit(lambda v: model_inputs(scaler, v).reshape(v.shape[0], -1))
     for start in range(0, len(x), batch_size):
-        yield to_flat(x[start : start + batch_size])
+        yield _flat_inputs(scaler, x[start : start + batch_size])
+
+
+@jax.jit  # module level: one program per batch shape for the whole process (the scaler is an argument)
+def _flat_inputs(scaler, x) -> jax.Array:
+    return model_inputs(scaler, x).reshape(x.shape[0], -1)
 
 
 @dataclasses.dataclass
