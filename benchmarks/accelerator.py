@@ -33,7 +33,10 @@ if str(ROOT) not in sys.path:
 import jax  # noqa: E402
 
 from benchmarks import common, train_step  # noqa: E402
-from distill_jax import audit, models, parallel  # noqa: E402
+from distill_jax import parallel
+from distill_jax import audit
+from distill_jax import models
+from distill_jax.app import cli
 
 # Dense peak TFLOP/s per device by (device_kind prefix, compute dtype): vendor data sheets, no sparsity.
 # float32 on NVIDIA tensor-core parts is the non-tensor-core rate (the library keeps HIGHEST precision
@@ -101,7 +104,6 @@ def ig_case(shape, batch: int, params: dict, mesh, ig_steps: int):
 
 def main_job_seconds(quick: bool) -> float:
     """Wall time of `distill-jax run` on digits (the default job; `--smoke` when quick), in a fresh workdir."""
-    from distill_jax import cli  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as workdir:
         t0 = time.perf_counter()

@@ -55,7 +55,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from distill_jax import explain, models  # noqa: E402
+from distill_jax import attr
+from distill_jax import models
+from distill_jax.models import _layers
 
 NUM_CLASSES = 10
 CONV = (64, 64, 128, 128)
@@ -113,7 +115,7 @@ def jax_variant(params, x, t, *, steps: int, impl: str, batch_chunk: int | None)
     net = models.SeedCNN(NUM_CLASSES, impl=impl)
 
     def ig(p, xx, tt):
-        return explain.integrated_gradients(functools.partial(net.apply, {"params": p}), xx, tt, steps=steps,
+        return attr.integrated_gradients(functools.partial(net.apply, {"params": p}), xx, tt, steps=steps,
                                             method="gauss_legendre", batch_chunk=batch_chunk)
 
     t0 = time.perf_counter()
@@ -266,7 +268,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ibs", type=int, nargs="*", default=None, help="Captum internal_batch_size values (default 16 64 256)")
     p.add_argument("--batch-chunk", type=int, nargs="*", default=None,
                    help="extra JAX variants with batch_chunk=G (default 4)")
-    p.add_argument("--impl", choices=sorted(models.CONV_IMPLS), default="patches",
+    p.add_argument("--impl", choices=sorted(_layers.CONV_IMPLS), default="patches",
                    help="SeedCNN impl (default patches: what distill_jax runs attributions with, models.for_attribution)")
     p.add_argument("--frameworks", nargs="+", choices=("jax", "torch"), default=["jax", "torch"])
     p.add_argument("--torch-threads", type=int, default=None,

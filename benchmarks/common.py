@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from distill_jax.app import _metadata
 
-from distill_jax import pipeline
 
 # Substrings of /proc/self/maps that identify a preloaded or linked allocator.
 ALLOCATORS = {"tcmalloc": "libtcmalloc", "jemalloc": "libjemalloc", "mimalloc": "libmimalloc"}
@@ -45,7 +45,7 @@ def tcmalloc_path() -> str | None:
 def device_description() -> str:
     """JAX backend, device kind and count, and the host CPU model with its core count."""
     d = jax.devices()[0]
-    return f"{jax.default_backend()} ({d.device_kind}) x{jax.device_count()}; host {pipeline.cpu_model()}, {os.cpu_count()} cores"
+    return f"{jax.default_backend()} ({d.device_kind}) x{jax.device_count()}; host {_metadata.cpu_model()}, {os.cpu_count()} cores"
 
 
 def block(tree) -> None:

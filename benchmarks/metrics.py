@@ -89,13 +89,16 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from distill_jax import explain, explanation_quality, faithfulness, metrics, models  # noqa: E402
+from distill_jax import attr
+from distill_jax import metrics
+from distill_jax import models
+from distill_jax.models import _layers
 
 NUM_CLASSES = 10
 SHAPE = (8, 8, 1)  # sklearn digits
 ATTRIBUTIONS = {  # ours (JAX) -> the same method in Captum / quantus.explain
-    "saliency": (functools.partial(explain.saliency, absolute=True), "Saliency"),
-    "grad_x_input": (explain.grad_x_input, "InputXGradient"),
+    "saliency": (functools.partial(attr.saliency, absolute=True), "Saliency"),
+    "grad_x_input": (attr.grad_x_input, "InputXGradient"),
 }
 
 
@@ -443,7 +446,7 @@ def build_imputation(s: Setup) -> Metric:
     removed = np.zeros((batch, h * w), bool)
     removed[np.arange(batch)[:, None], order] = True
     removed = jnp.asarray(removed.reshape(batch, h, w))
-    ours = jit_ours(s, lambda p, x, att, t, k: faithfulness.noisy_linear_imputation(x, removed, noise=0.0))
+    ours = jit_ours(s, lambda p, x, att, t, k: metrics.noisy_linear_imputation(x, removed, noise=0.0))
 
     def make():
         from quantus.functions.perturb_func import noisy_linear_imputation
@@ -601,7 +604,7 @@ def build_random_logit_shared(s: Setup) -> Metric:
 
     def fn(p, x, att, t, k):
         attr = s.attr_fn(p)
-        return explanation_quality.ssim(attr(x, t), attr(x, off))
+        return metrics.ssim(attr(x, t), attr(x, off))
 
     return Metric("random_logit, Quantus' classes", "quantus.RandomLogit", jit_ours(s, fn),
                   reference_call(s, quantus_random_logit(s)), "exact", shared=True, time_theirs=False)
@@ -743,7 +746,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mc-keys", type=int, default=None, help="extra keys for the Monte-Carlo tolerance (default 8)")
     p.add_argument("--repeats", type=int, default=None, help="round-robin repetitions (default 5)")
     p.add_argument("--metrics", nargs="+", choices=list(BUILDERS), default=list(BUILDERS))
-    p.add_argument("--impl", choices=sorted(models.CONV_IMPLS), default="patches",
+    p.add_argument("--impl", choices=sorted(_layers.CONV_IMPLS), default="patches",
                    help="SmallCNN impl (default patches: what attributions run with, models.for_attribution)")
     p.add_argument("--frameworks", nargs="+", choices=("jax", "torch"), default=["jax", "torch"])
     p.add_argument("--torch-threads", type=int, default=1,

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from sklearn.decomposition import PCA as SkPCA  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from distill_jax import pca  # noqa: E402
+from distill_jax.data import pca
 
 
 def make_data(n: int, d: int, seed: int = 0) -> np.ndarray:

@@ -25,7 +25,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from distill_jax import backend, distill, models, queries, train  # noqa: E402
+from distill_jax import backend
+from distill_jax import audit
+from distill_jax import distill
+from distill_jax import models
+from distill_jax import train
+from distill_jax.audit import _queries
 
 OPTION_SETS = {
     "XLA defaults": {},
@@ -42,7 +47,7 @@ def chunk_cases(side: int, chunks: list[int], points: int) -> dict:
     cases = {}
     for chunk in chunks:
         picked = dataclasses.replace(backend.choices(), query_chunk=chunk)
-        q = queries.ModelQueries(model, variables)
+        q = audit.ModelQueries(model, variables)
 
         def run(q=q, picked=picked):
             with backend.override(picked):
@@ -73,7 +78,7 @@ def gradient_program(side: int):
     model = models.for_queries(models.SeedCNN(num_classes=10))
     x = np.random.RandomState(2).randn(32, side, side, 1).astype(np.float32)
     variables = model.init(jax.random.PRNGKey(0), x[:1])
-    logits_fn, grads_fn = queries._programs(models.SeedCNN(num_classes=10))
+    logits_fn, grads_fn = _queries._programs(models.SeedCNN(num_classes=10))
     return grads_fn._fun, (variables, x, np.arange(32) % 10, np.float32(0.0))
 
 

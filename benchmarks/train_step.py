@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -41,7 +40,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from distill_jax import distill, models, parallel, train  # noqa: E402
+from distill_jax import parallel
+from distill_jax import distill
+from distill_jax import models
+from distill_jax import train
 
 NUM_CLASSES = 10
 LEARNING_RATE = 0.01

@@ -18,16 +18,25 @@ A100/H100 (TF32) the default f32 precision keeps about three digits fewer; on CP
 
 Tests and benchmarks force another backend's choices with `override("gpu")` (or a `Choices`).
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 from typing import Iterator
-
 import jax
 import jax.numpy as jnp
 
-__all__ = ["CHOICES", "HIGHEST", "Choices", "bytes_of", "choices", "current", "override"]
+__all__ = [
+    "CHOICES",
+    "HIGHEST",
+    "Choices",
+    "current",
+    "choices",
+    "bytes_of",
+    "override",
+]
+
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -132,6 +141,7 @@ _CPU = Choices(
     pca_split_scatter_from=256,
 )
 
+
 # Accelerators, not measured: XLA's own convolution everywhere (the patch convolution moves about 9x
 # more activation data), chunks from a byte budget. 32 MiB of perturbed inputs is 2,700 images of
 # 32x32x3 per step; SeedCNN's forward activations alone are 37x its input (conv1's 64 channels at full
@@ -151,11 +161,13 @@ _ACCELERATOR = dict(
     pca_split_scatter_from=None,  # one product runs at the MXU's / cuBLAS's full rate
 )
 
+
 CHOICES: dict[str, Choices] = {
     "cpu": _CPU,
     "gpu": Choices(name="gpu", **_ACCELERATOR),
     "tpu": Choices(name="tpu", **_ACCELERATOR),
 }
+
 
 _overrides: list[str | Choices] = []
 

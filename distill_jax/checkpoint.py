@@ -15,15 +15,26 @@ saving at a step that already holds a different state raises `CheckpointMismatch
 ValueErrors, the library's error type for input the user must fix (the CLI prints one line and
 exits with status 2); nothing on disk is changed when they are raised.
 """
+
 from __future__ import annotations
 
 import os
 from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+__all__ = [
+    "CheckpointMismatch",
+    "CheckpointCorrupt",
+    "state_manager",
+    "save_state",
+    "restore_latest",
+    "save_variables",
+    "load_variables",
+]
+
 
 _SHOWN_DIFFERENCES = 3  # differing parameters named in a mismatch message
 
@@ -129,9 +140,6 @@ def load_variables(directory: str, template) -> Any:
             return ckptr.restore(path, _abstract(template))
         except Exception as exc:
             raise CheckpointCorrupt(unreadable.format(_reason(exc))) from exc
-
-
-# --------------------------------------------------------------------------- checks
 
 
 def _name(path) -> str:

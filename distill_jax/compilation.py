@@ -17,15 +17,21 @@ the persistent compilation cache is reported through the same event (with its sh
         run_something()
     compiles.count, compiles.seconds
 """
+
 from __future__ import annotations
 
 import functools
 from typing import Callable
-
 import jax
 import jax.monitoring
-
 from distill_jax import backend
+
+__all__ = [
+    "CompileCounter",
+    "jit",
+    "run_once",
+]
+
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 

@@ -5,13 +5,32 @@ device (`jax.devices()`, all processes); batches are sharded along `data`, param
 optimizer state are replicated. Under multi-host, each process holds only its share of
 every global batch (`jax.make_array_from_process_local_data`).
 """
+
 from __future__ import annotations
 
 import os
-
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+__all__ = [
+    "make_mesh",
+    "local_mesh",
+    "data_sharding",
+    "replicated",
+    "check_batch_size",
+    "local_batch_size",
+    "shard_batch",
+    "gather",
+    "broadcast_from_main",
+    "any_process",
+    "replicate",
+    "place_batch",
+    "pad_to_multiple",
+    "initialize_distributed",
+    "is_main_process",
+]
+
 
 DATA_AXIS = "data"
 

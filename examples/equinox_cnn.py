@@ -27,8 +27,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from distill_jax import attr
+from distill_jax import data
+from distill_jax import distill
+from distill_jax import metrics
+from distill_jax import models
 
-from distill_jax import data, distill, explain, metrics, models
 
 BUDGETS = {  # epochs of the CNN, epochs of the tree
     "full": {"cnn_epochs": 60, "tree_epochs": 120},
@@ -111,13 +115,13 @@ def main(argv: list[str] | None = None) -> dict:
         f = lambda z: apply_fn(p, z)  # noqa: E731
         cnn = eqx.combine(p, static)
         split = (jax.vmap(cnn.features), jax.vmap(cnn.head))  # [B, 4, 4, 32] feature maps, NHWC
-        ig = explain.integrated_gradients(f, x, target, steps=32)
-        cam = explain.grad_cam(split, x, target)  # [B, 8, 8]: the 4 x 4 map resized to the input
+        ig = attr.integrated_gradients(f, x, target, steps=32)
+        cam = attr.grad_cam(split, x, target)  # [B, 8, 8]: the 4 x 4 map resized to the input
         noise = jax.random.uniform(jax.random.PRNGKey(2), x.shape)
         gap = (jnp.take_along_axis(f(x), target[:, None], 1) - jnp.take_along_axis(
             f(jnp.zeros_like(x)), target[:, None], 1))[:, 0]  # f(x) - f(baseline 0), what IG must sum to
         return {"ig_sum": jnp.sum(ig, axis=(1, 2, 3)), "logit_gap": gap,
-                "ig_completeness_error": explain.ig_completeness_error(f, x, ig, target),
+                "ig_completeness_error": metrics.ig_completeness_error(f, x, ig, target),
                 "deletion_auc_ig": metrics.deletion_auc(f, x, ig, target),
                 "deletion_auc_grad_cam": metrics.deletion_auc(f, x, cam, target),
                 "deletion_auc_random": metrics.deletion_auc(f, x, noise, target)}
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     @jax.jit
     def explain_tree(v, x, target):
         f = lambda z: tree.apply(v, z)  # noqa: E731
-        return {"tree_deletion_auc_ig": metrics.deletion_auc(f, x, explain.integrated_gradients(f, x, target, steps=32),
+        return {"tree_deletion_auc_ig": metrics.deletion_auc(f, x, attr.integrated_gradients(f, x, target, steps=32),
                                                              target)}
 
     scores = {**explain_cnn(params, x, target), **explain_tree(tree_vars, x, target)}

@@ -26,8 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from distill_jax import attr
+from distill_jax import data
+from distill_jax import distill
+from distill_jax import metrics
+from distill_jax import models
 
-from distill_jax import data, distill, explain, metrics, models
 
 BUDGETS = {  # epochs of the CNN, epochs of the tree
     "full": {"cnn_epochs": 60, "tree_epochs": 120},
@@ -110,13 +114,13 @@ def main(argv: list[str] | None = None) -> dict:
     def explain_cnn(s, x, target):
         apply_fn = lambda z: teacher(s, z)  # noqa: E731
         split = (lambda z: nnx.merge(graphdef, s).features(z), lambda a: nnx.merge(graphdef, s).head(a))
-        ig = explain.integrated_gradients(apply_fn, x, target, steps=32)
-        cam = explain.grad_cam(split, x, target)  # [B, 8, 8]: the 4 x 4 map resized to the input
+        ig = attr.integrated_gradients(apply_fn, x, target, steps=32)
+        cam = attr.grad_cam(split, x, target)  # [B, 8, 8]: the 4 x 4 map resized to the input
         noise = jax.random.uniform(jax.random.PRNGKey(2), x.shape)
         gap = (jnp.take_along_axis(apply_fn(x), target[:, None], 1) - jnp.take_along_axis(
             apply_fn(jnp.zeros_like(x)), target[:, None], 1))[:, 0]  # f(x) - f(baseline 0), what IG must sum to
         return {"ig_sum": jnp.sum(ig, axis=(1, 2, 3)), "logit_gap": gap,
-                "ig_completeness_error": explain.ig_completeness_error(apply_fn, x, ig, target),
+                "ig_completeness_error": metrics.ig_completeness_error(apply_fn, x, ig, target),
                 "deletion_auc_ig": metrics.deletion_auc(apply_fn, x, ig, target),
                 "deletion_auc_grad_cam": metrics.deletion_auc(apply_fn, x, cam, target),
                 "deletion_auc_random": metrics.deletion_auc(apply_fn, x, noise, target)}
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     def explain_tree(v, x, target):
         apply_fn = lambda z: tree.apply(v, z)  # noqa: E731
         return {"tree_deletion_auc_ig": metrics.deletion_auc(
-            apply_fn, x, explain.integrated_gradients(apply_fn, x, target, steps=32), target)}
+            apply_fn, x, attr.integrated_gradients(apply_fn, x, target, steps=32), target)}
 
     scores = {**explain_cnn(state, x, target), **explain_tree(tree_vars, x, target)}
     result.update({k: np.asarray(v) for k, v in scores.items() if k in ("ig_sum", "logit_gap")})

@@ -17,6 +17,11 @@ import warnings
 
 import jax
 import numpy as np
+from distill_jax import metrics
+from distill_jax import models
+from distill_jax import train
+from distill_jax.app import _fit
+from distill_jax.app import _prepare
 
 BASELINES = ("sk-tree-d8", "sk-tree", "sk-logreg-pixels", "sk-logreg-pca")
 # a decision tree's leaf frequencies can be exactly 0; KL(teacher || tree) is computed on
@@ -26,9 +31,8 @@ TREE_PROBABILITY_EPS = 1e-4
 
 def flat_inputs(prep, x: np.ndarray, *, batch_size: int = 4096) -> np.ndarray:
     """Standardized model inputs of stored images, flattened: [n, h*w*c] float32 on the host."""
-    from distill_jax import pipeline  # noqa: PLC0415
 
-    return np.concatenate([np.asarray(b) for b in pipeline.batched_inputs(prep.scaler, x, batch_size=batch_size)])
+    return np.concatenate([np.asarray(b) for b in _prepare.batched_inputs(prep.scaler, x, batch_size=batch_size)])
 
 
 def flat_split(prep) -> tuple[np.ndarray, np.ndarray]:
@@ -40,16 +44,15 @@ def flat_split(prep) -> tuple[np.ndarray, np.ndarray]:
 def _linear_trained(name: str, coef: np.ndarray, intercept: np.ndarray, mean: np.ndarray, components: np.ndarray,
                     prep, seconds: float, mesh, eval_batch_size: int):
     """A fitted logistic regression as a `pipeline.Trained` over `models.Linear` (z = (x - mean) components^T)."""
-    from distill_jax import models, pipeline, train  # noqa: PLC0415
 
     model = models.Linear(prep.num_classes, n_components=int(components.shape[0]))
     variables = jax.device_get({
         "params": {"linear": {"kernel": np.asarray(coef.T, np.float32), "bias": np.asarray(intercept, np.float32)}},
         "pca": {"mean": np.asarray(mean, np.float32), "components": np.asarray(components, np.float32)},
     })
-    logits = train.predict(pipeline.make_predict_fn(model, prep, mesh), variables, prep.x_test,
+    logits = train.predict(_fit.make_host_predict_fn(model, prep, mesh), variables, prep.x_test,
                            batch_size=eval_batch_size, mesh=mesh)
-    return pipeline.Trained(name, model, variables, "linear", "sklearn", logits, [], seconds,
+    return _fit.Trained(name, model, variables, "linear", "sklearn", logits, [], seconds,
                             train_images=len(prep.y_train))
 
 
@@ -88,7 +91,6 @@ def fit_tree(name: str, prep, x_train: np.ndarray, x_test: np.ndarray, teacher_l
     """
     from sklearn.tree import DecisionTreeClassifier  # noqa: PLC0415
 
-    from distill_jax import metrics  # noqa: PLC0415
 
     start = time.perf_counter()
     clf = DecisionTreeClassifier(max_depth=8 if name == "sk-tree-d8" else None, random_state=seed)

@@ -15,6 +15,7 @@ import os
 import shlex
 import sys
 from typing import Mapping, Sequence
+from distill_jax.app import _metadata
 
 VARIANTS = ("full", "local", "smoke")
 
@@ -48,11 +49,10 @@ def hardware() -> str:
     """One line: the accelerator (or CPU model and core count) JAX runs on."""
     import jax  # noqa: PLC0415
 
-    from distill_jax import pipeline  # noqa: PLC0415
 
     devices = jax.devices()
     if devices[0].platform == "cpu":
-        return f"{pipeline.cpu_model()}, {os.cpu_count()} cores (jax cpu, {len(devices)} device(s))"
+        return f"{_metadata.cpu_model()}, {os.cpu_count()} cores (jax cpu, {len(devices)} device(s))"
     return f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"
 
 

@@ -49,7 +49,11 @@ for _path in (HERE, os.path.dirname(HERE)):  # run from a checkout: distill_jax 
         sys.path.insert(0, _path)
 import _table  # noqa: E402
 
-from distill_jax import data, losses, parallel, preprocess, train  # noqa: E402
+from distill_jax import parallel
+from distill_jax import data
+from distill_jax import train
+from distill_jax.data import preprocess
+from distill_jax.distill import losses
 
 PAPER = {"student": 8.77, "student-at": 7.93, "teacher": 6.31}
 GROUPS = ("group1", "group2", "group3")

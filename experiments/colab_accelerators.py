@@ -37,6 +37,7 @@ import math
 import os
 import subprocess
 import sys
+from distill_jax.app import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
                                    f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
     if ROOT not in sys.path:  # run from a checkout even when the package is not installed
         sys.path.insert(0, ROOT)
-    from distill_jax import cli, parallel  # noqa: PLC0415
+    from distill_jax import parallel
 
     parallel.initialize_distributed()  # TPU pods / SLURM / JAX_* variables; a no-op on one machine
     import jax  # noqa: PLC0415

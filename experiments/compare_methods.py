@@ -34,6 +34,14 @@ if ROOT not in sys.path:  # run from a checkout: distill_jax need not be install
     sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
+from distill_jax import audit
+from distill_jax.app import _audit
+from distill_jax.app import _fit
+from distill_jax.app import _metadata
+from distill_jax.app import _prepare
+from distill_jax.app import _settings
+from distill_jax.app import cli
+from distill_jax.app import config
 
 METRICS = ("accuracy", "agreement", "kl", "ig_spearman", "ig_top10", "deletion_auc")
 # for each metric: +1 when larger is better, -1 when smaller is better
@@ -104,12 +112,11 @@ def dataset_config(c, dataset: str, seed: int):
 
 def configure(args):
     """The config a command line asks for (config file, --smoke, then --set and the list options), validated."""
-    from distill_jax import cli, config as config_lib  # noqa: PLC0415
 
     c = cli.load_config(args.config or args.default_config)
     if args.smoke:  # the config's compare.smoke settings, or digits, seeds 0 and 1, SMOKE_STUDENTS
         smoke = c.compare.get("smoke", {})
-        c = config_lib.apply_smoke(c)
+        c = config.apply_smoke(c)
         c.smoke = True
         c.compare.datasets = smoke.get("datasets", "digits")
         c.compare.seeds = smoke.get("seeds", "0,1")
@@ -134,7 +141,7 @@ def configure(args):
         if name not in _baselines.BASELINES:
             raise ValueError(f"compare.baselines: {name!r} is not known; use any of {list(_baselines.BASELINES)}")
     parse_list(c.compare.seeds, "seeds", int)
-    config_lib.validate(c)
+    config.validate(c)
     return c
 
 
@@ -165,7 +172,6 @@ def method_overrides(c, *targets: str) -> list[str]:
 
 def student_config(cs, name: str, method: str):
     """`cs` with the `compare.method_overrides` of student `name` (`<kind>-<method>`) applied; `cs` if none."""
-    from distill_jax import cli, config as config_lib  # noqa: PLC0415
 
     assignments = method_overrides(cs, method, name)
     if not assignments:
@@ -173,7 +179,7 @@ def student_config(cs, name: str, method: str):
     out = cs.copy_and_resolve_references()
     for assignment in assignments:
         cli.apply_override(out, assignment)
-    config_lib.validate(out)
+    config.validate(out)
     return out
 
 
@@ -186,12 +192,11 @@ def explanation_scores(t, x, target, teacher_maps, c) -> tuple[dict, dict]:
     """
     import jax  # noqa: PLC0415
 
-    from distill_jax import audit  # noqa: PLC0415
 
     e = c.explain
     maps = audit.attribution_maps(t.model, t.variables, x, target, methods=("integrated_gradients",),
                                   ig_steps=e.ig_steps, smoothgrad_samples=1, key=jax.random.PRNGKey(c.seed))
-    scores, _ = audit.faithfulness(t.model, t.variables, x, target, maps, teacher_maps, steps=e.faithfulness_steps)
+    scores, _ = audit.faithfulness_scores(t.model, t.variables, x, target, maps, teacher_maps, steps=e.faithfulness_steps)
     ig = scores["integrated_gradients"]
     out = {"deletion_auc": ig["deletion_auc"]}
     if teacher_maps is not None:
@@ -206,13 +211,12 @@ def baseline_metrics(name: str, prep, teacher, c, mesh, x, target, teacher_maps,
     """
     import _baselines  # noqa: PLC0415 - next to this script
 
-    from distill_jax import pipeline  # noqa: PLC0415
 
     if name.startswith("sk-tree"):
         return _baselines.fit_tree(name, prep, *flat, teacher.test_logits, seed=c.seed)
     fitted, fit_info = _baselines.fit_logreg(name, prep, flat[0], seed=c.seed, mesh=mesh,
                                              eval_batch_size=c.eval_batch_size)
-    m = {**pipeline.model_metrics(fitted, teacher, prep), "method": "sklearn", **fit_info}
+    m = {**_audit.model_metrics(fitted, teacher, prep), "method": "sklearn", **fit_info}
     m.update(explanation_scores(fitted, x, target, teacher_maps, c)[0])
     return m
 
@@ -231,21 +235,20 @@ def run_seed(c, dataset: str, seed: int, mesh, *, echo: Callable[[str], None] = 
     """
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from distill_jax import config as config_lib, pipeline  # noqa: PLC0415
 
     cs = dataset_config(c, dataset, seed)
-    config_lib.validate(cs)
-    prep = pipeline.prepare_data(cs)
-    teacher = pipeline.train_teacher(prep, cs, mesh, None, show_progress=False)
-    x, target = pipeline.test_sample(prep, cs.compare.get("explain_images", 64), seed=seed)
+    config.validate(cs)
+    prep = _prepare.prepare_data(cs)
+    teacher = _fit.train_teacher(prep, cs, mesh, None, show_progress=False)
+    x, target = _audit.test_sample(prep, cs.compare.get("explain_images", 64), seed=seed)
     scores, teacher_maps = explanation_scores(teacher, x, target, None, cs)
-    out = {"teacher": {"seed": seed, **pipeline.model_metrics(teacher, None, prep), **scores}}
+    out = {"teacher": {"seed": seed, **_audit.model_metrics(teacher, None, prep), **scores}}
     echo(f"{dataset} seed {seed} teacher: accuracy {out['teacher']['accuracy']:.4f} ({teacher.seconds:.1f} s)")
     teacher_maps = {k: jnp.asarray(v) for k, v in teacher_maps.items()}
-    for name, kind, method in config_lib.parse_students(cs.students):
+    for name, kind, method in _settings.parse_students(cs.students):
         ck = student_config(cs, name, method)
-        s = pipeline.train_student(name, kind, method, prep, teacher, ck, mesh, None, show_progress=False)
-        m = {"seed": seed, **pipeline.model_metrics(s, teacher, prep), **explanation_scores(s, x, target,
+        s = _fit.train_student(name, kind, method, prep, teacher, ck, mesh, None, show_progress=False)
+        m = {"seed": seed, **_audit.model_metrics(s, teacher, prep), **explanation_scores(s, x, target,
                                                                                              teacher_maps, ck)[0]}
         out[name] = m
         echo(f"{dataset} seed {seed} {name}: accuracy {m['accuracy']:.4f} agreement {m['agreement']:.4f} "
@@ -280,7 +283,7 @@ def run_dataset(c, dataset: str, seeds: list[int], *, workdir: str | None = None
     With `workdir`, each finished seed is kept in `<workdir>/seeds/<dataset>-seed<k>.json` and a
     later run with the same models and config reuses it: an interrupted run loses at most one seed.
     """
-    from distill_jax import parallel  # noqa: PLC0415
+    from distill_jax import parallel
 
     mesh = parallel.make_mesh()
     runs: dict[str, list[dict]] = {}
@@ -374,9 +377,8 @@ def markdown_tables(dataset: str, result: dict, n_seeds: int) -> str:
 
 def environment() -> dict:
     """Machine and versions the run used (CPU model name as `lscpu` prints it)."""
-    from distill_jax import pipeline  # noqa: PLC0415
 
-    return {"cpu": pipeline.cpu_model(), **pipeline.versions()}
+    return {"cpu": _metadata.cpu_model(), **_metadata.versions()}
 
 
 def write_outputs(workdir: str, stem: str, markdown: str, payload: dict) -> tuple[str, str]:
@@ -393,7 +395,6 @@ def use_compilation_cache(path: str | None) -> None:
     """Keeps compiled steps on disk: later seeds (same shapes, same programs) skip XLA compilation."""
     if not path:
         return
-    from distill_jax import cli  # noqa: PLC0415
 
     cli.enable_compilation_cache(path)
 

@@ -76,8 +76,16 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from distill_jax import attacks, audit, config as config_lib, data, metrics, models, parallel, pipeline  # noqa: E402
-from distill_jax import privacy  # noqa: E402
+from distill_jax import parallel
+from distill_jax import audit
+from distill_jax import data
+from distill_jax import models
+from distill_jax import robust
+from distill_jax.app import _audit
+from distill_jax.app import _fit
+from distill_jax.app import _prepare
+from distill_jax.app import config
+from distill_jax.distill import privacy
 
 TITLE = "Private and robust distillation: PATE students vs epsilon; robust teachers and students"
 
@@ -377,7 +385,7 @@ def run_pate(c, echo=print) -> dict:
 def robust_pipeline_config(c):
     """The pipeline config of part (b): `config.default_config()` with `c.robust`'s data and budgets."""
     r = c.robust
-    pc = config_lib.default_config()
+    pc = config.default_config()
     pc.dataset, pc.test_fraction, pc.train_limit, pc.seed = r.dataset, r.test_fraction, r.train_limit, c.seed
     pc.data_dir = c.data_dir
     pc.teacher.kind, pc.teacher.epochs, pc.teacher.batch_size = r.teacher_kind, r.teacher_epochs, r.batch_size
@@ -386,7 +394,7 @@ def robust_pipeline_config(c):
     pc.method.temperature, pc.method.alpha = r.kd_temperature, r.kd_alpha
     pc.students = "cnn-kd"
     pc.eval_batch_size = c.eval_batch_size
-    config_lib.validate(pc)
+    config.validate(pc)
     return pc
 
 
@@ -424,7 +432,7 @@ def with_values(pc, **assignments):
         for part in path:
             group = group[part]
         group[last] = value
-    config_lib.validate(out)
+    config.validate(out)
     return out
 
 
@@ -434,7 +442,7 @@ def _rescaled_pgd(model, scale: float, epsilon: float, steps: int) -> Callable:
 
     def fn(variables, x, y, key):
         f = lambda z: model.apply(variables, z) * scale  # noqa: E731
-        return metrics.adversarial_accuracy(f, x, y, attack="pgd", epsilon=epsilon, step_size=2.5 * epsilon / steps,
+        return robust.adversarial_accuracy(f, x, y, attack="pgd", epsilon=epsilon, step_size=2.5 * epsilon / steps,
                                             steps=steps, key=key)
 
     return jax.jit(fn)
@@ -442,7 +450,7 @@ def _rescaled_pgd(model, scale: float, epsilon: float, steps: int) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def _pgd_examples(model, epsilon: float, steps: int) -> Callable:
-    return jax.jit(lambda variables, x, y, key: attacks.pgd(lambda z: model.apply(variables, z), x, y,
+    return jax.jit(lambda variables, x, y, key: robust.pgd(lambda z: model.apply(variables, z), x, y,
                                                             epsilon=epsilon, step_size=2.5 * epsilon / steps,
                                                             steps=steps, key=key))
 
@@ -450,7 +458,7 @@ def _pgd_examples(model, epsilon: float, steps: int) -> Callable:
 def evaluate_robust(name: str, t, teacher, prep, r, seed: int, *, scale: float, xa, ya, xe, te, transfer: dict,
                     teacher_maps) -> tuple[dict, dict]:
     """Clean/FGSM/PGD/rescaled-PGD/transfer accuracy and explanation scores of one trained model."""
-    m = pipeline.model_metrics(t, None if t is teacher else teacher, prep)
+    m = _audit.model_metrics(t, None if t is teacher else teacher, prep)
     logits = np.asarray(t.test_logits, np.float64)
     out = {"model": name, "accuracy": m["accuracy"], "agreement": m.get("agreement"), "train_seconds": t.seconds,
            "temperature_scale": scale, "attacks": {},
@@ -458,9 +466,9 @@ def evaluate_robust(name: str, t, teacher, prep, r, seed: int, *, scale: float, 
            "logit_spread": float(np.mean(logits.max(-1) - logits.min(-1))),
            "saturated": float(np.mean(np.asarray(jax.nn.softmax(logits, -1)).max(-1) > 0.9999))}
     variables = t.variables
-    pgd_key = pipeline.purpose_key(seed, "pgd")
+    pgd_key = _audit.purpose_key(seed, "pgd")
     for eps in r.attack_epsilons:
-        rob = audit.robustness(t.model, variables, xa, ya, epsilon=float(eps), pgd_steps=int(r.pgd_steps), key=pgd_key)
+        rob = audit.robustness_scores(t.model, variables, xa, ya, epsilon=float(eps), pgd_steps=int(r.pgd_steps), key=pgd_key)
         res = {"fgsm": rob["fgsm_accuracy"], "pgd": rob["pgd_accuracy"]}
         if scale != 1.0:
             res["pgd_rescaled"] = float(_rescaled_pgd(t.model, float(scale), float(eps), int(r.pgd_steps))(
@@ -468,13 +476,13 @@ def evaluate_robust(name: str, t, teacher, prep, r, seed: int, *, scale: float, 
         if t is not teacher:
             res["transfer_pgd"] = accuracy(np.asarray(t.apply_fn(transfer[float(eps)])), np.asarray(ya))
         out["attacks"][f"{float(eps):g}"] = res
-    key = pipeline.purpose_key(seed, "explain")
+    key = _audit.purpose_key(seed, "explain")
     maps = audit.attribution_maps(t.model, variables, xe, te, methods=("integrated_gradients", "saliency"),
                                   ig_steps=int(r.ig_steps), smoothgrad_samples=1, key=key)
-    scores, _ = audit.faithfulness(t.model, variables, xe, te, maps, teacher_maps, steps=int(r.faithfulness_steps))
+    scores, _ = audit.faithfulness_scores(t.model, variables, xe, te, maps, teacher_maps, steps=int(r.faithfulness_steps))
     out["saliency_max_sensitivity"] = audit.saliency_max_sensitivity(
         t.model, variables, xe, te, radius=float(r.sensitivity_radius),
-        key=pipeline.purpose_key(seed, "max_sensitivity"))
+        key=_audit.purpose_key(seed, "max_sensitivity"))
     out["ig_deletion_auc"] = scores["integrated_gradients"]["deletion_auc"]
     out["saliency_deletion_auc"] = scores["saliency"]["deletion_auc"]
     out["ig_spearman_vs_teacher"] = scores["integrated_gradients"].get("spearman_vs_teacher")
@@ -487,39 +495,39 @@ def run_robust(c, echo=print) -> dict:
     r = c.robust
     t0 = time.perf_counter()
     pc = robust_pipeline_config(c)
-    prep = pipeline.prepare_data(pc)
+    prep = _prepare.prepare_data(pc)
     mesh = parallel.make_mesh()
     echo(f"robust: {prep.name}, {len(prep.y_train)} train / {len(prep.y_test)} test images")
     trained = []
-    teacher = pipeline.train_teacher(prep, pc, mesh, None, show_progress=False)
+    teacher = _fit.train_teacher(prep, pc, mesh, None, show_progress=False)
     trained.append(("teacher (standard)", teacher, 1.0, f"{r.teacher_kind}, labels"))
-    echo(f"robust: standard teacher accuracy {pipeline.model_metrics(teacher, None, prep)['accuracy']:.4f} "
+    echo(f"robust: standard teacher accuracy {_audit.model_metrics(teacher, None, prep)['accuracy']:.4f} "
          f"({teacher.seconds:.1f} s)")
     pgd_cfg = with_values(pc, **{"teacher.adversarial": "pgd"})
-    pgd_teacher = pipeline.train_teacher(prep, pgd_cfg, mesh, None, show_progress=False)
+    pgd_teacher = _fit.train_teacher(prep, pgd_cfg, mesh, None, show_progress=False)
     trained.append((f"teacher, PGD-trained (ε={r.adversarial_epsilon:g}, {r.adversarial_steps} steps)", pgd_teacher,
                     1.0, f"{r.teacher_kind}, labels on PGD examples"))
-    echo(f"robust: PGD-trained teacher accuracy {pipeline.model_metrics(pgd_teacher, None, prep)['accuracy']:.4f} "
+    echo(f"robust: PGD-trained teacher accuracy {_audit.model_metrics(pgd_teacher, None, prep)['accuracy']:.4f} "
          f"({pgd_teacher.seconds:.1f} s)")
-    kd = pipeline.train_student("cnn-kd", "cnn", "kd", prep, teacher, pc, mesh, None, show_progress=False)
+    kd = _fit.train_student("cnn-kd", "cnn", "kd", prep, teacher, pc, mesh, None, show_progress=False)
     trained.append((f"cnn-kd (T={r.kd_temperature:g}, α={r.kd_alpha:g})", kd, 1.0,
                     "SmallCNN from the standard teacher"))
-    echo(f"robust: cnn-kd accuracy {pipeline.model_metrics(kd, teacher, prep)['accuracy']:.4f} ({kd.seconds:.1f} s)")
+    echo(f"robust: cnn-kd accuracy {_audit.model_metrics(kd, teacher, prep)['accuracy']:.4f} ({kd.seconds:.1f} s)")
     for temp in map(float, r.defensive_temperatures):
         cfg = with_values(pc, **{"method.temperature": temp})
         # the library's defensive term on the T=1 teacher, and on the teacher as Papernot et al. train it (at T)
         for label, source in (("teacher at T=1", teacher), ("teacher at T", teacher_at_temperature(teacher, temp))):
-            s = pipeline.train_student(f"cnn-defensive-T{temp:g}-{label}", "cnn", "defensive", prep, source, cfg,
+            s = _fit.train_student(f"cnn-defensive-T{temp:g}-{label}", "cnn", "defensive", prep, source, cfg,
                                        mesh, None, show_progress=False)
             name = f"cnn-defensive (T={temp:g}), {label}"
             trained.append((name, s, 1.0 / temp, f"SmallCNN distilled at T={temp:g} from the {label}, used at T=1"))
-            echo(f"robust: {name} accuracy {pipeline.model_metrics(s, teacher, prep)['accuracy']:.4f} "
+            echo(f"robust: {name} accuracy {_audit.model_metrics(s, teacher, prep)['accuracy']:.4f} "
                  f"({s.seconds:.1f} s)")
 
     n_test = len(prep.y_test)
-    xa, ya = pipeline.test_sample(prep, min(int(r.attack_images), n_test), seed=c.seed)
-    xe, te = pipeline.test_sample(prep, min(int(r.explain_images), n_test), seed=c.seed + 1)
-    pgd_key = pipeline.purpose_key(c.seed, "pgd")
+    xa, ya = _audit.test_sample(prep, min(int(r.attack_images), n_test), seed=c.seed)
+    xe, te = _audit.test_sample(prep, min(int(r.explain_images), n_test), seed=c.seed + 1)
+    pgd_key = _audit.purpose_key(c.seed, "pgd")
     transfer = {float(e): _pgd_examples(teacher.model, float(e), int(r.pgd_steps))(teacher.variables, xa, ya, pgd_key)
                 for e in r.attack_epsilons}
     rows, teacher_maps = [], None

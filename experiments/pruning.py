@@ -32,6 +32,12 @@ if HERE not in sys.path:
 import numpy as np  # noqa: E402
 
 import compare_methods as cm  # noqa: E402 - shared helpers (also puts the repository on sys.path)
+from distill_jax.app import _audit
+from distill_jax.app import _fit
+from distill_jax.app import _prepare
+from distill_jax.app import _settings
+from distill_jax.app import cli
+from distill_jax.app import config
 
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "pruning.py")
 
@@ -53,11 +59,10 @@ def nonzero_kernel_weights(params) -> int:
 
 
 def configure(args):
-    from distill_jax import cli, config as config_lib  # noqa: PLC0415
 
     c = cli.load_config(args.config or DEFAULT_CONFIG)
     if args.smoke:
-        c = config_lib.apply_smoke(c)
+        c = config.apply_smoke(c)
         c.pruning.seeds, c.pruning.sparsities, c.students = "0", "0,0.8", "linear-kd"
     for assignment in args.set:  # after --smoke: explicit overrides win over the smoke budget
         cli.apply_override(c, assignment)
@@ -71,32 +76,32 @@ def configure(args):
     for s in cm.parse_list(c.pruning.sparsities, "sparsities", float):
         if not 0 <= s < 1:
             raise ValueError(f"--sparsities={c.pruning.sparsities!r}: {s} is outside [0, 1)")
-    config_lib.validate(c)
+    config.validate(c)
     return c
 
 
 def run(c, *, echo: Callable[[str], None] = print) -> dict:
     """Trains the teacher per seed and every student at every sparsity; returns {row: [metrics per seed]}."""
-    from distill_jax import config as config_lib, parallel, pipeline  # noqa: PLC0415
+    from distill_jax import parallel
 
     mesh = parallel.make_mesh()
     seeds = cm.parse_list(c.pruning.seeds, "seeds", int)
     sparsities = cm.parse_list(c.pruning.sparsities, "sparsities", float)
-    students = config_lib.parse_students(c.students)
+    students = _settings.parse_students(c.students)
     rows: dict[str, list[dict]] = {"teacher": []}
     for seed in seeds:
         cs = cm.dataset_config(c, c.dataset, seed)
-        prep = pipeline.prepare_data(cs)
-        teacher = pipeline.train_teacher(prep, cs, mesh, None, show_progress=False)
-        rows["teacher"].append({"seed": seed, **pipeline.model_metrics(teacher, None, prep),
+        prep = _prepare.prepare_data(cs)
+        teacher = _fit.train_teacher(prep, cs, mesh, None, show_progress=False)
+        rows["teacher"].append({"seed": seed, **_audit.model_metrics(teacher, None, prep),
                                 "nonzero": nonzero_kernel_weights(teacher.variables["params"])})
         echo(f"seed {seed} teacher: accuracy {rows['teacher'][-1]['accuracy']:.4f} ({teacher.seconds:.1f} s)")
         for name, kind, method in students:
             for target in sparsities:
                 cs.student.prune_sparsity = target
-                s = pipeline.train_student(name, kind, method, prep, teacher, cs, mesh, None, show_progress=False)
+                s = _fit.train_student(name, kind, method, prep, teacher, cs, mesh, None, show_progress=False)
                 params = s.variables["params"]
-                m = {"seed": seed, "target_sparsity": target, **pipeline.model_metrics(s, teacher, prep),
+                m = {"seed": seed, "target_sparsity": target, **_audit.model_metrics(s, teacher, prep),
                      "nonzero": nonzero_kernel_weights(params)}
                 if kind == "linear":
                     m.update(linear_readability(params))

@@ -31,7 +31,13 @@ for _path in (HERE, os.path.dirname(HERE)):  # run from a checkout: distill_jax 
         sys.path.insert(0, _path)
 import _table  # noqa: E402
 
-from distill_jax import config as config_lib, parallel, pipeline, train  # noqa: E402
+from distill_jax import parallel
+from distill_jax import train
+from distill_jax.app import _audit
+from distill_jax.app import _fit
+from distill_jax.app import _prepare
+from distill_jax.app import _settings
+from distill_jax.app import config
 
 PAPER = {"tree-labels": 94.45, "tree-kd": 96.76, "teacher": 99.21}
 TEACHER_TEXT = {"seed_cnn": "SeedCNN (convs 64-64-128-128, dense 512)", "cnn": "SmallCNN (convs 16-32, dense 64)"}
@@ -39,20 +45,20 @@ TEACHER_TEXT = {"seed_cnn": "SeedCNN (convs 64-64-128-128, dense 512)", "cnn": "
 
 def run(c, variant: str, workdir: str, *, echo=print) -> dict:
     """Trains the teacher and the two depth-`c.tree.depth` trees; writes and returns the paper-vs-ours table."""
-    config_lib.validate(c)
+    config.validate(c)
     t0 = time.perf_counter()
-    prep = pipeline.prepare_data(c)
+    prep = _prepare.prepare_data(c)
     if c.train_limit:
         prep = dataclasses.replace(prep, x_train=prep.x_train[: c.train_limit], y_train=prep.y_train[: c.train_limit])
     mesh = parallel.make_mesh()
-    teacher = pipeline.train_teacher(prep, c, mesh, None, show_progress=False)
+    teacher = _fit.train_teacher(prep, c, mesh, None, show_progress=False)
     acc = {"teacher": train.accuracy_from_logits(teacher.test_logits, prep.y_test)}
     seconds = {"teacher": teacher.seconds}
     echo(f"teacher {c.teacher.kind}: test accuracy {acc['teacher']:.4f} ({teacher.seconds:.1f} s)")
     agreement = {}
-    for name, kind, method in config_lib.parse_students(c.students):
-        s = pipeline.train_student(name, kind, method, prep, teacher, c, mesh, None, show_progress=False)
-        m = pipeline.model_metrics(s, teacher, prep)
+    for name, kind, method in _settings.parse_students(c.students):
+        s = _fit.train_student(name, kind, method, prep, teacher, c, mesh, None, show_progress=False)
+        m = _audit.model_metrics(s, teacher, prep)
         acc[name], seconds[name], agreement[name] = m["accuracy"], s.seconds, m["agreement"]
         echo(f"{name}: test accuracy {acc[name]:.4f}, agreement with teacher {m['agreement']:.4f} ({s.seconds:.1f} s)")
 

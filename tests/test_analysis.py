@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from distill_jax import analysis
+from distill_jax import attr
+from distill_jax import models
 
-from distill_jax import analysis, models
 
 
 def _orthonormal_rows(key, k, d):
@@ -111,7 +113,7 @@ def test_cav_and_tcav(method):
     direction = jax.random.normal(jax.random.key(5), (12,))
     random_x = 0.3 * jax.random.normal(jax.random.key(6), (40, 3, 4))
     concept_x = 0.3 * jax.random.normal(jax.random.key(7), (30, 3, 4)) + direction.reshape(3, 4)
-    cav = analysis.concept_activation_vector(forward_fn, concept_x, random_x, layer="h", key=jax.random.key(8), method=method)
+    cav = attr.concept_activation_vector(forward_fn, concept_x, random_x, layer="h", key=jax.random.key(8), method=method)
     assert cav.shape == (6,)
     np.testing.assert_allclose(jnp.linalg.norm(cav), 1.0, rtol=1e-5)
     u = direction @ m
@@ -120,7 +122,7 @@ def test_cav_and_tcav(method):
     x = jax.random.normal(jax.random.key(9), (10, 3, 4))
     expected = (v.T @ cav > 0).astype(jnp.float32)
     for c in (0, 1):
-        score, derivs = analysis.tcav_score(forward_fn, x, jnp.full(10, c), cav, layer="h", return_derivatives=True)
+        score, derivs = attr.tcav_score(forward_fn, x, jnp.full(10, c), cav, layer="h", return_derivatives=True)
         np.testing.assert_allclose(derivs, jnp.full(10, v[:, c] @ cav), rtol=1e-5)
         assert float(score) == float(expected[c])
 
@@ -129,15 +131,15 @@ def test_cav_bad_inputs():
     forward_fn, _, _ = _concept_model()
     x = jnp.ones((4, 3, 4))
     with pytest.raises(ValueError, match="concept_x"):
-        analysis.concept_activation_vector(forward_fn, jnp.ones((0, 3, 4)), x, layer="h", key=jax.random.key(0))
+        attr.concept_activation_vector(forward_fn, jnp.ones((0, 3, 4)), x, layer="h", key=jax.random.key(0))
     with pytest.raises(ValueError, match="random_x"):
-        analysis.concept_activation_vector(forward_fn, x, jnp.ones((0, 3, 4)), layer="h", key=jax.random.key(0))
+        attr.concept_activation_vector(forward_fn, x, jnp.ones((0, 3, 4)), layer="h", key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"'z'.*\['h'\]"):
-        analysis.concept_activation_vector(forward_fn, x, x, layer="z", key=jax.random.key(0))
+        attr.concept_activation_vector(forward_fn, x, x, layer="z", key=jax.random.key(0))
     with pytest.raises(ValueError, match="cav must have"):
-        analysis.tcav_score(forward_fn, x, jnp.zeros(4, jnp.int32), jnp.ones(5), layer="h")
+        attr.tcav_score(forward_fn, x, jnp.zeros(4, jnp.int32), jnp.ones(5), layer="h")
     with pytest.raises(ValueError, match="target values"):
-        analysis.tcav_score(forward_fn, x, jnp.full(4, 2), jnp.ones(6), layer="h")
+        attr.tcav_score(forward_fn, x, jnp.full(4, 2), jnp.ones(6), layer="h")
 
 
 def _concept_pair():
@@ -154,18 +156,18 @@ def test_cav_and_tcav_pair_form_equal_forward_fn_form(method):
     random_x = 0.3 * jax.random.normal(jax.random.key(6), (40, 3, 4))
     concept_x = 0.3 * jax.random.normal(jax.random.key(7), (30, 3, 4)) + direction.reshape(3, 4)
     kw = dict(key=jax.random.key(8), method=method, **({"steps": 50} if method == "logistic" else {}))
-    want = analysis.concept_activation_vector(forward_fn, concept_x, random_x, layer="h", **kw)
-    got = analysis.concept_activation_vector(pair, concept_x, random_x, **kw)
+    want = attr.concept_activation_vector(forward_fn, concept_x, random_x, layer="h", **kw)
+    got = attr.concept_activation_vector(pair, concept_x, random_x, **kw)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     x = jax.random.normal(jax.random.key(9), (10, 3, 4))
     t = jnp.array([0, 1] * 5)
     cav = v[:, 0] / jnp.linalg.norm(v[:, 0])  # derivative |V[:, 0]| > 0 for class 0; V[:, 1] . cav for class 1
-    score_f, derivs_f = analysis.tcav_score(forward_fn, x, t, cav, layer="h", return_derivatives=True)
-    score_p, derivs_p = analysis.tcav_score(pair, x, t, cav, return_derivatives=True)
+    score_f, derivs_f = attr.tcav_score(forward_fn, x, t, cav, layer="h", return_derivatives=True)
+    score_p, derivs_p = attr.tcav_score(pair, x, t, cav, return_derivatives=True)
     np.testing.assert_allclose(derivs_p, derivs_f, rtol=1e-5, atol=1e-6)
     expected = float(jnp.mean((v[:, t].T @ cav) > 0))
     assert float(score_p) == float(score_f) == expected and expected >= 0.5
-    jitted = jax.jit(lambda v, tt: analysis.tcav_score(pair, v, tt, cav, return_derivatives=True))(x, t)
+    jitted = jax.jit(lambda v, tt: attr.tcav_score(pair, v, tt, cav, return_derivatives=True))(x, t)
     np.testing.assert_allclose(jitted[1], derivs_f, rtol=1e-5, atol=1e-6)
 
 
@@ -179,12 +181,12 @@ def test_tcav_on_a_linen_model_split_at_dense1():
     pair = (lambda v: forward_fn(v)[1]["dense1"], lambda h: nn.Dense(3).apply({"params": variables["params"]["head"]}, h))
     np.testing.assert_allclose(pair[1](pair[0](x)), model.apply(variables, x), rtol=1e-5, atol=1e-6)
     t = jnp.array([0, 1, 2, 0, 1, 2])
-    cav = analysis.concept_activation_vector(forward_fn, x[:3], x[3:], layer="dense1", key=jax.random.key(0),
+    cav = attr.concept_activation_vector(forward_fn, x[:3], x[3:], layer="dense1", key=jax.random.key(0),
                                              method="mean_difference")
-    np.testing.assert_allclose(analysis.concept_activation_vector(pair, x[:3], x[3:], key=jax.random.key(0),
+    np.testing.assert_allclose(attr.concept_activation_vector(pair, x[:3], x[3:], key=jax.random.key(0),
                                                                   method="mean_difference"), cav, rtol=1e-5, atol=1e-6)
-    _, want = analysis.tcav_score(forward_fn, x, t, cav, layer="dense1", return_derivatives=True)
-    _, got = analysis.tcav_score(pair, x, t, cav, return_derivatives=True)
+    _, want = attr.tcav_score(forward_fn, x, t, cav, layer="dense1", return_derivatives=True)
+    _, got = attr.tcav_score(pair, x, t, cav, return_derivatives=True)
     assert float(jnp.max(jnp.abs(want))) > 0
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -194,11 +196,11 @@ def test_tcav_pair_bad_inputs():
     forward_fn, _, _ = _concept_model()
     x = jnp.ones((4, 3, 4))
     for call, match in [
-        (lambda: analysis.tcav_score(pair, x, jnp.zeros(4, jnp.int32), jnp.ones(6), layer="h"), "layer must be None"),
-        (lambda: analysis.tcav_score(forward_fn, x, jnp.zeros(4, jnp.int32), jnp.ones(6)), "layer must name"),
-        (lambda: analysis.tcav_score(pair, x, jnp.zeros(4, jnp.int32), jnp.ones(5)), r"cav must have .*features_fn"),
-        (lambda: analysis.tcav_score(pair, x, jnp.zeros((4, 2), jnp.int32), jnp.ones(6)), r"target must be \[batch\]"),
-        (lambda: analysis.concept_activation_vector((pair[0],), x, x, key=jax.random.key(0)), "pair"),
+        (lambda: attr.tcav_score(pair, x, jnp.zeros(4, jnp.int32), jnp.ones(6), layer="h"), "layer must be None"),
+        (lambda: attr.tcav_score(forward_fn, x, jnp.zeros(4, jnp.int32), jnp.ones(6)), "layer must name"),
+        (lambda: attr.tcav_score(pair, x, jnp.zeros(4, jnp.int32), jnp.ones(5)), r"cav must have .*features_fn"),
+        (lambda: attr.tcav_score(pair, x, jnp.zeros((4, 2), jnp.int32), jnp.ones(6)), r"target must be \[batch\]"),
+        (lambda: attr.concept_activation_vector((pair[0],), x, x, key=jax.random.key(0)), "pair"),
     ]:
         with pytest.raises(ValueError, match=match) as err:
             call()

@@ -13,7 +13,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import attribution  # noqa: E402  (benchmarks/ is a plain folder, not installed)
-from distill_jax import explain  # noqa: E402
+from distill_jax import attr
 
 TINY = ["--quick", "--batch", "3", "--steps", "4", "--shape", "8x8x1", "--batch-chunk", "2", "--no-memory"]
 
@@ -70,7 +70,7 @@ def test_batch_chunk_matches_whole_batch(jit):
     t = jnp.array([0, 2, 1, 1, 0])
 
     def ig(x, t, g):
-        return explain.integrated_gradients(f, x, t, steps=6, method="gauss_legendre", batch_chunk=g, return_error=True)
+        return attr.integrated_gradients(f, x, t, steps=6, method="gauss_legendre", batch_chunk=g, return_error=True)
 
     run = jax.jit(ig, static_argnums=2) if jit else ig
     ref, ref_err = run(x, t, None)
@@ -88,7 +88,7 @@ def test_batch_chunk_with_several_targets_per_example():
     f = lambda x: jnp.einsum("khwc,bhwc->bk", w, x)  # noqa: E731  IG = w_target * x exactly
     x = jax.random.normal(jax.random.key(1), (3, 4, 4, 2))
     tk = jnp.array([[0, 2], [1, 1], [2, 0]])
-    attr = explain.integrated_gradients(f, x, tk, steps=4, batch_chunk=2)
+    attr = attr.integrated_gradients(f, x, tk, steps=4, batch_chunk=2)
     np.testing.assert_allclose(attr, w[tk] * x[:, None], rtol=1e-5, atol=1e-6)
 
 
@@ -96,4 +96,4 @@ def test_batch_chunk_with_several_targets_per_example():
 def test_batch_chunk_must_be_a_positive_int(bad):
     f = lambda x: x.reshape(x.shape[0], -1)[:, :3]  # noqa: E731
     with pytest.raises(ValueError, match="batch_chunk"):
-        explain.integrated_gradients(f, jnp.ones((2, 4)), jnp.array([0, 1]), steps=4, batch_chunk=bad)
+        attr.integrated_gradients(f, jnp.ones((2, 4)), jnp.array([0, 1]), steps=4, batch_chunk=bad)

@@ -6,8 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from distill_jax import analysis
+from distill_jax import attr
+from distill_jax import audit
+from distill_jax import metrics
+from distill_jax import models
+from distill_jax.audit import _evaluators
 
-from distill_jax import analysis, audit, explain, metrics, models
 
 N, K = 6, 3
 IMAGE = (8, 8, 1)
@@ -83,7 +88,7 @@ def test_cka_is_linear_cka_of_every_layer_pair(cnn, batch):
     x, _ = batch
     model, variables = cnn
     feats = audit.features_of(model, variables, x)
-    out = audit.cka(feats, {"dense1": feats["dense1"]})
+    out = audit.cka_scores(feats, {"dense1": feats["dense1"]})
     assert out["teacher_layers"] == ["conv1", "conv2", "dense1"] and out["student_layers"] == ["dense1"]
     flat = lambda a: jnp.asarray(a).reshape(len(a), -1)  # noqa: E731
     want = [[float(analysis.linear_cka(flat(feats[t]), flat(feats["dense1"])))] for t in out["teacher_layers"]]
@@ -104,17 +109,17 @@ def test_attribution_maps_equal_the_explain_functions_called_directly(cnn, batch
     x, t = batch
     model, variables = cnn
     key = jax.random.PRNGKey(8)
-    maps = audit.attribution_maps(model, variables, x, t, methods=audit.ATTRIBUTION_METHODS, ig_steps=4,
+    maps = audit.attribution_maps(model, variables, x, t, methods=_evaluators.ATTRIBUTION_METHODS, ig_steps=4,
                                   smoothgrad_samples=2, key=key)
     f = functools.partial(model.apply, variables)
-    cam = explain.grad_cam(models.forward_with_features(model, variables), x, t, layer="conv2")
+    cam = attr.grad_cam(models.forward_with_features(model, variables), x, t, layer="conv2")
     want = {
-        "saliency": explain.saliency(f, x, t),
-        "grad_x_input": explain.grad_x_input(f, x, t),
-        "integrated_gradients": explain.integrated_gradients(f, x, t, steps=4),
-        "smoothgrad": explain.smoothgrad(explain.saliency, f, x, t, key=key, samples=2),
+        "saliency": attr.saliency(f, x, t),
+        "grad_x_input": attr.grad_x_input(f, x, t),
+        "integrated_gradients": attr.integrated_gradients(f, x, t, steps=4),
+        "smoothgrad": attr.smoothgrad(attr.saliency, f, x, t, key=key, samples=2),
         "grad_cam": jnp.broadcast_to(cam[..., None], x.shape),  # the map of conv2, broadcast over channels
-        "occlusion": explain.occlusion(f, x, t, patch=2, stride=1),  # patch = min(8, 8) // 4, stride = patch // 2
+        "occlusion": attr.occlusion(f, x, t, patch=2, stride=1),  # patch = min(8, 8) // 4, stride = patch // 2
     }
     assert sorted(maps) == sorted(want)
     for name, value in want.items():
@@ -142,7 +147,7 @@ def test_ig_completeness_is_the_mean_relative_error(cnn, batch):
     x, t = batch
     model, variables = cnn
     f = functools.partial(model.apply, variables)
-    ig = np.asarray(explain.integrated_gradients(f, x, t, steps=8))
+    ig = np.asarray(attr.integrated_gradients(f, x, t, steps=8))
     rows = np.arange(N)
     delta = np.asarray(f(x), np.float64)[rows, t] - np.asarray(f(jnp.zeros_like(x)), np.float64)[rows, t]
     for scale in (1.0, 2.0):
@@ -157,7 +162,7 @@ def test_faithfulness_scores_are_the_metrics_means(linear, batch):
     f = functools.partial(model.apply, variables)
     m = np.asarray(jax.random.normal(jax.random.PRNGKey(9), x.shape))
     other = np.asarray(jax.random.normal(jax.random.PRNGKey(10), x.shape))
-    scores, curves = audit.faithfulness(model, variables, x, t, {"a": m}, {"a": other}, steps=4)
+    scores, curves = audit.faithfulness_scores(model, variables, x, t, {"a": m}, {"a": other}, steps=4)
     d_auc, d_curve = metrics.deletion_auc(f, x, m, t, steps=4, return_curve=True)
     i_auc, i_curve = metrics.insertion_auc(f, x, m, t, steps=4, return_curve=True)
     s = scores["a"]
@@ -168,9 +173,9 @@ def test_faithfulness_scores_are_the_metrics_means(linear, batch):
     assert s["top10_overlap_vs_teacher"] == pytest.approx(float(jnp.mean(metrics.top_k_overlap(a, b, k=6))))
     np.testing.assert_allclose(curves["a"]["deletion"], np.asarray(d_curve).mean(0), rtol=1e-5)
     np.testing.assert_allclose(curves["a"]["insertion"], np.asarray(i_curve).mean(0), rtol=1e-5)
-    same, _ = audit.faithfulness(model, variables, x, t, {"a": m}, {"a": -m}, steps=4)  # |map| agrees with itself
+    same, _ = audit.faithfulness_scores(model, variables, x, t, {"a": m}, {"a": -m}, steps=4)  # |map| agrees with itself
     assert same["a"]["spearman_vs_teacher"] == pytest.approx(1.0) and same["a"]["top10_overlap_vs_teacher"] == 1.0
-    alone, _ = audit.faithfulness(model, variables, x, t, {"a": m}, None, steps=4)
+    alone, _ = audit.faithfulness_scores(model, variables, x, t, {"a": m}, None, steps=4)
     assert sorted(alone["a"]) == ["deletion_auc", "insertion_auc"]
 
 

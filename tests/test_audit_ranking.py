@@ -1,7 +1,8 @@
 """Ranking attribution methods on the explanation-quality metrics, and the report table built from it."""
 import numpy as np
+from distill_jax import audit
+from distill_jax.app import _page
 
-from distill_jax import audit, report
 
 
 def test_rank_methods_follows_each_metrics_direction():
@@ -25,6 +26,6 @@ def test_quality_table_lists_best_method_first():
     result = {"explanations": {"teacher": {"saliency": {"infidelity": 2.0}, "grad_x_input": {"infidelity": 1.0}}},
               "explanation_ranking": {"teacher": audit.rank_methods(
                   {"saliency": {"infidelity": 2.0}, "grad_x_input": {"infidelity": 1.0}})}}
-    header, rows = report.quality_rows(result)
+    header, rows = _page.quality_rows(result)
     assert header[:3] == ["model", "method", "mean rank"]
     assert [r[1] for r in rows] == ["grad_x_input", "saliency"] and rows[0][2] == "1.0000"

@@ -10,8 +10,13 @@ import pytest
 from jax.extend.core import ClosedJaxpr, Jaxpr
 from jax.sharding import Mesh
 
-from distill_jax import analysis, backend, explain, gradient_attributions, models, pca
-from distill_jax.attribution_core import sample_chunk
+from distill_jax import backend
+from distill_jax import analysis
+from distill_jax import attr
+from distill_jax import metrics
+from distill_jax import models
+from distill_jax.attr._core import sample_chunk
+from distill_jax.data import pca
 
 HIGHEST = jax.lax.Precision.HIGHEST
 B, H, W, C, K = 3, 6, 6, 2, 4
@@ -232,7 +237,7 @@ def test_ig_defaults_follow_the_backend(images):
     x, t, w, f = images
     steps = 16
     exact = np.asarray(w.T[t].reshape(x.shape) * x)
-    run = lambda: explain.integrated_gradients(f, x, t, steps=steps, method="gauss_legendre")
+    run = lambda: attr.integrated_gradients(f, x, t, steps=steps, method="gauss_legendre")
     with backend.override("cpu"):
         assert scan_lengths(run) == [steps]  # one path point per scan step
         on_cpu = run()
@@ -244,7 +249,7 @@ def test_ig_defaults_follow_the_backend(images):
         assert scan_lengths(run) == [4]  # 5 points fit -> 4 steps of 4
         # K targets per example: K copies of the work per point -> 5 // 2 = 2 points per step -> 8 steps
         t2 = jnp.stack([t, (t + 1) % K], axis=1)
-        assert scan_lengths(lambda: explain.integrated_gradients(f, x, t2, steps=steps)) == [8]
+        assert scan_lengths(lambda: attr.integrated_gradients(f, x, t2, steps=steps)) == [8]
         on_tight = run()
     for got in (on_cpu, on_gpu, on_tight):
         np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-6)
@@ -256,7 +261,7 @@ def test_ig_defaults_follow_the_backend(images):
 
 def test_occlusion_default_follows_the_backend(images):
     x, t, _, f = images
-    run = lambda: explain.occlusion(f, x, t, patch=2, stride=2)  # 3 x 3 = 9 windows
+    run = lambda: attr.occlusion(f, x, t, patch=2, stride=2)  # 3 x 3 = 9 windows
     with backend.override("cpu"):
         assert scan_lengths(run) == [9]  # one window per step
         on_cpu = run()
@@ -265,7 +270,7 @@ def test_occlusion_default_follows_the_backend(images):
         on_gpu = run()
     np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="chunk"):
-        explain.occlusion(f, x, t, chunk=0)
+        attr.occlusion(f, x, t, chunk=0)
 
 
 def test_blur_ig_and_gradient_shap_pass_their_batch_size_to_the_budget(images):
@@ -273,8 +278,8 @@ def test_blur_ig_and_gradient_shap_pass_their_batch_size_to_the_budget(images):
     tight = dataclasses.replace(backend.CHOICES["gpu"], chunk_budget_bytes=backend.bytes_of(x) * 2)
     with backend.override(tight):
         # 2 copies of the batch per step: 6 blur levels -> 3 steps
-        assert scan_lengths(lambda: gradient_attributions.blur_ig(f, x, t, steps=6, max_sigma=1.0)) == [3]
-        shap = lambda: gradient_attributions.gradient_shap(f, x, t, key=jax.random.key(0), samples=5)
+        assert scan_lengths(lambda: attr.blur_ig(f, x, t, steps=6, max_sigma=1.0)) == [3]
+        shap = lambda: attr.gradient_shap(f, x, t, key=jax.random.key(0), samples=5)
         assert 3 in scan_lengths(shap)  # 5 samples, 2 per step -> 3 steps
 
 
@@ -308,11 +313,11 @@ def test_ig_and_occlusion_products_are_highest(images, name):
     x, t, _, f = images
     t2 = jnp.stack([t, (t + 1) % K], axis=1)
     with backend.override(name):
-        assert_all_highest(lambda v: explain.integrated_gradients(f, v, t, steps=4, return_error=True), x, at_least=4)
-        assert_all_highest(lambda v: explain.integrated_gradients(f, v, t2, steps=3, chunk=2, batch_chunk=2), x)
-        assert_all_highest(lambda v: explain.ig_completeness_error(f, v, v, t), x)
-        assert_all_highest(lambda v: explain.occlusion(f, v, t, patch=3, stride=3), x)
-        assert_all_highest(lambda v: gradient_attributions.blur_ig(f, v, t, steps=2, max_sigma=1.0), x)
+        assert_all_highest(lambda v: attr.integrated_gradients(f, v, t, steps=4, return_error=True), x, at_least=4)
+        assert_all_highest(lambda v: attr.integrated_gradients(f, v, t2, steps=3, chunk=2, batch_chunk=2), x)
+        assert_all_highest(lambda v: metrics.ig_completeness_error(f, v, v, t), x)
+        assert_all_highest(lambda v: attr.occlusion(f, v, t, patch=3, stride=3), x)
+        assert_all_highest(lambda v: attr.blur_ig(f, v, t, steps=2, max_sigma=1.0), x)
 
 
 def test_analysis_products_are_highest():
@@ -339,9 +344,9 @@ def test_analysis_products_are_highest():
         return jnp.matmul(h, proj, precision=HIGHEST), {"h": h}
 
     xs = normal(4, 2, 6)
-    assert_all_highest(lambda v: analysis.tcav_score(forward_fn, v, np.array([0, 1, 2, 0]), np.ones(d), layer="h"), xs)
+    assert_all_highest(lambda v: attr.tcav_score(forward_fn, v, np.array([0, 1, 2, 0]), np.ones(d), layer="h"), xs)
     key = jax.random.key(0)
-    assert_all_highest(lambda a, b: analysis.concept_activation_vector(forward_fn, a, b, layer="h", key=key, steps=2),
+    assert_all_highest(lambda a, b: attr.concept_activation_vector(forward_fn, a, b, layer="h", key=key, steps=2),
                        xs, xs + 1)
 
 
@@ -385,5 +390,5 @@ class ChoicesUnderJit(chex.TestCase):
         exact = np.asarray(w.T[t].reshape(x.shape) * x)
         for name in ("cpu", "gpu"):
             with backend.override(name):
-                fn = self.variant(functools.partial(explain.integrated_gradients, f, steps=8, method="gauss_legendre"))
+                fn = self.variant(functools.partial(attr.integrated_gradients, f, steps=8, method="gauss_legendre"))
                 np.testing.assert_allclose(fn(x, t), exact, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from distill_jax import checkpoint, distill, models, parallel, train
+from distill_jax import checkpoint, parallel
+from distill_jax import distill
+from distill_jax import models
+from distill_jax import train
 
 
 def _state(seed=0, num_classes=3):

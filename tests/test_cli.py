@@ -13,8 +13,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from distill_jax import cli
 from distill_jax.compilation import CompileCounter
+from distill_jax.app import _settings
+from distill_jax.app import cli, job
+from distill_jax.audit import verdict
 
 STUDENTS = ["cnn-labels", "cnn-kd", "tree-labels", "tree-kd", "linear-labels", "linear-kd", "cnn-kd+attention"]
 
@@ -444,9 +446,9 @@ def _jax_internal_value_error(*args, **kwargs):
 def test_an_internal_error_keeps_its_traceback_says_it_is_a_bug_and_exits_1(failure, tmp_path, capsys, monkeypatch):
     """Before: a ValueError from inside JAX printed one line as if the input were wrong (exit 2), and other
     exceptions escaped main() altogether."""
-    from distill_jax import pipeline
+    from distill_jax.app import cli
 
-    monkeypatch.setattr(pipeline, "run", failure)
+    monkeypatch.setattr(job, "run", failure)
     code = cli.main(["run", "--smoke", "--workdir", str(tmp_path), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1
@@ -457,14 +459,13 @@ def test_an_internal_error_keeps_its_traceback_says_it_is_a_bug_and_exits_1(fail
 
 
 def test_a_value_error_raised_by_distill_jax_itself_is_the_users(tmp_path, capsys, monkeypatch):
-    from distill_jax import pipeline
+    from distill_jax.app import cli
 
     def invalid(*args, **kwargs):
-        from distill_jax import config as config_lib
 
-        config_lib.parse_students("cnn-labels,oops")
+        _settings.parse_students("cnn-labels,oops")
 
-    monkeypatch.setattr(pipeline, "run", invalid)
+    monkeypatch.setattr(job, "run", invalid)
     code = cli.main(["run", "--smoke", "--workdir", str(tmp_path), "--no-progress"])
     _one_line(code, capsys, "'oops' must be '<kind>-<method>'")
 
@@ -482,17 +483,17 @@ VERDICT_RESULT = {
 
 @pytest.mark.parametrize("command", ["run", "explain"])
 def test_run_and_explain_end_by_printing_the_reports_verdict(command, tmp_path, capsys, monkeypatch):
-    from distill_jax import pipeline, verdict
+    from distill_jax.app import cli
 
     workdir = str(tmp_path / "w")
     if command == "run":
-        monkeypatch.setattr(pipeline, "run", lambda c, workdir, **kw: VERDICT_RESULT)
+        monkeypatch.setattr(job, "run", lambda c, workdir, **kw: VERDICT_RESULT)
         code = cli.main(["run", "--smoke", "--workdir", workdir, "--no-progress", "--no-compilation-cache"])
     else:
         os.makedirs(workdir)
         with open(os.path.join(workdir, "metrics.json"), "w") as f:
             json.dump(VERDICT_RESULT, f)
-        monkeypatch.setattr(pipeline, "explain_from_checkpoints", lambda workdir: VERDICT_RESULT)
+        monkeypatch.setattr(job, "explain_from_checkpoints", lambda workdir: VERDICT_RESULT)
         code = cli.main(["explain", "--workdir", workdir, "--no-compilation-cache"])
     out = capsys.readouterr().out
     assert code == 0
@@ -504,10 +505,10 @@ def test_run_and_explain_end_by_printing_the_reports_verdict(command, tmp_path, 
 
 def test_the_verdict_of_a_run_without_explanations_is_printed_not_raised(tmp_path, capsys, monkeypatch):
     """A run whose explanation stage produced nothing (as multi-host TRAIN_ONLY runs do) still ends cleanly."""
-    from distill_jax import pipeline
+    from distill_jax.app import cli
 
     bare = {"models": VERDICT_RESULT["models"]}
-    monkeypatch.setattr(pipeline, "run", lambda c, workdir, **kw: bare)
+    monkeypatch.setattr(job, "run", lambda c, workdir, **kw: bare)
     code = cli.main(["run", "--smoke", "--workdir", str(tmp_path), "--no-progress", "--no-compilation-cache"])
     out = capsys.readouterr().out
     assert code == 0 and "Explanation: none to recommend" in out

@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from distill_jax import data
+from distill_jax.data import _idx
+from distill_jax.data import _sources
 
-from distill_jax import data, idx
 
 
 # ------------------------------------------------------------------------------------------------ bundled sets
@@ -217,7 +219,7 @@ def _idx_dir(root, *, gz=False, x_train=None, y_train=None, x_test=None, y_test=
     given = dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     arrays.update({k: v for k, v in given.items() if v is not None})
     os.makedirs(root, exist_ok=True)
-    for key, base in zip(("x_train", "y_train", "x_test", "y_test"), data.IDX_FILES):
+    for key, base in zip(("x_train", "y_train", "x_test", "y_test"), _sources.IDX_FILES):
         _write(root / base, _idx_bytes(arrays[key]), gz)
     return root, arrays
 
@@ -226,7 +228,7 @@ def _idx_dir(root, *, gz=False, x_train=None, y_train=None, x_test=None, y_test=
 def test_idx_roundtrip(tmp_path, gz):
     root, a = _idx_dir(tmp_path / "mine", gz=gz)
     if gz:
-        assert sorted(os.listdir(root)) == sorted(b + ".gz" for b in data.IDX_FILES)
+        assert sorted(os.listdir(root)) == sorted(b + ".gz" for b in _sources.IDX_FILES)
     ds = data.load(f"idx:{root}")
     assert ds.name == "idx:mine" and ds.num_classes == 10 and ds.class_names == tuple("0123456789")
     assert ds.x_train.dtype == np.float32 and ds.x_train.shape == (6, 3, 4, 1) and ds.image_shape == (3, 4, 1)
@@ -245,10 +247,10 @@ def test_idx_roundtrip(tmp_path, gz):
 def test_idx_prefers_plain_file_over_gz(tmp_path):
     root, a = _idx_dir(tmp_path / "d")
     other = np.full((6, 3, 4), 7, np.uint8)
-    _write(root / data.IDX_FILES[0], _idx_bytes(other), gz=True)  # a second, different copy
+    _write(root / _sources.IDX_FILES[0], _idx_bytes(other), gz=True)  # a second, different copy
     ds = data.load(f"idx:{root}", keep_uint8=True)
     np.testing.assert_array_equal(ds.x_train[..., 0], a["x_train"])
-    os.remove(root / data.IDX_FILES[0])
+    os.remove(root / _sources.IDX_FILES[0])
     ds = data.load(f"idx:{root}", keep_uint8=True)
     np.testing.assert_array_equal(ds.x_train[..., 0], other)
 
@@ -279,7 +281,7 @@ def test_idx_bad_image_values(tmp_path, x_train, message):
 
 def _corrupt(root, index, payload, gz=False):
     """Replaces IDX file ``index`` of ``root`` with ``payload``; returns its path."""
-    base = root / data.IDX_FILES[index]
+    base = root / _sources.IDX_FILES[index]
     for old in (base, base.with_name(base.name + ".gz")):
         if old.exists():
             os.remove(old)
@@ -339,7 +341,7 @@ def test_idx_count_mismatch_names_both_files(tmp_path):
 def test_idx_corrupt_gzip(tmp_path):
     root, a = _idx_dir(tmp_path / "d", gz=True)
     packed = gzip.compress(_idx_bytes(a["y_train"]))
-    path = root / (data.IDX_FILES[1] + ".gz")
+    path = root / (_sources.IDX_FILES[1] + ".gz")
     path.write_bytes(packed[:len(packed) // 2])  # cut mid-stream: EOFError inside gzip
     with pytest.raises(ValueError, match=rf"IDX file '{re.escape(str(path))}' is not a valid gzip file \(EOFError"):
         data.load(f"idx:{root}")
@@ -353,20 +355,20 @@ def test_idx_corrupt_gzip(tmp_path):
 
 def test_idx_read_chunks_grows_and_counts_the_rest():
     payload = bytes(range(256)) * 10
-    out, total = idx.read_chunks(io.BytesIO(payload + b"xyz"), len(payload), chunk=7, first=16)
+    out, total = _idx.read_chunks(io.BytesIO(payload + b"xyz"), len(payload), chunk=7, first=16)
     np.testing.assert_array_equal(out, np.frombuffer(payload, np.uint8))
     assert out.flags.writeable and total == len(payload) + 3
-    out, total = idx.read_chunks(io.BytesIO(payload), 1 << 40, chunk=7, first=16)  # header claims 1 TiB
+    out, total = _idx.read_chunks(io.BytesIO(payload), 1 << 40, chunk=7, first=16)  # header claims 1 TiB
     assert len(out) == total == len(payload) and out.tobytes() == payload
 
 def test_idx_missing_file_and_dir(tmp_path):
     root, _ = _idx_dir(tmp_path / "d")
-    os.remove(root / data.IDX_FILES[2])
+    os.remove(root / _sources.IDX_FILES[2])
     with pytest.raises(FileNotFoundError) as info:
         data.load(f"idx:{root}")
     msg = str(info.value)
     assert "'t10k-images-idx3-ubyte' (or t10k-images-idx3-ubyte.gz) is missing in" in msg and str(root) in msg
-    assert all(base in msg for base in data.IDX_FILES) and "\n" not in msg
+    assert all(base in msg for base in _sources.IDX_FILES) and "\n" not in msg
     with pytest.raises(FileNotFoundError, match=r"IDX directory '.*nowhere' does not exist; expected train-images"):
         data.load(f"idx:{tmp_path / 'nowhere'}")
     with pytest.raises(ValueError, match=r"idx spec needs a directory: idx:<dir>"):
@@ -388,7 +390,7 @@ def test_fashion_mnist_from_data_dir(tmp_path):
 
 
 def test_fashion_mnist_missing_says_how(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "not-installed"))
+    monkeypatch.setattr(_sources, "FASHION_MNIST_DIR", str(tmp_path / "not-installed"))
     for kwargs in ({}, {"data_dir": str(tmp_path)}):
         with pytest.raises(FileNotFoundError) as info:
             data.load("fashion_mnist", **kwargs)
@@ -465,10 +467,10 @@ def test_tfds_arrays_mixed_sizes_share_one_scale():
         def __getitems__(self, idx):
             return [self.records[i] for i in idx]
 
-    x, y = data._tfds_arrays(Source(), ("image", "label"), (2, 2))
+    x, y = _sources._tfds_arrays(Source(), ("image", "label"), (2, 2))
     assert x.dtype == np.float32
     np.testing.assert_allclose(x[:, 0, 0, 0], [0.2, 0.4], rtol=1e-6)  # 51/255 and the resized 102/255
-    x, _ = data._tfds_arrays(Source(), ("image", "label"), (2, 2), keep_uint8=True)
+    x, _ = _sources._tfds_arrays(Source(), ("image", "label"), (2, 2), keep_uint8=True)
     assert x.dtype == np.uint8
     np.testing.assert_array_equal(x[:, :, :, 0], [np.full((2, 2), 51), np.full((2, 2), 102)])
 
@@ -489,9 +491,9 @@ def test_tfds_images_are_resized_in_one_call_per_shape_in_their_order(monkeypatc
             return [records[i] for i in idx]
 
     calls = []
-    real = data._jit_resize
-    monkeypatch.setattr(data, "_jit_resize", lambda images, size: calls.append(images.shape) or real(images, size))
-    x, y = data._tfds_arrays(Source(), ("image", "label"), (3, 3))
+    real = _sources._jit_resize
+    monkeypatch.setattr(_sources, "_jit_resize", lambda images, size: calls.append(images.shape) or real(images, size))
+    x, y = _sources._tfds_arrays(Source(), ("image", "label"), (3, 3))
     assert sorted(calls) == [(2, 6, 6, 1), (3, 4, 4, 1)] and list(y) == [0, 1, 2, 3, 4]
     for img, rec in zip(x, records):
         alone = jax.image.resize(rec["image"].astype(np.float32) / 255.0, (3, 3, 1), "bilinear", antialias=True)

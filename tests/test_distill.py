@@ -4,8 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from distill_jax import data
+from distill_jax import distill
+from distill_jax import models
+from distill_jax import train
 
-from distill_jax import distill, models, train
 
 N_CLASSES = 4
 
@@ -276,7 +279,6 @@ def test_added_term_itself_falls_under_its_method(setup, method, term, first):
 
 
 def test_mixup_mixes_each_image_with_the_next_by_beta_weights():
-    from distill_jax import data
 
     x = jnp.arange(6 * 2 * 2 * 1, dtype=jnp.float32).reshape(6, 2, 2, 1)
     mixed, lam = data.mixup(jax.random.PRNGKey(0), x, alpha=0.4)

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from distill_jax import distill
+from distill_jax import models, train
 
-from distill_jax import distill, models
 
 N_CLASSES = 4
 
@@ -26,9 +27,9 @@ def test_as_teacher_brings_every_form_to_logits_and_features(setup):
     x, _, teacher, t_vars = setup
     want_logits, want_feats = teacher.apply(t_vars, x, return_features=True)
     forms = {
-        "linen module": distill.as_teacher(teacher, t_vars),
-        "x -> (logits, features)": distill.as_teacher(lambda z: teacher.apply(t_vars, z, return_features=True)),
-        "(variables, x) -> (logits, features)": distill.as_teacher(
+        "linen module": models.as_teacher(teacher, t_vars),
+        "x -> (logits, features)": models.as_teacher(lambda z: teacher.apply(t_vars, z, return_features=True)),
+        "(variables, x) -> (logits, features)": models.as_teacher(
             lambda v, z: teacher.apply(v, z, return_features=True), t_vars),
     }
     for name, t in forms.items():
@@ -36,14 +37,14 @@ def test_as_teacher_brings_every_form_to_logits_and_features(setup):
         np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-6, err_msg=name)
         assert sorted(feats) == ["conv1", "conv2", "dense1"], name
         np.testing.assert_allclose(feats["conv2"], want_feats["conv2"], rtol=1e-5, atol=1e-6, err_msg=name)
-    logits, feats = distill.as_teacher(lambda z: teacher.apply(t_vars, z)).apply(None, x)  # logits only
+    logits, feats = models.as_teacher(lambda z: teacher.apply(t_vars, z)).apply(None, x)  # logits only
     np.testing.assert_allclose(logits, want_logits, rtol=1e-6)
     assert feats == {}
     with pytest.raises(ValueError, match=r"teacher <lambda> must return logits \[batch, classes\] or \(logits, "
                                          r"\{name: features\}\); got dict"):
-        distill.as_teacher(lambda z: {"logits": z}).apply(None, x)
+        models.as_teacher(lambda z: {"logits": z}).apply(None, x)
     with pytest.raises(ValueError, match="teacher must be a flax linen module, a function x -> logits .*; got int"):
-        distill.as_teacher(3)
+        models.as_teacher(3)
 
 
 class FunctionsGiveTheLinenLoss(chex.TestCase):
@@ -68,7 +69,7 @@ class FunctionsGiveTheLinenLoss(chex.TestCase):
 
         pair = (lambda k, z: student.init(k, z)["params"],
                 lambda p, z: student.apply({"params": p}, z, return_features=True))
-        as_step_argument = distill.as_teacher(lambda v, z: teacher.apply(v, z, return_features=True), t_vars)
+        as_step_argument = models.as_teacher(lambda v, z: teacher.apply(v, z, return_features=True), t_vars)
         closed_over = lambda z: teacher.apply(t_vars, z, return_features=True)  # noqa: E731
         for t, t_arg in ((as_step_argument, t_vars), (closed_over, None)):
             fn_params = distill.init_trainable(pair, method, cfg, key, x[:2], t, None)
@@ -81,9 +82,9 @@ class FunctionsGiveTheLinenLoss(chex.TestCase):
 def test_kind_comes_from_the_model_and_selects_the_tree_objective(setup):
     x, y, teacher, t_vars = setup
     tree = models.SoftDecisionTree(2, N_CLASSES)
-    assert distill.as_student(tree).kind == "tree" and distill.as_student(models.Linear(N_CLASSES, 4)).kind == "linear"
-    assert distill.as_student((tree.init, tree.apply)).kind == "network"
-    assert distill.as_student((tree.init, tree.apply), kind="tree").kind == "tree"
+    assert models.as_student(tree).kind == "tree" and models.as_student(models.Linear(N_CLASSES, 4)).kind == "linear"
+    assert models.as_student((tree.init, tree.apply)).kind == "network"
+    assert models.as_student((tree.init, tree.apply), kind="tree").kind == "tree"
     cfg = distill.MethodConfig(tree_balance=0.0)
     params = distill.init_trainable(tree, "kd", cfg, jax.random.PRNGKey(0), x[:2], teacher, t_vars)
     batch = {"x": x, "y": y}
@@ -120,7 +121,7 @@ def test_distill_equals_a_hand_written_kd_loop():
 
     params, opt_state = w0, opt.init(w0)
     for epoch in range(2):
-        for idx in distill.train.epoch_batch_indices(40, 8, seed=3, epoch=epoch):
+        for idx in train.epoch_batch_indices(40, 8, seed=3, epoch=epoch):
             updates, opt_state = opt.update(jax.grad(kd)(params, x[idx], y[idx]), opt_state, params)
             params = optax.apply_updates(params, updates)
     chex.assert_trees_all_close(got, params, rtol=1e-5, atol=1e-6)
@@ -136,7 +137,7 @@ class BatchNormNet(nn.Module):
 
 def test_distill_a_batchnorm_student_returns_its_trained_statistics(setup):
     x, y, teacher, t_vars = setup
-    student = distill.as_student(BatchNormNet(), mutable=("batch_stats",), train_kwargs={"train": True})
+    student = models.as_student(BatchNormNet(), mutable=("batch_stats",), train_kwargs={"train": True})
     got = distill.distill(student, teacher, x, y, teacher_variables=t_vars, key=jax.random.PRNGKey(0),
                           method="kd", epochs=2, batch_size=8, learning_rate=1e-2)
     assert sorted(got) == ["batch_stats", "params"]
@@ -150,10 +151,10 @@ def test_distill_a_batchnorm_student_returns_its_trained_statistics(setup):
 def test_bad_models_and_arguments_are_refused_in_one_line(setup):
     x, y, teacher, t_vars = setup
     cases = [
-        (lambda: distill.as_student(3), "student must be a flax linen module, a pair (init_fn, apply_fn) of "
+        (lambda: models.as_student(3), "student must be a flax linen module, a pair (init_fn, apply_fn) of "
                                         "functions or a distill.Student; got int"),
-        (lambda: distill.as_student((len,)), "got tuple"),
-        (lambda: distill.as_student((lambda k, z: {}, lambda p, z: z), mutable=("batch_stats",)),
+        (lambda: models.as_student((len,)), "got tuple"),
+        (lambda: models.as_student((lambda k, z: {}, lambda p, z: z), mutable=("batch_stats",)),
          "mutable=('batch_stats',) is for linen modules"),
         (lambda: distill.distill(models.SoftDecisionTree(2, N_CLASSES), teacher, x, y, key=jax.random.PRNGKey(0)),
          "teacher is a linen module (SmallCNN): pass its variables as teacher_variables="),

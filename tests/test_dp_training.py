@@ -5,7 +5,14 @@ import numpy as np
 import optax
 import pytest
 
-from distill_jax import config as config_lib, parallel, pipeline, privacy, report, train
+from distill_jax import parallel
+from distill_jax import train
+from distill_jax.app import _audit
+from distill_jax.app import _fit
+from distill_jax.app import _page
+from distill_jax.app import _prepare
+from distill_jax.app import config
+from distill_jax.distill import privacy
 
 D = 64
 
@@ -90,34 +97,34 @@ def test_dp_noise_has_the_stated_scale():
 
 
 def test_a_dp_teacher_reports_the_accountants_epsilon_in_metrics_and_report():
-    c = config_lib.apply_smoke(config_lib.default_config())
+    c = config.apply_smoke(config.default_config())
     c.teacher.kind = "mlp"
     c.teacher.dp_noise_multiplier = 1.1
     c.teacher.dp_l2_clip = 1.0
-    prep = pipeline.prepare_data(c)
-    teacher = pipeline.train_teacher(prep, c, parallel.make_mesh(), None, show_progress=False)
+    prep = _prepare.prepare_data(c)
+    teacher = _fit.train_teacher(prep, c, parallel.make_mesh(), None, show_progress=False)
     p = teacher.settings["privacy"]
     steps = train.total_steps(len(prep.y_train), c.teacher.batch_size, c.teacher.epochs)
     expected = privacy.dp_sgd_epsilon(steps, batch_size=c.teacher.batch_size, n=len(prep.y_train),
                                       noise_multiplier=1.1, delta=1e-5)
     assert p["epsilon"] == pytest.approx(expected, rel=1e-3) and p["delta"] == 1e-5 and p["steps"] == steps
-    metrics = pipeline.model_metrics(teacher, None, prep)
+    metrics = _audit.model_metrics(teacher, None, prep)
     assert metrics["privacy"]["mechanism"] == "DP-SGD"
-    assert f"epsilon {expected:.2f} (delta 1e-05)" in pipeline.privacy_text(teacher)
-    header, rows = report.model_rows({"models": {"teacher": metrics}})
+    assert f"epsilon {expected:.2f} (delta 1e-05)" in _fit.privacy_summary(teacher)
+    header, rows = _page.model_rows({"models": {"teacher": metrics}})
     assert header[-1] == "privacy (epsilon, delta)" and rows[0][-1] == f"DP-SGD: epsilon {expected:.2f}, delta 1e-05"
     plain = {"models": {"teacher": {k: v for k, v in metrics.items() if k != "privacy"}}}
-    assert "privacy (epsilon, delta)" not in report.model_rows(plain)[0]  # no column without a private model
+    assert "privacy (epsilon, delta)" not in _page.model_rows(plain)[0]  # no column without a private model
 
 
 @pytest.mark.parametrize("key,value,needle", [("dp_delta", 1.0, "teacher.dp_delta"),
                                               ("dp_noise_multiplier", -1.0, "teacher.dp_noise_multiplier"),
                                               ("dp_l2_clip", 0.0, "teacher.dp_l2_clip")])
 def test_bad_dp_settings_are_refused(key, value, needle):
-    c = config_lib.default_config()
+    c = config.default_config()
     c.teacher[key] = value
     with pytest.raises(ValueError, match=needle):
-        config_lib.validate(c)
+        config.validate(c)
 
 
 def test_dp_with_batch_statistics_is_refused():
@@ -133,7 +140,7 @@ def test_dp_with_batch_statistics_is_refused():
 
 
 def test_mixup_with_dp_sgd_is_refused_in_one_line():
-    from distill_jax import config
+    from distill_jax.app import config
 
     c = config.default_config()
     c.method.mixup, c.tree = 0.5, {**c.tree, "dp_noise_multiplier": 1.0}

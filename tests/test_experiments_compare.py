@@ -13,6 +13,8 @@ if EXPERIMENTS not in sys.path:
 
 import compare_methods as cm  # noqa: E402
 import pruning  # noqa: E402
+from distill_jax.app import _prepare
+from distill_jax.app import config
 
 # A SmallCNN teacher compiles several times faster than SeedCNN; the smoke runs test the plumbing.
 FAST = ["--set", "teacher.kind=cnn", "--compilation-cache", ""]
@@ -87,9 +89,8 @@ def test_summarize_pairs_each_distilled_student_with_its_kinds_labels_student():
 
 
 def test_method_overrides_apply_to_that_methods_students_only():
-    from distill_jax import config as config_lib
 
-    c = config_lib.default_config()
+    c = config.default_config()
     import ml_collections
 
     c.compare = ml_collections.ConfigDict(dict(method_overrides=("fm:method.mixup=1.0", "cnn-fm:teacher.augment_shift=2",
@@ -175,10 +176,10 @@ def test_sklearn_baselines_match_scikit_learn_and_run_through_the_library():
     from sklearn.linear_model import LogisticRegression
     from sklearn.tree import DecisionTreeClassifier
 
-    from distill_jax import config as config_lib, parallel, pipeline
+    from distill_jax import parallel
 
-    c = config_lib.apply_smoke(config_lib.default_config())
-    prep = pipeline.prepare_data(c)
+    c = config.apply_smoke(config.default_config())
+    prep = _prepare.prepare_data(c)
     mesh = parallel.make_mesh()
     x_train, x_test = _baselines.flat_split(prep)
     # the flattened model inputs, also across ragged batches

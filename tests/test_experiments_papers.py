@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from distill_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
@@ -213,7 +214,7 @@ def test_at_step_freezes_the_state_from_the_first_non_finite_loss_like_the_libra
     """A NaN image makes step 1 bad: from then on step, params, optimizer state and batch statistics stay as
     after step 0, even when the next batch is fine (the library's `train.train_step_fn` rule); `train.fit`
     then stops with `train.NonFiniteError`."""
-    from distill_jax import parallel, train
+    from distill_jax import parallel
 
     c = _at_smoke_config()
     model = at.WideResNet(10, 1, 3)

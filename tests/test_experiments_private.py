@@ -7,6 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+from distill_jax import models
+from distill_jax.app import _fit
+from distill_jax.distill import privacy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
@@ -32,7 +35,6 @@ SCRIPT = os.path.join(EXPERIMENTS, "private_and_robust.py")
 
 
 def test_confident_gnmax_epsilon_is_the_composition_of_threshold_checks_and_answers():
-    from distill_jax import privacy
 
     # no answered query: only the threshold checks, a Gaussian mechanism of sensitivity 1 (sigma1) each,
     # equal to GNMax's bound at sigma = sqrt(2) * sigma1 (GNMax has sensitivity sqrt(2))
@@ -60,13 +62,12 @@ def test_unit_inputs_use_fixed_constants_and_cosine_lr_decays():
 def test_teacher_at_temperature_scales_the_logits_and_keeps_the_softmax_at_t():
     import jax
 
-    from distill_jax import models, pipeline
 
     model = models.SmallCNN(3)
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1))
     variables = model.init(jax.random.PRNGKey(1), x)
     logits = np.asarray(model.apply(variables, x))
-    t = pipeline.Trained("teacher", model, variables, "cnn", "labels", logits, [], 0.0)
+    t = _fit.Trained("teacher", model, variables, "cnn", "labels", logits, [], 0.0)
     hot = pr.teacher_at_temperature(t, 20.0)
     hot_logits = np.asarray(model.apply(hot.variables, x))
     np.testing.assert_allclose(hot_logits, 20.0 * logits, rtol=1e-5, atol=1e-5)

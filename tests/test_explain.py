@@ -7,8 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from distill_jax import attr
+from distill_jax import metrics
+from distill_jax import models
+from distill_jax.attr import _core
+from distill_jax.models import _layers
 
-from distill_jax import explain, models
 
 B, H, W, C, K = 5, 6, 6, 2, 3
 
@@ -63,9 +67,9 @@ def data():
 def test_saliency_and_grad_x_input_linear(data):
     x, t = data
     w, f = _linear_model(jax.random.key(0))
-    np.testing.assert_array_equal(explain.saliency(f, x, t, absolute=False), w[t])
-    np.testing.assert_array_equal(explain.saliency(f, x, t), jnp.abs(w[t]))
-    np.testing.assert_allclose(explain.grad_x_input(f, x, t), w[t] * x, rtol=1e-6)
+    np.testing.assert_array_equal(attr.saliency(f, x, t, absolute=False), w[t])
+    np.testing.assert_array_equal(attr.saliency(f, x, t), jnp.abs(w[t]))
+    np.testing.assert_allclose(attr.grad_x_input(f, x, t), w[t] * x, rtol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["riemann_trapezoid", "gauss_legendre"])
@@ -74,13 +78,13 @@ def test_ig_linear_exact(data, method, chunk):
     x, t = data
     w, f = _linear_model(jax.random.key(0))
     base = jax.random.normal(jax.random.key(3), x.shape)
-    np.testing.assert_allclose(explain.integrated_gradients(f, x, t, steps=16, method=method, chunk=chunk), w[t] * x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(attr.integrated_gradients(f, x, t, steps=16, method=method, chunk=chunk), w[t] * x, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
-        explain.integrated_gradients(f, x, t, baseline=base, steps=7, method=method, chunk=chunk), w[t] * (x - base), rtol=1e-5, atol=1e-5
+        attr.integrated_gradients(f, x, t, baseline=base, steps=7, method=method, chunk=chunk), w[t] * (x - base), rtol=1e-5, atol=1e-5
     )
-    blurred = explain.gaussian_blur(x, sigma=1.0)
+    blurred = _core.gaussian_blur(x, sigma=1.0)
     np.testing.assert_allclose(
-        explain.integrated_gradients(f, x, t, baseline="blur", blur_sigma=1.0, steps=4, method=method), w[t] * (x - blurred), rtol=1e-5, atol=1e-5
+        attr.integrated_gradients(f, x, t, baseline="blur", blur_sigma=1.0, steps=4, method=method), w[t] * (x - blurred), rtol=1e-5, atol=1e-5
     )
 
 
@@ -89,7 +93,7 @@ def test_ig_quadratic_closed_form(data, method):
     x, t = data
     a, f = _quadratic_model(jax.random.key(2))
     base = 0.5 * jax.random.normal(jax.random.key(4), x.shape)
-    attr, err = explain.integrated_gradients(f, x, t, baseline=base, steps=64, method=method, return_error=True)
+    attr, err = attr.integrated_gradients(f, x, t, baseline=base, steps=64, method=method, return_error=True)
     np.testing.assert_allclose(attr, a[t] * (x**2 - base**2), rtol=1e-4, atol=1e-5)
     assert float(err.max()) < 1e-4
 
@@ -99,8 +103,8 @@ def test_riemann_left_converges_slowly_on_quadratic(data):
     x, t = data
     a, f = _quadratic_model(jax.random.key(2))
     exact = a[t] * x**2
-    e8 = jnp.abs(explain.integrated_gradients(f, x, t, steps=8, method="riemann_left") - exact).max()
-    e32 = jnp.abs(explain.integrated_gradients(f, x, t, steps=32, method="riemann_left") - exact).max()
+    e8 = jnp.abs(attr.integrated_gradients(f, x, t, steps=8, method="riemann_left") - exact).max()
+    e32 = jnp.abs(attr.integrated_gradients(f, x, t, steps=32, method="riemann_left") - exact).max()
     assert 3.0 < float(e8 / e32) < 5.0
 
 
@@ -109,19 +113,19 @@ def test_ig_completeness_relu_cnn(method):
     _, f = _cnn(jax.random.key(7))
     x = jax.random.uniform(jax.random.key(8), (4, H, W, C))
     t = jnp.argmax(f(x), axis=1)
-    attr, err = explain.integrated_gradients(f, x, t, steps=128, method=method, return_error=True)
+    attr, err = attr.integrated_gradients(f, x, t, steps=128, method=method, return_error=True)
     assert float(err.max()) < 0.01
-    np.testing.assert_allclose(explain.ig_completeness_error(f, x, attr, t), err, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(metrics.ig_completeness_error(f, x, attr, t), err, rtol=1e-4, atol=1e-6)
 
 
 def test_ig_chunks_agree_and_jit_matches():
     _, f = _cnn(jax.random.key(7))
     x = jax.random.uniform(jax.random.key(8), (3, H, W, C))
     t = jnp.array([0, 2, 1])
-    ref = explain.integrated_gradients(f, x, t, steps=10)
+    ref = attr.integrated_gradients(f, x, t, steps=10)
     for chunk in (3, 10):
-        np.testing.assert_allclose(explain.integrated_gradients(f, x, t, steps=10, chunk=chunk), ref, rtol=1e-4, atol=1e-6)
-    jitted = jax.jit(functools.partial(explain.integrated_gradients, f, steps=10))(x, t)
+        np.testing.assert_allclose(attr.integrated_gradients(f, x, t, steps=10, chunk=chunk), ref, rtol=1e-4, atol=1e-6)
+    jitted = jax.jit(functools.partial(attr.integrated_gradients, f, steps=10))(x, t)
     np.testing.assert_allclose(jitted, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -137,11 +141,11 @@ def test_multiple_targets(data):
     for name in ("saliency", "grad_x_input", "integrated_gradients", "occlusion", "smoothgrad",
                  "smoothgrad_squared", "vargrad", "gradient_shap", "guided_ig", "blur_ig"):
         kw = options.get(name, {})
-        out = explain.attribute(name, f, x, tk, **kw)
+        out = attr.attribute(name, f, x, tk, **kw)
         assert out.shape == (B, 2) + x.shape[1:]
         for j in range(2):
-            np.testing.assert_allclose(out[:, j], explain.attribute(name, f, x, tk[:, j], **kw), rtol=1e-5, atol=1e-6)
-    _, err = explain.integrated_gradients(f, x, tk, steps=8, return_error=True)
+            np.testing.assert_allclose(out[:, j], attr.attribute(name, f, x, tk[:, j], **kw), rtol=1e-5, atol=1e-6)
+    _, err = attr.integrated_gradients(f, x, tk, steps=8, return_error=True)
     assert err.shape == (B, 2)
 
 
@@ -158,30 +162,30 @@ def test_grad_cam_hand_computed(data):
 
     a = jax.nn.relu(x @ m)
     expected = jax.nn.relu(jnp.einsum("bhwc,cb->bhw", a, v[:, t] / (H * W)))
-    cam = explain.grad_cam(forward_fn, x, t, layer="a")
+    cam = attr.grad_cam(forward_fn, x, t, layer="a")
     np.testing.assert_allclose(cam, expected, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(jax.jit(functools.partial(explain.grad_cam, forward_fn, layer="a"))(x, t), cam, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(jax.jit(functools.partial(attr.grad_cam, forward_fn, layer="a"))(x, t), cam, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="spatial"):
-        explain.grad_cam(forward_fn, x, t, layer="vec")
+        attr.grad_cam(forward_fn, x, t, layer="vec")
 
 
 def test_grad_cam_cnn_shapes_and_resize(data):
     x, t = data
     forward_fn, _ = _cnn(jax.random.key(7))
-    cam = explain.grad_cam(forward_fn, x, t, layer="conv2")
+    cam = attr.grad_cam(forward_fn, x, t, layer="conv2")
     assert cam.shape == (B, H, W) and float(cam.min()) >= 0
-    cam_k = explain.grad_cam(forward_fn, x, jnp.stack([t, t], 1), layer="conv1")
+    cam_k = attr.grad_cam(forward_fn, x, jnp.stack([t, t], 1), layer="conv1")
     assert cam_k.shape == (B, 2, H, W)
     np.testing.assert_allclose(cam_k[:, 0], cam_k[:, 1])
     with pytest.raises(ValueError, match=r"'nope'.*\['conv1', 'conv2', 'pooled'\]"):
-        explain.grad_cam(forward_fn, x, t, layer="nope")
+        attr.grad_cam(forward_fn, x, t, layer="nope")
     # conv2 feeds the head through a global mean: alpha_c = head[c, t] / (h w), at input size (no resize)
     _, feats = forward_fn(x)
     head = forward_fn.params["head"]
     want = jax.nn.relu(jnp.einsum("bhwc,cb->bhw", feats["conv2"], head[:, t]) / (H * W))
     np.testing.assert_allclose(cam, want, rtol=1e-5, atol=1e-6)
     assert float(cam.max()) > 0
-    np.testing.assert_allclose(cam_k[:, 0], explain.grad_cam(forward_fn, x, t, layer="conv1"), rtol=1e-6)
+    np.testing.assert_allclose(cam_k[:, 0], attr.grad_cam(forward_fn, x, t, layer="conv1"), rtol=1e-6)
 
 
 def _pooled_features_model(v):
@@ -208,9 +212,9 @@ def test_grad_cam_upsampling_hand_computed(data):
     # output pixel i samples the 3x3 grid at i / 2 - 1/4: weights (1), (3/4, 1/4), (1/4, 3/4), ..., (1)
     up = np.array([[1, 0, 0], [0.75, 0.25, 0], [0.25, 0.75, 0], [0, 0.75, 0.25], [0, 0.25, 0.75], [0, 0, 1]])
     bilinear = np.einsum("ih,bhw,jw->bij", up, small, up)
-    np.testing.assert_allclose(explain.grad_cam(forward_fn, x, t, layer="a"), bilinear, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(attr.grad_cam(forward_fn, x, t, layer="a"), bilinear, rtol=1e-5, atol=1e-6)
     nearest = np.repeat(np.repeat(small, 2, axis=1), 2, axis=2)
-    np.testing.assert_allclose(explain.grad_cam(forward_fn, x, t, layer="a", method="nearest"), nearest, rtol=1e-5,
+    np.testing.assert_allclose(attr.grad_cam(forward_fn, x, t, layer="a", method="nearest"), nearest, rtol=1e-5,
                                atol=1e-6)
 
 
@@ -219,13 +223,13 @@ def test_occlusion_linear(data):
     w, f = _linear_model(jax.random.key(0))
     # 1x1 patches: the drop is the pixel's contribution summed over channels, for every channel
     expected = jnp.broadcast_to(jnp.sum(w[t] * x, -1, keepdims=True), x.shape)
-    np.testing.assert_allclose(explain.occlusion(f, x, t, patch=1, stride=1), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(attr.occlusion(f, x, t, patch=1, stride=1), expected, rtol=1e-4, atol=1e-5)
     # non-overlapping 3x3 patches: each pixel gets its window's total contribution
     contrib = jnp.sum(w[t] * x, -1).reshape(B, 2, 3, 2, 3).sum((2, 4))
     expected = jnp.broadcast_to(jnp.repeat(jnp.repeat(contrib, 3, 1), 3, 2)[..., None], x.shape)
-    occ = explain.occlusion(f, x, t, patch=3, stride=3)
+    occ = attr.occlusion(f, x, t, patch=3, stride=3)
     np.testing.assert_allclose(occ, expected, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(jax.jit(functools.partial(explain.occlusion, f, patch=3, stride=3))(x, t), occ, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(functools.partial(attr.occlusion, f, patch=3, stride=3))(x, t), occ, rtol=1e-5, atol=1e-5)
     # overlapping windows (stride < patch, last window flush with the border): 4x4 windows start at rows and
     # columns 0 and 2 (range(0, 3, 3) plus the flush start 2); each pixel gets the mean drop of the windows
     # covering it, the drop of a window being its contribution sum(w_t * (x - value))
@@ -237,24 +241,24 @@ def test_occlusion_linear(data):
                 total[:, r0 : r0 + 4, c0 : c0 + 4] += contrib[:, r0 : r0 + 4, c0 : c0 + 4].sum((1, 2))[:, None, None]
                 count[r0 : r0 + 4, c0 : c0 + 4] += 1
         expected = np.broadcast_to((total / count)[..., None], x.shape)
-        got = explain.occlusion(f, x, t, patch=4, stride=3, value=value)
+        got = attr.occlusion(f, x, t, patch=4, stride=3, value=value)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_smoothgrad(data):
     x, t = data
     w, f = _linear_model(jax.random.key(0))
-    sg = explain.smoothgrad(explain.saliency, f, x, t, key=jax.random.key(5), samples=5, chunk=2, absolute=False)
+    sg = attr.smoothgrad(attr.saliency, f, x, t, key=jax.random.key(5), samples=5, chunk=2, absolute=False)
     np.testing.assert_allclose(sg, w[t], rtol=1e-6)  # the gradient of a linear model does not change with noise
     a, fq = _quadratic_model(jax.random.key(2))
-    sgq = explain.attribute("smoothgrad", fq, x, t, method="saliency", key=jax.random.key(6), samples=8, noise=0.1, absolute=False)
-    sgq_jit = jax.jit(lambda x, t: explain.smoothgrad(explain.saliency, fq, x, t, key=jax.random.key(6), samples=8, noise=0.1, absolute=False))(x, t)
+    sgq = attr.attribute("smoothgrad", fq, x, t, method="saliency", key=jax.random.key(6), samples=8, noise=0.1, absolute=False)
+    sgq_jit = jax.jit(lambda x, t: attr.smoothgrad(attr.saliency, fq, x, t, key=jax.random.key(6), samples=8, noise=0.1, absolute=False))(x, t)
     np.testing.assert_allclose(sgq, sgq_jit, rtol=1e-5, atol=1e-6)
     # E[2a(x + e)] = 2 a x: the mean over 8 samples is within a few noise standard deviations
     sigma = 0.1 * (x.reshape(B, -1).max(1) - x.reshape(B, -1).min(1))
     assert float(jnp.max(jnp.abs(sgq - 2 * a[t] * x) / (2 * a[t] * sigma[:, None, None, None]))) < 5 / np.sqrt(8) * 2
     forward_fn, fc = _cnn(jax.random.key(7))
-    cam = explain.smoothgrad(explain.grad_cam, forward_fn, x, t, key=jax.random.key(0), samples=3, layer="conv1")
+    cam = attr.smoothgrad(attr.grad_cam, forward_fn, x, t, key=jax.random.key(0), samples=3, layer="conv1")
     assert cam.shape == (B, H, W)
 
 
@@ -264,11 +268,11 @@ def test_smoothgrad_without_noise_is_the_plain_method(data):
     x, t = data
     forward_fn, f = _cnn(jax.random.key(7))
     for chunk in (1, 2):
-        sal = explain.smoothgrad(explain.saliency, f, x, t, key=jax.random.key(0), samples=3, noise=0.0, chunk=chunk)
-        np.testing.assert_allclose(sal, explain.saliency(f, x, t), rtol=1e-5, atol=1e-7)
-        cam = explain.smoothgrad(explain.grad_cam, forward_fn, x, t, key=jax.random.key(0), samples=3, noise=0.0,
+        sal = attr.smoothgrad(attr.saliency, f, x, t, key=jax.random.key(0), samples=3, noise=0.0, chunk=chunk)
+        np.testing.assert_allclose(sal, attr.saliency(f, x, t), rtol=1e-5, atol=1e-7)
+        cam = attr.smoothgrad(attr.grad_cam, forward_fn, x, t, key=jax.random.key(0), samples=3, noise=0.0,
                                  chunk=chunk, layer="conv1")
-        np.testing.assert_allclose(cam, explain.grad_cam(forward_fn, x, t, layer="conv1"), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(cam, attr.grad_cam(forward_fn, x, t, layer="conv1"), rtol=1e-5, atol=1e-7)
     assert float(cam.max()) > 0
 
 
@@ -285,9 +289,9 @@ def test_smoothgrad_of_grad_cam_on_a_linear_map(data):
         return a.mean(axis=(1, 2)) @ v, {"a": a}
 
     plain = jnp.einsum("bhwc,cb->bhw", x, v[:, t]) / (H * W)
-    np.testing.assert_allclose(explain.grad_cam(forward_fn, x, t, layer="a"), plain, rtol=1e-5)
+    np.testing.assert_allclose(attr.grad_cam(forward_fn, x, t, layer="a"), plain, rtol=1e-5)
     n = 16
-    sg = explain.smoothgrad(explain.grad_cam, forward_fn, x, t, key=jax.random.key(15), samples=n, noise=0.05,
+    sg = attr.smoothgrad(attr.grad_cam, forward_fn, x, t, key=jax.random.key(15), samples=n, noise=0.05,
                             chunk=4, layer="a")
     sigma = 0.05 * (x.reshape(B, -1).max(1) - x.reshape(B, -1).min(1))
     std = sigma * jnp.linalg.norm(v[:, t], axis=0) / (H * W * np.sqrt(n))
@@ -299,59 +303,59 @@ def test_bad_inputs(data):
     x, t = data
     _, f = _linear_model(jax.random.key(0))
     with pytest.raises(ValueError, match=r"target values must lie in \[0, 3\)"):
-        explain.saliency(f, x, t.at[0].set(3))
+        attr.saliency(f, x, t.at[0].set(3))
     with pytest.raises(ValueError, match="target"):
-        explain.saliency(f, x, -t)
+        attr.saliency(f, x, -t)
     with pytest.raises(ValueError, match="target must hold integer"):
-        explain.saliency(f, x, t.astype(jnp.float32))
+        attr.saliency(f, x, t.astype(jnp.float32))
     with pytest.raises(ValueError, match="target must have shape"):
-        explain.saliency(f, x, t[:3])
+        attr.saliency(f, x, t[:3])
     with pytest.raises(ValueError, match="baseline must have the shape"):
-        explain.integrated_gradients(f, x, t, baseline=jnp.zeros((B, H, W)))
+        attr.integrated_gradients(f, x, t, baseline=jnp.zeros((B, H, W)))
     with pytest.raises(ValueError, match="baseline must be"):
-        explain.integrated_gradients(f, x, t, baseline="noise")
+        attr.integrated_gradients(f, x, t, baseline="noise")
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):
-        explain.integrated_gradients(f, x, t, steps=0)
+        attr.integrated_gradients(f, x, t, steps=0)
     with pytest.raises(ValueError, match="steps must be >= 2"):
-        explain.integrated_gradients(f, x, t, steps=1)
+        attr.integrated_gradients(f, x, t, steps=1)
     with pytest.raises(ValueError, match="method must be one of"):
-        explain.integrated_gradients(f, x, t, method="simpson")
+        attr.integrated_gradients(f, x, t, method="simpson")
     with pytest.raises(ValueError, match="name must be one of"):
-        explain.attribute("deep_lift", f, x, t)
+        attr.attribute("deep_lift", f, x, t)
     with pytest.raises(ValueError, match="patch"):
-        explain.occlusion(f, x, t, patch=0)
+        attr.occlusion(f, x, t, patch=0)
     # a one-example baseline broadcasts over the batch; steps=1 works for Gauss-Legendre (midpoint)
     w, _ = _linear_model(jax.random.key(0))
     np.testing.assert_allclose(
-        explain.integrated_gradients(f, x, t, baseline=x[0], steps=1, method="gauss_legendre"), w[t] * (x - x[0]), rtol=1e-5, atol=1e-5
+        attr.integrated_gradients(f, x, t, baseline=x[0], steps=1, method="gauss_legendre"), w[t] * (x - x[0]), rtol=1e-5, atol=1e-5
     )
 
 
 def test_out_of_range_target_under_jit_gives_nan(data):
     x, t = data
     _, f = _linear_model(jax.random.key(0))
-    out = jax.jit(functools.partial(explain.saliency, f))(x, t.at[1].set(9))
+    out = jax.jit(functools.partial(attr.saliency, f))(x, t.at[1].set(9))
     assert bool(jnp.all(jnp.isnan(out[1]))) and bool(jnp.all(jnp.isfinite(out[jnp.array([0, 2, 3, 4])])))
 
 
 def test_jit_matches_eager(data):
     x, t = data
     _, f = _cnn(jax.random.key(7))
-    for fn in (explain.saliency, explain.grad_x_input):
+    for fn in (attr.saliency, attr.grad_x_input):
         np.testing.assert_allclose(jax.jit(functools.partial(fn, f))(x, t), fn(f, x, t), rtol=1e-5, atol=1e-7)
 
 
 def test_gaussian_blur_keeps_constant_images_constant_when_the_kernel_is_larger_than_the_image():
     """On 8x8 digits with sigma 5 the kernel (radius 15) is cut to 7 taps: they are renormalised (mass 1)."""
     x = jnp.full((2, 8, 8, 1), 0.7, jnp.float32)
-    np.testing.assert_allclose(explain.gaussian_blur(x, sigma=5.0), x, rtol=1e-6)
+    np.testing.assert_allclose(_core.gaussian_blur(x, sigma=5.0), x, rtol=1e-6)
 
 
 def test_gaussian_blur_matches_scipy_where_the_kernel_fits():
     from scipy import ndimage
 
     x = np.random.default_rng(0).normal(size=(1, 20, 20, 2)).astype(np.float32)
-    ours = np.asarray(explain.gaussian_blur(jnp.asarray(x), sigma=1.5))
+    ours = np.asarray(_core.gaussian_blur(jnp.asarray(x), sigma=1.5))
     ref = ndimage.gaussian_filter(x.astype(np.float64), sigma=(0, 1.5, 1.5, 0), mode="mirror", truncate=3.0)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
@@ -372,7 +376,7 @@ def _split_small_cnn(size=8):
         return forward_fn(v)[1]["conv2"]
 
     def head_fn(a):
-        h = models.POOL_IMPLS[model.impl](a).reshape(a.shape[0], -1)
+        h = _layers.POOL_IMPLS[model.impl](a).reshape(a.shape[0], -1)
         h = nn.relu(nn.Dense(64).apply({"params": params["dense1"]}, h))
         return nn.Dense(K).apply({"params": params["head"]}, h)
 
@@ -392,8 +396,8 @@ class SplitGradCamTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_pair_form_equals_forward_fn_and_layer(self):
-        by_layer = self.variant(functools.partial(explain.grad_cam, self.forward_fn, layer="conv2"))
-        by_pair = self.variant(functools.partial(explain.grad_cam, self.pair))
+        by_layer = self.variant(functools.partial(attr.grad_cam, self.forward_fn, layer="conv2"))
+        by_pair = self.variant(functools.partial(attr.grad_cam, self.pair))
         want = by_layer(self.x, self.t)
         got = by_pair(self.x, self.t)
         assert got.shape == (4, 8, 8) and float(jnp.max(want)) > 0
@@ -402,7 +406,7 @@ class SplitGradCamTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_k_targets_equal_k_separate_calls_in_both_forms(self):
         for forward, kw in ((self.forward_fn, {"layer": "conv2"}), (self.pair, {})):
-            cam = self.variant(functools.partial(explain.grad_cam, forward, **kw))
+            cam = self.variant(functools.partial(attr.grad_cam, forward, **kw))
             out = cam(self.x, self.tk)
             chex.assert_shape(out, (4, 3, 8, 8))
             stacked = jnp.stack([cam(self.x, self.tk[:, k]) for k in range(3)], axis=1)
@@ -418,11 +422,11 @@ class SplitGradCamTest(chex.TestCase):
         v = jax.random.normal(jax.random.key(11), (4, K))
         pair = (lambda z: jax.nn.relu(z @ m), lambda a: a.mean(axis=(1, 2)) @ v)
         want = jax.nn.relu(jnp.einsum("bhwc,cb->bhw", jax.nn.relu(x @ m), v[:, t] / (H * W)))
-        np.testing.assert_allclose(explain.grad_cam(pair, x, t), want, rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(explain.grad_cam(list(pair), x, t), want, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(attr.grad_cam(pair, x, t), want, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(attr.grad_cam(list(pair), x, t), want, rtol=1e-5, atol=1e-7)
         # smoothgrad and the registry pass the pair through as the forward
-        np.testing.assert_allclose(explain.attribute("grad_cam", pair, x, t), want, rtol=1e-5, atol=1e-7)
-        sg = explain.smoothgrad(explain.grad_cam, pair, x, t, key=jax.random.key(0), samples=2, noise=0.0)
+        np.testing.assert_allclose(attr.attribute("grad_cam", pair, x, t), want, rtol=1e-5, atol=1e-7)
+        sg = attr.smoothgrad(attr.grad_cam, pair, x, t, key=jax.random.key(0), samples=2, noise=0.0)
         np.testing.assert_allclose(sg, want, rtol=1e-5, atol=1e-7)
 
 
@@ -436,19 +440,19 @@ def test_split_forward_bad_inputs_give_one_line_errors(data):
     x, t = data
     feats = lambda z: z.mean(axis=(1, 2))  # [B, C]: not a spatial map
     head = lambda a: a @ jnp.ones((a.shape[-1], K))
-    _one_line_error(lambda: explain.grad_cam((feats, head), x, t),
+    _one_line_error(lambda: attr.grad_cam((feats, head), x, t),
                     rf"features_fn must be a spatial map \[batch, h, w, c\] for grad_cam; got shape \({B}, {C}\)")
     spatial = (lambda z: z, lambda a: a.mean(axis=(1, 2)) @ jnp.ones((C, K)))
-    _one_line_error(lambda: explain.grad_cam(spatial, x, t, layer="a"), "layer must be None when forward is a")
-    _one_line_error(lambda: explain.grad_cam(spatial + (head,), x, t), "pair")
-    _one_line_error(lambda: explain.grad_cam((feats, 3), x, t), "pair")
-    _one_line_error(lambda: explain.grad_cam(spatial[0], x, t), "layer must name a feature")
-    _one_line_error(lambda: explain.grad_cam((lambda z: z, lambda a: a.sum(axis=(1, 2, 3))), x, t),
+    _one_line_error(lambda: attr.grad_cam(spatial, x, t, layer="a"), "layer must be None when forward is a")
+    _one_line_error(lambda: attr.grad_cam(spatial + (head,), x, t), "pair")
+    _one_line_error(lambda: attr.grad_cam((feats, 3), x, t), "pair")
+    _one_line_error(lambda: attr.grad_cam(spatial[0], x, t), "layer must name a feature")
+    _one_line_error(lambda: attr.grad_cam((lambda z: z, lambda a: a.sum(axis=(1, 2, 3))), x, t),
                     rf"head_fn must return logits \[batch, classes\] = \[{B}, C\]; got \({B},\)")
-    _one_line_error(lambda: explain.grad_cam((lambda z: z[0], head), x, t), "features_fn must have the batch axis")
-    _one_line_error(lambda: explain.grad_cam((lambda z: {"a": z}, head), x, t), "features_fn must return one array")
-    _one_line_error(lambda: explain.grad_cam(spatial, x, t.at[0].set(K)), r"target values must lie in \[0, 3\)")
-    _one_line_error(lambda: explain.grad_cam(spatial, x, jnp.zeros((B, 2, 2), jnp.int32)), "target must have shape")
+    _one_line_error(lambda: attr.grad_cam((lambda z: z[0], head), x, t), "features_fn must have the batch axis")
+    _one_line_error(lambda: attr.grad_cam((lambda z: {"a": z}, head), x, t), "features_fn must return one array")
+    _one_line_error(lambda: attr.grad_cam(spatial, x, t.at[0].set(K)), r"target values must lie in \[0, 3\)")
+    _one_line_error(lambda: attr.grad_cam(spatial, x, jnp.zeros((B, 2, 2), jnp.int32)), "target must have shape")
 
 
 class OcclusionTargetsTest(chex.TestCase):
@@ -457,7 +461,7 @@ class OcclusionTargetsTest(chex.TestCase):
         x = jax.random.normal(jax.random.key(1), (B, H, W, C))
         _, f = _cnn(jax.random.key(7))
         tk = jnp.array([[0, 2], [1, 1], [2, 0], [0, 0], [1, 2]])
-        occ = self.variant(functools.partial(explain.occlusion, f, patch=3, stride=2, value=0.5))
+        occ = self.variant(functools.partial(attr.occlusion, f, patch=3, stride=2, value=0.5))
         out = occ(x, tk)
         chex.assert_shape(out, (B, 2, H, W, C))
         np.testing.assert_allclose(out, jnp.stack([occ(x, tk[:, k]) for k in range(2)], axis=1), rtol=1e-5, atol=1e-6)
@@ -468,14 +472,14 @@ def test_ig_completeness_error_argument_order_and_k_targets(data):
     x, t = data
     w, f = _linear_model(jax.random.key(0))
     exact = w[t] * x
-    np.testing.assert_allclose(explain.ig_completeness_error(f, x, exact, t), 0.0, atol=1e-5)
-    np.testing.assert_allclose(explain.ig_completeness_error(f, x, 2 * exact, t), 1.0, rtol=1e-4)
+    np.testing.assert_allclose(metrics.ig_completeness_error(f, x, exact, t), 0.0, atol=1e-5)
+    np.testing.assert_allclose(metrics.ig_completeness_error(f, x, 2 * exact, t), 1.0, rtol=1e-4)
     tk = jnp.stack([t, (t + 1) % K], axis=1)
     attr = jnp.stack([exact, 3 * w[tk[:, 1]] * x], axis=1)  # [B, 2, H, W, C]: errors 0 and 2
-    err = jax.jit(functools.partial(explain.ig_completeness_error, f))(x, attr, tk)
+    err = jax.jit(functools.partial(metrics.ig_completeness_error, f))(x, attr, tk)
     chex.assert_shape(err, (B, 2))
-    stacked = jnp.stack([explain.ig_completeness_error(f, x, attr[:, k], tk[:, k]) for k in range(2)], axis=1)
+    stacked = jnp.stack([metrics.ig_completeness_error(f, x, attr[:, k], tk[:, k]) for k in range(2)], axis=1)
     np.testing.assert_allclose(err, stacked, rtol=1e-5, atol=1e-5)  # float32 sums in another order under jit
     np.testing.assert_allclose(err, jnp.broadcast_to(jnp.array([0.0, 2.0]), (B, 2)), rtol=1e-4, atol=1e-5)
-    _one_line_error(lambda: explain.ig_completeness_error(f, x, exact, tk), r"attribution must be \[batch, K, \.\.\.\]")
-    _one_line_error(lambda: explain.ig_completeness_error(f, x, exact[..., 0], t), "attribution must have the shape of x")
+    _one_line_error(lambda: metrics.ig_completeness_error(f, x, exact, tk), r"attribution must be \[batch, K, \.\.\.\]")
+    _one_line_error(lambda: metrics.ig_completeness_error(f, x, exact[..., 0], t), "attribution must have the shape of x")

@@ -9,8 +9,9 @@ import pytest
 from scipy.sparse import csc_matrix, lil_matrix
 from scipy.sparse.linalg import spsolve
 from scipy.stats import spearmanr
+from distill_jax import metrics
+from distill_jax.metrics import _faithfulness
 
-from distill_jax import faithfulness as F
 
 B, H, W, C, K = 3, 6, 6, 2, 4
 BASE = 0.3
@@ -77,13 +78,13 @@ class ClosedFormTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_faithfulness_correlation_is_one(self):
-        fn = self.variant(partial(F.faithfulness_correlation, self.f, key=KEY(3), subset_size=5, samples=8,
+        fn = self.variant(partial(metrics.faithfulness_correlation, self.f, key=KEY(3), subset_size=5, samples=8,
                                   baseline=BASE, patch=2))
         np.testing.assert_allclose(fn(self.x, self.a, self.t), np.ones(B), atol=1e-5)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_sensitivity_n_is_one_for_every_n(self):
-        fn = self.variant(partial(F.sensitivity_n, self.f, key=KEY(4), n=(1, 7, 40), samples=8, baseline=BASE))
+        fn = self.variant(partial(metrics.sensitivity_n, self.f, key=KEY(4), n=(1, 7, 40), samples=8, baseline=BASE))
         r = fn(self.x, self.a, self.t)
         assert r.shape == (B, 3)
         np.testing.assert_allclose(r, np.ones((B, 3)), atol=1e-5)
@@ -91,13 +92,13 @@ class ClosedFormTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_infidelity_of_exact_gradient_is_zero(self):
         grad = self.w[:, self.t].T.reshape(self.x.shape)
-        fn = self.variant(partial(F.infidelity, self.f, key=KEY(5), samples=8, noise=0.2))
+        fn = self.variant(partial(metrics.infidelity, self.f, key=KEY(5), samples=8, noise=0.2))
         np.testing.assert_allclose(fn(self.x, grad, self.t), np.zeros(B), atol=1e-9)
         assert bool(jnp.all(fn(self.x, 2 * grad, self.t) > 1e-3))  # a wrong scale is penalised
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_monotonicity_is_one(self):
-        fn = self.variant(partial(F.monotonicity, self.f, baseline=BASE, patch=2, chunk=3))
+        fn = self.variant(partial(metrics.monotonicity, self.f, baseline=BASE, patch=2, chunk=3))
         np.testing.assert_allclose(fn(self.x, self.a, self.t), np.ones(B), atol=1e-6)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -106,10 +107,10 @@ class ClosedFormTest(chex.TestCase):
         x = jnp.asarray(np.kron(np.array([[1.0, 4.0], [2.0, 3.0]]) / 4, np.ones((2, 2))))[None, :, :, None]
         f = lambda v: jnp.stack([v.reshape(v.shape[0], -1).sum(1), jnp.zeros(v.shape[0])], axis=1)
         t = jnp.zeros(1, jnp.int32)
-        aopc, curve = self.variant(partial(F.region_perturbation, f, patch=2))(x, x, t)
+        aopc, curve = self.variant(partial(metrics.region_perturbation, f, patch=2))(x, x, t)
         np.testing.assert_allclose(curve, [[0, 4, 7, 9, 10]], rtol=1e-6)
         np.testing.assert_allclose(aopc, [6.0], rtol=1e-6)
-        aopc, curve = self.variant(partial(F.region_perturbation, f, patch=2, order="least_relevant_first",
+        aopc, curve = self.variant(partial(metrics.region_perturbation, f, patch=2, order="least_relevant_first",
                                            steps=2))(x, x, t)
         np.testing.assert_allclose(curve, [[0, 1, 3]], rtol=1e-6)
         np.testing.assert_allclose(aopc, [4 / 3], rtol=1e-6)
@@ -119,7 +120,7 @@ class ClosedFormTest(chex.TestCase):
         f = nonlinear(self.w)
         attr = rand(6, self.x.shape, "normal")
         percentages = (0.0, 0.25, 0.5, 0.9)
-        fn = self.variant(partial(F.road, f, percentages=percentages, noise=0.0, score="probability", chunk=2))
+        fn = self.variant(partial(metrics.road, f, percentages=percentages, noise=0.0, score="probability", chunk=2))
         probs = np.asarray(fn(self.x, attr, self.t))
         imputed = road_reference_images(self.x, attr, percentages)
         for j in range(len(percentages)):
@@ -170,7 +171,7 @@ def spsolve_imputation(img, removed):
 # Faithfulness correlation and sensitivity-n: numpy references with the same subsets
 # --------------------------------------------------------------------------------------------
 def test_random_subset_has_exact_size_and_nested_sizes():
-    draw = jax.jit(lambda k, size: F._random_subset(k, 400, 10, size, 5))
+    draw = jax.jit(lambda k, size: _faithfulness._random_subset(k, 400, 10, size, 5))
     small, big = np.asarray(draw(KEY(7), 3)), np.asarray(draw(KEY(7), 5))
     np.testing.assert_array_equal(small.sum(1), [3] * 400)
     np.testing.assert_array_equal(big.sum(1), [5] * 400)
@@ -182,7 +183,7 @@ def test_random_subset_has_exact_size_and_nested_sizes():
 @partial(jax.jit, static_argnames=("samples", "n_features", "max_size"))
 def draw_subsets(key, size, *, samples, n_features, max_size):
     """The subsets the metrics draw: [samples, B, n_features] bool."""
-    return jax.vmap(lambda k: F._random_subset(k, B, n_features, size, max_size))(jax.random.split(key, samples))
+    return jax.vmap(lambda k: _faithfulness._random_subset(k, B, n_features, size, max_size))(jax.random.split(key, samples))
 
 
 def subset_reference(x, attr, weights, t, key, samples, size, max_size, ids, n_features, baseline):
@@ -211,7 +212,7 @@ def test_faithfulness_correlation_matches_numpy_for_every_chunk(setup):
     atts, drops = subset_reference(x, attr, weights, t, key, samples, size, size, ids, H * W * C, black)
     want = [np.corrcoef(atts[b], drops[b])[0, 1] for b in range(B)]
     for chunk in (1, None):  # None: 8 on CPU, one full chunk and a remainder of 4
-        got = run(F.faithfulness_correlation, f, x, attr, t, key=key, subset_size=size, samples=samples,
+        got = run(metrics.faithfulness_correlation, f, x, attr, t, key=key, subset_size=size, samples=samples,
                                          baseline="black", chunk=chunk)
         np.testing.assert_allclose(got, want, atol=1e-4)
 
@@ -221,8 +222,8 @@ def test_sensitivity_n_matches_numpy_and_single_n(setup):
     f = nonlinear(weights)
     attr = rand(10, x.shape, "normal")
     key, samples, sizes = KEY(11), 8, (2, 5)
-    got = run(F.sensitivity_n, f, x, attr, t, key=key, n=sizes, samples=samples, patch=2, chunk=3)
-    single = run(F.sensitivity_n, f, x, attr, t, key=key, n=5, samples=samples, patch=2, chunk=1)
+    got = run(metrics.sensitivity_n, f, x, attr, t, key=key, n=sizes, samples=samples, patch=2, chunk=3)
+    single = run(metrics.sensitivity_n, f, x, attr, t, key=key, n=5, samples=samples, patch=2, chunk=1)
     np.testing.assert_allclose(single, got[:, 1], atol=1e-6)
     for j, n in enumerate(sizes):
         atts, drops = subset_reference(x, attr, weights, t, key, samples, n, max(sizes), PATCH2_IDS, 9, np.zeros(B))
@@ -251,9 +252,9 @@ def test_infidelity_matches_numpy_for_every_chunk(setup):
     beta = (np.mean(explained * drops, 1) / np.mean(explained**2, 1))[:, None]
     want_normalized = np.mean((beta * explained - drops) ** 2, 1)
     for chunk in (1, None):  # None: 8 on CPU, one full chunk and a remainder of 2
-        got = run(F.infidelity, f, x, attr, t, key=key, samples=samples, noise=noise, chunk=chunk)
+        got = run(metrics.infidelity, f, x, attr, t, key=key, samples=samples, noise=noise, chunk=chunk)
         np.testing.assert_allclose(got, want, rtol=2e-3)
-    got = run(F.infidelity, f, x, attr, t, key=key, samples=samples, noise=noise, normalize=True, chunk=3)
+    got = run(metrics.infidelity, f, x, attr, t, key=key, samples=samples, noise=noise, normalize=True, chunk=3)
     np.testing.assert_allclose(got, want_normalized, rtol=2e-3)
     assert np.all(want_normalized <= want)  # the optimal scale can only help
 
@@ -279,7 +280,7 @@ def test_monotonicity_uniform_matches_numpy_for_every_chunk(setup):
             scores[b, i] = abs(a_np[b][PATCH2_IDS == i].sum())
     want = [spearmanr(scores[b], change[b])[0] for b in range(B)]
     for chunk in (1, None):  # 18 pairs; None: 8 on CPU, two full chunks and a remainder
-        got = run(F.monotonicity, f, x, attr, t, key=key, samples=samples, baseline="uniform", uniform_range=(lo, hi),
+        got = run(metrics.monotonicity, f, x, attr, t, key=key, samples=samples, baseline="uniform", uniform_range=(lo, hi),
                              patch=2, chunk=chunk)
         np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -289,8 +290,8 @@ def test_monotonicity_entries_pixels_signed_and_black_baseline(setup):
     f = linear(weights)
     black = x.min(axis=(1, 2, 3), keepdims=True)
     a = exact_linear_attribution(x, weights, t, black)
-    np.testing.assert_allclose(run(F.monotonicity, f, x, a, t, baseline="black", patch=None), np.ones(B), atol=1e-6)
-    signed = run(F.monotonicity, f, x, a, t, baseline="black", absolute=False)
+    np.testing.assert_allclose(run(metrics.monotonicity, f, x, a, t, baseline="black", patch=None), np.ones(B), atol=1e-6)
+    signed = run(metrics.monotonicity, f, x, a, t, baseline="black", absolute=False)
     pixel = np.asarray(a).sum(-1).reshape(B, -1)
     want = [spearmanr(pixel[b], pixel[b] ** 2)[0] for b in range(B)]
     np.testing.assert_allclose(signed, want, atol=1e-5)
@@ -300,7 +301,7 @@ def test_monotonicity_entries_pixels_signed_and_black_baseline(setup):
 # Noisy linear imputation
 # --------------------------------------------------------------------------------------------
 IMPUTE_SHAPE = (2, 7, 9, 2)
-impute_clean = jax.jit(partial(F.noisy_linear_imputation, noise=0.0))  # shared: one compile for the tests below
+impute_clean = jax.jit(partial(metrics.noisy_linear_imputation, noise=0.0))  # shared: one compile for the tests below
 
 
 def test_imputation_keeps_known_pixels_and_adds_noise_only_on_removed():
@@ -308,7 +309,7 @@ def test_imputation_keeps_known_pixels_and_adds_noise_only_on_removed():
     removed = rand(17, IMPUTE_SHAPE[:3]) < 0.6
     key = KEY(17)
     clean = impute_clean(x, removed)
-    noisy = jax.jit(partial(F.noisy_linear_imputation, key=key, noise=0.1))(x, removed)
+    noisy = jax.jit(partial(metrics.noisy_linear_imputation, key=key, noise=0.1))(x, removed)
     known = ~np.asarray(removed)[..., None].repeat(IMPUTE_SHAPE[3], -1)
     np.testing.assert_array_equal(np.asarray(clean)[known], np.asarray(x)[known])
     np.testing.assert_array_equal(np.asarray(noisy)[known], np.asarray(x)[known])
@@ -345,8 +346,8 @@ def test_road_and_region_chunks_give_identical_values(setup):
     f = nonlinear(weights)
     attr = rand(20, x.shape, "normal")
     for fn, opts in [
-        (F.road, dict(key=KEY(25), percentages=(0.2, 0.5, 0.8), score="probability")),
-        (F.region_perturbation, dict(patch=3)),
+        (metrics.road, dict(key=KEY(25), percentages=(0.2, 0.5, 0.8), score="probability")),
+        (metrics.region_perturbation, dict(patch=3)),
     ]:
         results = [jax.jit(partial(fn, f, chunk=chunk, **opts))(x, attr, t) for chunk in (1, None)]
         for other in results[1:]:
@@ -358,7 +359,7 @@ def test_chunks_with_default_prng(setup):
     f = nonlinear(weights)
     attr = rand(21, x.shape, "normal")
     with jax.threefry_partitionable(True):
-        one, batched = (run(F.infidelity, f, x, attr, t, key=KEY(22), samples=3, chunk=chunk) for chunk in (1, None))
+        one, batched = (run(metrics.infidelity, f, x, attr, t, key=KEY(22), samples=3, chunk=chunk) for chunk in (1, None))
     np.testing.assert_allclose(one, batched, rtol=1e-6)
 
 
@@ -373,15 +374,15 @@ def test_road_counts_and_orders():
     g = lambda v: jnp.stack([jnp.sum(mask * v, axis=(1, 2, 3)) - 0.1, jnp.zeros(v.shape[0])], axis=1)
     xs = jnp.full((B, H, W, C), 0.01).at[:, 2, 3, :].set(1.0)
     t0 = jnp.zeros(B, jnp.int32)
-    morf = run(F.road, g, xs, attr, t0, percentages=(0.0, 1 / 36, 0.5), noise=0.0)
-    lerf = run(F.road, g, xs, attr, t0, percentages=(0.0, 0.5, 35 / 36), noise=0.0, order="least_relevant_first")
+    morf = run(metrics.road, g, xs, attr, t0, percentages=(0.0, 1 / 36, 0.5), noise=0.0)
+    lerf = run(metrics.road, g, xs, attr, t0, percentages=(0.0, 0.5, 35 / 36), noise=0.0, order="least_relevant_first")
     np.testing.assert_array_equal(morf, np.tile([1.0, 0.0, 0.0], (B, 1)))
     np.testing.assert_array_equal(lerf, np.tile([1.0, 1.0, 1.0], (B, 1)))
 
 
 def test_patch_tiling_follows_quantus_padding():
     # H = 6, p = 4: Quantus pads (1, 1), so rows 0..2 are patch row 0 and rows 3..5 patch row 1
-    ids, n = F._feature_ids((1, 6, 5, 2), 4)
+    ids, n = _faithfulness._feature_ids((1, 6, 5, 2), 4)
     assert n == 4
     np.testing.assert_array_equal(ids[:, :, 0], [[0, 0, 0, 1, 1]] * 3 + [[2, 2, 2, 3, 3]] * 3)
     np.testing.assert_array_equal(ids[..., 0], ids[..., 1])
@@ -392,18 +393,18 @@ def test_region_perturbation_linear_patches_and_black_baseline(setup):
     f = linear(weights)
     black = jnp.broadcast_to(x.min(axis=(1, 2, 3), keepdims=True), x.shape)
     a = exact_linear_attribution(x, weights, t, black)
-    aopc, curve = run(F.region_perturbation, f, x, a, t, patch=3, baseline="black")
+    aopc, curve = run(metrics.region_perturbation, f, x, a, t, patch=3, baseline="black")
     contrib = np.asarray(a).reshape(B, 2, 3, 2, 3, C).sum(axis=(2, 4, 5)).reshape(B, 4)
     drops = np.concatenate([np.zeros((B, 1)), np.cumsum(-np.sort(-contrib, axis=1), axis=1)], axis=1)
     np.testing.assert_allclose(curve, drops, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(aopc, drops.mean(1), rtol=1e-4, atol=1e-5)
-    _, curve_array = run(F.region_perturbation, f, x, a, t, patch=3, baseline=black)
+    _, curve_array = run(metrics.region_perturbation, f, x, a, t, patch=3, baseline=black)
     np.testing.assert_allclose(curve_array, curve, rtol=1e-6)
 
 
 def test_invalid_traced_target_gives_nan(setup):
     x, weights, _ = setup
-    fn = jax.jit(partial(F.region_perturbation, linear(weights), patch=3))
+    fn = jax.jit(partial(metrics.region_perturbation, linear(weights), patch=3))
     aopc, _ = fn(x, x, jnp.array([0, 7, 1]))
     assert np.isnan(aopc[1]) and not np.isnan(aopc[0])
 
@@ -412,12 +413,12 @@ def test_invalid_traced_target_gives_nan(setup):
 # [batch, K] targets: one attribution per target, exactly the K separate calls
 # --------------------------------------------------------------------------------------------
 MULTI_TARGET_CASES = {
-    "faithfulness_correlation": (F.faithfulness_correlation, dict(key=KEY(40), subset_size=6, samples=5)),
-    "sensitivity_n": (F.sensitivity_n, dict(key=KEY(41), n=(2, 9), samples=4, patch=2)),
-    "infidelity": (F.infidelity, dict(key=KEY(42), samples=3, normalize=True)),
-    "monotonicity": (F.monotonicity, dict(key=KEY(43), samples=2, baseline="uniform", patch=3)),
-    "road": (F.road, dict(key=KEY(44), percentages=(0.1, 0.5), score="probability", max_iter=20)),
-    "region_perturbation": (F.region_perturbation, dict(patch=3, steps=3)),
+    "faithfulness_correlation": (metrics.faithfulness_correlation, dict(key=KEY(40), subset_size=6, samples=5)),
+    "sensitivity_n": (metrics.sensitivity_n, dict(key=KEY(41), n=(2, 9), samples=4, patch=2)),
+    "infidelity": (metrics.infidelity, dict(key=KEY(42), samples=3, normalize=True)),
+    "monotonicity": (metrics.monotonicity, dict(key=KEY(43), samples=2, baseline="uniform", patch=3)),
+    "road": (metrics.road, dict(key=KEY(44), percentages=(0.1, 0.5), score="probability", max_iter=20)),
+    "region_perturbation": (metrics.region_perturbation, dict(patch=3, steps=3)),
 }
 
 
@@ -455,7 +456,7 @@ def test_k_targets_channelless_maps_equal_maps_broadcast_over_channels(setup, na
 def test_k_targets_traced_out_of_range_entry_is_nan(setup):
     x, weights, t = setup
     tk = jnp.stack([t, (t + 1) % K], axis=1).at[2, 1].set(K)
-    out = jax.jit(partial(F.infidelity, linear(weights), key=KEY(0), samples=2))(x, jnp.stack([x, x], 1), tk)
+    out = jax.jit(partial(metrics.infidelity, linear(weights), key=KEY(0), samples=2))(x, jnp.stack([x, x], 1), tk)
     assert bool(jnp.isnan(out[2, 1])) and int(jnp.isnan(out).sum()) == 1
 
 
@@ -467,36 +468,36 @@ def test_invalid_arguments_raise(setup):
     f, k = linear(weights), KEY(0)
     a = x
     cases = [
-        (lambda: F.faithfulness_correlation(f, x, a, t, key=k, subset_size=1000), "subset_size"),
-        (lambda: F.faithfulness_correlation(f, x, a, t, key=k, samples=1, subset_size=4), "samples"),
-        (lambda: F.faithfulness_correlation(f, x, a, t, key=None, subset_size=4), "key"),
-        (lambda: F.faithfulness_correlation(f, x, a, t, key=k, subset_size=4, baseline="grey"), "baseline"),
-        (lambda: F.faithfulness_correlation(f, x, a[:, :2], t, key=k, subset_size=4), "attribution"),
-        (lambda: F.faithfulness_correlation(f, x, a, t[:2], key=k, subset_size=4), "target"),
-        (lambda: F.faithfulness_correlation(f, x, a, jnp.stack([t, t], 1), key=k, subset_size=4),
+        (lambda: metrics.faithfulness_correlation(f, x, a, t, key=k, subset_size=1000), "subset_size"),
+        (lambda: metrics.faithfulness_correlation(f, x, a, t, key=k, samples=1, subset_size=4), "samples"),
+        (lambda: metrics.faithfulness_correlation(f, x, a, t, key=None, subset_size=4), "key"),
+        (lambda: metrics.faithfulness_correlation(f, x, a, t, key=k, subset_size=4, baseline="grey"), "baseline"),
+        (lambda: metrics.faithfulness_correlation(f, x, a[:, :2], t, key=k, subset_size=4), "attribution"),
+        (lambda: metrics.faithfulness_correlation(f, x, a, t[:2], key=k, subset_size=4), "target"),
+        (lambda: metrics.faithfulness_correlation(f, x, a, jnp.stack([t, t], 1), key=k, subset_size=4),
          r"attribution must be \[batch, K, \.\.\.\] with \[batch, K\] = \(3, 2\)"),
-        (lambda: F.infidelity(f, x, jnp.stack([a, a], 1)[..., :1], jnp.stack([t, t], 1), key=k), "attribution"),
-        (lambda: F.road(f, x, a, t[:, None, None], key=k), "target must have shape"),
-        (lambda: F.faithfulness_correlation(f, x, a, t + 5, key=k, subset_size=4), "target"),
-        (lambda: F.faithfulness_correlation(f, x, a, t, key=k, subset_size=4, chunk=0), "chunk"),
-        (lambda: F.sensitivity_n(f, x, a, t, key=k, n=0), "n"),
-        (lambda: F.sensitivity_n(f, x, a, t, key=k, n=(2, 1000)), "n"),
-        (lambda: F.sensitivity_n(f, x, a, t, key=k, n=()), "n"),
-        (lambda: F.sensitivity_n(f, x, a, t, key=k, n=3, patch=9), "patch"),
-        (lambda: F.infidelity(f, x, a, t, key=k, noise=-1.0), "noise"),
-        (lambda: F.infidelity(f, x, a, t, key=k, samples=0), "samples"),
-        (lambda: F.monotonicity(f, x, a, t, baseline="uniform"), "key"),
-        (lambda: F.monotonicity(f, x, a, t, key=k, baseline="uniform", uniform_range=(1.0, 0.0)), "uniform_range"),
-        (lambda: F.monotonicity(f, x.reshape(B, -1), a.reshape(B, -1), t, patch=2), "NHWC"),
-        (lambda: F.road(f, x, a, t, key=k, percentages=(0.5, 1.0)), "percentages"),
-        (lambda: F.road(f, x, a, t, key=k, order="morf"), "order"),
-        (lambda: F.road(f, x, a, t, key=k, score="logit"), "score"),
-        (lambda: F.road(f, x, a, t, noise=0.1), "key"),
-        (lambda: F.road(f, x, a, t, key=k, max_iter=0), "max_iter"),
-        (lambda: F.noisy_linear_imputation(x, jnp.zeros((B, H, W + 1), bool), noise=0.0), "removed"),
-        (lambda: F.region_perturbation(f, x, a, t, patch=2, steps=10), "steps"),
-        (lambda: F.region_perturbation(f, x, a, t, patch=0), "patch"),
-        (lambda: F.region_perturbation(f, x, a, t, patch=None), "patch"),
+        (lambda: metrics.infidelity(f, x, jnp.stack([a, a], 1)[..., :1], jnp.stack([t, t], 1), key=k), "attribution"),
+        (lambda: metrics.road(f, x, a, t[:, None, None], key=k), "target must have shape"),
+        (lambda: metrics.faithfulness_correlation(f, x, a, t + 5, key=k, subset_size=4), "target"),
+        (lambda: metrics.faithfulness_correlation(f, x, a, t, key=k, subset_size=4, chunk=0), "chunk"),
+        (lambda: metrics.sensitivity_n(f, x, a, t, key=k, n=0), "n"),
+        (lambda: metrics.sensitivity_n(f, x, a, t, key=k, n=(2, 1000)), "n"),
+        (lambda: metrics.sensitivity_n(f, x, a, t, key=k, n=()), "n"),
+        (lambda: metrics.sensitivity_n(f, x, a, t, key=k, n=3, patch=9), "patch"),
+        (lambda: metrics.infidelity(f, x, a, t, key=k, noise=-1.0), "noise"),
+        (lambda: metrics.infidelity(f, x, a, t, key=k, samples=0), "samples"),
+        (lambda: metrics.monotonicity(f, x, a, t, baseline="uniform"), "key"),
+        (lambda: metrics.monotonicity(f, x, a, t, key=k, baseline="uniform", uniform_range=(1.0, 0.0)), "uniform_range"),
+        (lambda: metrics.monotonicity(f, x.reshape(B, -1), a.reshape(B, -1), t, patch=2), "NHWC"),
+        (lambda: metrics.road(f, x, a, t, key=k, percentages=(0.5, 1.0)), "percentages"),
+        (lambda: metrics.road(f, x, a, t, key=k, order="morf"), "order"),
+        (lambda: metrics.road(f, x, a, t, key=k, score="logit"), "score"),
+        (lambda: metrics.road(f, x, a, t, noise=0.1), "key"),
+        (lambda: metrics.road(f, x, a, t, key=k, max_iter=0), "max_iter"),
+        (lambda: metrics.noisy_linear_imputation(x, jnp.zeros((B, H, W + 1), bool), noise=0.0), "removed"),
+        (lambda: metrics.region_perturbation(f, x, a, t, patch=2, steps=10), "steps"),
+        (lambda: metrics.region_perturbation(f, x, a, t, patch=0), "patch"),
+        (lambda: metrics.region_perturbation(f, x, a, t, patch=None), "patch"),
     ]
     for call, name in cases:
         with pytest.raises(ValueError, match=name):

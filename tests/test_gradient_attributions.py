@@ -8,9 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from distill_jax import attr
+from distill_jax import metrics
+from distill_jax.attr import _gradient
+from distill_jax.attr import _paths
+from distill_jax.attr._core import check_key
+from distill_jax.attr._core import gaussian_blur
+from distill_jax.distill import privacy
 
-from distill_jax import gradient_attributions as ga
-from distill_jax.attribution_core import gaussian_blur
 
 B, H, W, C, K = 3, 8, 8, 1, 3
 D = H * W * C
@@ -93,7 +98,7 @@ def noise_draws(key, x, sigma, samples):
 # gradient_shap
 # --------------------------------------------------------------------------------------------
 def shap_draws(key, x, m, noise, samples):
-    draws = [ga._shap_draw(jax.random.fold_in(key, s), x, m, noise) for s in range(samples)]
+    draws = [_gradient._shap_draw(jax.random.fold_in(key, s), x, m, noise) for s in range(samples)]
     return [(np.asarray(i), np.asarray(a, np.float64), np.asarray(e, np.float64)) for i, a, e in draws]
 
 
@@ -102,7 +107,7 @@ def test_gradient_shap_linear_many_samples_matches_mean_over_baselines():
     x = images()
     refs = jax.random.normal(jax.random.key(6), (5, H, W, C))
     samples = 2048
-    attr = ga.gradient_shap(f, x, T, key=jax.random.key(7), baselines=refs, samples=samples)
+    attr = attr.gradient_shap(f, x, T, key=jax.random.key(7), baselines=refs, samples=samples)
     f_refs = np.asarray(f(refs))[:, np.asarray(T)]  # [m, B]
     expected = np.asarray(f(x))[np.arange(B), T] - f_refs.mean(axis=0)
     # the draw of baselines is the only randomness: 5 standard errors of the mean of f(r)
@@ -114,7 +119,7 @@ def test_gradient_shap_quadratic_with_noise_matches_numpy_loop():
     x, key = images(), jax.random.key(8)
     refs = np.asarray(jax.random.normal(jax.random.key(9), (4, H, W, C)), np.float64)
     samples, noise = 5, 0.3
-    attr = ga.gradient_shap(quadratic_model, x, T, key=key, baselines=refs, samples=samples, noise=noise, chunk=2)
+    attr = attr.gradient_shap(quadratic_model, x, T, key=key, baselines=refs, samples=samples, noise=noise, chunk=2)
     xn, scale = np.asarray(x, np.float64), SCALES[np.asarray(T)].reshape(-1, 1, 1, 1)
     expected = np.zeros_like(xn)
     for idx, alpha, eps in shap_draws(key, x, 4, noise, samples):
@@ -130,7 +135,7 @@ def test_gradient_shap_chunks_agree_and_k_targets():
     f, _, _ = tanh_mlp()
     x, key = images(), fast_key(10)
     refs = jax.random.normal(jax.random.key(11), (3, H, W, C))
-    run = functools.partial(ga.gradient_shap, f, key=key, baselines=refs, samples=5, noise=0.1)
+    run = functools.partial(attr.gradient_shap, f, key=key, baselines=refs, samples=5, noise=0.1)
     tk = jnp.stack([T, (T + 1) % K], axis=1)
     both = run(x, tk, chunk=None)  # 5 = samples on CPU
     assert both.shape == (B, 2, H, W, C)
@@ -143,17 +148,17 @@ def test_gradient_shap_invalid_arguments():
     _, f = linear_model()
     x, key = images(), jax.random.key(0)
     with pytest.raises(ValueError, match="baselines"):
-        ga.gradient_shap(f, x, T, key=key, baselines=jnp.zeros((2, H, W)))
+        attr.gradient_shap(f, x, T, key=key, baselines=jnp.zeros((2, H, W)))
     with pytest.raises(ValueError, match="samples"):
-        ga.gradient_shap(f, x, T, key=key, samples=0)
+        attr.gradient_shap(f, x, T, key=key, samples=0)
     with pytest.raises(ValueError, match="noise"):
-        ga.gradient_shap(f, x, T, key=key, noise=-0.1)
+        attr.gradient_shap(f, x, T, key=key, noise=-0.1)
     with pytest.raises(ValueError, match="chunk"):
-        ga.gradient_shap(f, x, T, key=key, chunk=0)
+        attr.gradient_shap(f, x, T, key=key, chunk=0)
     with pytest.raises(ValueError, match="key"):
-        ga.gradient_shap(f, x, T, key=None)
+        attr.gradient_shap(f, x, T, key=None)
     with pytest.raises(ValueError, match="target"):
-        ga.gradient_shap(f, x, jnp.array([0, 1, K]), key=key)
+        attr.gradient_shap(f, x, jnp.array([0, 1, K]), key=key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,14 +167,14 @@ def test_gradient_shap_invalid_arguments():
 def test_vargrad_and_smoothgrad_squared_linear_closed_form():
     wm, f = linear_model()
     x, key = images(), fast_key(12)
-    np.testing.assert_array_equal(ga.vargrad(f, x, T, key=key, samples=7, chunk=3), np.zeros(x.shape))
-    sg2 = ga.smoothgrad_squared(f, x, T, key=key, samples=7, chunk=3)
+    np.testing.assert_array_equal(attr.vargrad(f, x, T, key=key, samples=7, chunk=3), np.zeros(x.shape))
+    sg2 = attr.smoothgrad_squared(f, x, T, key=key, samples=7, chunk=3)
     np.testing.assert_allclose(sg2, weights_of(wm, T) ** 2, rtol=1e-5)
 
 
 def test_vargrad_quadratic_many_samples_is_noise_variance():
     x, samples, noise = images(), 512, 0.1
-    var = ga.vargrad(quadratic_model, x, T, key=jax.random.key(14), samples=samples, noise=noise)
+    var = attr.vargrad(quadratic_model, x, T, key=jax.random.key(14), samples=samples, noise=noise)
     expected = (SCALES[np.asarray(T)].reshape(-1, 1, 1, 1) * range_sigma(x, noise)) ** 2 * np.ones(x.shape)
     ratio = np.asarray(var) / expected  # each ~ chi2_{n-1} / n: mean (n-1)/n, std sqrt(2/n)
     sd = np.sqrt(2 / samples)
@@ -181,13 +186,13 @@ def test_noisy_gradient_methods_chunks_agree():
     f, _, _ = tanh_mlp()
     x, key = images(), fast_key(15)
     # vargrad: 1 vs 2 (a padded last chunk); smoothgrad_squared: 1 vs None (5 = samples on CPU)
-    for method, chunk in ((ga.vargrad, 2), (ga.smoothgrad_squared, None)):
+    for method, chunk in ((attr.vargrad, 2), (attr.smoothgrad_squared, None)):
         ref = method(f, x, T, key=key, samples=5, chunk=1)
         assert float(jnp.abs(ref).max()) > 0
         np.testing.assert_allclose(method(f, x, T, key=key, samples=5, chunk=chunk), ref, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("method", [ga.vargrad, ga.smoothgrad_squared])
+@pytest.mark.parametrize("method", [attr.vargrad, attr.smoothgrad_squared])
 def test_noisy_gradient_methods_invalid_arguments(method):
     _, f = linear_model()
     x, key = images(), jax.random.key(0)
@@ -212,7 +217,7 @@ def numpy_guided_ig(x, base, grad, *, steps, fraction, max_dist):
     cur, attr = base.copy(), np.zeros_like(x)
     diff = x - base
     l1_total = np.abs(diff).sum()
-    tol = ga._GUIDED_IG_RTOL * l1_total
+    tol = _paths._GUIDED_IG_RTOL * l1_total
 
     def on_line(alpha):
         return x.copy() if alpha >= 1 else base + alpha * diff
@@ -254,7 +259,7 @@ def test_guided_ig_linear_is_ig_exactly():
     x = images()
     base = 0.5 * jax.random.normal(jax.random.key(16), x.shape)
     for max_dist in (1.0, 0.1):
-        attr = ga.guided_ig(f, x, T, baseline=base, steps=12, fraction=0.2, max_dist=max_dist)
+        attr = attr.guided_ig(f, x, T, baseline=base, steps=12, fraction=0.2, max_dist=max_dist)
         np.testing.assert_allclose(attr, (np.asarray(x) - np.asarray(base)) * weights_of(wm, T), rtol=1e-5, atol=1e-5)
 
 
@@ -264,7 +269,7 @@ def test_guided_ig_matches_numpy_reference(max_dist, fraction):
     x = images()
     base = jnp.full(x.shape, -0.2)
     steps = 16
-    attr = np.asarray(ga.guided_ig(f, x, T, baseline=-0.2, steps=steps, fraction=fraction, max_dist=max_dist))
+    attr = np.asarray(attr.guided_ig(f, x, T, baseline=-0.2, steps=steps, fraction=fraction, max_dist=max_dist))
     for b in range(B):
         ref = numpy_guided_ig(x[b], base[b], lambda v: np_grad(v, int(T[b])), steps=steps, fraction=fraction,
                               max_dist=max_dist)
@@ -274,7 +279,7 @@ def test_guided_ig_matches_numpy_reference(max_dist, fraction):
 def test_guided_ig_max_dist_zero_is_left_riemann_ig():
     f, _, np_grad = tanh_mlp()
     x, steps = images(), 8
-    attr = ga.guided_ig(f, x, T, steps=steps, max_dist=0.0)
+    attr = attr.guided_ig(f, x, T, steps=steps, max_dist=0.0)
     xn = np.asarray(x, np.float64)
     for b in range(B):
         mean_grad = np.mean([np_grad(k / steps * xn[b], int(T[b])) for k in range(steps)], axis=0)
@@ -291,7 +296,7 @@ def test_guided_ig_completeness_tanh_mlp():
     f, np_logit, _ = tanh_mlp()
     x = images()
     delta = np.array([np_logit(x[b], int(T[b])) - np_logit(np.zeros(x.shape[1:]), int(T[b])) for b in range(B)])
-    err = {n: np.abs(flat_sum(ga.guided_ig(f, x, T, steps=n)) - delta) for n in (64, 256)}
+    err = {n: np.abs(flat_sum(attr.guided_ig(f, x, T, steps=n)) - delta) for n in (64, 256)}
     assert err[256].sum() < 0.4 * err[64].sum(), err
     assert np.all(err[256] < 0.02 * np.abs(delta).max()), (err, delta)
 
@@ -300,29 +305,29 @@ def test_guided_ig_k_targets_and_identical_input():
     f, _, np_grad = tanh_mlp()
     x = images()
     tk = np.stack([np.asarray(T), (np.asarray(T) + 2) % K], axis=1)
-    both = np.asarray(ga.guided_ig(f, x, jnp.asarray(tk), steps=6, fraction=0.25))
+    both = np.asarray(attr.guided_ig(f, x, jnp.asarray(tk), steps=6, fraction=0.25))
     assert both.shape == (B, 2, H, W, C)
     for b in range(B):
         for j in range(2):
             ref = numpy_guided_ig(x[b], np.zeros(x.shape[1:]), lambda v: np_grad(v, int(tk[b, j])), steps=6,
                                   fraction=0.25, max_dist=1.0)
             np.testing.assert_allclose(both[b, j], ref, rtol=1e-3, atol=2e-5)
-    np.testing.assert_array_equal(ga.guided_ig(f, x, T, baseline=x, steps=4), np.zeros(x.shape))
+    np.testing.assert_array_equal(attr.guided_ig(f, x, T, baseline=x, steps=4), np.zeros(x.shape))
 
 
 def test_guided_ig_invalid_arguments():
     _, f = linear_model()
     x = images()
     with pytest.raises(ValueError, match="fraction"):
-        ga.guided_ig(f, x, T, fraction=0.0)
+        attr.guided_ig(f, x, T, fraction=0.0)
     with pytest.raises(ValueError, match="fraction"):
-        ga.guided_ig(f, x, T, fraction=1.5)
+        attr.guided_ig(f, x, T, fraction=1.5)
     with pytest.raises(ValueError, match="max_dist"):
-        ga.guided_ig(f, x, T, max_dist=-0.1)
+        attr.guided_ig(f, x, T, max_dist=-0.1)
     with pytest.raises(ValueError, match="steps"):
-        ga.guided_ig(f, x, T, steps=0)
+        attr.guided_ig(f, x, T, steps=0)
     with pytest.raises(ValueError, match="baseline"):
-        ga.guided_ig(f, x, T, baseline=jnp.zeros((2, 2)))
+        attr.guided_ig(f, x, T, baseline=jnp.zeros((2, 2)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,7 +383,7 @@ def test_blur_path_endpoint_is_gaussian_blur():
     x = images()
     sigmas = np.array([0.0, 0.4, 1.5, 2.0], np.float32)
     radius = int(np.ceil(3 * sigmas.max()))
-    ours = jax.jit(ga._blur, static_argnums=2)(x, jnp.asarray(sigmas), radius)
+    ours = jax.jit(_paths._blur, static_argnums=2)(x, jnp.asarray(sigmas), radius)
     np.testing.assert_allclose(ours[0], x, atol=1e-7)
     np.testing.assert_allclose(ours[-1], blurred(x, 2.0), rtol=1e-5, atol=1e-6)
     for i in (1, 2, 3):
@@ -388,7 +393,7 @@ def test_blur_path_endpoint_is_gaussian_blur():
 def test_blur_ig_linear_telescopes_exactly():
     wm, f = linear_model()
     x, max_sigma, steps = images(), 2.0, 8
-    attr = ga.blur_ig(f, x, T, max_sigma=max_sigma, steps=steps, grad_step=max_sigma / steps)
+    attr = attr.blur_ig(f, x, T, max_sigma=max_sigma, steps=steps, grad_step=max_sigma / steps)
     np.testing.assert_allclose(attr, weights_of(wm, T) * (np.asarray(x) - np.asarray(blurred(x, max_sigma))),
                                rtol=1e-3, atol=1e-5)
     expected = np.asarray(f(x) - f(blurred(x, max_sigma)))[np.arange(B), T]
@@ -401,7 +406,7 @@ def test_blur_ig_linear_completeness_within_derived_bound():
     # |sum A - (f(x) - f(B(x, max_sigma)))| <= max_sigma * (h + ds) * M / 2.
     wm, f = linear_model()
     x, max_sigma, steps, h = images(), 2.0, 16, 0.01
-    attr = ga.blur_ig(f, x, T, max_sigma=max_sigma, steps=steps, grad_step=h)
+    attr = attr.blur_ig(f, x, T, max_sigma=max_sigma, steps=steps, grad_step=h)
     radius, ds = int(np.ceil(3 * max_sigma)), max_sigma / steps
     grid = np.linspace(0.0, max_sigma + h + 0.02, 200)
     for b in range(B):
@@ -420,7 +425,7 @@ def test_blur_ig_matches_numpy_loop(sqrt):
     f, _, np_grad = tanh_mlp()
     x = images()
     kw = dict(max_sigma=3.0, steps=6, grad_step=0.05, sqrt=sqrt)
-    attr = np.asarray(ga.blur_ig(f, x, T, chunk=4, **kw))
+    attr = np.asarray(attr.blur_ig(f, x, T, chunk=4, **kw))
     for b in range(B):
         ref = numpy_blur_ig(np.asarray(x[b]), lambda v: np_grad(v, int(T[b])), **kw)
         np.testing.assert_allclose(attr[b], ref, rtol=2e-3, atol=2e-5)
@@ -429,7 +434,7 @@ def test_blur_ig_matches_numpy_loop(sqrt):
 def test_blur_ig_chunks_agree():
     f, _, _ = tanh_mlp()
     x = images()
-    run = functools.partial(ga.blur_ig, f, x, T, max_sigma=2.0, steps=5)
+    run = functools.partial(attr.blur_ig, f, x, T, max_sigma=2.0, steps=5)
     # 1 vs None (5 = steps on CPU); test_blur_ig_matches_numpy_loop runs a padded last chunk
     np.testing.assert_allclose(run(chunk=None), run(chunk=1), rtol=1e-4, atol=1e-6)
 
@@ -438,17 +443,17 @@ def test_blur_ig_invalid_arguments():
     _, f = linear_model()
     x = images()
     with pytest.raises(ValueError, match="NHWC"):
-        ga.blur_ig(lambda v: v.reshape(v.shape[0], -1)[:, :K], x.reshape(B, -1), T)
+        attr.blur_ig(lambda v: v.reshape(v.shape[0], -1)[:, :K], x.reshape(B, -1), T)
     with pytest.raises(ValueError, match="max_sigma"):
-        ga.blur_ig(f, x, T, max_sigma=0.0)
+        attr.blur_ig(f, x, T, max_sigma=0.0)
     with pytest.raises(ValueError, match="grad_step"):
-        ga.blur_ig(f, x, T, grad_step=-0.01)
+        attr.blur_ig(f, x, T, grad_step=-0.01)
     with pytest.raises(ValueError, match="steps"):
-        ga.blur_ig(f, x, T, steps=0)
+        attr.blur_ig(f, x, T, steps=0)
     with pytest.raises(ValueError, match="sqrt"):
-        ga.blur_ig(f, x, T, sqrt="yes")
+        attr.blur_ig(f, x, T, sqrt="yes")
     with pytest.raises(ValueError, match="chunk"):
-        ga.blur_ig(f, x, T, chunk=0)
+        attr.blur_ig(f, x, T, chunk=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,7 +468,7 @@ class JitMatchesEager(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_gradient_shap(self):
-        fn = self.variant(functools.partial(ga.gradient_shap, self.linear, samples=4, chunk=3))
+        fn = self.variant(functools.partial(attr.gradient_shap, self.linear, samples=4, chunk=3))
         key, refs = jax.random.key(20), jax.random.normal(jax.random.key(21), (3, H, W, C))
         draws = shap_draws(key, self.x, 3, 0.0, 4)
         mean_ref = np.mean([np.asarray(refs)[idx] for idx, _, _ in draws], axis=0)
@@ -480,14 +485,14 @@ class JitMatchesEager(chex.TestCase):
         key, samples, noise = jax.random.key(22), 4, 0.15
         grads = np.stack([SCALES[np.asarray(T)].reshape(-1, 1, 1, 1) * (np.asarray(self.x, np.float64) + e)
                           for e in noise_draws(key, self.x, range_sigma(self.x, noise), samples)])
-        var = self.variant(functools.partial(ga.vargrad, quadratic_model, samples=samples, noise=noise))
+        var = self.variant(functools.partial(attr.vargrad, quadratic_model, samples=samples, noise=noise))
         np.testing.assert_allclose(var(self.x, T, key=key), grads.var(axis=0), rtol=1e-3, atol=1e-6)
-        sg2 = self.variant(functools.partial(ga.smoothgrad_squared, quadratic_model, samples=samples, noise=noise))
+        sg2 = self.variant(functools.partial(attr.smoothgrad_squared, quadratic_model, samples=samples, noise=noise))
         np.testing.assert_allclose(sg2(self.x, T, key=key), (grads**2).mean(axis=0), rtol=1e-5, atol=1e-6)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_guided_ig(self):
-        fn = self.variant(functools.partial(ga.guided_ig, self.f, steps=8, fraction=0.25))
+        fn = self.variant(functools.partial(attr.guided_ig, self.f, steps=8, fraction=0.25))
         attr = np.asarray(fn(self.x, T))
         for b in range(B):
             ref = numpy_guided_ig(self.x[b], np.zeros(self.x.shape[1:]), lambda v: self.np_grad(v, int(T[b])),
@@ -496,7 +501,7 @@ class JitMatchesEager(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_blur_ig(self):
-        fn = self.variant(functools.partial(ga.blur_ig, self.linear, max_sigma=2.0, steps=4, grad_step=2.0 / 4))
+        fn = self.variant(functools.partial(attr.blur_ig, self.linear, max_sigma=2.0, steps=4, grad_step=2.0 / 4))
         expected = weights_of(self.wm, T) * (np.asarray(self.x) - np.asarray(blurred(self.x, 2.0)))
         np.testing.assert_allclose(fn(self.x, T), expected, rtol=1e-3, atol=1e-5)
 
@@ -505,7 +510,6 @@ class JitMatchesEager(chex.TestCase):
 # attribution_core.check_key: the one PRNG-key check of attributions, metrics and privacy
 # --------------------------------------------------------------------------------------------
 def test_check_key_accepts_one_key_and_names_what_came_otherwise():
-    from distill_jax.attribution_core import check_key
 
     typed, raw = jax.random.key(0), jax.random.PRNGKey(0)
     np.testing.assert_array_equal(jax.random.key_data(check_key(typed)), jax.random.key_data(typed))
@@ -525,14 +529,14 @@ def test_check_key_accepts_one_key_and_names_what_came_otherwise():
 
 
 def test_every_module_that_draws_refuses_a_bad_key_with_the_same_message():
-    from distill_jax import faithfulness, perturbation_attributions, privacy
+    from distill_jax import attr
 
     f = lambda v: v.reshape(v.shape[0], -1)[:, :K]
     x, t = jnp.ones((2, 4, 4, 1)), jnp.array([0, 1])
     calls = [lambda: privacy.gnmax(jnp.ones((2, 3)), sigma=1.0, key=5),
-             lambda: faithfulness.infidelity(f, x, x, t, key=5),
-             lambda: ga.vargrad(f, x, t, key=5),
-             lambda: perturbation_attributions.lime(f, x, t, key=5)]
+             lambda: metrics.infidelity(f, x, x, t, key=5),
+             lambda: attr.vargrad(f, x, t, key=5),
+             lambda: attr.lime(f, x, t, key=5)]
     for call in calls:
         with pytest.raises(ValueError, match=r"^key must be a PRNG key \(.*\); got int with dtype None and shape \(\)$"):
             call()

@@ -7,8 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
+from distill_jax import attr
+from distill_jax import metrics
+from distill_jax import robust
+from distill_jax.attr import _core
+from distill_jax.metrics import _similarity
 
-from distill_jax import explain, metrics
 
 B, H, W, C = 6, 6, 6, 2
 
@@ -49,7 +53,7 @@ def images():
 def test_deletion_and_insertion_rank_true_attribution_first(images):
     mask, f = _known_pixels_model()
     x, t = images, jnp.zeros(B, jnp.int32)
-    true_attr = explain.grad_x_input(f, x, t)
+    true_attr = attr.grad_x_input(f, x, t)
     rand_attr = jax.random.uniform(jax.random.key(1), x.shape)
     del_true, curve = metrics.deletion_auc(f, x, true_attr, t, steps=12, return_curve=True)
     del_rand = metrics.deletion_auc(f, x, rand_attr, t, steps=12)
@@ -65,7 +69,7 @@ def test_deletion_and_insertion_rank_true_attribution_first(images):
 def test_deletion_curve_hand_computed(images):
     mask, f = _known_pixels_model()
     x, t = images, jnp.zeros(B, jnp.int32)
-    attr = explain.grad_x_input(f, x, t)
+    attr = attr.grad_x_input(f, x, t)
     p = lambda img: jax.nn.softmax(f(img))[:, 0]
     # steps = 6 over 36 pixels: 6 pixels per step, so step 1 removes exactly the important ones
     auc, curve = metrics.deletion_auc(f, x, attr, t, steps=6, return_curve=True)
@@ -127,7 +131,7 @@ def test_constant_and_blur_baselines_hand_computed(images):
     want_i = _hand_curve(w, x, score, blurred, 4, insert=True)
     np.testing.assert_allclose(curve_i, want_i, rtol=1e-5)
     p0 = lambda img: jax.nn.softmax(f(img))[:, 0]  # noqa: E731
-    np.testing.assert_allclose(curve_i[:, 0], p0(explain.gaussian_blur(x, sigma=1.0)), rtol=1e-6)  # starts blurred
+    np.testing.assert_allclose(curve_i[:, 0], p0(_core.gaussian_blur(x, sigma=1.0)), rtol=1e-6)  # starts blurred
     np.testing.assert_allclose(curve_i[:, -1], p0(x), rtol=1e-6)  # ends at x
     np.testing.assert_allclose(auc_i, (want_i[:, 1:] + want_i[:, :-1]).sum(1) / 2 / 4, rtol=1e-5)
 
@@ -246,7 +250,7 @@ def test_randomization_check_lowers_rank_correlation(images):
     t = jnp.array([0, 1, 2, 0, 1, 2])
 
     def attr_fn(p, x, target):
-        return explain.saliency(functools.partial(_mlp_apply, p["params"]), x, target)
+        return attr.saliency(functools.partial(_mlp_apply, p["params"]), x, target)
 
     result = metrics.randomization_check(attr_fn, {"params": params}, ["params/head", "params/dense1", "params/dense0"], images, t, key=jax.random.key(5))
     layers, rhos = zip(*result)
@@ -276,19 +280,19 @@ def test_fgsm_and_pgd_lower_accuracy():
     f, x, y = _linear_classifier()
     assert float(metrics.accuracy(f(x), y)) == 1.0
     # an L-inf step of 0.1 cannot cross the 0.2 margin; 0.5 flips every example
-    assert float(metrics.adversarial_accuracy(f, x, y, attack="fgsm", epsilon=0.1)) == 1.0
-    assert float(metrics.adversarial_accuracy(f, x, y, attack="fgsm", epsilon=0.5)) == 0.0
-    x_adv = metrics.fgsm(f, x, y, epsilon=0.5, clip=(-0.3, 0.3))
+    assert float(robust.adversarial_accuracy(f, x, y, attack="fgsm", epsilon=0.1)) == 1.0
+    assert float(robust.adversarial_accuracy(f, x, y, attack="fgsm", epsilon=0.5)) == 0.0
+    x_adv = robust.fgsm(f, x, y, epsilon=0.5, clip=(-0.3, 0.3))
     assert float(jnp.abs(x_adv).max()) <= 0.3 + 1e-7
-    np.testing.assert_allclose(jax.jit(functools.partial(metrics.fgsm, f, epsilon=0.5))(x, y), metrics.fgsm(f, x, y, epsilon=0.5))
-    x_pgd = metrics.pgd(f, x, y, epsilon=0.5, step_size=0.1, steps=10, key=jax.random.key(7))
+    np.testing.assert_allclose(jax.jit(functools.partial(robust.fgsm, f, epsilon=0.5))(x, y), robust.fgsm(f, x, y, epsilon=0.5))
+    x_pgd = robust.pgd(f, x, y, epsilon=0.5, step_size=0.1, steps=10, key=jax.random.key(7))
     assert float(jnp.abs(x_pgd - x).max()) <= 0.5 + 1e-6
     assert float(metrics.accuracy(f(x_pgd), y)) == 0.0
-    assert float(metrics.adversarial_accuracy(f, x, y, attack="pgd", epsilon=0.1, step_size=0.05, steps=5, key=jax.random.key(7))) == 1.0
+    assert float(robust.adversarial_accuracy(f, x, y, attack="pgd", epsilon=0.1, step_size=0.05, steps=5, key=jax.random.key(7))) == 1.0
     with pytest.raises(ValueError, match="attack"):
-        metrics.adversarial_accuracy(f, x, y, attack="cw", epsilon=0.1)
+        robust.adversarial_accuracy(f, x, y, attack="cw", epsilon=0.1)
     with pytest.raises(ValueError, match="labels"):
-        metrics.fgsm(f, x, y + 2, epsilon=0.1)
+        robust.fgsm(f, x, y + 2, epsilon=0.1)
 
 
 def test_max_sensitivity_and_completeness():
@@ -296,10 +300,10 @@ def test_max_sensitivity_and_completeness():
     f = lambda x: x @ w.T
     x = jax.random.normal(jax.random.key(9), (5, 4))
     t = jnp.array([0, 1, 2, 0, 1])
-    sal = lambda v, tt: explain.saliency(f, v, tt, absolute=False)
+    sal = lambda v, tt: attr.saliency(f, v, tt, absolute=False)
     np.testing.assert_allclose(metrics.max_sensitivity(sal, x, t, key=jax.random.key(0), radius=0.1, samples=4), 0.0, atol=1e-7)
     # grad x input of a linear model changes by w * u: at most r ||w_t|| / ||w_t * x||
-    gxi = lambda v, tt: explain.grad_x_input(f, v, tt)
+    gxi = lambda v, tt: attr.grad_x_input(f, v, tt)
     sens = metrics.max_sensitivity(gxi, x, t, key=jax.random.key(0), radius=0.1, samples=4)
     bound = 0.1 * jnp.linalg.norm(w[t], axis=1) / jnp.linalg.norm(w[t] * x, axis=1)
     assert bool(jnp.all(sens > 0)) and bool(jnp.all(sens <= bound + 1e-6))
@@ -308,7 +312,7 @@ def test_max_sensitivity_and_completeness():
     with pytest.raises(ValueError, match="radius"):
         metrics.max_sensitivity(gxi, x, t, key=jax.random.key(0), radius=0.0)
     # completeness: IG of a linear model is exact, a wrong attribution is not
-    ig = explain.integrated_gradients(f, x, t, steps=4)
+    ig = attr.integrated_gradients(f, x, t, steps=4)
     np.testing.assert_allclose(metrics.ig_completeness_error(f, x, ig, t), 0.0, atol=1e-5)
     assert bool(jnp.all(metrics.ig_completeness_error(f, x, 2 * ig, t) > 0.99))
 
@@ -316,7 +320,7 @@ def test_max_sensitivity_and_completeness():
 def test_pearson_and_spearman_match_scipy_on_host_arrays():
     from scipy.stats import pearsonr
 
-    from distill_jax import stats
+    from distill_jax import metrics
 
     rng = np.random.default_rng(7)
     a = rng.normal(size=(3, 4, 6)).astype(np.float32)
@@ -324,8 +328,8 @@ def test_pearson_and_spearman_match_scipy_on_host_arrays():
     b[0] = np.round(b[0])  # ties
     flat_a, flat_b = a.reshape(3, -1), b.reshape(3, -1)
     np.testing.assert_allclose(metrics.spearman(a, b), [spearmanr(u, v)[0] for u, v in zip(flat_a, flat_b)], rtol=1e-5)
-    np.testing.assert_allclose(stats.pearson(a, b), [pearsonr(u, v)[0] for u, v in zip(flat_a, flat_b)], rtol=1e-5)
-    np.testing.assert_allclose(stats.average_ranks(np.array([3.0, 1.0, 3.0, 2.0])), [2.5, 0.0, 2.5, 1.0])
+    np.testing.assert_allclose(metrics.pearson(a, b), [pearsonr(u, v)[0] for u, v in zip(flat_a, flat_b)], rtol=1e-5)
+    np.testing.assert_allclose(_similarity.average_ranks(np.array([3.0, 1.0, 3.0, 2.0])), [2.5, 0.0, 2.5, 1.0])
 
 
 def test_mean_kl_at_a_temperature_hand_computed():
@@ -339,7 +343,7 @@ def test_mean_kl_at_a_temperature_hand_computed():
 
 def test_map_and_logit_metrics_are_one_compiled_program_per_call():
     """Host inputs of shapes no other test uses: one program per call, none when repeated with new values."""
-    from distill_jax import stats
+    from distill_jax import metrics
     from distill_jax.compilation import CompileCounter
 
     rng = np.random.default_rng(8)
@@ -350,7 +354,7 @@ def test_map_and_logit_metrics_are_one_compiled_program_per_call():
         "mean_kl": lambda u, v: metrics.mean_kl(u, v, temperature=1.5),
         "top_k_overlap": lambda u, v: metrics.top_k_overlap(u, v, k=4),
         "spearman": lambda u, v: metrics.spearman(u, v),
-        "pearson": lambda u, v: stats.pearson(u, v),
+        "pearson": lambda u, v: metrics.pearson(u, v),
     }
     for name, call in calls.items():
         u = logits if name in ("agreement", "mean_kl") else maps

@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import common, metrics as bench  # noqa: E402  (benchmarks/ is a plain folder, not installed)
-from distill_jax import models  # noqa: E402
+from distill_jax import models
 
 # one metric of each kind, cheap to compile: random subsets, a deterministic curve, ssim of two maps, complexity
 FAST = ["faithfulness_correlation", "region_perturbation", "random_logit_shared", "sparseness", "complexity"]

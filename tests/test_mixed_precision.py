@@ -5,7 +5,15 @@ import numpy as np
 import optax
 import pytest
 
-from distill_jax import config as config_lib, data, distill, models, parallel, pipeline, train
+from distill_jax import parallel
+from distill_jax import data
+from distill_jax import distill
+from distill_jax import models
+from distill_jax import train
+from distill_jax.app import _fit
+from distill_jax.app import _prepare
+from distill_jax.app import _settings
+from distill_jax.app import config
 
 
 def _dtypes_of(jaxpr, primitive: str) -> set:
@@ -53,17 +61,17 @@ def test_bf16_training_converges_on_digits_with_float32_state():
 
 
 def test_pipeline_trains_in_bf16_and_reports_in_float32():
-    c = config_lib.apply_smoke(config_lib.default_config())
+    c = config.apply_smoke(config.default_config())
     c.dtype = "bfloat16"
     c.train_limit = 256
-    prep = pipeline.prepare_data(c)
+    prep = _prepare.prepare_data(c)
     mesh = parallel.make_mesh()
-    model, _ = pipeline.build_model("cnn", c, prep.num_classes, prep.pca)
+    model, _ = _settings.build_model("cnn", c, prep.num_classes, prep.pca)
     assert model.dtype == jnp.bfloat16
-    teacher = pipeline.train_teacher(prep, c, mesh, None, show_progress=False)
+    teacher = _fit.train_teacher(prep, c, mesh, None, show_progress=False)
     assert teacher.model.dtype == jnp.float32 and teacher.test_logits.dtype == np.float32
     jaxpr = jax.make_jaxpr(lambda v: teacher.apply_fn(prep.inputs(prep.x_test[:2])))(teacher.variables)
     assert "bfloat16" not in str(jaxpr)  # what is evaluated and explained runs in float32
     c.dtype = "float16"
     with pytest.raises(ValueError, match="dtype='float16' is out of range"):
-        config_lib.validate(c)
+        config.validate(c)

@@ -5,7 +5,11 @@ import numpy as np
 import optax
 import pytest
 
-from distill_jax import distill, models, parallel, train
+from distill_jax import parallel
+from distill_jax import audit
+from distill_jax import distill
+from distill_jax import models
+from distill_jax import train
 
 
 def test_mesh_has_one_data_axis_over_every_device():
@@ -195,7 +199,7 @@ def test_teacher_cache_splits_batches_over_the_local_devices_and_equals_one_devi
 
 
 def test_audit_kernels_run_split_over_the_devices_and_match_one_device():
-    from distill_jax import audit
+    from distill_jax import models
 
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(8, 8, 8, 1)).astype(np.float32))

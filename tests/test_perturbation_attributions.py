@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LinearRegression, Ridge
 from sklearn.metrics import pairwise_distances
+from distill_jax import attr
+from distill_jax.attr import _perturbation
 
-from distill_jax import perturbation_attributions as pa
 
 B, H, W, C, K = 3, 5, 5, 2, 3
 D = H * W * C
@@ -92,12 +93,12 @@ def data():
 # Feature grid
 # --------------------------------------------------------------------------------------------
 def test_feature_ids_grid_with_smaller_last_patch():
-    ids, m = pa.feature_ids((1, 5, 5, 3), (2, 3))
+    ids, m = attr.feature_ids((1, 5, 5, 3), (2, 3))
     assert m == 3 * 2 and ids.shape == (5, 5, 1)
     expected = np.array([[patch_of(h, w, 2, 3, 5) for w in range(5)] for h in range(5)])
     np.testing.assert_array_equal(ids[..., 0], expected)
     assert np.sum(ids == 5) == 1 * 2  # last row of patches has 1 row, last column 2 columns
-    flat_ids, m_flat = pa.feature_ids((4, 7), 3)
+    flat_ids, m_flat = attr.feature_ids((4, 7), 3)
     np.testing.assert_array_equal(flat_ids, np.arange(7))
     assert m_flat == 7
 
@@ -111,7 +112,7 @@ class FeatureAblationTest(chex.TestCase):
         x = np.asarray(jax.random.normal(jax.random.key(1), (B, H, W, C)))
         base = np.asarray(jax.random.normal(jax.random.key(2), (B, H, W, C)))
         t2 = np.array([[0, 1], [2, 2], [1, 0]])  # [batch, K=2] targets: one map per target
-        fn = self.variant(functools.partial(pa.feature_ablation, linear, patch=2, baseline=base))
+        fn = self.variant(functools.partial(attr.feature_ablation, linear, patch=2, baseline=base))
         attr = np.asarray(fn(x, t2))
         assert attr.shape == (B, 2, H, W, C)
         for k in range(2):
@@ -126,7 +127,7 @@ class FeatureAblationTest(chex.TestCase):
     def test_mlp_against_numpy_loops(self):
         x = np.asarray(jax.random.normal(jax.random.key(1), (B, H, W, C)))
         t = np.array([1, 0, 2])
-        attr = np.asarray(self.variant(functools.partial(pa.feature_ablation, mlp, patch=(3, 2), baseline=0.5))(x, t))
+        attr = np.asarray(self.variant(functools.partial(attr.feature_ablation, mlp, patch=(3, 2), baseline=0.5))(x, t))
         full = mlp_np(x)[np.arange(B), t]
         for h in range(H):
             for w in range(W):
@@ -143,13 +144,13 @@ class FeatureAblationTest(chex.TestCase):
 def test_feature_ablation_flat_inputs_each_feature_alone():
     x = np.asarray(jax.random.normal(jax.random.key(3), (B, 7)))
     t = np.array([2, 0, 1])
-    attr = pa.feature_ablation(linear, x, t, baseline=1.0)
+    attr = attr.feature_ablation(linear, x, t, baseline=1.0)
     np.testing.assert_allclose(attr, (x - 1.0) * P["w"][:7, t].T, rtol=1e-5, atol=1e-5)
 
 
 def test_feature_ablation_same_values_for_every_chunk(data):
     x, base, t = data
-    run = jitted(pa.feature_ablation, mlp, x, patch=2, baseline=base)
+    run = jitted(attr.feature_ablation, mlp, x, patch=2, baseline=base)
     ref = run(t, chunk=None)  # 9 features: 8 per lax.map step on CPU, then a remainder of 1
     for chunk in (1, 9):
         np.testing.assert_allclose(run(t, chunk=chunk), ref, rtol=1e-6, atol=1e-6)
@@ -175,8 +176,8 @@ def bilinear_np(grid, out_h, out_w):
 
 def test_rise_masks_are_upsampled_shifted_grids():
     cells, hw, n = 3, (7, 8), 2000
-    masks = np.asarray(pa.rise_masks(jax.random.key(4), n, cells, 0.3, hw))
-    grids, shifts = map(np.asarray, pa._rise_grids(jax.random.key(4), n, cells, 0.3, hw))
+    masks = np.asarray(attr.rise_masks(jax.random.key(4), n, cells, 0.3, hw))
+    grids, shifts = map(np.asarray, _perturbation._rise_grids(jax.random.key(4), n, cells, 0.3, hw))
     ch, cw = math.ceil(7 / cells), math.ceil(8 / cells)
     assert set(np.unique(grids)) == {0.0, 1.0} and abs(grids.mean() - 0.3) < 0.02
     assert shifts.min() == 0 and shifts[:, 0].max() == ch - 1 and shifts[:, 1].max() == cw - 1
@@ -184,7 +185,7 @@ def test_rise_masks_are_upsampled_shifted_grids():
         up = bilinear_np(g, (cells + 1) * ch, (cells + 1) * cw)
         np.testing.assert_allclose(m, up[s[0] : s[0] + 7, s[1] : s[1] + 8], atol=1e-6)
     assert masks.min() >= 0 and masks.max() <= 1 and abs(masks.mean() - 0.3) < 0.02
-    np.testing.assert_array_equal(pa.rise_masks(jax.random.key(5), 3, cells, 1.0, hw), np.ones((3, 7, 8)))
+    np.testing.assert_array_equal(attr.rise_masks(jax.random.key(5), 3, cells, 1.0, hw), np.ones((3, 7, 8)))
 
 
 def rise_np(x, t, masks, p_keep):
@@ -201,8 +202,8 @@ class RiseTest(chex.TestCase):
         x = np.asarray(jax.random.normal(jax.random.key(1), (B, H, W, C)))
         t2 = np.array([[0, 1], [2, 2], [1, 0]])  # [batch, K=2] targets
         key = jax.random.key(7)
-        fn = self.variant(functools.partial(pa.rise, mlp, key=key, masks=20, cells=2, p_keep=0.4, chunk=6))
-        masks = np.asarray(pa.rise_masks(key, 20, 2, 0.4, (H, W)))
+        fn = self.variant(functools.partial(attr.rise, mlp, key=key, masks=20, cells=2, p_keep=0.4, chunk=6))
+        masks = np.asarray(attr.rise_masks(key, 20, 2, 0.4, (H, W)))
         attr = np.asarray(fn(x, t2))
         for k in range(2):
             np.testing.assert_allclose(attr[:, k], rise_np(x, t2[:, k], masks, 0.4), rtol=1e-4, atol=1e-5)
@@ -210,7 +211,7 @@ class RiseTest(chex.TestCase):
 
 def test_rise_same_values_for_every_chunk(data):
     x, _, t = data
-    run = jitted(pa.rise, mlp, x, key=jax.random.key(8), masks=11, cells=3)
+    run = jitted(attr.rise, mlp, x, key=jax.random.key(8), masks=11, cells=3)
     ref = run(t)  # 8 masks per scan step on CPU: a last step with 3 real masks and 5 of weight 0
     for chunk in (1, 11):
         np.testing.assert_allclose(run(t, chunk=chunk), ref, rtol=1e-5, atol=1e-6)
@@ -222,7 +223,7 @@ def test_rise_is_highest_where_the_model_looks():
         return jnp.stack([0.5 * s, jnp.zeros_like(s)], axis=1)
 
     x = jnp.ones((1, 9, 9, 1))
-    sal = np.asarray(pa.rise(top_left_model, x, jnp.array([0]), key=jax.random.key(9), masks=300, cells=3))[0, :, :, 0]
+    sal = np.asarray(attr.rise(top_left_model, x, jnp.array([0]), key=jax.random.key(9), masks=300, cells=3))[0, :, :, 0]
     region = np.zeros((9, 9), bool)
     region[:3, :3] = True
     assert region[np.unravel_index(np.argmax(sal), sal.shape)]
@@ -239,7 +240,7 @@ BASE4 = np.asarray(jax.random.normal(jax.random.key(11), (B, 4, 4, C)))
 
 def shapley_np(x, base, t, ph, pw):
     """Exact Shapley values of v(S) = mlp(x on S, base elsewhere)[t] by the subset formula, by loops."""
-    ids, m = pa.feature_ids(x.shape, (ph, pw))
+    ids, m = attr.feature_ids(x.shape, (ph, pw))
     ids = np.broadcast_to(ids, x.shape[1:])
 
     def v(subset):
@@ -260,7 +261,7 @@ class KernelShapTest(chex.TestCase):
     @chex.variants(with_jit=True)
     def test_exact_mode_gives_the_shapley_values_of_a_nonlinear_model(self):
         t = np.array([0, 2, 1])
-        fn = self.variant(functools.partial(pa.kernel_shap, mlp, patch=2, baseline=BASE4, exact=True, ridge=0.0))
+        fn = self.variant(functools.partial(attr.kernel_shap, mlp, patch=2, baseline=BASE4, exact=True, ridge=0.0))
         phi = patch_values(np.asarray(fn(X4, t)), 2, 2)
         np.testing.assert_allclose(phi, shapley_np(X4, BASE4, t, 2, 2), rtol=1e-4, atol=1e-5)
 
@@ -268,7 +269,7 @@ class KernelShapTest(chex.TestCase):
     def test_sampled_linear_model_recovers_patch_sums(self):
         t2 = np.array([[1, 0], [1, 2], [0, 0]])  # [batch, K=2] targets
         fn = self.variant(
-            functools.partial(pa.kernel_shap, linear, key=jax.random.key(12), samples=32, patch=2, baseline=BASE4)
+            functools.partial(attr.kernel_shap, linear, key=jax.random.key(12), samples=32, patch=2, baseline=BASE4)
         )
         attr = np.asarray(fn(X4, t2))
         for k in range(2):
@@ -279,7 +280,7 @@ class KernelShapTest(chex.TestCase):
 
 def test_kernel_shap_efficiency_and_convergence_on_a_nonlinear_model():
     t = np.array([2, 0, 1])
-    attr = pa.kernel_shap(mlp, X4, t, key=jax.random.key(13), samples=3000, patch=2, baseline=BASE4)
+    attr = attr.kernel_shap(mlp, X4, t, key=jax.random.key(13), samples=3000, patch=2, baseline=BASE4)
     phi = patch_values(np.asarray(attr), 2, 2)
     delta = mlp_np(X4)[np.arange(B), t] - mlp_np(BASE4)[np.arange(B), t]
     np.testing.assert_allclose(phi.sum(axis=1), delta, rtol=1e-4, atol=1e-5)  # efficiency, exact by the constraint
@@ -289,7 +290,7 @@ def test_kernel_shap_efficiency_and_convergence_on_a_nonlinear_model():
 
 def test_kernel_shap_coalitions_follow_the_shapley_kernel():
     m = 5
-    z = np.asarray(pa.kernel_shap_coalitions(jax.random.key(14), 4000, m))
+    z = np.asarray(attr.kernel_shap_coalitions(jax.random.key(14), 4000, m))
     sizes = z.sum(axis=1).astype(int)
     assert sizes.min() >= 1 and sizes.max() <= m - 1 and set(np.unique(z)) == {0.0, 1.0}
     s = np.arange(1, m)
@@ -303,7 +304,7 @@ def test_kernel_shap_coalitions_follow_the_shapley_kernel():
 
 def test_kernel_shap_same_values_for_every_chunk():
     t = np.array([0, 1, 2])
-    run = jitted(pa.kernel_shap, mlp, X4, key=jax.random.key(15), samples=13, patch=2, baseline=BASE4)
+    run = jitted(attr.kernel_shap, mlp, X4, key=jax.random.key(15), samples=13, patch=2, baseline=BASE4)
     ref = run(t)
     for chunk in (1, 13):
         np.testing.assert_allclose(run(t, chunk=chunk), ref, rtol=1e-5, atol=1e-5)
@@ -311,7 +312,7 @@ def test_kernel_shap_same_values_for_every_chunk():
 
 def test_kernel_shap_single_feature_is_the_whole_difference():
     t = np.array([0, 1, 2])
-    attr = np.asarray(pa.kernel_shap(mlp, X4, t, key=jax.random.key(0), patch=4, baseline=BASE4))
+    attr = np.asarray(attr.kernel_shap(mlp, X4, t, key=jax.random.key(0), patch=4, baseline=BASE4))
     delta = mlp_np(X4)[np.arange(B), t] - mlp_np(BASE4)[np.arange(B), t]
     np.testing.assert_allclose(attr, np.broadcast_to(delta[:, None, None, None], X4.shape), rtol=1e-5, atol=1e-5)
 
@@ -335,7 +336,7 @@ class LimeTest(chex.TestCase):
         base = np.asarray(jax.random.normal(jax.random.key(2), (B, H, W, C)))
         t2 = np.array([[2, 0], [0, 0], [1, 2]])  # [batch, K=2] targets
         fn = self.variant(
-            functools.partial(pa.lime, linear, key=jax.random.key(16), samples=40, patch=2, baseline=base, ridge=0.0)
+            functools.partial(attr.lime, linear, key=jax.random.key(16), samples=40, patch=2, baseline=base, ridge=0.0)
         )
         attr = np.asarray(fn(x, t2))
         for k in range(2):
@@ -346,24 +347,24 @@ class LimeTest(chex.TestCase):
     def test_nonlinear_model_matches_sklearn_on_the_same_coalitions(self):
         t = np.array([0, 2, 1])
         key = jax.random.key(17)
-        z = np.asarray(pa.lime_coalitions(key, 30, 4))
-        ids = pa.feature_ids(X4.shape, 2)[0]
+        z = np.asarray(attr.lime_coalitions(key, 30, 4))
+        ids = attr.feature_ids(X4.shape, 2)[0]
         for ridge, model_cls, kw in ((0.0, LinearRegression, {}), (0.5, Ridge, {"alpha": 0.5})):
             options = dict(key=key, samples=30, patch=2, baseline=BASE4, ridge=ridge, kernel_width=0.4)
-            fn = self.variant(functools.partial(pa.lime, mlp, **options))
+            fn = self.variant(functools.partial(attr.lime, mlp, **options))
             expected = lime_sklearn(model_cls, X4, BASE4, t, z, ids, 0.4, **kw)
             np.testing.assert_allclose(patch_values(np.asarray(fn(X4, t)), 2, 2), expected, rtol=1e-3, atol=1e-4)
 
 
 def test_lime_coalitions_start_with_the_input():
-    z = np.asarray(pa.lime_coalitions(jax.random.key(18), 500, 6))
+    z = np.asarray(attr.lime_coalitions(jax.random.key(18), 500, 6))
     np.testing.assert_array_equal(z[0], np.ones(6))
     assert set(np.unique(z)) == {0.0, 1.0} and abs(z[1:].mean() - 0.5) < 0.05
 
 
 def test_lime_same_values_for_every_chunk(data):
     x, base, t = data
-    run = jitted(pa.lime, mlp, x, key=jax.random.key(19), samples=12, patch=3, baseline=base)
+    run = jitted(attr.lime, mlp, x, key=jax.random.key(19), samples=12, patch=3, baseline=base)
     ref = run(t)
     for chunk in (1, 12):
         np.testing.assert_allclose(run(t, chunk=chunk), ref, rtol=1e-5, atol=1e-5)
@@ -373,10 +374,10 @@ def test_lime_same_values_for_every_chunk(data):
 # [batch, K] targets
 # --------------------------------------------------------------------------------------------
 MULTI = {
-    "feature_ablation": functools.partial(pa.feature_ablation, mlp, patch=2, baseline=0.5),
-    "rise": functools.partial(pa.rise, mlp, key=jax.random.key(3), masks=6, cells=2),
-    "kernel_shap": functools.partial(pa.kernel_shap, mlp, key=jax.random.key(4), samples=12, patch=3),
-    "lime": functools.partial(pa.lime, mlp, key=jax.random.key(5), samples=12, patch=3),
+    "feature_ablation": functools.partial(attr.feature_ablation, mlp, patch=2, baseline=0.5),
+    "rise": functools.partial(attr.rise, mlp, key=jax.random.key(3), masks=6, cells=2),
+    "kernel_shap": functools.partial(attr.kernel_shap, mlp, key=jax.random.key(4), samples=12, patch=3),
+    "lime": functools.partial(attr.lime, mlp, key=jax.random.key(5), samples=12, patch=3),
 }
 
 
@@ -398,10 +399,10 @@ def test_k_targets_equal_k_separate_calls(data, name):
 # --------------------------------------------------------------------------------------------
 KEY = jax.random.key(0)
 METHODS = {
-    "feature_ablation": functools.partial(pa.feature_ablation, linear),
-    "rise": functools.partial(pa.rise, linear, key=KEY, masks=4),
-    "kernel_shap": functools.partial(pa.kernel_shap, linear, key=KEY, samples=4),
-    "lime": functools.partial(pa.lime, linear, key=KEY, samples=4),
+    "feature_ablation": functools.partial(attr.feature_ablation, linear),
+    "rise": functools.partial(attr.rise, linear, key=KEY, masks=4),
+    "kernel_shap": functools.partial(attr.kernel_shap, linear, key=KEY, samples=4),
+    "lime": functools.partial(attr.lime, linear, key=KEY, samples=4),
 }
 
 
@@ -434,24 +435,24 @@ def test_shared_argument_errors(data, name):
 def test_method_specific_errors(data):
     x, _, t = data
     with pytest.raises(ValueError, match="x must be NHWC"):
-        pa.rise(linear, x.reshape(B, -1), t, key=KEY)
+        attr.rise(linear, x.reshape(B, -1), t, key=KEY)
     with pytest.raises(ValueError, match="cells"):
-        pa.rise(linear, x, t, key=KEY, cells=0)
+        attr.rise(linear, x, t, key=KEY, cells=0)
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="p_keep"):
-            pa.rise(linear, x, t, key=KEY, p_keep=bad)
+            attr.rise(linear, x, t, key=KEY, p_keep=bad)
     with pytest.raises(ValueError, match="exact"):
-        pa.kernel_shap(linear, x, t, patch=1, exact=True)
+        attr.kernel_shap(linear, x, t, patch=1, exact=True)
     with pytest.raises(ValueError, match="ridge"):
-        pa.kernel_shap(linear, x, t, key=KEY, ridge=-1.0)
+        attr.kernel_shap(linear, x, t, key=KEY, ridge=-1.0)
     with pytest.raises(ValueError, match="kernel_width"):
-        pa.lime(linear, x, t, key=KEY, kernel_width=0.0)
+        attr.lime(linear, x, t, key=KEY, kernel_width=0.0)
     with pytest.raises(ValueError, match="features"):
-        pa.kernel_shap_coalitions(KEY, 4, 1)
+        attr.kernel_shap_coalitions(KEY, 4, 1)
 
 
 def test_traced_out_of_range_target_gives_nan(data):
     x, base, _ = data
-    fn = jax.jit(functools.partial(pa.lime, linear, key=KEY, samples=8, patch=2, baseline=base))
+    fn = jax.jit(functools.partial(attr.lime, linear, key=KEY, samples=8, patch=2, baseline=base))
     out = np.asarray(fn(x, jnp.array([0, K, 1])))
     assert np.isnan(out[1]).all() and np.isfinite(out[[0, 2]]).all()

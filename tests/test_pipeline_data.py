@@ -6,8 +6,13 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from distill_jax import distill
+from distill_jax.app import _audit
+from distill_jax.app import _fit
+from distill_jax.app import _prepare
+from distill_jax.app import cli
+from distill_jax.app import config
 
-from distill_jax import cli, config as config_lib, pipeline
 
 
 def _write_idx(path, array: np.ndarray) -> None:
@@ -30,14 +35,14 @@ def idx_dir(tmp_path_factory):
 
 
 def _config(spec):
-    c = config_lib.apply_smoke(config_lib.default_config())
+    c = config.apply_smoke(config.default_config())
     c.dataset = spec
     c.pca_components = 8
     return c
 
 
 def test_stored_uint8_images_and_model_inputs(idx_dir):
-    prep = pipeline.prepare_data(_config(f"idx:{idx_dir}"))
+    prep = _prepare.prepare_data(_config(f"idx:{idx_dir}"))
     assert prep.x_train.dtype == np.uint8 and prep.x_test.dtype == np.uint8  # 1 byte per pixel on the host
     unit = prep.x_train.astype(np.float64) / 255.0
     expected = (unit - unit.mean()) / unit.std()  # one channel: per-channel standardization
@@ -49,35 +54,36 @@ def test_stored_uint8_images_and_model_inputs(idx_dir):
 
 
 def test_model_inputs_of_float_images_match_uint8_ones(idx_dir):
-    prep = pipeline.prepare_data(_config(f"idx:{idx_dir}"))
+    prep = _prepare.prepare_data(_config(f"idx:{idx_dir}"))
     as_float = prep.x_test.astype(np.float32) / 255.0
     np.testing.assert_allclose(np.asarray(prep.inputs(as_float)), np.asarray(prep.inputs(prep.x_test)), atol=1e-6)
 
 
 def test_test_sample_is_stratified_by_class(idx_dir):
-    prep = pipeline.prepare_data(_config(f"idx:{idx_dir}"))
-    x, y = pipeline.test_sample(prep, 10, seed=0)
+    prep = _prepare.prepare_data(_config(f"idx:{idx_dir}"))
+    x, y = _audit.test_sample(prep, 10, seed=0)
     assert sorted(np.asarray(y).tolist()) == list(range(10))  # one image of every class
     assert x.dtype == jnp.float32 and x.shape == (10, 12, 12, 1)
 
 
 def test_purpose_keys_differ_and_repeat():
-    a, b = pipeline.purpose_key(0, "smoothgrad"), pipeline.purpose_key(0, "attack")
+    a, b = _audit.purpose_key(0, "smoothgrad"), _audit.purpose_key(0, "attack")
     assert not np.array_equal(np.asarray(a), np.asarray(b))
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(pipeline.purpose_key(0, "smoothgrad")))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(_audit.purpose_key(0, "smoothgrad")))
 
 
 def test_uint8_idx_students_train_from_cached_teacher_logits_and_attention_maps(idx_dir, monkeypatch):
     """The pipeline's stages on uint8 IDX images: the teacher cache is built from the stored uint8 images and
     holds logits and attention maps, and the attention and linear students train from it (no audit: the
     CLI run below, marked slow, adds it)."""
-    from distill_jax import distill, parallel
+    from distill_jax import parallel
+    from distill_jax.app import _prepare
 
     c = _config(f"idx:{idx_dir}")
     c.teacher.epochs = 10
-    prep = pipeline.prepare_data(c)
+    prep = _prepare.prepare_data(c)
     mesh = parallel.make_mesh()
-    teacher = pipeline.train_teacher(prep, c, mesh, None, show_progress=False)
+    teacher = _fit.train_teacher(prep, c, mesh, None, show_progress=False)
     assert np.mean(teacher.test_logits.argmax(-1) == prep.y_test) > 0.3  # brightness separates the classes
     cached = []
     real = distill.cache_teacher_outputs
@@ -87,8 +93,8 @@ def test_uint8_idx_students_train_from_cached_teacher_logits_and_attention_maps(
         cached.append((x.dtype, {k: v.shape for k, v in out.items()}))
         return out
 
-    monkeypatch.setattr(distill, "cache_teacher_outputs", spy)
-    students = [pipeline.train_student(name, kind, method, prep, teacher, c, mesh, None, show_progress=False)
+    monkeypatch.setattr(_fit, "cache_teacher_outputs", spy)
+    students = [_fit.train_student(name, kind, method, prep, teacher, c, mesh, None, show_progress=False)
                 for name, kind, method in (("cnn-kd+attention", "cnn", "kd+attention"), ("linear-kd", "linear", "kd"))]
     n = len(prep.y_train)
     assert cached[0] == (np.uint8, {"teacher_logits": (n, 10), "teacher_attention/conv1": (n, 12, 12),

@@ -9,7 +9,11 @@ import optax
 import pytest
 from scipy.stats import norm
 
-from distill_jax import losses, models, parallel, privacy
+from distill_jax import parallel
+from distill_jax import models
+from distill_jax import train
+from distill_jax.distill import losses
+from distill_jax.distill import privacy
 
 
 # --------------------------------------------------------------------------- GNMax
@@ -299,12 +303,12 @@ def _least_squares(n=8, d=3, seed=0):
 def test_dp_sgd_with_a_tiny_clip_averages_gradients_rescaled_to_the_clip_norm():
     loss_fn, params, batch, g = _least_squares()
     c = 1e-3
-    out = privacy.dp_sgd_gradients(loss_fn, params, batch, l2_clip=c, noise_multiplier=0.0, key=jax.random.key(0))
+    out = train.dp_sgd_gradients(loss_fn, params, batch, l2_clip=c, noise_multiplier=0.0, key=jax.random.key(0))
     expected = np.mean(c * g / np.linalg.norm(g, axis=1, keepdims=True), axis=0)  # norm over w and b together
     np.testing.assert_allclose(out["w"], expected[:-1], rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(out["b"], expected[-1], rtol=1e-5, atol=1e-9)
     # same numbers as optax's DP aggregate on the per-example gradients
-    per = privacy.per_example_gradients(loss_fn, params, batch)
+    per = train.per_example_gradients(loss_fn, params, batch)
     agg = optax.contrib.differentially_private_aggregate(l2_norm_clip=c, noise_multiplier=0.0, key=jax.random.key(0))
     ref, _ = agg.update(per, agg.init(params))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9), out, ref)
@@ -314,8 +318,8 @@ def test_dp_sgd_with_a_huge_clip_is_the_mean_gradient_jitted_and_not():
     loss_fn, params, batch, g = _least_squares()
     plain = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
     np.testing.assert_allclose(plain["w"], g[:, :-1].mean(0), rtol=1e-5)
-    eager = privacy.dp_sgd_gradients(loss_fn, params, batch, l2_clip=1e6, noise_multiplier=0.0, key=jax.random.key(0))
-    jitted = jax.jit(lambda p, b, k: privacy.dp_sgd_gradients(loss_fn, p, b, l2_clip=1e6, noise_multiplier=0.0,
+    eager = train.dp_sgd_gradients(loss_fn, params, batch, l2_clip=1e6, noise_multiplier=0.0, key=jax.random.key(0))
+    jitted = jax.jit(lambda p, b, k: train.dp_sgd_gradients(loss_fn, p, b, l2_clip=1e6, noise_multiplier=0.0,
                                                               key=k))(params, batch, jax.random.key(0))
     for out in (eager, jitted):
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), out, plain)
@@ -324,7 +328,7 @@ def test_dp_sgd_with_a_huge_clip_is_the_mean_gradient_jitted_and_not():
 def test_per_example_value_and_grad_returns_losses_aux_and_gradients_of_one_pass():
     loss_fn, params, batch, g = _least_squares()
     with_aux = lambda p, b, k: (loss_fn(p, b), {"residual": b["x"] @ p["w"] + p["b"] - b["y"]})
-    (losses, aux), grads = privacy.per_example_value_and_grad(with_aux, params, batch)
+    (losses, aux), grads = train.per_example_value_and_grad(with_aux, params, batch)
     r = g[:, -1]  # d loss_i / d b = r_i
     np.testing.assert_allclose(aux["residual"], r, rtol=1e-5)
     np.testing.assert_allclose(losses, 0.5 * r**2, rtol=1e-5)
@@ -342,7 +346,7 @@ def test_per_example_value_and_grad_gives_every_example_its_own_key():
         view = batch["x"] + jax.random.normal(key, batch["x"].shape)
         return view @ params, {"view0": view[:, 0]}
 
-    (losses, aux), grads = jax.jit(lambda p, b, k: privacy.per_example_value_and_grad(noisy_view_loss, p, b, key=k))(
+    (losses, aux), grads = jax.jit(lambda p, b, k: train.per_example_value_and_grad(noisy_view_loss, p, b, key=k))(
         w, {"x": x}, key)
     views = np.stack([1.0 + np.asarray(jax.random.normal(jax.random.fold_in(key, i), (1, d)))[0] for i in range(n)])
     np.testing.assert_allclose(grads, views, rtol=1e-5)
@@ -353,7 +357,7 @@ def test_per_example_value_and_grad_gives_every_example_its_own_key():
 
 def test_clip_per_example_bounds_norms_and_keeps_small_gradients():
     grads = {"a": jnp.array([[3.0, 0.0], [0.3, 0.0], [0.0, 0.0]]), "b": jnp.array([4.0, 0.4, 0.0])}
-    clipped, norms = privacy.clip_per_example(grads, l2_clip=1.0)
+    clipped, norms = train.clip_per_example(grads, l2_clip=1.0)
     np.testing.assert_allclose(norms, [5.0, 0.5, 0.0], rtol=1e-6)
     np.testing.assert_allclose(clipped["a"], [[0.6, 0.0], [0.3, 0.0], [0.0, 0.0]], rtol=1e-6)
     np.testing.assert_allclose(clipped["b"], [0.8, 0.4, 0.0], rtol=1e-6)
@@ -366,12 +370,12 @@ def test_dp_sgd_noise_has_std_noise_multiplier_times_clip_over_batch():
     def loss_fn(params, batch):  # gradient 0 for every example: the output is the noise alone
         return 0.0 * (jnp.sum(params["w"]) + jnp.sum(params["v"])) * batch["x"][:, 0]
 
-    out = privacy.dp_sgd_gradients(loss_fn, params, {"x": jnp.ones((b, 1))}, l2_clip=c, noise_multiplier=z,
+    out = train.dp_sgd_gradients(loss_fn, params, {"x": jnp.ones((b, 1))}, l2_clip=c, noise_multiplier=z,
                                    key=jax.random.key(5))
     w = np.asarray(out["w"])
     assert abs(w.std() / (z * c / b) - 1) < 0.01  # std estimate's relative error ~0.0016
     assert abs(w.mean()) < 5 * (z * c / b) / math.sqrt(size)
-    again = privacy.dp_sgd_gradients(loss_fn, params, {"x": jnp.ones((b, 1))}, l2_clip=c, noise_multiplier=z,
+    again = train.dp_sgd_gradients(loss_fn, params, {"x": jnp.ones((b, 1))}, l2_clip=c, noise_multiplier=z,
                                      key=jax.random.key(6))
     assert not np.allclose(again["w"], w)
 
@@ -385,4 +389,4 @@ def test_dp_sgd_bad_arguments_give_one_line_errors(kwargs, message):
     loss_fn, params, batch, _ = _least_squares()
     args = dict(l2_clip=1.0, noise_multiplier=1.0, key=jax.random.key(0)) | kwargs
     with pytest.raises(ValueError, match=message):
-        privacy.dp_sgd_gradients(loss_fn, params, batch, **args)
+        train.dp_sgd_gradients(loss_fn, params, batch, **args)

@@ -20,8 +20,13 @@ import matplotlib.pyplot as plt
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 import numpy as np
 import pytest
+from distill_jax import audit
+from distill_jax import data
+from distill_jax.app import _figures
+from distill_jax.app import _page
+from distill_jax.app import _plots
+from distill_jax.audit import verdict
 
-from distill_jax import audit, data, report, verdict
 
 METHODS = ("saliency", "grad_x_input", "integrated_gradients", "grad_cam")
 
@@ -164,7 +169,7 @@ def test_missing_pieces_give_a_sentence_not_an_error(drop):
 
 def test_faithfulness_matrix_holds_the_results_numbers():
     result = make_result()
-    rows, cols, m = report.faithfulness_matrix(result, "deletion_auc")
+    rows, cols, m = _figures.faithfulness_matrix(result, "deletion_auc")
     assert rows == list(result["models"]) and cols == list(METHODS)
     for i, name in enumerate(rows):
         for j, method in enumerate(cols):
@@ -173,23 +178,23 @@ def test_faithfulness_matrix_holds_the_results_numbers():
             else:
                 assert np.isnan(m[i, j])  # grad_cam of the tree and linear students
     assert np.isnan(m).sum() == 3
-    assert report.faithfulness_matrix({}, "deletion_auc")[2].shape == (0, 0)
+    assert _figures.faithfulness_matrix({}, "deletion_auc")[2].shape == (0, 0)
 
 
 def test_readability_and_faithfulness_figures_are_written(tmp_path):
     result = make_result()
-    figures = report.summary_figures(str(tmp_path), result)
-    assert figures == {report.READABILITY_TITLE: "figures/readability.png",
-                       report.FAITHFULNESS_TITLE: "figures/faithfulness.png"}
+    figures = _figures.summary_figures(str(tmp_path), result)
+    assert figures == {_figures.READABILITY_TITLE: "figures/readability.png",
+                       _figures.FAITHFULNESS_TITLE: "figures/faithfulness.png"}
     for rel in figures.values():
         img = matplotlib.image.imread(tmp_path / rel)
         assert os.path.getsize(tmp_path / rel) > 15_000 and img.shape[1] > 500 and img[..., :3].std() > 0.05
-    assert report.summary_figures(str(tmp_path / "empty"), {"models": {}}) == {}
+    assert _figures.summary_figures(str(tmp_path / "empty"), {"models": {}}) == {}
 
 
 def test_spread_labels_keeps_the_gap_and_moves_only_what_it_must():
-    assert report._spread_labels([0.5, 0.51, 0.9], 0.05) == pytest.approx([0.5, 0.55, 0.9])
-    assert report._spread_labels([0.3, 0.1], 0.05) == [0.3, 0.1]
+    assert _figures._spread_labels([0.5, 0.51, 0.9], 0.05) == pytest.approx([0.5, 0.55, 0.9])
+    assert _figures._spread_labels([0.3, 0.1], 0.05) == [0.3, 0.1]
 
 
 # --------------------------------------------------------------------------- overlays and examples
@@ -198,7 +203,7 @@ def test_spread_labels_keeps_the_gap_and_moves_only_what_it_must():
 def test_overlay_blends_grey_image_and_colour_by_the_stated_formula():
     image = np.array([[0.0, 1.0], [2.0, 3.0]])[..., None]  # grey after min-max: [[0, 1/3], [2/3, 1]]
     attribution = np.array([[0.0, -1.0], [2.0, 4.0]])[..., None]  # heat |a| / max: [[0, .25], [.5, 1]]
-    out = report.overlay(image, attribution, alpha=0.5, cmap="inferno")
+    out = _plots.overlay(image, attribution, alpha=0.5, cmap="inferno")
     gray = np.array([[0.0, 1 / 3], [2 / 3, 1.0]])
     heat = np.array([[0.0, 0.25], [0.5, 1.0]])
     colour = plt.get_cmap("inferno")(heat)[..., :3]
@@ -208,28 +213,28 @@ def test_overlay_blends_grey_image_and_colour_by_the_stated_formula():
     np.testing.assert_allclose(out[0, 0], [0, 0, 0])  # no attribution: the grey pixel itself
     np.testing.assert_allclose(out[1, 1], 0.5 * 1.0 + 0.5 * np.array(plt.get_cmap("inferno")(1.0)[:3]))
     # a zero map leaves the grey image; alpha 1 shows the pure colour where the map peaks
-    np.testing.assert_allclose(report.overlay(image, np.zeros_like(image)), np.repeat(gray[..., None], 3, -1))
-    np.testing.assert_allclose(report.overlay(image, attribution, alpha=1.0)[1, 1], colour[1, 1])
+    np.testing.assert_allclose(_plots.overlay(image, np.zeros_like(image)), np.repeat(gray[..., None], 3, -1))
+    np.testing.assert_allclose(_plots.overlay(image, attribution, alpha=1.0)[1, 1], colour[1, 1])
 
 
 def test_overlay_of_rgb_uses_the_channel_mean_and_checks_its_arguments():
     image = np.stack([np.zeros((2, 2)), np.ones((2, 2)), 2 * np.eye(2)], -1)  # channel mean: eye(2)
-    np.testing.assert_allclose(report.overlay(image, np.zeros((2, 2, 3)))[..., 0], np.eye(2))
+    np.testing.assert_allclose(_plots.overlay(image, np.zeros((2, 2, 3)))[..., 0], np.eye(2))
     with pytest.raises(ValueError, match="differ in height/width"):
-        report.overlay(image, np.zeros((3, 2, 1)))
+        _plots.overlay(image, np.zeros((3, 2, 1)))
     with pytest.raises(ValueError, match="alpha"):
-        report.overlay(image, np.zeros((2, 2, 1)), alpha=1.5)
+        _plots.overlay(image, np.zeros((2, 2, 1)), alpha=1.5)
 
 
 def test_one_per_class_takes_the_first_image_of_each_class_in_class_order():
-    np.testing.assert_array_equal(report.one_per_class([3, 1, 3, 0, 1, 2]), [3, 1, 5, 0])
-    np.testing.assert_array_equal(report.one_per_class([3, 1, 3, 0, 1, 2], limit=2), [3, 1])
-    np.testing.assert_array_equal(report.one_per_class([2, 2]), [0])
+    np.testing.assert_array_equal(_plots.one_per_class([3, 1, 3, 0, 1, 2]), [3, 1, 5, 0])
+    np.testing.assert_array_equal(_plots.one_per_class([3, 1, 3, 0, 1, 2], limit=2), [3, 1])
+    np.testing.assert_array_equal(_plots.one_per_class([2, 2]), [0])
     # on the pipeline's class-stratified sample: one image per class whether the sample is larger or smaller
     labels = np.arange(200) % 10
     for n, classes in ((25, 10), (4, 4)):
         sample = labels[data.stratified_indices(labels, n, seed=0)]
-        shown = sample[report.one_per_class(sample)]
+        shown = sample[_plots.one_per_class(sample)]
         assert sorted(shown) == list(range(classes))
 
 
@@ -239,20 +244,20 @@ def test_one_per_class_takes_the_first_image_of_each_class_in_class_order():
 @pytest.fixture
 def drawn(monkeypatch):
     """Every figure `report._save` writes, in order, kept for inspection after it is saved."""
-    figures, save = [], report._save
+    figures, save = [], _plots._save
 
     def keep(fig, path):
         figures.append(fig)
         return save(fig, path)
 
-    monkeypatch.setattr(report, "_save", keep)
+    monkeypatch.setattr(_plots, "_save", keep)
     return figures
 
 
 def test_mosaic_puts_each_panel_at_its_corner_on_white():
-    panels = [report.Panel(0, 0, np.full((2, 3, 3), 0.1)), report.Panel(0, 1, np.full((2, 3, 3), 0.2)),
-              report.Panel(1, 0.5, np.full((2, 3, 4), 0.3))]
-    canvas = report.mosaic(panels, gap=(1, 1))
+    panels = [_plots.Panel(0, 0, np.full((2, 3, 3), 0.1)), _plots.Panel(0, 1, np.full((2, 3, 3), 0.2)),
+              _plots.Panel(1, 0.5, np.full((2, 3, 4), 0.3))]
+    canvas = _plots.mosaic(panels, gap=(1, 1))
     # rows: 2 pixels and a gap of 1, so row 1 starts at y = 3; columns: 3 + 1, so column 1 at x = 4, 0.5 at x = 2
     expected = np.ones((5, 7, 4))
     expected[0:2, 0:3, :3] = 0.1
@@ -264,14 +269,14 @@ def test_mosaic_puts_each_panel_at_its_corner_on_white():
 def test_signed_maps_use_rdbu_on_a_symmetric_scale_per_map():
     m = np.array([[-2.0, 0.0], [0.7, 2.0]])
     cmap = plt.get_cmap("RdBu_r")
-    np.testing.assert_array_equal(report._signed_rgba(m), cmap(matplotlib.colors.Normalize(-2, 2)(m)))
-    np.testing.assert_array_equal(report._signed_rgba(m)[0, 1], cmap(0.5))  # 0: the white middle of the map
-    np.testing.assert_array_equal(report._signed_rgba(3 * m), report._signed_rgba(m))  # each map on its own scale
+    np.testing.assert_array_equal(_plots._signed_rgba(m), cmap(matplotlib.colors.Normalize(-2, 2)(m)))
+    np.testing.assert_array_equal(_plots._signed_rgba(m)[0, 1], cmap(0.5))  # 0: the white middle of the map
+    np.testing.assert_array_equal(_plots._signed_rgba(3 * m), _plots._signed_rgba(m))  # each map on its own scale
 
 
 def test_grid_places_axes_with_margins_and_gaps_in_inches():
     figsize = (10.0, 5.0)
-    fig, axes = plt.subplots(2, 2, figsize=figsize, gridspec_kw=report._grid(
+    fig, axes = plt.subplots(2, 2, figsize=figsize, gridspec_kw=_plots._grid(
         figsize, 2, 2, left=1.0, right=0.5, top=0.25, bottom=0.75, wspace=0.5, hspace=1.0))
     # Axes (10 - 1 - 0.5 - 0.5) / 2 = 4 wide and (5 - 0.25 - 0.75 - 1) / 2 = 1.5 high
     inches = [np.array(ax.get_position().extents) * [10, 5, 10, 5] for ax in axes.flat]
@@ -285,7 +290,7 @@ def test_attribution_grid_is_one_image_of_the_overlays_with_every_label(tmp_path
     images = rng.normal(size=(2, 8, 8, 1))
     maps = {"teacher": rng.normal(size=images.shape), "student": rng.normal(size=images.shape)}
     path = str(tmp_path / "grid.png")
-    report.attribution_grid(path, images, maps, ["label 3", "label 5"], "saliency: a title")
+    _plots.attribution_grid(path, images, maps, ["label 3", "label 5"], "saliency: a title")
     (fig,) = drawn
     (ax,) = fig.axes
     (image,) = ax.images
@@ -293,10 +298,10 @@ def test_attribution_grid_is_one_image_of_the_overlays_with_every_label(tmp_path
     # 8-pixel panels 1 pixel apart: row i, column j starts at (9 i, 9 j); column 0 the grey input
     assert canvas.shape == (17, 26, 4)
     for i in range(2):
-        grey = np.round(255 * report._gray(images[i]))
+        grey = np.round(255 * _plots._gray(images[i]))
         np.testing.assert_array_equal(canvas[9 * i:9 * i + 8, 0:8, :3], np.repeat(grey[..., None], 3, -1))
         for j, name in enumerate(maps, start=1):
-            expected = np.round(255 * report.overlay(images[i], maps[name][i]))
+            expected = np.round(255 * _plots.overlay(images[i], maps[name][i]))
             np.testing.assert_array_equal(canvas[9 * i:9 * i + 8, 9 * j:9 * j + 8, :3], expected)
     assert (canvas[8] == 255).all() and (canvas[:, 8] == 255).all()  # white gaps
     # column titles centred over the first row, row labels beside each row, the title on top
@@ -317,7 +322,7 @@ def test_soft_tree_centres_each_node_over_its_children_and_draws_each_leafs_dist
     depth, names = 3, ["zero", "one", "two"]
     filters = rng.normal(size=(2**depth - 1, 8, 8, 1))
     leaf_probs = rng.dirichlet(np.ones(3), size=2**depth)
-    report.soft_tree(str(tmp_path / "tree.png"), "tree-kd", filters, leaf_probs, depth, names)
+    _figures.soft_tree(str(tmp_path / "tree.png"), "tree-kd", filters, leaf_probs, depth, names)
     (fig,) = drawn
     ax, ax_leaf = fig.axes
     x = {t.get_text(): t.get_position()[0] for t in ax.texts}
@@ -331,7 +336,7 @@ def test_soft_tree_centres_each_node_over_its_children_and_draws_each_leafs_dist
         left = int(x[f"node {node}"] + 0.5 - 4)
         top = int(np.floor(np.log2(node + 1))) * (canvas.shape[0] - 8) // 2  # 3 rows 8 high, 2 equal strides
         np.testing.assert_array_equal(canvas[top:top + 8, left:left + 8],
-                                      np.round(255 * report._signed_rgba(filters[node].sum(-1))))
+                                      np.round(255 * _plots._signed_rgba(filters[node].sum(-1))))
     # leaves: two under each deepest node, titled with the most likely class, one bar per class of that height
     assert ax_leaf.get_xlim() == ax.get_xlim()
     leaf_x = [t.get_position()[0] for t in ax_leaf.texts]
@@ -363,8 +368,8 @@ def test_every_label_of_every_figure_lies_inside_it(tmp_path, drawn):
     found.trees = {"tree-kd": {"filters": np.zeros((3, 8, 8, 1)), "leaf_probs": np.full((4, 3), 1 / 3), "depth": 2,
                                "usage": {"hard": np.eye(3, 4)}}}
     found.linear = {"linear-kd": {"templates": np.ones((3, 8, 8, 1))}}
-    report.summary_figures(str(tmp_path), result)
-    report.write_figures(str(tmp_path), prep, trained, found)
+    _figures.summary_figures(str(tmp_path), result)
+    _figures.write_figures(str(tmp_path), prep, trained, found)
     assert len(drawn) == 2 + len(METHODS) + 9  # readability, faithfulness; one per method; 7 more, tree and usage
     for fig in drawn:
         name = fig.texts[0].get_text() if fig.texts else fig.axes[0].get_title()
@@ -405,8 +410,8 @@ def page(tmp_path_factory):
     """A report written from the hand-made result and fake audit: (workdir, result, figures, html)."""
     workdir = str(tmp_path_factory.mktemp("report"))
     result, prep, trained, found = _fake_run()
-    figures = report.write_figures(workdir, prep, trained, found)
-    path = report.write_html(workdir, result, figures)
+    figures = _figures.write_figures(workdir, prep, trained, found)
+    path = _page.write_html(workdir, result, figures)
     with open(path) as f:
         return workdir, result, figures, f.read()
 
@@ -414,9 +419,9 @@ def page(tmp_path_factory):
 def test_attribution_figures_show_one_image_per_class(monkeypatch, tmp_path):
     result, prep, trained, found = _fake_run()
     drawn = []
-    monkeypatch.setattr(report, "attribution_grid", lambda path, images, maps, labels, title: drawn.append(
+    monkeypatch.setattr(_figures, "attribution_grid", lambda path, images, maps, labels, title: drawn.append(
         (images, maps, labels)))
-    report.write_figures(str(tmp_path), prep, trained, found)
+    _figures.write_figures(str(tmp_path), prep, trained, found)
     assert len(drawn) == len(METHODS)
     for images, maps, labels in drawn:
         assert labels == ["label 0", "label 1", "label 2"]  # the sample held 0 1 2 0 1 2
@@ -428,10 +433,10 @@ def test_attribution_figures_show_one_image_per_class(monkeypatch, tmp_path):
 def test_every_figure_has_a_caption(page):
     _, _, figures, text = page
     titles = re.findall(r"<figure><figcaption><b>(.*?)</b>", text)
-    assert set(titles) == {html.escape(t) for t in figures} | {report.READABILITY_TITLE, report.FAITHFULNESS_TITLE}
-    for title in [*figures, report.READABILITY_TITLE, report.FAITHFULNESS_TITLE, "Soft tree t",
+    assert set(titles) == {html.escape(t) for t in figures} | {_figures.READABILITY_TITLE, _figures.FAITHFULNESS_TITLE}
+    for title in [*figures, _figures.READABILITY_TITLE, _figures.FAITHFULNESS_TITLE, "Soft tree t",
                   "Soft tree t: leaf usage per class"]:
-        assert report.figure_caption(title), title
+        assert _figures.figure_caption(title), title
     captions = re.findall(r'</b><br><span class="note">(.*?)</span></figcaption>', text)
     assert len(captions) == len(titles) and all(len(c) > 40 for c in captions)
 
@@ -452,7 +457,7 @@ def test_page_opens_with_the_verdict_and_folds_the_long_tables(page):
     n_rows = sum(isinstance(s, dict) for per in result["explanations"].values() for s in per.values())
     assert f"({n_rows} rows" in folded and folded.count("<tr>") == n_rows + 1  # header + one per (model, method)
     assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in text
-    assert "max-width:100%" in report.CSS and ".scroll{overflow-x:auto" in report.CSS
+    assert "max-width:100%" in _page.CSS and ".scroll{overflow-x:auto" in _page.CSS
     assert text.count('<div class="scroll"><table>') == text.count("<table>")
     for rel in figures.values():
         assert os.path.getsize(os.path.join(workdir, rel)) > 2000

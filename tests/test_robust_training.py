@@ -8,7 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill_jax import config, distill, losses, metrics, models, parallel, pipeline, train
+from distill_jax import parallel
+from distill_jax import distill
+from distill_jax import models
+from distill_jax import robust
+from distill_jax import train
+from distill_jax.app import _fit
+from distill_jax.app import _prepare
+from distill_jax.app import _settings
+from distill_jax.app import config
+from distill_jax.distill import _terms
+from distill_jax.distill import losses
 
 N_CLASSES = 4
 
@@ -36,7 +46,7 @@ def test_adversarial_view_is_metrics_pgd_with_the_same_key_and_budget(batch):
     cfg, key = _pgd_cfg(), jax.random.PRNGKey(7)
     assert cfg.pgd_step_size == pytest.approx(2.5 * 0.3 / 3)  # Madry's step rule when adversarial_step_size = 0
     view = distill.adversarial_view(apply_fn, x, y, key=key, cfg=cfg)
-    expected = metrics.pgd(apply_fn, x, y, epsilon=0.3, step_size=0.25, steps=3, key=key)
+    expected = robust.pgd(apply_fn, x, y, epsilon=0.3, step_size=0.25, steps=3, key=key)
     np.testing.assert_array_equal(view, expected)
     jitted = jax.jit(lambda v: distill.adversarial_view(apply_fn, v, y, key=key, cfg=cfg))(x)
     np.testing.assert_allclose(jitted, expected, atol=1e-6)
@@ -60,7 +70,7 @@ def test_the_train_loss_is_the_loss_on_pgd_examples_against_the_current_student(
     params = distill.init_trainable(student, "labels", cfg, jax.random.PRNGKey(1), x[:2])
     loss_fn = distill.make_loss_fn(student, "cnn", "labels", cfg, N_CLASSES)
     attacked = models.for_attribution(student)
-    x_adv = metrics.pgd(lambda z: attacked.apply({"params": params["model"]}, z), x, y, epsilon=0.3,
+    x_adv = robust.pgd(lambda z: attacked.apply({"params": params["model"]}, z), x, y, epsilon=0.3,
                         step_size=0.25, steps=3, key=jax.random.fold_in(key, 2))
 
     def mean_loss(p):
@@ -98,16 +108,16 @@ def test_adversarial_training_raises_pgd_accuracy_on_digits():
     c.teacher.kind, c.teacher.epochs, c.teacher.learning_rate = "mlp", 6, 3e-3
     c.teacher.adversarial_epsilon = 0.5
     config.validate(c)
-    prep = pipeline.prepare_data(c)
+    prep = _prepare.prepare_data(c)
     mesh = parallel.make_mesh()
     x, y = prep.inputs(prep.x_test), jnp.asarray(prep.y_test)
     scores = {}
     for adversarial in ("none", "pgd"):
         c.teacher.adversarial = adversarial
-        pipeline.check_choices(c)
-        trained = pipeline.train_teacher(prep, c, mesh, None, show_progress=False)
+        config.check_choices(c)
+        trained = _fit.train_teacher(prep, c, mesh, None, show_progress=False)
         clean = train.accuracy_from_logits(trained.test_logits, prep.y_test)
-        robust = float(metrics.adversarial_accuracy(trained.apply_fn, x, y, attack="pgd", epsilon=0.5, step_size=0.125,
+        robust = float(robust.adversarial_accuracy(trained.apply_fn, x, y, attack="pgd", epsilon=0.5, step_size=0.125,
                                                     steps=10, key=jax.random.PRNGKey(0)))
         scores[adversarial] = (clean, robust)
     assert scores["none"][0] > 0.9 and scores["pgd"][0] > 0.85, scores  # both learned the task
@@ -123,12 +133,12 @@ def test_student_adversarial_keys_are_overridable_per_kind():
     c.mlp.adversarial = "pgd"  # a config file may add any student key to a kind's group
     c.mlp.adversarial_epsilon = 0.1
     config.validate(c)
-    mlp = pipeline.method_config(c, group=pipeline.student_budget("mlp", c))
-    cnn = pipeline.method_config(c, group=pipeline.student_budget("cnn", c))
+    mlp = _settings.method_config(c, group=_settings.student_budget("mlp", c))
+    cnn = _settings.method_config(c, group=_settings.student_budget("cnn", c))
     assert (mlp.adversarial, mlp.adversarial_epsilon, mlp.adversarial_steps) == ("pgd", 0.1, 7)
     assert (cnn.adversarial, cnn.adversarial_epsilon, cnn.adversarial_steps) == ("none", 0.25, 7)
-    assert pipeline.method_config(c).adversarial == "none"  # no group: no adversarial training
-    teacher = pipeline.method_config(c, group=c.teacher)
+    assert _settings.method_config(c).adversarial == "none"  # no group: no adversarial training
+    teacher = _settings.method_config(c, group=c.teacher)
     assert teacher.adversarial == "none" and teacher.pgd_step_size == pytest.approx(2.5 * 0.25 / 5)
 
 
@@ -172,21 +182,21 @@ def test_training_extras_of_a_student_kind_group_are_validated(leaf, value, allo
 def test_bad_choices_are_refused_by_check_choices():
     c = config.default_config()
     c.teacher.adversarial = "fgsm"
-    _one_line_error(lambda: pipeline.check_choices(c),
+    _one_line_error(lambda: config.check_choices(c),
                     r"config value teacher.adversarial 'fgsm' is not known; use one of \['none', 'pgd'\]")
     c = config.default_config()
     c.teacher.kind, c.teacher.adversarial = "tree", "pgd"
-    _one_line_error(lambda: pipeline.check_choices(c), r"teacher.adversarial='pgd': adversarial training is supported "
+    _one_line_error(lambda: config.check_choices(c), r"teacher.adversarial='pgd': adversarial training is supported "
                     r"for \['seed_cnn', 'cnn', 'mlp'\] models, not 'tree'")
     c = config.default_config()
     c.student.adversarial = "pgd"  # the default students include trees and linear models
-    _one_line_error(lambda: pipeline.check_choices(c), r"student 'tree-labels': student.adversarial='pgd': .* not 'tree'")
+    _one_line_error(lambda: config.check_choices(c), r"student 'tree-labels': student.adversarial='pgd': .* not 'tree'")
     c.students = "cnn-kd,mlp-fm"
-    pipeline.check_choices(c)  # networks only: accepted
+    config.check_choices(c)  # networks only: accepted
     c.method.mixup = 0.4
-    _one_line_error(lambda: pipeline.check_choices(c), "mixup makes images whose labels are undefined")
+    _one_line_error(lambda: config.check_choices(c), "mixup makes images whose labels are undefined")
     c.students = "mlp-fm"
-    _one_line_error(lambda: pipeline.check_choices(c), r"student 'mlp-fm': student.adversarial='pgd': the attack "
+    _one_line_error(lambda: config.check_choices(c), r"student 'mlp-fm': student.adversarial='pgd': the attack "
                     r"maximizes the cross entropy with the labels, but mixup")
 
 
@@ -252,7 +262,7 @@ def test_defensive_term_reads_the_teacher_at_the_method_temperature_and_no_label
     teacher = models.SmallCNN(N_CLASSES)
     t_vars = teacher.init(jax.random.PRNGKey(9), x[:2])
     needs = distill.method_needs("defensive", distill.MethodConfig())
-    assert needs.teacher_logits and not distill.TERMS["defensive"].reads_labels
+    assert needs.teacher_logits and not _terms.TERMS["defensive"].reads_labels
     for kind, student in (("mlp", models.MLP(N_CLASSES, hidden=(16,))), ("tree", models.SoftDecisionTree(2, N_CLASSES))):
         cfg = distill.MethodConfig(temperature=20.0, tree_balance=0.0)
         params = distill.init_trainable(student, "defensive", cfg, jax.random.PRNGKey(1), x[:2], teacher, t_vars)
@@ -291,12 +301,12 @@ def test_a_teacher_trained_at_temperature_t_has_larger_logits():
     """Papernot et al.'s defensive teacher: trained at T, used at T = 1, its logits grow with T."""
     c = config.apply_smoke(config.default_config())
     c.teacher.kind, c.teacher.epochs, c.teacher.learning_rate = "mlp", 6, 3e-3
-    prep = pipeline.prepare_data(c)
+    prep = _prepare.prepare_data(c)
     mesh = parallel.make_mesh()
     spread = {}
     for t in (1.0, 20.0):
         c.teacher.train_temperature = t
-        teacher = pipeline.train_teacher(prep, c, mesh, None, show_progress=False)
+        teacher = _fit.train_teacher(prep, c, mesh, None, show_progress=False)
         logits = np.asarray(teacher.test_logits)
         spread[t] = float(np.mean(logits.max(1) - logits.min(1)))
         assert train.accuracy_from_logits(logits, prep.y_test) > 0.8

@@ -7,7 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from distill_jax import distill, models, parallel, train
+from distill_jax import parallel
+from distill_jax import distill
+from distill_jax import models
+from distill_jax import train
 
 N_CLASSES = 3
 
@@ -30,7 +33,7 @@ def _data(n=24, seed=0):
 
 
 def _bn_student():
-    return distill.as_student(BatchNormNet(), mutable=("batch_stats",), train_kwargs={"train": True})
+    return models.as_student(BatchNormNet(), mutable=("batch_stats",), train_kwargs={"train": True})
 
 
 def _hand_written_loop(variables, opt, batches):

@@ -5,7 +5,13 @@ import jax
 import numpy as np
 import pytest
 
-from distill_jax import config as config_lib, data, distill, parallel, pipeline
+from distill_jax import parallel
+from distill_jax import data
+from distill_jax import distill
+from distill_jax.app import _fit
+from distill_jax.app import _prepare
+from distill_jax.app import _settings
+from distill_jax.app import config
 
 
 def _npz(tmp_path, *, transfer_shape=(30, 8, 8)):
@@ -35,62 +41,62 @@ def test_transfer_images_of_another_shape_and_transfer_split_outside_tfds_are_re
 def test_hold_out_unlabelled_moves_a_share_of_every_class():
     y = np.repeat(np.arange(4), 25)
     x = np.arange(100)[:, None, None, None].astype(np.uint8)
-    x_l, y_l, x_t = pipeline.hold_out_unlabelled(x, y, None, 0.2, seed=3)
+    x_l, y_l, x_t = _prepare.hold_out_unlabelled(x, y, None, 0.2, seed=3)
     assert len(x_t) == 20 and len(x_l) == 80
     assert np.bincount(y_l).tolist() == [20, 20, 20, 20]  # 5 of each class's 25 held back
     assert sorted(np.r_[x_l.ravel(), x_t.ravel()].tolist()) == list(range(100))  # a partition
     np.testing.assert_array_equal(y_l, y[x_l.ravel()])  # labels stay with their images
     existing = np.full((7, 1, 1, 1), 200, np.uint8)
-    _, _, both = pipeline.hold_out_unlabelled(x, y, existing, 0.2, seed=3)
+    _, _, both = _prepare.hold_out_unlabelled(x, y, existing, 0.2, seed=3)
     assert len(both) == 27 and np.all(both[:7] == 200)  # appended after the dataset's own transfer images
 
 
 def test_config_refuses_a_bad_unlabelled_fraction():
-    c = config_lib.default_config()
+    c = config.default_config()
     c.transfer.unlabelled_fraction = 1.0
     with pytest.raises(ValueError, match="transfer.unlabelled_fraction"):
-        config_lib.validate(c)
+        config.validate(c)
 
 
 @pytest.fixture(scope="module")
 def transfer_run():
     """digits with half of each class held back unlabelled, and a 'teacher' that always says class 3."""
-    c = config_lib.apply_smoke(config_lib.default_config())
+    c = config.apply_smoke(config.default_config())
     c.transfer.unlabelled_fraction = 0.5
-    prep = pipeline.prepare_data(c)
+    prep = _prepare.prepare_data(c)
     mesh = parallel.make_mesh()
-    model, extra = pipeline.build_model("mlp", c, prep.num_classes, prep.pca)
+    model, extra = _settings.build_model("mlp", c, prep.num_classes, prep.pca)
     variables = jax.device_get(model.init(jax.random.PRNGKey(0), prep.inputs(prep.x_train[:2])))
     bias = np.zeros(prep.num_classes, np.float32)
     bias[3] = 1e3
     variables["params"]["head"]["bias"] = bias
-    teacher = pipeline.Trained("teacher", model, variables, "mlp", "labels", np.zeros((0, 10)), [], 0.0)
+    teacher = _fit.Trained("teacher", model, variables, "mlp", "labels", np.zeros((0, 10)), [], 0.0)
     return c, prep, mesh, teacher
 
 
 def test_transfer_images_are_labelled_by_the_teacher_for_students_that_learn_from_it(transfer_run):
     c, prep, mesh, teacher = transfer_run
     assert prep.x_transfer is not None and len(prep.x_transfer) > 0.4 * (len(prep.x_train) + len(prep.x_transfer))
-    needs_kd = distill.method_needs("kd", pipeline.method_config(c))
-    x, y = pipeline.training_set(needs_kd, prep, teacher, c, mesh)
+    needs_kd = distill.method_needs("kd", _settings.method_config(c))
+    x, y = _fit.training_set(needs_kd, prep, teacher, c, mesh)
     n = len(prep.x_train)
     np.testing.assert_array_equal(x[:n], prep.x_train)
     np.testing.assert_array_equal(x[n:], prep.x_transfer)
     np.testing.assert_array_equal(y[:n], prep.y_train)  # true labels where they exist
     assert np.all(y[n:] == 3)  # the teacher's arg-max on every transfer image
     # the label-trained student and the teacher never see the transfer images
-    needs_labels = distill.method_needs("labels", pipeline.method_config(c))
-    x_l, y_l = pipeline.training_set(needs_labels, prep, teacher, c, mesh)
+    needs_labels = distill.method_needs("labels", _settings.method_config(c))
+    x_l, y_l = _fit.training_set(needs_labels, prep, teacher, c, mesh)
     assert len(x_l) == n and np.array_equal(y_l, prep.y_train)
-    assert pipeline.training_set(needs_kd, prep, None, c, mesh)[0] is prep.x_train
+    assert _fit.training_set(needs_kd, prep, None, c, mesh)[0] is prep.x_train
 
 
 def test_a_distilled_student_trains_on_the_transfer_set(transfer_run):
     c, prep, mesh, teacher = transfer_run
     c = c.copy_and_resolve_references()
     c.student.epochs = 8
-    fm = pipeline.train_student("linear-fm", "linear", "fm", prep, teacher, c, mesh, None, show_progress=False)
-    labels = pipeline.train_student("linear-labels", "linear", "labels", prep, teacher, c, mesh, None,
+    fm = _fit.train_student("linear-fm", "linear", "fm", prep, teacher, c, mesh, None, show_progress=False)
+    labels = _fit.train_student("linear-labels", "linear", "labels", prep, teacher, c, mesh, None,
                                     show_progress=False)
     assert fm.train_images == len(prep.x_train) + len(prep.x_transfer)
     assert labels.train_images == len(prep.x_train)
@@ -98,5 +104,5 @@ def test_a_distilled_student_trains_on_the_transfer_set(transfer_run):
     share_fm, share_labels = (np.mean(np.argmax(t.test_logits, -1) == 3) for t in (fm, labels))
     assert share_fm > share_labels + 0.2 and share_labels < 0.2
     no_transfer = dataclasses.replace(prep, x_transfer=None)
-    assert pipeline.train_student("linear-fm", "linear", "fm", no_transfer, teacher, c, mesh, None,
+    assert _fit.train_student("linear-fm", "linear", "fm", no_transfer, teacher, c, mesh, None,
                                   show_progress=False).train_images == len(prep.x_train)

@@ -4,7 +4,13 @@ import json
 import numpy as np
 import pytest
 
-from distill_jax import config as config_lib, parallel, pipeline, report, tuning
+from distill_jax import parallel
+from distill_jax.app import _audit
+from distill_jax.app import _fit
+from distill_jax.app import _page
+from distill_jax.app import _prepare
+from distill_jax.app import config
+from distill_jax.distill import tuning
 
 
 def test_holdout_split_takes_the_fraction_of_every_class_and_nothing_else():
@@ -86,38 +92,38 @@ def test_select_breaks_accuracy_ties_by_kl_and_refuses_unknown_scores():
 
 
 def test_config_accepts_auto_and_numbers_only():
-    c = config_lib.default_config()
+    c = config.default_config()
     c.method.temperature = "auto"
     c.method.alpha = "auto"
-    config_lib.validate(c)
-    smoke = config_lib.apply_smoke(c)
+    config.validate(c)
+    smoke = config.apply_smoke(c)
     smoke.method.temperature = 2  # still settable after the smoke copy
-    config_lib.validate(smoke)
+    config.validate(smoke)
     c.method.temperature = "warm"
     with pytest.raises(ValueError, match="method.temperature='warm' is out of range: must be > 0 or 'auto'"):
-        config_lib.validate(c)
+        config.validate(c)
 
 
 def test_pipeline_selects_on_held_out_training_images_and_trains_with_the_choice(tmp_path):
-    c = config_lib.apply_smoke(config_lib.default_config())
+    c = config.apply_smoke(config.default_config())
     c.method.temperature = "auto"
     c.method.auto_temperatures = (1.0, 8.0)
     c.method.auto_alphas = (0.9,)
     c.train_limit = 400
-    prep = pipeline.prepare_data(c)
+    prep = _prepare.prepare_data(c)
     mesh = parallel.make_mesh()
-    teacher = pipeline.train_teacher(prep, c, mesh, None, show_progress=False)
-    student = pipeline.train_student("linear-kd", "linear", "kd", prep, teacher, c, mesh, None, show_progress=False)
+    teacher = _fit.train_teacher(prep, c, mesh, None, show_progress=False)
+    student = _fit.train_student("linear-kd", "linear", "kd", prep, teacher, c, mesh, None, show_progress=False)
     sel = student.settings["selection"]
     assert sel["validation_images"] == len(tuning.holdout_split(prep.y_train, 0.1, seed=c.seed)[1]) > 30
     assert [r["temperature"] for r in sel["candidates"]] == [1.0, 8.0]
     best = max(sel["candidates"], key=lambda r: (r["accuracy"], -r["kl"]))
     assert (student.settings["temperature"], student.settings["alpha"]) == (best["temperature"], 0.9)
     assert sel["temperature"] == best["temperature"] and 0 < sel["seconds"] < student.seconds  # tuning is timed
-    labels_only = pipeline.train_student("linear-labels", "linear", "labels", prep, teacher, c, mesh, None,
+    labels_only = _fit.train_student("linear-labels", "linear", "labels", prep, teacher, c, mesh, None,
                                          show_progress=False)
     assert labels_only.settings == {}
-    metrics = pipeline.model_metrics(student, teacher, prep)
-    assert metrics["selection"] == sel and report.kd_settings_text(metrics).endswith("(validation)")
-    header, rows = report.selection_rows({"models": {"linear-kd": json.loads(json.dumps(metrics))}})
+    metrics = _audit.model_metrics(student, teacher, prep)
+    assert metrics["selection"] == sel and _page.kd_settings_text(metrics).endswith("(validation)")
+    header, rows = _page.selection_rows({"models": {"linear-kd": json.loads(json.dumps(metrics))}})
     assert len(rows) == 2 and sum(r[-1].startswith("chosen") for r in rows) == 1

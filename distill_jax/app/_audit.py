@@ -1,0 +1,163 @@
+"""The job's audit stage: the test sample, then every score family on every model, as the
+evaluators of `distill_jax.audit` compute them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+import jax
+import jax.numpy as jnp
+import numpy as np
+from distill_jax import parallel
+
+from distill_jax.app._fit import Trained
+from distill_jax.app._prepare import Prepared
+from distill_jax.audit._evaluators import attribution_maps
+from distill_jax.audit._evaluators import cka_scores
+from distill_jax.audit._evaluators import faithfulness_scores
+from distill_jax.audit._evaluators import features_of
+from distill_jax.audit._evaluators import ig_completeness
+from distill_jax.audit._evaluators import linear_student
+from distill_jax.audit._evaluators import quality_scores
+from distill_jax.audit._evaluators import randomization_scores
+from distill_jax.audit._evaluators import rank_methods
+from distill_jax.audit._evaluators import robustness_scores
+from distill_jax.audit._evaluators import saliency_max_sensitivity
+from distill_jax.audit._evaluators import tree_student
+from distill_jax.data._batches import stratified_indices
+from distill_jax.distill.prune import sparsity
+from distill_jax.metrics._fidelity import agreement
+from distill_jax.metrics._fidelity import mean_kl
+from distill_jax.models._util import count_params
+from distill_jax.train._fit import progress_bar
+from distill_jax.train._step import accuracy_from_logits
+
+@dataclasses.dataclass
+class Audit:
+    """What the evaluation stage found: JSON-ready scores, plus the arrays the figures draw."""
+
+    explanations: dict  # model -> {ig_completeness_error, saliency_max_sensitivity, <method>: {scores}}
+    robustness: dict  # model -> {fgsm_accuracy, pgd_accuracy}
+    analysis: dict  # JSON-ready: randomization, cka, tree usage, linear sparsity
+    images: np.ndarray  # the explained test images
+    labels: np.ndarray
+    maps: dict  # model -> method -> [n, h, w, c]
+    curves: dict  # model -> method -> {deletion, insertion}
+    linear: dict  # linear student name -> audit.linear_student(...)
+    trees: dict  # tree student name -> audit.tree_student(...)
+    ranking: dict  # model -> method -> {ranks: {metric: rank}, mean_rank} (audit.rank_methods)
+
+
+def purpose_key(seed: int, purpose: str) -> jax.Array:
+    """An independent PRNG key per use (SmoothGrad noise, sensitivity noise, randomisation, attack starts).
+
+    One key shared by several uses would give them the same noise bits; `fold_in` of a hash of the
+    purpose's name gives each its own stream, the same in every run with the same seed.
+    """
+    return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(purpose.encode()) % (2**31))
+
+
+def test_sample(prep: Prepared, n: int, *, seed: int) -> tuple[jax.Array, jax.Array]:
+    """`n` test images stratified by class (one per class before any repeats) as model inputs, and their labels."""
+    idx = stratified_indices(prep.y_test, n, seed=seed)
+    return prep.inputs(prep.x_test[idx]), jnp.asarray(prep.y_test[idx])
+
+
+def _explain_stage(t: Trained, teacher: Trained, maps: dict, x, target, e, seed: int) -> tuple[dict, dict, dict]:
+    """One model's attribution maps, their faithfulness scores and curves (teacher's maps for agreement)."""
+    model_maps = attribution_maps(t.model, t.variables, x, target, methods=tuple(e.methods),
+                                        ig_steps=e.ig_steps, smoothgrad_samples=e.smoothgrad_samples,
+                                        key=purpose_key(seed, "smoothgrad"))
+    scores, curves = faithfulness_scores(t.model, t.variables, x, target, model_maps,
+                                        None if t is teacher else maps[teacher.name], steps=e.faithfulness_steps)
+    scores = {"saliency_max_sensitivity": saliency_max_sensitivity(
+        t.model, t.variables, x, target, radius=e.sensitivity_radius, key=purpose_key(seed, "max_sensitivity")),
+        **scores}
+    quality = quality_scores(t.model, t.variables, x, target, model_maps,
+                                        key=purpose_key(seed, "explanation_quality"), samples=e.quality_samples)
+    for method, values in quality.items():
+        scores[method].update(values)
+    if "integrated_gradients" in model_maps:
+        scores["ig_completeness_error"] = ig_completeness(t.model, t.variables, x, target,
+                                                                model_maps["integrated_gradients"])
+    return model_maps, scores, curves
+
+
+def _analysis_stage(trained: list[Trained], prep: Prepared, x, target, xa, ya, seed: int) -> tuple[dict, dict, dict]:
+    """Randomisation check of the teacher, CKA of each student to the teacher, linear and soft-tree read-outs."""
+    teacher = trained[0]
+    out = {"randomization": randomization_scores(teacher.model, teacher.variables, x, target,
+                                                key=purpose_key(seed, "randomization")),
+           "cka": {}, "tree": {}}
+    teacher_feats = features_of(teacher.model, teacher.variables, xa)
+    linear, trees = {}, {}
+    image_shape = prep.x_train.shape[1:]
+    for t in trained[1:]:
+        feats = features_of(t.model, t.variables, xa)
+        if feats:
+            out["cka"][t.name] = cka_scores(teacher_feats, feats)
+        if t.kind == "linear":
+            linear[t.name] = linear_student(t.variables, x, image_shape)
+        if t.kind == "tree":
+            trees[t.name] = tree_student(t.model, t.variables, xa, np.asarray(ya), prep.num_classes, image_shape)
+            usage = trees[t.name]["usage"]["hard"]
+            out["tree"][t.name] = {
+                "leaves_used": int(np.sum(usage.sum(0) > 0)), "leaves": int(usage.shape[1]),
+                "top_leaf_share_per_class": [round(float(v), 4) for v in usage.max(1)],
+            }
+    return out, linear, trees
+
+
+def audit_models(trained: list[Trained], prep: Prepared, c, *, show_progress: bool | None = None) -> Audit:
+    """Explains every model on a class-stratified test sample, scores the maps, attacks the models, analyses the students.
+
+    The samples are split over this process's devices (`parallel.place_batch`) and every model's
+    variables replicated on them once, so each kernel runs data-parallel.
+
+    Targets are the true labels, so maps of different models explain the same decision.
+    The first model in `trained` is the teacher. Accuracy, agreement and KL come from the whole test
+    set (`model_metrics`); this stage works on samples: `explain.num_images` images for the maps,
+    `robustness.num_images` for the attacks, `analysis_images` for CKA and tree usage.
+    `show_progress`: None shows a bar on a terminal only, True always, False never.
+    """
+    e, r = c.explain, c.robustness
+    # each process audits the same samples on its own devices: batches split over them, variables placed once
+    mesh = parallel.local_mesh()
+    x, target, xr, yr, xa, ya = parallel.place_batch((*test_sample(prep, e.num_images, seed=c.seed),
+                                                      *test_sample(prep, r.num_images, seed=c.seed),
+                                                      *test_sample(prep, c.analysis_images, seed=c.seed)), mesh)
+    trained = [dataclasses.replace(t, variables=parallel.replicate(t.variables, mesh)) for t in trained]
+    teacher = trained[0]
+    maps, curves, explanations, robust = {}, {}, {}, {}
+    stages = [(t, "explain") for t in trained] + [(t, "attack") for t in trained] + [(None, "analysis")]
+    with progress_bar(len(stages), desc="audit", show=show_progress) as bar:
+        for t, stage in stages:
+            bar.set_postfix_str(f"{stage} {t.name if t else 'students'}")
+            if stage == "explain":
+                maps[t.name], explanations[t.name], curves[t.name] = _explain_stage(t, teacher, maps, x, target, e,
+                                                                                   c.seed)
+            elif stage == "attack":
+                robust[t.name] = robustness_scores(t.model, t.variables, xr, yr, epsilon=r.epsilon,
+                                                  pgd_steps=r.pgd_steps, key=purpose_key(c.seed, "attack"))
+            else:
+                analysis_out, linear, trees = _analysis_stage(trained, prep, x, target, xa, ya, c.seed)
+            bar.update(1)
+    ranking = {name: rank_methods({m: per[m] for m in maps[name]}) for name, per in explanations.items()}
+    return Audit(explanations, robust, analysis_out, np.asarray(x), np.asarray(target), maps, curves, linear, trees,
+                 ranking)
+
+
+def model_metrics(t: Trained, teacher: Trained | None, prep: Prepared) -> dict:
+    """accuracy and params for every model; agreement and KL(teacher || student) for students."""
+    out = {"accuracy": accuracy_from_logits(t.test_logits, prep.y_test),
+           "params": count_params(t.variables["params"]),
+           "sparsity": round(sparsity(t.variables["params"]), 4),
+           "train_seconds": round(t.seconds, 2), "train_images": t.train_images}
+    if teacher is not None:
+        out.update(
+            agreement=float(agreement(jnp.asarray(t.test_logits), jnp.asarray(teacher.test_logits))),
+            kl=float(mean_kl(jnp.asarray(t.test_logits), jnp.asarray(teacher.test_logits))),
+            method=t.method,
+        )
+    out.update(t.settings)
+    return out

@@ -1,0 +1,139 @@
+"""From config to objects: student names, method configs, budgets, models, pruning and DP-SGD
+settings read from an ml_collections config.
+"""
+from __future__ import annotations
+
+import ml_collections
+import dataclasses
+import flax.linen as nn
+from distill_jax import parallel
+
+from distill_jax.distill._method import MethodConfig
+from distill_jax.distill.prune import magnitude_pruning
+from distill_jax.distill.tuning import is_auto
+from distill_jax.models._students import set_pca
+from distill_jax.models._util import build
+from distill_jax.models._util import with_compute_dtype
+from distill_jax.train._step import DPSGD
+
+STUDENT_KINDS = ("cnn", "mlp", "linear", "tree")
+
+
+def parse_pairs(text: str, key: str) -> tuple[tuple[str, str], ...]:
+    """`"conv1:conv1,conv2:conv3"` -> (("conv1", "conv1"), ("conv2", "conv3")) (student:teacher)."""
+    pairs = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        parts = item.split(":")
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"{key}={text!r}: each pair must be 'student_layer:teacher_layer'")
+        pairs.append((parts[0], parts[1]))
+    return tuple(pairs)
+
+
+def parse_students(text: str) -> list[tuple[str, str, str]]:
+    """`"cnn-kd,tree-labels"` -> [("cnn-kd", "cnn", "kd"), ("tree-labels", "tree", "labels")]."""
+    out = []
+    for name in filter(None, (s.strip() for s in text.split(","))):
+        kind, _, method = name.partition("-")
+        if kind not in STUDENT_KINDS or not method:
+            raise ValueError(f"students: {name!r} must be '<kind>-<method>' with kind in {list(STUDENT_KINDS)}")
+        out.append((name, kind, method))
+    if not out:
+        raise ValueError("students is empty; name at least one, e.g. 'cnn-kd'")
+    return out
+
+
+ADVERSARIAL_KEYS = ("adversarial", "adversarial_epsilon", "adversarial_steps", "adversarial_step_size")
+
+
+def method_config(c, *, temperature: float | None = None, alpha: float | None = None,
+                  group=None) -> MethodConfig:
+    """The distillation hyper-parameters of config `c`; `temperature`/`alpha` override the config's.
+
+    A setting left at `"auto"` and not overridden takes `distill.MethodConfig`'s default (it is only
+    read by the `kd` term, whose students get the chosen value through `kd_settings`).
+    `group`: the budget of the model being trained (`c.teacher`, or `student_budget(kind, c)`), whose
+    `adversarial*` keys (`ADVERSARIAL_KEYS`) set adversarial training; None (or keys it lacks) leaves
+    `distill.MethodConfig`'s defaults (no adversarial training).
+    """
+    m = c.method
+    defaults = MethodConfig()
+    if temperature is None:
+        temperature = defaults.temperature if is_auto(m.temperature) else m.temperature
+    if alpha is None:
+        alpha = defaults.alpha if is_auto(m.alpha) else m.alpha
+    return MethodConfig(
+        temperature=float(temperature), alpha=float(alpha), tree_balance=m.tree_balance, attention_p=m.attention_p,
+        attention_pairs=parse_pairs(m.attention_pairs, "method.attention_pairs"),
+        hint_pairs=parse_pairs(m.hint_pairs, "method.hint_pairs"),
+        augment_shift=c.teacher.augment_shift, augment_flip=c.teacher.augment_flip, mixup=m.get("mixup", 0.0),
+        **adversarial_settings(group),
+    )
+
+
+def adversarial_settings(group) -> dict:
+    """The `adversarial*` keys of a budget group that has them, as `distill.MethodConfig` fields."""
+    if group is None:
+        return {}
+    return {key: group[key] for key in ADVERSARIAL_KEYS if key in group}
+
+
+def build_model(kind: str, c, num_classes: int, pca_state) -> tuple[nn.Module, dict]:
+    """A model of `kind` computing in `c.dtype`, and its non-trainable collections (the PCA for `linear`)."""
+    options = {
+        "seed_cnn": {}, "cnn": {}, "mlp": {"hidden": tuple(c.mlp.hidden)},
+        "tree": {"depth": c.tree.depth},
+        "linear": {"n_components": int(pca_state.components.shape[0])},
+    }[kind]
+    model = with_compute_dtype(build(kind, num_classes, **options), c.get("dtype", "float32"))
+    extra = {"pca": set_pca({}, pca_state)["pca"]} if kind == "linear" else {}
+    return model, extra
+
+
+def pruning_of(budget, total_steps: int):
+    """The gradual magnitude pruning transformation a budget asks for (`prune_sparsity` > 0), or None."""
+    target = budget.get("prune_sparsity", 0.0)
+    if not target:
+        return None
+    return magnitude_pruning(final_sparsity=target, begin_step=int(budget.prune_begin * total_steps),
+                                   end_step=int(budget.prune_end * total_steps),
+                                   frequency=max(1, total_steps // 100))
+
+
+
+
+def dp_sgd_of(budget) -> DPSGD | None:
+    """The DP-SGD settings of a budget group (`dp_noise_multiplier` > 0), or None."""
+    if not budget.get("dp_noise_multiplier", 0.0):
+        return None
+    return DPSGD(l2_clip=float(budget.dp_l2_clip), noise_multiplier=float(budget.dp_noise_multiplier))
+
+
+def privacy_of(dp: DPSGD, budget, steps: int, n: int) -> dict:
+    """What a DP-SGD model reports: (epsilon, delta) of its `steps` steps at sampling rate batch / n
+    (`distill.privacy.dp_sgd_epsilon`, which assumes Poisson sampling; the trainer draws shuffled fixed-size
+    batches, as most DP-SGD implementations do), with the settings."""
+    from distill_jax.distill.privacy import dp_sgd_epsilon  # noqa: PLC0415 - dp-accounting loads only for private training
+
+    epsilon = dp_sgd_epsilon(steps, batch_size=parallel.local_batch_size(budget.batch_size), n=n,
+                                     noise_multiplier=dp.noise_multiplier, delta=float(budget.dp_delta))
+    return {"mechanism": "DP-SGD", "epsilon": round(float(epsilon), 4), "delta": float(budget.dp_delta),
+            "noise_multiplier": dp.noise_multiplier, "l2_clip": dp.l2_clip, "steps": steps}
+
+
+def teacher_method_config(c) -> MethodConfig:
+    """The teacher's training settings: its adversarial keys and training temperature, no mixup."""
+    return dataclasses.replace(method_config(c, group=c.teacher), mixup=0.0,
+                               label_temperature=float(c.teacher.get("train_temperature", 1.0)))
+
+
+def student_budget(kind: str, c):
+    """`c.student`, with any of its keys overridden by the kind's own group (e.g. `c.tree.learning_rate`,
+    or `c.mlp.adversarial` in a config file)."""
+    budget = ml_collections.ConfigDict(c.student.to_dict())
+    for key, value in c.get(kind, {}).items():
+        if key in budget:
+            budget[key] = value
+    return budget
+
+

@@ -1,0 +1,40 @@
+"""The audit of trained models: two compiled queries per model, the evaluators of every score family,
+and (`verdict`) the choice of student and explanation method.
+"""
+from distill_jax.audit._queries import ModelQueries
+from distill_jax.audit._evaluators import (
+    attribution_maps,
+    faithfulness_scores,
+    quality_scores,
+    rank_methods,
+    ig_completeness,
+    saliency_max_sensitivity,
+    randomization_scores,
+    robustness_scores,
+    cka_scores,
+    linear_student,
+    tree_student,
+    features_of,
+    spatial_layer,
+    queries_of,
+)
+from distill_jax.audit import verdict
+
+__all__ = [
+    "ModelQueries",
+    "attribution_maps",
+    "faithfulness_scores",
+    "quality_scores",
+    "rank_methods",
+    "ig_completeness",
+    "saliency_max_sensitivity",
+    "randomization_scores",
+    "robustness_scores",
+    "cka_scores",
+    "linear_student",
+    "tree_student",
+    "features_of",
+    "spatial_layer",
+    "queries_of",
+    "verdict",
+]

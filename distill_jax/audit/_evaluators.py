@@ -1,0 +1,280 @@
+"""The evaluation half of the job: explain trained models, score the explanations, analyse the readable students.
+
+Everything here takes trained models (a linen module plus its variables) and test images and
+returns plain arrays and floats; `report` draws them. The gradient and perturbation methods, their
+scores and the attacks ask the model for logits or input gradients at many points through
+`queries.ModelQueries`: two compiled programs per architecture serve all of them (and every student
+of that architecture), the arithmetic around them being `batched_explain`'s numpy. Grad-CAM and the
+feature read-outs are one program per architecture each. Variables placed on a mesh (as the pipeline
+does) make every query split its points over that mesh's devices.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from distill_jax import backend
+from distill_jax import compilation
+
+from distill_jax.analysis import cka_matrix
+from distill_jax.analysis import class_templates
+from distill_jax.analysis import linear_contributions
+from distill_jax.analysis import node_filters
+from distill_jax.analysis import tree_usage
+from distill_jax.attr._layer import grad_cam
+from distill_jax.audit._batched import adversarial_accuracy
+from distill_jax.audit._batched import deletion_insertion
+from distill_jax.audit._batched import faithfulness_correlation
+from distill_jax.audit._batched import grad_x_input
+from distill_jax.audit._batched import ig_completeness_error
+from distill_jax.audit._batched import infidelity
+from distill_jax.audit._batched import integrated_gradients
+from distill_jax.audit._batched import max_sensitivity
+from distill_jax.audit._batched import occlusion
+from distill_jax.audit._batched import saliency
+from distill_jax.audit._batched import smoothgrad
+from distill_jax.audit._queries import ModelQueries
+from distill_jax.metrics._complexity import complexity
+from distill_jax.metrics._complexity import sparseness
+from distill_jax.metrics._randomisation import randomization_check
+from distill_jax.metrics._similarity import spearman
+from distill_jax.metrics._similarity import top_k_overlap
+from distill_jax.models._layers import for_attribution
+from distill_jax.models._students import tree_hard_predict
+from distill_jax.models._util import forward_with_features
+from distill_jax.models._util import layer_order
+
+ATTRIBUTION_METHODS = ("saliency", "grad_x_input", "integrated_gradients", "smoothgrad", "grad_cam", "occlusion")
+
+
+@functools.lru_cache(maxsize=None)  # linen modules hash and compare by their fields
+def _per_model(kernel: Callable, model: nn.Module, *static):
+    """`kernel(model, *static, variables, ...)` jitted once per model class and static options.
+
+    Conv models run as `models.for_attribution(model)`. Each runs once or twice per model, so it is
+    compiled as `compilation.run_once`.
+    """
+    return compilation.run_once(functools.partial(kernel, for_attribution(model), *static))
+
+
+def _mesh_of(variables):
+    """The mesh the variables are placed on (None when they are not on a `NamedSharding`)."""
+    sharding = getattr(jax.tree_util.tree_leaves(variables)[0], "sharding", None)
+    return getattr(sharding, "mesh", None) if isinstance(sharding, jax.sharding.NamedSharding) else None
+
+
+def queries_of(model: nn.Module, variables) -> ModelQueries:
+    """`model` with `variables` as a `ModelQueries`, splitting its points over the variables' mesh if any."""
+    return ModelQueries(model, variables, _mesh_of(variables))
+
+
+def _host(*arrays):
+    return tuple(np.asarray(a) for a in arrays)
+
+
+def spatial_layer(model: nn.Module, variables, sample_x: jax.Array) -> str | None:
+    """The deepest 4-D feature map whose grid is at least 4x4 (or the largest one), for Grad-CAM; None if none."""
+    _, feats = jax.eval_shape(lambda v: model.apply(v, sample_x, return_features=True), variables)
+    maps = [(name, f.shape) for name, f in feats.items() if len(f.shape) == 4]
+    if not maps:
+        return None
+    big = [name for name, s in maps if min(s[1:3]) >= 4]
+    return big[-1] if big else max(maps, key=lambda m: m[1][1] * m[1][2])[0]
+
+
+def _grad_cam(model, layer, variables, x, target):
+    maps = grad_cam(forward_with_features(model, variables), x, target, layer=layer)
+    return maps[..., None] * jnp.ones_like(x)
+
+
+def _occlusion_patch(x) -> int:
+    return max(1, min(x.shape[1:3]) // 4)
+
+
+def attribution_maps(model: nn.Module, variables, x: jax.Array, target: jax.Array, *, methods: Sequence[str],
+                     ig_steps: int, smoothgrad_samples: int, key: jax.Array) -> dict[str, np.ndarray]:
+    """Maps of every applicable method: name -> [batch, h, w, c] (Grad-CAM broadcast over channels).
+
+    Occlusion uses square windows of a quarter of the image side, sliding by half a window.
+    """
+    unknown = [m for m in methods if m not in ATTRIBUTION_METHODS]
+    if unknown:
+        raise ValueError(f"explain.methods: {unknown[0]!r} is not known; use any of {list(ATTRIBUTION_METHODS)}")
+    q, (xh, th) = queries_of(model, variables), _host(x, target)
+    patch = _occlusion_patch(xh)
+    registry = {
+        "saliency": lambda: saliency(q, xh, th),
+        "grad_x_input": lambda: grad_x_input(q, xh, th),
+        "integrated_gradients": lambda: integrated_gradients(q, xh, th, steps=ig_steps),
+        "smoothgrad": lambda: smoothgrad(q, xh, th, key=key, samples=smoothgrad_samples),
+        "occlusion": lambda: occlusion(q, xh, th, patch=patch, stride=max(1, patch // 2)),
+    }
+    out = {}
+    for method in methods:
+        if method != "grad_cam":
+            out[method] = registry[method]()
+            continue
+        layer = spatial_layer(model, variables, x[:1])
+        if layer is not None:
+            out[method] = np.asarray(_per_model(_grad_cam, model, layer)(variables, x, target))
+    return out
+
+
+def faithfulness_scores(model: nn.Module, variables, x, target, maps: dict[str, np.ndarray], teacher_maps, *,
+                 steps: int = 16) -> tuple[dict, dict]:
+    """Deletion/insertion AUC of every map, and its rank agreement with the teacher's map of the same method.
+
+    Returns (scores: method -> {deletion_auc, insertion_auc, spearman_vs_teacher, top10_overlap_vs_teacher},
+    curves: method -> {"deletion": [steps+1], "insertion": [steps+1]} averaged over images).
+    """
+    q, (xh, th) = queries_of(model, variables), _host(x, target)
+    scores, curves = {}, {}
+    for method, m in maps.items():
+        d_auc, i_auc, d_curve, i_curve = deletion_insertion(q, xh, np.asarray(m), th, steps=steps)
+        s = {"deletion_auc": float(np.mean(d_auc)), "insertion_auc": float(np.mean(i_auc))}
+        if teacher_maps is not None and method in teacher_maps:
+            a, b = np.abs(np.asarray(m)).sum(-1), np.abs(np.asarray(teacher_maps[method])).sum(-1)
+            s["spearman_vs_teacher"] = float(jnp.mean(spearman(a, b)))
+            k = max(1, a[0].size // 10)
+            s["top10_overlap_vs_teacher"] = float(jnp.mean(top_k_overlap(a, b, k=k)))
+        scores[method] = s
+        curves[method] = {"deletion": d_curve.mean(0), "insertion": i_curve.mean(0)}
+    return scores, curves
+
+
+# Each metric's direction: +1 when larger is better, -1 when smaller is better (for `rank_methods`).
+QUALITY_DIRECTIONS = {"deletion_auc": -1, "insertion_auc": +1, "faithfulness_correlation": +1,
+                      "infidelity": -1, "sparseness": +1, "complexity": -1}
+
+
+def quality_scores(model: nn.Module, variables, x, target, maps: dict[str, np.ndarray], *, key,
+                        samples: int = 32) -> dict[str, dict[str, float]]:
+    """Faithfulness correlation, infidelity (optimally scaled), sparseness and complexity of every map.
+
+    Faithfulness correlation removes random tenths of the input (to zero, the standardized mean);
+    infidelity uses unit-variance-scaled Gaussian noise of 0.1 with Captum's optimal scaling, so
+    maps on different scales compare. Means over the images.
+
+    Returns:
+      method -> {faithfulness_correlation, infidelity, sparseness, complexity}.
+    """
+    q, (xh, th) = queries_of(model, variables), _host(x, target)
+    subset = max(1, int(np.prod(xh.shape[1:])) // 10)
+    keys = jax.random.split(key, 2)
+    out = {}
+    for method, m in maps.items():
+        m = np.asarray(m)
+        out[method] = {
+            "faithfulness_correlation": float(np.mean(faithfulness_correlation(
+                q, xh, m, th, key=keys[0], subset_size=subset, samples=samples))),
+            "infidelity": float(np.mean(infidelity(q, xh, m, th, key=keys[1], samples=samples))),
+            "sparseness": float(jnp.mean(sparseness(m))),
+            "complexity": float(jnp.mean(complexity(m))),
+        }
+    return out
+
+
+def rank_methods(scores: dict[str, dict[str, float]]) -> dict[str, dict]:
+    """Ranks one model's attribution methods on each metric of `QUALITY_DIRECTIONS` (1 = best) and on average.
+
+    Args:
+      scores: method -> {metric: value} (metrics missing for a method are left out of its average).
+    Returns:
+      method -> {"ranks": {metric: rank}, "mean_rank": float}, ties sharing the better rank.
+    """
+    ranks = {m: {} for m in scores}
+    for metric, direction in QUALITY_DIRECTIONS.items():
+        have = [(m, s[metric]) for m, s in scores.items() if s.get(metric) is not None and np.isfinite(s[metric])]
+        for method, value in have:
+            ranks[method][metric] = 1 + sum(direction * (other - value) > 0 for _, other in have)
+    return {m: {"ranks": r, "mean_rank": float(np.mean(list(r.values()))) if r else float("nan")}
+            for m, r in ranks.items()}
+
+
+def ig_completeness(model: nn.Module, variables, x, target, ig_map) -> float:
+    """Mean |sum IG - (f(x) - f(0))| / |f(x) - f(0)| over the images."""
+    xh, th = _host(x, target)
+    return float(np.mean(ig_completeness_error(queries_of(model, variables), xh, np.asarray(ig_map), th)))
+
+
+def saliency_max_sensitivity(model: nn.Module, variables, x, target, *, radius: float, key) -> float:
+    """Mean max-sensitivity of the saliency map under uniform noise of `radius` (Yeh et al. 2019)."""
+    xh, th = _host(x, target)
+    return float(np.mean(max_sensitivity(queries_of(model, variables), xh, th, key=key, radius=radius, samples=8)))
+
+
+def randomization_scores(model: nn.Module, variables, x, target, *, key) -> dict[str, list]:
+    """Cascading top-down randomisation check of saliency and grad x input (Adebayo et al. 2018).
+
+    Returns method -> [(layer, mean Spearman rho), ...] from the output layer down.
+    """
+    params = variables["params"]
+    order = list(reversed(layer_order(model, variables, x[:1])))  # top-down: the output layer first
+    extra = {k: v for k, v in variables.items() if k != "params"}
+    mesh = _mesh_of(variables)
+    xh, th = _host(x, target)
+    out = {}
+    for method in ("saliency", "grad_x_input"):
+        fn = {"saliency": saliency, "grad_x_input": grad_x_input}[method]
+        out[method] = randomization_check(
+            lambda p, z, t, fn=fn: fn(ModelQueries(model, {"params": p, **extra}, mesh), z, t), params, order, xh,
+            th, key=key, jit=False)
+    return out
+
+
+def robustness_scores(model: nn.Module, variables, x, labels, *, epsilon: float, pgd_steps: int, key) -> dict[str, float]:
+    """Accuracy under FGSM and PGD (L-inf, budget `epsilon` in standardized input units; PGD steps of
+    2.5 epsilon / pgd_steps from a random start)."""
+    q, (xh, yh) = queries_of(model, variables), _host(x, labels)
+    return {"fgsm_accuracy": adversarial_accuracy(q, xh, yh, attack="fgsm", epsilon=epsilon),
+            "pgd_accuracy": adversarial_accuracy(q, xh, yh, attack="pgd", epsilon=epsilon,
+                                                    step_size=2.5 * epsilon / pgd_steps, steps=pgd_steps, key=key)}
+
+
+def _features(model, variables, x):
+    return model.apply(variables, x, return_features=True)
+
+
+def features_of(model: nn.Module, variables, x) -> dict[str, np.ndarray]:
+    """Every per-example feature the model names ([batch, ...] arrays only)."""
+    _, feats = _per_model(_features, model)(variables, x)
+    return {k: np.asarray(v) for k, v in feats.items() if v.shape[0] == x.shape[0]}
+
+
+def cka_scores(teacher_feats: dict, student_feats: dict) -> dict:
+    """Linear CKA between every teacher layer and every student layer: {teacher_layers, student_layers, matrix}."""
+    names_t, names_s, matrix = cka_matrix(teacher_feats, student_feats)
+    return {"teacher_layers": list(names_t), "student_layers": list(names_s), "matrix": np.asarray(matrix).tolist()}
+
+
+def linear_student(variables, x, image_shape) -> dict:
+    """Class templates in pixel space and the exact per-component contributions for the images `x`."""
+    w = variables["params"]["linear"]["kernel"]
+    b = variables["params"]["linear"]["bias"]
+    comps, mean = variables["pca"]["components"], variables["pca"]["mean"]
+    flat = jnp.asarray(x).reshape(len(x), -1)
+    z = jnp.matmul(flat - mean, comps.T, precision=backend.HIGHEST)
+    contrib = linear_contributions(w, b, z, comps, x=flat, mean=mean)
+    return {
+        "templates": np.asarray(class_templates(w, comps)).reshape(-1, *image_shape),
+        "component_contributions": np.asarray(contrib["components"]),  # [B, C, k]
+        "logits": np.asarray(contrib["logits"]),
+        "bias": np.asarray(b),
+    }
+
+
+def tree_student(model: nn.Module, variables, x, labels, num_classes: int, image_shape) -> dict:
+    """Node filters as images, leaf class distributions, and per-class leaf usage on `x`."""
+    _, f = _per_model(_features, model)(variables, x)
+    leaf, _ = tree_hard_predict(f["routing"], f["leaf_logits"], model.depth)
+    usage = tree_usage(f["path_probs"], np.asarray(labels), num_classes, hard_leaf=leaf)
+    return {
+        "filters": np.asarray(node_filters(variables["params"]["nodes"]["kernel"], tuple(image_shape))),
+        "leaf_probs": np.asarray(jax.nn.softmax(f["leaf_logits"], -1)),
+        "usage": {k: np.asarray(v) for k, v in usage.items()},
+        "depth": model.depth,
+    }

@@ -1,0 +1,268 @@
+"""Distillation methods: which teacher and student outputs each needs, and its per-example loss.
+
+A *method* is a weighted sum of *terms*, written like `"kd"`, `"labels+hint"` or
+`"kd+0.5*attention"`. Each term is in the `TERMS` registry and declares what it reads:
+
+    labels     cross entropy with the labels (no teacher)                        loss-based baseline
+    kd         Hinton KD: alpha*T^2*KL(teacher_T || student_T) + (1-alpha)*CE    loss-based
+    fm         function matching: T^2*KL(teacher_T || student_T), no labels       loss-based
+    logits     MSE between logits (Ba & Caruana 2014)                            loss-based
+    hint       FitNets hints through a learned 1x1 regressor                     model-based
+    attention  attention transfer (Zagoruyko & Komodakis 2017)                   mask-based
+    saliency   input-gradient saliency matching                                  mask-based
+    defensive  defensive distillation: CE(teacher_T, student_T), no labels       loss-based
+
+Distilling into an interpretable model class (the soft decision tree, the linear model over
+PCA components) is model-based distillation too: for the tree, `labels` and `kd` use the
+Frosst & Hinton objective (expected cross entropy over leaves) plus its balance penalty.
+
+Function matching (Beyer et al. 2022, "a good teacher is patient and consistent") is `fm` with
+augmentation and `mixup` on: teacher and student see the same augmented, mixed view, the teacher runs
+inside the step, and no label is read, so unlabelled images can be distilled too.
+
+Defensive distillation (Papernot et al. 2016) is `defensive` with a high `temperature` (they used
+20 to 100): the student learns the teacher's softmax at T through its own softmax at T and is used
+at T = 1, its logits unchanged (`losses.defensive_distillation_loss` says what that does to attacks).
+
+Adversarial training (Madry et al. 2018) is a view, not a term: with `adversarial="pgd"` each
+batch's inputs (after the model-input transform, augmentation and mixup) are replaced by PGD
+adversarial examples against the model being trained (`adversarial_view`), and every term, the
+teacher included, reads that view. Any method can be trained so; `check_adversarial` says which
+models and settings can.
+
+The frozen teacher is either run inside the step (its variables are a step argument, under
+`stop_gradient`) or, when nothing changes its inputs (no augmentation), run once over the
+training set and its outputs cached (`cache_teacher_outputs`).
+
+Any JAX model: teachers and students reach the terms through the two normal forms of
+`distill_jax.adapters` (re-exported here), `as_teacher` (a linen module, or any function
+`x -> logits` / `x -> (logits, {name: features})`, or `(variables, x) -> ...` with its variables,
+which then travel as the step's teacher argument) and `as_student` (a linen module, or a pair
+`(init_fn, apply_fn)` of pure functions). Students declare their `kind`: a `SoftDecisionTree` is a "tree" (the Frosst & Hinton objective above), a
+`Linear` a "linear" (its "pca" collection is never trained or updated), anything else a
+"network". `distill(student, teacher, x, y, ...)` is the one-call entry point: it builds the loss,
+the library's train step and its fit loop, and returns the student's trained variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from distill_jax import parallel
+
+from distill_jax.distill._method import MethodConfig
+from distill_jax.distill._method import method_needs
+from distill_jax.distill._method import parse_method
+from distill_jax.distill._teacher_cache import cache_teacher_outputs
+from distill_jax.distill._teacher_cache import teacher_cache_bytes
+from distill_jax.distill._teacher_cache import teacher_outputs
+from distill_jax.distill._terms import Context
+from distill_jax.distill._terms import TERMS
+from distill_jax.distill._terms import _pair_key
+from distill_jax.distill._views import _check_layers
+from distill_jax.distill._views import _check_spatial
+from distill_jax.distill._views import _used_pairs
+from distill_jax.distill._views import check_adversarial
+from distill_jax.distill._views import check_mixup
+from distill_jax.distill._views import training_view
+from distill_jax.distill.losses._tree import tree_balance_penalty
+from distill_jax.models._adapters import as_student
+from distill_jax.models._adapters import as_teacher
+from distill_jax.models._networks import HintRegressor
+from distill_jax.train._fit import FitConfig
+from distill_jax.train._fit import fit
+from distill_jax.train._fit import total_steps
+from distill_jax.train._state import MUTABLE
+from distill_jax.train._state import create_state
+from distill_jax.train._state import make_optimizer
+from distill_jax.train._step import make_train_step
+
+def init_trainable(student, method: str, cfg: MethodConfig, key: jax.Array, sample_x: jax.Array,
+                   teacher=None, teacher_vars=None, *, extra=None) -> dict:
+    """Initial trainable parameters `{"model": student params, "aux": {"hint": regressors}}`.
+
+    `student`: anything `as_student` takes; `teacher`, `teacher_vars`: anything `as_teacher` takes.
+    `init_student` also returns the student's other variable collections.
+    Checks that the student and teacher produce every feature the method reads and that each
+    pair of features can be matched.
+
+    Raises:
+      ValueError: naming the method, the layers and the shapes that do not fit.
+    """
+    return init_student(student, method, cfg, key, sample_x, teacher, teacher_vars, extra=extra)[0]
+
+
+def init_student(student, method: str, cfg: MethodConfig, key: jax.Array, sample_x: jax.Array,
+                 teacher=None, teacher_vars=None, *, extra=None) -> tuple[dict, dict]:
+    """`(init_trainable's parameters, the student's other variable collections)`, `extra` replacing those it names.
+
+    The collections (e.g. "batch_stats", a "pca") are the `extra` of `train.create_state`.
+    """
+    needs = method_needs(method, cfg)
+    model_key, aux_key = jax.random.split(key)
+    student = as_student(student)
+    variables = dict(flax.core.unfreeze(student.init(model_key, sample_x)))
+    if "params" not in variables:
+        raise ValueError(f"student {student.name}: init gave no 'params' collection (it gave {sorted(variables)})")
+    variables.update(extra or {})
+    s_logits, s_feats = jax.eval_shape(student.apply, variables, sample_x)
+    _check_layers(method, "student", student.name, needs.student_layers, s_feats)
+    aux = {}
+    if needs.teacher:
+        if teacher is None:
+            raise ValueError(f"method {method!r} needs a teacher")
+        teacher = as_teacher(teacher, teacher_vars)
+        t_logits, t_feats = jax.eval_shape(teacher.apply, teacher.variables, sample_x)
+        if t_logits.shape[-1] != s_logits.shape[-1]:
+            raise ValueError(f"method {method!r}: the student has {s_logits.shape[-1]} classes and the teacher "
+                             f"{t_logits.shape[-1]}; they must be equal")
+        _check_layers(method, "teacher", teacher.name, needs.teacher_layers + needs.teacher_attention, t_feats)
+        for s_layer, t_layer in _used_pairs(method, cfg, "attention"):
+            _check_spatial(method, s_layer, s_feats[s_layer].shape, t_layer, t_feats[t_layer].shape)
+        hint_pairs = _used_pairs(method, cfg, "hint")
+        for s_layer, t_layer in hint_pairs:
+            _check_spatial(method, s_layer, s_feats[s_layer].shape, t_layer, t_feats[t_layer].shape)
+        if hint_pairs:
+            keys = jax.random.split(aux_key, len(hint_pairs))
+            aux["hint"] = {
+                _pair_key(s, t): HintRegressor(t_feats[t].shape[-1]).init(
+                    k, jnp.zeros(s_feats[s].shape, s_feats[s].dtype))["params"]
+                for k, (s, t) in zip(keys, hint_pairs)
+            }
+    params = variables.pop("params")
+    return {"model": params, "aux": aux}, variables
+
+
+def make_loss_fn(student, student_kind: str | None, method: str, cfg: MethodConfig, num_classes: int,
+                 teacher=None) -> Callable:
+    """The per-example loss `loss_fn(params, extra, batch, teacher_vars, key) -> (losses [B], aux)` for `train`.
+
+    `student`: anything `as_student` takes; `student_kind` overrides its kind (None: the model's own,
+    `STUDENT_KINDS`); "tree" selects the soft tree objective. `teacher`: anything `as_teacher` takes;
+    the step passes its variables as `teacher_vars` (None for a function that closes over them).
+    `batch` holds `x`, `y` and, when the teacher's outputs are cached, the `teacher_*` entries
+    of `teacher_outputs`; otherwise the teacher runs here on the view the student sees
+    (`training_view`: augmented, mixed and adversarial when the config says so; the attack runs
+    against the student's current parameters under stop_gradient, through its `loop_apply`).
+    aux: `accuracy` per example and, for a student with mutable collections (BatchNorm statistics),
+    their updated values under `train.MUTABLE` ("mutable"), which the train step writes into
+    `state.extra`. For a tree student the balance penalty (a batch-level scalar) is spread evenly
+    over the examples.
+    """
+    terms = parse_method(method)
+    needs = method_needs(method, cfg)
+    student = as_student(student, kind=student_kind)
+    teacher = None if teacher is None else as_teacher(teacher)
+    check_mixup(method, cfg)
+    check_adversarial(student.kind, cfg)
+    is_tree = student.kind == "tree"
+
+    def loss_fn(params, extra, batch, teacher_vars, key):
+        x, y = batch["x"], batch["y"]
+        if cfg.changes_inputs:
+            frozen = {"params": jax.lax.stop_gradient(params["model"]), **extra}
+            x = training_view(key, x, cfg, labels=y, apply_fn=lambda z: student.loop_apply(frozen, z))
+        variables = {"params": params["model"], **extra}
+        (logits, feats), updates = student.train_apply(variables, x)
+        feats = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), feats)  # losses in float32 under bf16 compute
+        t_out = {k: v for k, v in batch.items() if k.startswith("teacher_")}
+        if t_out and cfg.changes_inputs:
+            raise ValueError("the batch holds cached teacher outputs of the stored images, but augmentation, mixup or "
+                             "adversarial training changes the inputs every step; pass no teacher_* entries so the teacher sees the same view")
+        if needs.teacher and not t_out:
+            if teacher is None:
+                raise ValueError(f"method {method!r} needs a teacher: pass teacher= to make_loss_fn")
+            t_out = teacher_outputs(teacher, teacher_vars, x, y, needs)
+        ctx = Context(
+            x=x, labels=y, num_classes=num_classes, student_kind=student.kind,
+            student_logits=logits, student_features=feats,
+            student_apply=lambda z: student.apply(variables, z)[0],
+            aux_params=params["aux"],
+            teacher_logits=t_out.get("teacher_logits"),
+            teacher_features={k.split("/", 1)[1]: v for k, v in t_out.items() if k.startswith("teacher_feat/")},
+            teacher_attention={k.split("/", 1)[1]: v for k, v in t_out.items() if k.startswith("teacher_attention/")},
+            teacher_saliency=t_out.get("teacher_saliency"), cfg=cfg,
+        )
+        total = sum(weight * TERMS[name].loss(ctx) for name, weight in terms)
+        if is_tree and cfg.tree_balance > 0:
+            penalty = tree_balance_penalty(feats["node_reach"], feats["routing"], strength=cfg.tree_balance)
+            total = total + penalty
+        accuracy = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+        aux = {"accuracy": accuracy}
+        if updates:
+            aux[MUTABLE] = updates
+        return total, aux
+
+    return loss_fn
+
+
+def distill(student, teacher, x, y, *, key: jax.Array, method: str = "kd", temperature: float | None = None,
+            alpha: float | None = None, config: MethodConfig | None = None, teacher_variables=None,
+            epochs: int = 10, batch_size: int = 64, learning_rate: float = 1e-3,
+            optimizer: str | optax.GradientTransformation = "adam", seed: int = 0, mesh=None,
+            cache_limit_mb: float = 1024.0, show_progress: bool | None = False):
+    """Distils `teacher` into `student` on `(x, y)` with the library's train step and fit loop.
+
+    The loss is the method's (e.g. "kd": alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y),
+    per example, batch-averaged; a soft tree gets its Frosst & Hinton form), trained by `optimizer` over
+    `epochs` passes of shuffled batches (`train.fit`; the ragged tail of each epoch is dropped).
+
+    Args:
+      student: a linen module, a pair `(init_fn, apply_fn)` or a `Student` (`as_student`).
+      teacher: a linen module (with `teacher_variables`), a function `x -> logits` or
+        `x -> (logits, {name: features})`, a function `(variables, x) -> ...` with `teacher_variables`
+        (then they are an argument of the compiled step, not constants), or a `Teacher`; None for "labels".
+      x: [n, ...] host inputs as the models take them (e.g. NHWC float32). y: [n] int labels.
+      key: PRNG key (student initialization and the step keys).
+      method: `parse_method`'s form, e.g. "kd", "fm", "kd+attention".
+      temperature, alpha: override `config`'s (default `MethodConfig()`: T = 4, alpha = 0.9).
+      config: every other method setting (`MethodConfig`).
+      epochs, batch_size, learning_rate: the budget; batch_size a multiple of the mesh's devices.
+      optimizer: a `train.OPTIMIZERS` name or an optax transformation (then learning_rate is unused).
+      seed: the data order (`train.epoch_batch_indices`).
+      mesh: default `parallel.make_mesh()` (every device; the batch is split over them).
+      cache_limit_mb: when no setting changes the inputs, the teacher runs once over `x` and its outputs are
+        kept on the host if they take at most this many MB; otherwise (or 0) it runs inside every step.
+      show_progress: a progress bar (`train.progress_bar`).
+    Returns:
+      The student's trained variables, as its own apply takes them: a linen module's
+      `{"params": ..., **collections}` (BatchNorm statistics, a PCA), a pair's params.
+    Raises:
+      ValueError: naming the bad argument (`x`/`y` lengths, a linen teacher without `teacher_variables`, ...).
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    if y.ndim != 1 or len(x) != len(y):
+        raise ValueError(f"x and y must hold the same number of examples, y as [n] labels; got x {x.shape}, y {y.shape}")
+    if isinstance(teacher, nn.Module) and teacher_variables is None:
+        raise ValueError(f"teacher is a linen module ({type(teacher).__name__}): pass its variables as teacher_variables=")
+    student = as_student(student)
+    teacher = None if teacher is None else as_teacher(teacher, teacher_variables)
+    overrides = {k: v for k, v in (("temperature", temperature), ("alpha", alpha)) if v is not None}
+    cfg = dataclasses.replace(config or MethodConfig(), **overrides)
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    parallel.check_batch_size(batch_size, mesh)
+    init_key, state_key = jax.random.split(key)
+    sample = jnp.asarray(x[:2])
+    params, collections = init_student(student, method, cfg, init_key, sample, teacher)
+    num_classes = jax.eval_shape(student.apply, {"params": params["model"], **collections}, sample)[0].shape[-1]
+    needs = method_needs(method, cfg)
+    arrays = {"x": x, "y": y}
+    if needs.teacher and not cfg.changes_inputs and cache_limit_mb > 0 and \
+            teacher_cache_bytes(teacher, teacher.variables, x[:1], needs, len(x)) <= cache_limit_mb * 2**20:
+        arrays.update(cache_teacher_outputs(teacher, teacher.variables, x, y, needs, mesh=parallel.local_mesh()))
+    run_teacher = needs.teacher and len(arrays) == 2
+    if isinstance(optimizer, str):
+        steps = total_steps(len(y), parallel.local_batch_size(batch_size), epochs)
+        optimizer = make_optimizer(optimizer, learning_rate=learning_rate, total_steps=steps)
+    state = create_state(params, optimizer, key=state_key, extra=collections)
+    step_fn = make_train_step(make_loss_fn(student, None, method, cfg, num_classes, teacher), optimizer, mesh)
+    fit_cfg = FitConfig(epochs=epochs, batch_size=batch_size, seed=seed, desc=f"distill {student.name}",
+                              show_progress=show_progress)
+    state, _ = fit(state, step_fn, arrays, fit_cfg, mesh=mesh, teacher=teacher.variables if run_teacher else None)
+    return student.export(jax.device_get({"params": state.params["model"], **state.extra}))

@@ -1,0 +1,73 @@
+"""Privacy accounting with dp_accounting's RDP accountant: GNMax (PATE; Papernot et al. 2018)
+and DP-SGD (Abadi et al. 2016).
+"""
+from __future__ import annotations
+
+import math
+import dp_accounting
+
+from distill_jax._checks import _check_count
+from distill_jax._checks import _check_delta
+from distill_jax._checks import _check_positive
+
+def gnmax_epsilon(num_queries: int, *, sigma, delta) -> float:
+    """Data-independent (epsilon, delta) of answering `num_queries` GNMax queries.
+
+    One teacher's data changes its vote, so two counts move by 1: L2 sensitivity sqrt(2), and a
+    GNMax answer is a Gaussian mechanism with noise multiplier sigma / sqrt(2), i.e.
+    (lambda, lambda / sigma^2)-RDP at every order lambda. `num_queries` answers compose to
+    (lambda, num_queries * lambda / sigma^2)-RDP, converted to (epsilon, delta) by `dp_accounting`'s
+    `RdpAccountant.get_epsilon`. (PATE 2018's data-dependent analysis can be much tighter; this is the
+    bound that holds whatever the votes.)
+
+    Args:
+      num_queries: number of answered queries, an int >= 1.
+      sigma: GNMax noise std, > 0.
+      delta: target delta, in (0, 1).
+    Returns:
+      epsilon (Python float).
+
+    Reference: Papernot et al., "Scalable Private Learning with PATE", ICLR 2018, Proposition 8;
+    Mironov, "Renyi Differential Privacy", CSF 2017.
+    """
+    num_queries = _check_count("num_queries", num_queries)
+    sigma = _check_positive("sigma", sigma)
+    delta = _check_delta(delta)
+    event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma / math.sqrt(2.0)), num_queries)
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(event)
+    return float(accountant.get_epsilon(delta))
+
+
+def dp_sgd_epsilon(steps: int, *, batch_size: int, n: int, noise_multiplier, delta) -> float:
+    """(epsilon, delta) of `steps` DP-SGD steps with Poisson sampling rate q = batch_size / n.
+
+    Each step is the sampled Gaussian mechanism PoissonSampled(q, Gaussian(z)); `steps` of them are
+    composed by `dp_accounting`'s `RdpAccountant` (add-or-remove-one neighbours) and converted to
+    epsilon at `delta`.
+
+    Args:
+      steps: number of noisy steps, an int >= 1.
+      batch_size: expected batch size, 1 <= batch_size <= n.
+      n: training-set size.
+      noise_multiplier: z > 0.
+      delta: target delta, in (0, 1).
+    Returns:
+      epsilon (Python float).
+
+    Reference: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016; Mironov, Talwar and
+    Zhang, "Renyi Differential Privacy of the Sampled Gaussian Mechanism", 2019.
+    """
+    steps = _check_count("steps", steps)
+    n = _check_count("n", n)
+    batch_size = _check_count("batch_size", batch_size)
+    if batch_size > n:
+        raise ValueError(f"batch_size must be <= n ({n}); got {batch_size}")
+    z = _check_positive("noise_multiplier", noise_multiplier)
+    delta = _check_delta(delta)
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(batch_size / n, dp_accounting.GaussianDpEvent(z)), steps
+    )
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(event)
+    return float(accountant.get_epsilon(delta))

@@ -1,0 +1,58 @@
+"""Axiomatic checks of attributions: integrated gradients' completeness (the attributions sum
+to f(x) - f(baseline); Sundararajan et al. 2017, Proposition 1).
+"""
+from __future__ import annotations
+
+from typing import Any
+import jax
+import jax.numpy as jnp
+
+from distill_jax.attr._core import ApplyFn
+from distill_jax.attr._core import check_x
+from distill_jax.attr._core import num_classes_of
+from distill_jax.attr._core import per_target_scored
+from distill_jax.attr._core import resolve_baseline
+from distill_jax.attr._core import target_logits
+from distill_jax.attr._core import validate_target
+
+def _completeness(apply_fn, x, base, t, attr, eps):
+    delta = target_logits(apply_fn, x, t) - target_logits(apply_fn, base, t)
+    total = jnp.sum(attr.reshape(attr.shape[0], -1), axis=1)
+    return jnp.abs(total - delta) / jnp.maximum(jnp.abs(delta), eps)
+
+
+def ig_completeness_error(
+    apply_fn: ApplyFn,
+    x: jax.Array,
+    attribution: jax.Array,
+    target: jax.Array,
+    *,
+    baseline: Any = None,
+    blur_sigma: float = 5.0,
+    eps: float = 1e-9,
+) -> jax.Array:
+    """Relative completeness error of a path attribution.
+
+    err_b = |sum_i A_bi - (f(x_b) - f(x'_b))| / max(|f(x_b) - f(x'_b)|, eps),   f = logit_target.
+
+    Args:
+      apply_fn: pure x -> logits [batch, classes]. x: [batch, ...].
+      attribution: like x for [batch] targets ([batch, K, ...] for [batch, K] targets).
+      target: [batch] or [batch, K] class indices.
+      baseline, blur_sigma: the baseline x' (as `integrated_gradients`). eps: floor of the denominator.
+    Returns:
+      [batch] (or [batch, K]).
+    Reference: Sundararajan et al. 2017 (the completeness axiom).
+    """
+    x = check_x(x)
+    c = num_classes_of(apply_fn, x)
+    target = validate_target(target, x.shape[0], c)
+    base = resolve_baseline(x, baseline, blur_sigma=blur_sigma)
+
+    def score(v, a, t):
+        if a.shape != v.shape:
+            raise ValueError(f"attribution must have the shape of x {tuple(v.shape)} (one map per target); "
+                             f"got {tuple(a.shape)}")
+        return _completeness(apply_fn, v, base, t, a, eps)
+
+    return per_target_scored(score, x, jnp.asarray(attribution), target, c)
