@@ -1,4 +1,4 @@
-"""Integrated gradients: `distill_jax.explain` against Captum, same SeedCNN weights in Flax and PyTorch.
+"""Integrated gradients: `distill_jax.attr` against Captum, same SeedCNN weights in Flax and PyTorch.
 
     python benchmarks/attribution.py                      # 16 images 32x32x3, 64 steps, 5 repeats
     python benchmarks/attribution.py --repeats 9 --ibs 16 64 256 1024

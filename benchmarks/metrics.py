@@ -603,8 +603,8 @@ def build_random_logit_shared(s: Setup) -> Metric:
     off = jnp.asarray(quantus_off_classes(np.asarray(s.target), NUM_CLASSES), jnp.int32)
 
     def fn(p, x, att, t, k):
-        attr = s.attr_fn(p)
-        return metrics.ssim(attr(x, t), attr(x, off))
+        amap = s.attr_fn(p)
+        return metrics.ssim(amap(x, t), amap(x, off))
 
     return Metric("random_logit, Quantus' classes", "quantus.RandomLogit", jit_ours(s, fn),
                   reference_call(s, quantus_random_logit(s)), "exact", shared=True, time_theirs=False)

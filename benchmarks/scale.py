@@ -29,7 +29,7 @@ CONFIG = os.path.join(ROOT, "experiments", "configs", "fashion_mnist.py")
 
 def run_one(size: int, epochs: int, data_dir: str | None, workdir: str, extra: list[str]) -> dict:
     """Runs the job on `size` training images in a subprocess; returns its metrics.json plus the wall time."""
-    cmd = [sys.executable, "-m", "distill_jax.cli", "run", "--config", CONFIG, "--workdir", workdir, "--no-progress",
+    cmd = [sys.executable, "-m", "distill_jax.app.cli", "run", "--config", CONFIG, "--workdir", workdir, "--no-progress",
            "--set", f"train_limit={size}", "--set", f"teacher.epochs={epochs}", "--set", f"student.epochs={epochs}"]
     if data_dir:
         cmd += ["--set", f"data_dir={data_dir}"]

@@ -30,7 +30,7 @@ from benchmarks import common  # noqa: E402
 CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
-from distill_jax import cli
+from distill_jax.app import cli
 from distill_jax.compilation import CompileCounter
 with CompileCounter() as compiles:
     code = cli.main(sys.argv[1:])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+
 import jax
 import jax.numpy as jnp
 

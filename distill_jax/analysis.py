@@ -19,11 +19,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from distill_jax import backend
-from distill_jax import compilation
 
-from distill_jax.attr._core import _dot
-from distill_jax.attr._core import validate_target
+from distill_jax import backend, compilation
+from distill_jax.attr._core import _dot, validate_target
 
 __all__ = [
     "linear_contributions",

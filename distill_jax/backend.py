@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from typing import Iterator
+
 import jax
 import jax.numpy as jnp
 

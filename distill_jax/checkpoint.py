@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np

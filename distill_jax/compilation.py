@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import functools
 from typing import Callable
+
 import jax
 import jax.monitoring
+
 from distill_jax import backend
 
 __all__ = [

@@ -9,9 +9,11 @@ every global batch (`jax.make_array_from_process_local_data`).
 from __future__ import annotations
 
 import os
+
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 __all__ = [
     "make_mesh",

@@ -35,7 +35,7 @@ Inputs are scaled with fixed constants ((x - 0.5) / 0.5), so no statistic of the
 Madry et al. 2018), defensively distilled students (`cnn-defensive`, Papernot et al. 2016, T = 20..100; each
 distilled once from the T=1 teacher, as the pipeline does, and once from the teacher as Papernot et al. train
 it, at temperature T, emulated by `teacher_at_temperature`) and a standard distilled student (`cnn-kd`), all
-through `distill_jax.pipeline`. Reported: clean accuracy, the logits' spread and softmax saturation,
+through `distill_jax.app`. Reported: clean accuracy, the logits' spread and softmax saturation,
 FGSM and PGD accuracy (`metrics.adversarial_accuracy` via `audit.robustness`), PGD against the defensive
 students' logits divided by T and PGD examples transferred from the standard teacher (both expose gradient
 masking: Carlini & Wagner 2017), and what happens to explanations: saliency max-sensitivity

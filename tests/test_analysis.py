@@ -4,10 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from distill_jax import analysis
-from distill_jax import attr
-from distill_jax import models
 
+from distill_jax import analysis, attr, models
 
 
 def _orthonormal_rows(key, k, d):

@@ -75,9 +75,9 @@ def test_batch_chunk_matches_whole_batch(jit):
     run = jax.jit(ig, static_argnums=2) if jit else ig
     ref, ref_err = run(x, t, None)
     for g in (1, 2, 5, 9) if jit else (2,):  # eagerly, every call compiles its scan again: one is enough
-        attr, err = run(x, t, g)
-        assert attr.shape == x.shape and err.shape == (5,)
-        np.testing.assert_allclose(attr, ref, rtol=1e-5, atol=1e-6 * float(jnp.abs(ref).max()))
+        amap, err = run(x, t, g)
+        assert amap.shape == x.shape and err.shape == (5,)
+        np.testing.assert_allclose(amap, ref, rtol=1e-5, atol=1e-6 * float(jnp.abs(ref).max()))
         np.testing.assert_allclose(err, ref_err, rtol=1e-4, atol=1e-6)
     # and the grouped result is still IG: completeness holds to the quadrature error
     assert float(jnp.max(ref_err)) < 1e-2
@@ -88,8 +88,8 @@ def test_batch_chunk_with_several_targets_per_example():
     f = lambda x: jnp.einsum("khwc,bhwc->bk", w, x)  # noqa: E731  IG = w_target * x exactly
     x = jax.random.normal(jax.random.key(1), (3, 4, 4, 2))
     tk = jnp.array([[0, 2], [1, 1], [2, 0]])
-    attr = attr.integrated_gradients(f, x, tk, steps=4, batch_chunk=2)
-    np.testing.assert_allclose(attr, w[tk] * x[:, None], rtol=1e-5, atol=1e-6)
+    amap = attr.integrated_gradients(f, x, tk, steps=4, batch_chunk=2)
+    np.testing.assert_allclose(amap, w[tk] * x[:, None], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "4"])

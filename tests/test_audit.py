@@ -6,13 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from distill_jax import analysis
-from distill_jax import attr
-from distill_jax import audit
-from distill_jax import metrics
-from distill_jax import models
-from distill_jax.audit import _evaluators
 
+from distill_jax import analysis, attr, audit, metrics, models
+from distill_jax.audit import _evaluators
 
 N, K = 6, 3
 IMAGE = (8, 8, 1)

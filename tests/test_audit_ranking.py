@@ -1,8 +1,8 @@
 """Ranking attribution methods on the explanation-quality metrics, and the report table built from it."""
 import numpy as np
+
 from distill_jax import audit
 from distill_jax.app import _page
-
 
 
 def test_rank_methods_follows_each_metrics_direction():

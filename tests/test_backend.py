@@ -10,11 +10,7 @@ import pytest
 from jax.extend.core import ClosedJaxpr, Jaxpr
 from jax.sharding import Mesh
 
-from distill_jax import backend
-from distill_jax import analysis
-from distill_jax import attr
-from distill_jax import metrics
-from distill_jax import models
+from distill_jax import analysis, attr, backend, metrics, models
 from distill_jax.attr._core import sample_chunk
 from distill_jax.data import pca
 

@@ -3,15 +3,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from distill_jax import attr
-from distill_jax import metrics
-from distill_jax import models
-from distill_jax import robust
-from distill_jax.audit import ModelQueries
-from distill_jax.audit import _batched
+
+from distill_jax import attr, metrics, models, robust
+from distill_jax.audit import ModelQueries, _batched
 from distill_jax.audit._queries import _programs
 from distill_jax.robust import _attacks
-
 
 B, SIDE = 3, 8
 

@@ -1,6 +1,6 @@
 """Checkpoints: bitwise round trip, keep-last-K, corrupt or mismatched checkpoints refused untouched, NaN stop."""
-import re
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,10 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from distill_jax import checkpoint, parallel
-from distill_jax import distill
-from distill_jax import models
-from distill_jax import train
+from distill_jax import checkpoint, distill, models, parallel, train
 
 
 def _state(seed=0, num_classes=3):

@@ -13,10 +13,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from distill_jax.compilation import CompileCounter
-from distill_jax.app import _settings
-from distill_jax.app import cli, job
+from distill_jax.app import _settings, cli, job
 from distill_jax.audit import verdict
+from distill_jax.compilation import CompileCounter
 
 STUDENTS = ["cnn-labels", "cnn-kd", "tree-labels", "tree-kd", "linear-labels", "linear-kd", "cnn-kd+attention"]
 
@@ -516,7 +515,7 @@ def test_the_verdict_of_a_run_without_explanations_is_printed_not_raised(tmp_pat
 
 def _cli(*args, **kw):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    return subprocess.Popen([sys.executable, "-m", "distill_jax.cli", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "distill_jax.app.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, **kw)
 
 

@@ -9,11 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+
 from distill_jax import data
-from distill_jax.data import _idx
-from distill_jax.data import _sources
-
-
+from distill_jax.data import _idx, _image_sources, _sources
 
 # ------------------------------------------------------------------------------------------------ bundled sets
 
@@ -467,10 +465,10 @@ def test_tfds_arrays_mixed_sizes_share_one_scale():
         def __getitems__(self, idx):
             return [self.records[i] for i in idx]
 
-    x, y = _sources._tfds_arrays(Source(), ("image", "label"), (2, 2))
+    x, y = _image_sources._tfds_arrays(Source(), ("image", "label"), (2, 2))
     assert x.dtype == np.float32
     np.testing.assert_allclose(x[:, 0, 0, 0], [0.2, 0.4], rtol=1e-6)  # 51/255 and the resized 102/255
-    x, _ = _sources._tfds_arrays(Source(), ("image", "label"), (2, 2), keep_uint8=True)
+    x, _ = _image_sources._tfds_arrays(Source(), ("image", "label"), (2, 2), keep_uint8=True)
     assert x.dtype == np.uint8
     np.testing.assert_array_equal(x[:, :, :, 0], [np.full((2, 2), 51), np.full((2, 2), 102)])
 
@@ -491,9 +489,9 @@ def test_tfds_images_are_resized_in_one_call_per_shape_in_their_order(monkeypatc
             return [records[i] for i in idx]
 
     calls = []
-    real = _sources._jit_resize
-    monkeypatch.setattr(_sources, "_jit_resize", lambda images, size: calls.append(images.shape) or real(images, size))
-    x, y = _sources._tfds_arrays(Source(), ("image", "label"), (3, 3))
+    real = _image_sources._jit_resize
+    monkeypatch.setattr(_image_sources, "_jit_resize", lambda images, size: calls.append(images.shape) or real(images, size))
+    x, y = _image_sources._tfds_arrays(Source(), ("image", "label"), (3, 3))
     assert sorted(calls) == [(2, 6, 6, 1), (3, 4, 4, 1)] and list(y) == [0, 1, 2, 3, 4]
     for img, rec in zip(x, records):
         alone = jax.image.resize(rec["image"].astype(np.float32) / 255.0, (3, 3, 1), "bilinear", antialias=True)

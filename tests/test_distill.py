@@ -4,11 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from distill_jax import data
-from distill_jax import distill
-from distill_jax import models
-from distill_jax import train
 
+from distill_jax import data, distill, models, train
 
 N_CLASSES = 4
 

@@ -6,9 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from distill_jax import distill
-from distill_jax import models, train
 
+from distill_jax import distill, models, train
 
 N_CLASSES = 4
 

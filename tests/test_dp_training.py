@@ -5,13 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from distill_jax import parallel
-from distill_jax import train
-from distill_jax.app import _audit
-from distill_jax.app import _fit
-from distill_jax.app import _page
-from distill_jax.app import _prepare
-from distill_jax.app import config
+from distill_jax import parallel, train
+from distill_jax.app import _audit, _fit, _page, _prepare, config
 from distill_jax.distill import privacy
 
 D = 64

@@ -13,8 +13,8 @@ if EXPERIMENTS not in sys.path:
 
 import compare_methods as cm  # noqa: E402
 import pruning  # noqa: E402
-from distill_jax.app import _prepare
-from distill_jax.app import config
+
+from distill_jax.app import _prepare, config
 
 # A SmallCNN teacher compiles several times faster than SeedCNN; the smoke runs test the plumbing.
 FAST = ["--set", "teacher.kind=cnn", "--compilation-cache", ""]

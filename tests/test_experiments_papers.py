@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from distill_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

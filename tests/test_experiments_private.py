@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from distill_jax import models
 from distill_jax.app import _fit
 from distill_jax.distill import privacy

@@ -1,4 +1,4 @@
-"""Tests for distill_jax.explain on analytic functions and a tiny random ReLU CNN."""
+"""Tests for distill_jax.attr on analytic functions and a tiny random ReLU CNN."""
 import functools
 
 import chex
@@ -7,12 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from distill_jax import attr
-from distill_jax import metrics
-from distill_jax import models
+
+from distill_jax import attr, metrics, models
 from distill_jax.attr import _core
 from distill_jax.models import _layers
-
 
 B, H, W, C, K = 5, 6, 6, 2, 3
 
@@ -93,8 +91,8 @@ def test_ig_quadratic_closed_form(data, method):
     x, t = data
     a, f = _quadratic_model(jax.random.key(2))
     base = 0.5 * jax.random.normal(jax.random.key(4), x.shape)
-    attr, err = attr.integrated_gradients(f, x, t, baseline=base, steps=64, method=method, return_error=True)
-    np.testing.assert_allclose(attr, a[t] * (x**2 - base**2), rtol=1e-4, atol=1e-5)
+    amap, err = attr.integrated_gradients(f, x, t, baseline=base, steps=64, method=method, return_error=True)
+    np.testing.assert_allclose(amap, a[t] * (x**2 - base**2), rtol=1e-4, atol=1e-5)
     assert float(err.max()) < 1e-4
 
 
@@ -113,9 +111,9 @@ def test_ig_completeness_relu_cnn(method):
     _, f = _cnn(jax.random.key(7))
     x = jax.random.uniform(jax.random.key(8), (4, H, W, C))
     t = jnp.argmax(f(x), axis=1)
-    attr, err = attr.integrated_gradients(f, x, t, steps=128, method=method, return_error=True)
+    amap, err = attr.integrated_gradients(f, x, t, steps=128, method=method, return_error=True)
     assert float(err.max()) < 0.01
-    np.testing.assert_allclose(metrics.ig_completeness_error(f, x, attr, t), err, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(metrics.ig_completeness_error(f, x, amap, t), err, rtol=1e-4, atol=1e-6)
 
 
 def test_ig_chunks_agree_and_jit_matches():
@@ -475,10 +473,10 @@ def test_ig_completeness_error_argument_order_and_k_targets(data):
     np.testing.assert_allclose(metrics.ig_completeness_error(f, x, exact, t), 0.0, atol=1e-5)
     np.testing.assert_allclose(metrics.ig_completeness_error(f, x, 2 * exact, t), 1.0, rtol=1e-4)
     tk = jnp.stack([t, (t + 1) % K], axis=1)
-    attr = jnp.stack([exact, 3 * w[tk[:, 1]] * x], axis=1)  # [B, 2, H, W, C]: errors 0 and 2
-    err = jax.jit(functools.partial(metrics.ig_completeness_error, f))(x, attr, tk)
+    amap = jnp.stack([exact, 3 * w[tk[:, 1]] * x], axis=1)  # [B, 2, H, W, C]: errors 0 and 2
+    err = jax.jit(functools.partial(metrics.ig_completeness_error, f))(x, amap, tk)
     chex.assert_shape(err, (B, 2))
-    stacked = jnp.stack([metrics.ig_completeness_error(f, x, attr[:, k], tk[:, k]) for k in range(2)], axis=1)
+    stacked = jnp.stack([metrics.ig_completeness_error(f, x, amap[:, k], tk[:, k]) for k in range(2)], axis=1)
     np.testing.assert_allclose(err, stacked, rtol=1e-5, atol=1e-5)  # float32 sums in another order under jit
     np.testing.assert_allclose(err, jnp.broadcast_to(jnp.array([0.0, 2.0]), (B, 2)), rtol=1e-4, atol=1e-5)
     _one_line_error(lambda: metrics.ig_completeness_error(f, x, exact, tk), r"attribution must be \[batch, K, \.\.\.\]")

@@ -14,9 +14,9 @@ import pytest
 from scipy.ndimage import uniform_filter
 from scipy.stats import entropy as scipy_entropy
 from scipy.stats import pearsonr, spearmanr
+
 from distill_jax import metrics
 from distill_jax.metrics import _randomisation
-
 
 B, H, W, C = 3, 4, 4, 1
 D = H * W * C

@@ -9,9 +9,9 @@ import pytest
 from scipy.sparse import csc_matrix, lil_matrix
 from scipy.sparse.linalg import spsolve
 from scipy.stats import spearmanr
+
 from distill_jax import metrics
 from distill_jax.metrics import _faithfulness
-
 
 B, H, W, C, K = 3, 6, 6, 2, 4
 BASE = 0.3
@@ -351,7 +351,8 @@ def test_road_and_region_chunks_give_identical_values(setup):
     ]:
         results = [jax.jit(partial(fn, f, chunk=chunk, **opts))(x, attr, t) for chunk in (1, None)]
         for other in results[1:]:
-            chex.assert_trees_all_close(results[0], other, rtol=1e-6, atol=1e-7)
+            # logit drops of up to ~10 summed in another order: float32 rounding is ~1e-6 absolute
+            chex.assert_trees_all_close(results[0], other, rtol=1e-6, atol=1e-5)
 
 
 def test_chunks_with_default_prng(setup):
@@ -435,7 +436,7 @@ def test_k_targets_equal_k_separate_calls(setup, name):
     columns = [fn(x, maps[:, k], tk[:, k]) for k in range(2)]
     stacked = jax.tree.map(lambda *cols: jnp.stack(cols, axis=1), *columns)
     chex.assert_trees_all_equal_shapes(out, stacked)
-    chex.assert_trees_all_close(out, stacked, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(out, stacked, rtol=1e-5, atol=5e-5)  # batched vs one-target programs: float32 rounding
     first = jax.tree.leaves(out)[0]
     assert first.shape[:2] == (B, 2) and bool(jnp.all(jnp.isfinite(first)))
     assert float(jnp.max(jnp.abs(first[:, 0] - first[:, 1]))) > 1e-4  # the two columns really differ

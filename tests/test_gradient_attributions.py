@@ -8,14 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from distill_jax import attr
-from distill_jax import metrics
-from distill_jax.attr import _gradient
-from distill_jax.attr import _paths
-from distill_jax.attr._core import check_key
-from distill_jax.attr._core import gaussian_blur
-from distill_jax.distill import privacy
 
+from distill_jax import attr, metrics
+from distill_jax.attr import _gradient, _paths
+from distill_jax.attr._core import check_key, gaussian_blur
+from distill_jax.distill import privacy
 
 B, H, W, C, K = 3, 8, 8, 1, 3
 D = H * W * C
@@ -107,19 +104,19 @@ def test_gradient_shap_linear_many_samples_matches_mean_over_baselines():
     x = images()
     refs = jax.random.normal(jax.random.key(6), (5, H, W, C))
     samples = 2048
-    attr = attr.gradient_shap(f, x, T, key=jax.random.key(7), baselines=refs, samples=samples)
+    amap = attr.gradient_shap(f, x, T, key=jax.random.key(7), baselines=refs, samples=samples)
     f_refs = np.asarray(f(refs))[:, np.asarray(T)]  # [m, B]
     expected = np.asarray(f(x))[np.arange(B), T] - f_refs.mean(axis=0)
     # the draw of baselines is the only randomness: 5 standard errors of the mean of f(r)
     tol = 5 * f_refs.std(axis=0) / np.sqrt(samples)
-    assert np.all(np.abs(flat_sum(attr) - expected) <= tol)
+    assert np.all(np.abs(flat_sum(amap) - expected) <= tol)
 
 
 def test_gradient_shap_quadratic_with_noise_matches_numpy_loop():
     x, key = images(), jax.random.key(8)
     refs = np.asarray(jax.random.normal(jax.random.key(9), (4, H, W, C)), np.float64)
     samples, noise = 5, 0.3
-    attr = attr.gradient_shap(quadratic_model, x, T, key=key, baselines=refs, samples=samples, noise=noise, chunk=2)
+    amap = attr.gradient_shap(quadratic_model, x, T, key=key, baselines=refs, samples=samples, noise=noise, chunk=2)
     xn, scale = np.asarray(x, np.float64), SCALES[np.asarray(T)].reshape(-1, 1, 1, 1)
     expected = np.zeros_like(xn)
     for idx, alpha, eps in shap_draws(key, x, 4, noise, samples):
@@ -128,7 +125,7 @@ def test_gradient_shap_quadratic_with_noise_matches_numpy_loop():
             r = refs[idx[b]]
             diff = xn[b] + eps[b] - r
             expected[b] += diff * scale[b] * (r + alpha[b] * diff)  # grad of SCALES_t * |z|^2 / 2
-    np.testing.assert_allclose(attr, expected / samples, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(amap, expected / samples, rtol=1e-4, atol=1e-5)
 
 
 def test_gradient_shap_chunks_agree_and_k_targets():
@@ -214,7 +211,7 @@ def test_noisy_gradient_methods_invalid_arguments(method):
 def numpy_guided_ig(x, base, grad, *, steps, fraction, max_dist):
     """A line-by-line numpy (float64) port of PAIR saliency's guided_ig_impl for one example."""
     x, base = np.asarray(x, np.float64), np.asarray(base, np.float64)
-    cur, attr = base.copy(), np.zeros_like(x)
+    cur, amap = base.copy(), np.zeros_like(x)
     diff = x - base
     l1_total = np.abs(diff).sum()
     tol = _paths._GUIDED_IG_RTOL * l1_total
@@ -236,7 +233,7 @@ def numpy_guided_ig(x, base, grad, *, steps, fraction, max_dist):
             cur[position < a_min] = x_min[position < a_min]
             l1_now = np.abs(cur - x).sum()
             if abs(l1_now - l1_target) <= tol:
-                attr += (cur - old) * g
+                amap += (cur - old) * g
                 break
             absg = np.abs(g)
             absg[cur == x_max] = np.inf
@@ -248,10 +245,10 @@ def numpy_guided_ig(x, base, grad, *, steps, fraction, max_dist):
                 cur[chosen] = x_max[chosen]
             else:
                 cur[chosen] = (cur + gamma * (x_max - cur))[chosen]
-            attr += (cur - old) * g
+            amap += (cur - old) * g
             if l1_chosen == 0:
                 break
-    return attr
+    return amap
 
 
 def test_guided_ig_linear_is_ig_exactly():
@@ -259,8 +256,8 @@ def test_guided_ig_linear_is_ig_exactly():
     x = images()
     base = 0.5 * jax.random.normal(jax.random.key(16), x.shape)
     for max_dist in (1.0, 0.1):
-        attr = attr.guided_ig(f, x, T, baseline=base, steps=12, fraction=0.2, max_dist=max_dist)
-        np.testing.assert_allclose(attr, (np.asarray(x) - np.asarray(base)) * weights_of(wm, T), rtol=1e-5, atol=1e-5)
+        amap = attr.guided_ig(f, x, T, baseline=base, steps=12, fraction=0.2, max_dist=max_dist)
+        np.testing.assert_allclose(amap, (np.asarray(x) - np.asarray(base)) * weights_of(wm, T), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("max_dist, fraction", [(1.0, 0.1), (0.05, 0.25)])
@@ -269,25 +266,25 @@ def test_guided_ig_matches_numpy_reference(max_dist, fraction):
     x = images()
     base = jnp.full(x.shape, -0.2)
     steps = 16
-    attr = np.asarray(attr.guided_ig(f, x, T, baseline=-0.2, steps=steps, fraction=fraction, max_dist=max_dist))
+    amap = np.asarray(attr.guided_ig(f, x, T, baseline=-0.2, steps=steps, fraction=fraction, max_dist=max_dist))
     for b in range(B):
         ref = numpy_guided_ig(x[b], base[b], lambda v: np_grad(v, int(T[b])), steps=steps, fraction=fraction,
                               max_dist=max_dist)
-        np.testing.assert_allclose(attr[b], ref, rtol=1e-3, atol=2e-5)
+        np.testing.assert_allclose(amap[b], ref, rtol=1e-3, atol=2e-5)
 
 
 def test_guided_ig_max_dist_zero_is_left_riemann_ig():
     f, _, np_grad = tanh_mlp()
     x, steps = images(), 8
-    attr = attr.guided_ig(f, x, T, steps=steps, max_dist=0.0)
+    amap = attr.guided_ig(f, x, T, steps=steps, max_dist=0.0)
     xn = np.asarray(x, np.float64)
     for b in range(B):
         mean_grad = np.mean([np_grad(k / steps * xn[b], int(T[b])) for k in range(steps)], axis=0)
-        np.testing.assert_allclose(attr[b], xn[b] * mean_grad, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(amap[b], xn[b] * mean_grad, rtol=1e-4, atol=1e-6)
         # the unbounded guided path really differs from the straight line
         guided = numpy_guided_ig(xn[b], np.zeros_like(xn[b]), lambda v: np_grad(v, int(T[b])), steps=steps,
                                  fraction=0.1, max_dist=1.0)
-        assert np.abs(guided - np.asarray(attr[b])).max() > 1e-2
+        assert np.abs(guided - np.asarray(amap[b])).max() > 1e-2
 
 
 def test_guided_ig_completeness_tanh_mlp():
@@ -393,11 +390,11 @@ def test_blur_path_endpoint_is_gaussian_blur():
 def test_blur_ig_linear_telescopes_exactly():
     wm, f = linear_model()
     x, max_sigma, steps = images(), 2.0, 8
-    attr = attr.blur_ig(f, x, T, max_sigma=max_sigma, steps=steps, grad_step=max_sigma / steps)
-    np.testing.assert_allclose(attr, weights_of(wm, T) * (np.asarray(x) - np.asarray(blurred(x, max_sigma))),
+    amap = attr.blur_ig(f, x, T, max_sigma=max_sigma, steps=steps, grad_step=max_sigma / steps)
+    np.testing.assert_allclose(amap, weights_of(wm, T) * (np.asarray(x) - np.asarray(blurred(x, max_sigma))),
                                rtol=1e-3, atol=1e-5)
     expected = np.asarray(f(x) - f(blurred(x, max_sigma)))[np.arange(B), T]
-    np.testing.assert_allclose(flat_sum(attr), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(flat_sum(amap), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_blur_ig_linear_completeness_within_derived_bound():
@@ -406,7 +403,7 @@ def test_blur_ig_linear_completeness_within_derived_bound():
     # |sum A - (f(x) - f(B(x, max_sigma)))| <= max_sigma * (h + ds) * M / 2.
     wm, f = linear_model()
     x, max_sigma, steps, h = images(), 2.0, 16, 0.01
-    attr = attr.blur_ig(f, x, T, max_sigma=max_sigma, steps=steps, grad_step=h)
+    amap = attr.blur_ig(f, x, T, max_sigma=max_sigma, steps=steps, grad_step=h)
     radius, ds = int(np.ceil(3 * max_sigma)), max_sigma / steps
     grid = np.linspace(0.0, max_sigma + h + 0.02, 200)
     for b in range(B):
@@ -414,7 +411,7 @@ def test_blur_ig_linear_completeness_within_derived_bound():
         g = np.array([np.sum(w_b * numpy_blur(x[b], s, radius)) for s in grid])
         m = np.abs(np.diff(g, 2)).max() / (grid[1] - grid[0]) ** 2
         exact = g[0] - np.sum(w_b * numpy_blur(x[b], max_sigma, radius))
-        err = abs(flat_sum(attr)[b] - exact)
+        err = abs(flat_sum(amap)[b] - exact)
         bound = max_sigma * (h + ds) * m / 2
         assert err <= 1.05 * bound + 1e-4, (err, bound)
         assert err > 1e-4  # h != ds really leaves an error
@@ -425,10 +422,10 @@ def test_blur_ig_matches_numpy_loop(sqrt):
     f, _, np_grad = tanh_mlp()
     x = images()
     kw = dict(max_sigma=3.0, steps=6, grad_step=0.05, sqrt=sqrt)
-    attr = np.asarray(attr.blur_ig(f, x, T, chunk=4, **kw))
+    amap = np.asarray(attr.blur_ig(f, x, T, chunk=4, **kw))
     for b in range(B):
         ref = numpy_blur_ig(np.asarray(x[b]), lambda v: np_grad(v, int(T[b])), **kw)
-        np.testing.assert_allclose(attr[b], ref, rtol=2e-3, atol=2e-5)
+        np.testing.assert_allclose(amap[b], ref, rtol=2e-3, atol=2e-5)
 
 
 def test_blur_ig_chunks_agree():
@@ -472,13 +469,13 @@ class JitMatchesEager(chex.TestCase):
         key, refs = jax.random.key(20), jax.random.normal(jax.random.key(21), (3, H, W, C))
         draws = shap_draws(key, self.x, 3, 0.0, 4)
         mean_ref = np.mean([np.asarray(refs)[idx] for idx, _, _ in draws], axis=0)
-        attr = fn(self.x, T, key=key, baselines=refs)
-        np.testing.assert_allclose(attr, (np.asarray(self.x) - mean_ref) * weights_of(self.wm, T), rtol=1e-5, atol=1e-5)
+        amap = fn(self.x, T, key=key, baselines=refs)
+        np.testing.assert_allclose(amap, (np.asarray(self.x) - mean_ref) * weights_of(self.wm, T), rtol=1e-5, atol=1e-5)
         # completeness with the drawn baselines: sum A_b = f(x_b) - mean_s f(r_bs)
         f_refs = np.asarray(self.linear(refs))  # [m, K]
         f_drawn = np.mean([f_refs[i, T] for i, _, _ in draws], axis=0)
         expected = np.asarray(self.linear(self.x))[np.arange(B), T] - f_drawn
-        np.testing.assert_allclose(flat_sum(attr), expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(flat_sum(amap), expected, rtol=1e-4, atol=1e-4)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_vargrad_and_smoothgrad_squared(self):
@@ -493,11 +490,11 @@ class JitMatchesEager(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_guided_ig(self):
         fn = self.variant(functools.partial(attr.guided_ig, self.f, steps=8, fraction=0.25))
-        attr = np.asarray(fn(self.x, T))
+        amap = np.asarray(fn(self.x, T))
         for b in range(B):
             ref = numpy_guided_ig(self.x[b], np.zeros(self.x.shape[1:]), lambda v: self.np_grad(v, int(T[b])),
                                   steps=8, fraction=0.25, max_dist=1.0)
-            np.testing.assert_allclose(attr[b], ref, rtol=1e-3, atol=2e-5)
+            np.testing.assert_allclose(amap[b], ref, rtol=1e-3, atol=2e-5)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_blur_ig(self):

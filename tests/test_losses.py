@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
-from distill_jax.distill import losses
 
+from distill_jax.distill import losses
 
 RNG = np.random.default_rng(0)
 

@@ -7,12 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
-from distill_jax import attr
-from distill_jax import metrics
-from distill_jax import robust
+
+from distill_jax import attr, metrics, robust
 from distill_jax.attr import _core
 from distill_jax.metrics import _similarity
-
 
 B, H, W, C = 6, 6, 6, 2
 
@@ -69,16 +67,16 @@ def test_deletion_and_insertion_rank_true_attribution_first(images):
 def test_deletion_curve_hand_computed(images):
     mask, f = _known_pixels_model()
     x, t = images, jnp.zeros(B, jnp.int32)
-    attr = attr.grad_x_input(f, x, t)
+    amap = attr.grad_x_input(f, x, t)
     p = lambda img: jax.nn.softmax(f(img))[:, 0]
     # steps = 6 over 36 pixels: 6 pixels per step, so step 1 removes exactly the important ones
-    auc, curve = metrics.deletion_auc(f, x, attr, t, steps=6, return_curve=True)
+    auc, curve = metrics.deletion_auc(f, x, amap, t, steps=6, return_curve=True)
     np.testing.assert_allclose(curve[:, 0], p(x), rtol=1e-6)
     np.testing.assert_allclose(curve[:, 1:], jnp.broadcast_to(p(jnp.zeros_like(x))[:, None], (B, 6)), rtol=1e-6)
     np.testing.assert_allclose(auc, (p(x) + curve[:, 1]) / 2 / 6 + 5 * curve[:, 1] / 6, rtol=1e-5)
-    auc_i, curve_i = metrics.insertion_auc(f, x, attr, t, steps=6, baseline="zeros", return_curve=True)
+    auc_i, curve_i = metrics.insertion_auc(f, x, amap, t, steps=6, baseline="zeros", return_curve=True)
     np.testing.assert_allclose(curve_i[:, 1:], jnp.broadcast_to(p(x)[:, None], (B, 6)), rtol=1e-6)
-    jitted = jax.jit(functools.partial(metrics.deletion_auc, f, steps=6, chunk=3))(x, attr, t)
+    jitted = jax.jit(functools.partial(metrics.deletion_auc, f, steps=6, chunk=3))(x, amap, t)
     np.testing.assert_allclose(jitted, auc, rtol=1e-6)
 
 

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import common, metrics as bench  # noqa: E402  (benchmarks/ is a plain folder, not installed)
+from benchmarks import common  # noqa: E402  (benchmarks/ is a plain folder, not installed)
+from benchmarks import metrics as bench
 from distill_jax import models
 
 # one metric of each kind, cheap to compile: random subsets, a deterministic curve, ssim of two maps, complexity

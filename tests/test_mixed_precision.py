@@ -5,15 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from distill_jax import parallel
-from distill_jax import data
-from distill_jax import distill
-from distill_jax import models
-from distill_jax import train
-from distill_jax.app import _fit
-from distill_jax.app import _prepare
-from distill_jax.app import _settings
-from distill_jax.app import config
+from distill_jax import data, distill, models, parallel, train
+from distill_jax.app import _fit, _prepare, _settings, config
 
 
 def _dtypes_of(jaxpr, primitive: str) -> set:

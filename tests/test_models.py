@@ -3,8 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from distill_jax import models
 
+from distill_jax import models
 
 
 def _init(model, x, key=0):
@@ -201,8 +201,7 @@ def test_tree_hard_predict_is_one_program_and_traceable():
 
 
 def test_queries_run_the_network_as_built_on_cpu_and_with_xla_convolutions_elsewhere():
-    from distill_jax import backend
-    from distill_jax import models
+    from distill_jax import backend, models
 
     model = models.SeedCNN(num_classes=10, impl="patches")
     with backend.override("cpu"):

@@ -1,6 +1,6 @@
 """Real processes running `distill-jax run`: interrupt + resume, determinism, 1 vs 4 devices, two processes.
 
-Every run goes through `distill_jax.cli.main` in a fresh interpreter. A small driver wraps it to
+Every run goes through `distill_jax.app.cli.main` in a fresh interpreter. A small driver wraps it to
 print, per process, a checksum of the final parameters of every model (`CHECKSUM name process
 step sha`) and every report file written (`WROTE process path`); with `TRAIN_ONLY=1` it skips the
 explanation stage (which none of these checks needs) to keep the tests fast. Runs share a JAX
@@ -23,7 +23,8 @@ DRIVER = r'''
 import hashlib, os, sys
 import jax
 import numpy as np
-from distill_jax import cli, pipeline, train
+from distill_jax import train
+from distill_jax.app import _metadata, cli, job
 
 _fit = train.fit
 
@@ -36,7 +37,7 @@ def fit(*args, **kwargs):
     return state, history
 
 
-_write_json = pipeline._write_json
+_write_json = _metadata.write_json
 
 
 def write_json(path, obj):
@@ -44,9 +45,9 @@ def write_json(path, obj):
     return _write_json(path, obj)
 
 
-train.fit, pipeline._write_json = fit, write_json
+train.fit, _metadata.write_json = fit, write_json
 if os.environ.get("TRAIN_ONLY") == "1":
-    pipeline.explain_and_report = lambda result, *a, **k: result
+    job.explain_and_report = lambda result, *a, **k: result
 sys.exit(cli.main(sys.argv[1:]))
 '''
 

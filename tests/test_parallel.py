@@ -5,11 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from distill_jax import parallel
-from distill_jax import audit
-from distill_jax import distill
-from distill_jax import models
-from distill_jax import train
+from distill_jax import audit, distill, models, parallel, train
 
 
 def test_mesh_has_one_data_axis_over_every_device():

@@ -8,8 +8,8 @@ import pytest
 from jax.sharding import Mesh
 from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA as SkPCA
-from distill_jax.data import pca
 
+from distill_jax.data import pca
 
 SK_SOLVER = {"covariance": "covariance_eigh", "full": "full", "randomized": "full"}
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LinearRegression, Ridge
 from sklearn.metrics import pairwise_distances
+
 from distill_jax import attr
 from distill_jax.attr import _perturbation
-
 
 B, H, W, C, K = 3, 5, 5, 2, 3
 D = H * W * C
@@ -55,10 +55,10 @@ def patch_of(h, w, ph, pw, width):
     return (h // ph) * math.ceil(width / pw) + (w // pw)
 
 
-def patch_values(attr, ph, pw):
+def patch_values(amap, ph, pw):
     """The value of every patch, read at its top-left pixel (channel 0): [batch, M]."""
-    _, height, width, _ = attr.shape
-    return np.stack([attr[:, i, j, 0] for i in range(0, height, ph) for j in range(0, width, pw)], axis=1)
+    _, height, width, _ = amap.shape
+    return np.stack([amap[:, i, j, 0] for i in range(0, height, ph) for j in range(0, width, pw)], axis=1)
 
 
 def linear_patch_contributions(x, base, t, ph, pw):
@@ -113,21 +113,21 @@ class FeatureAblationTest(chex.TestCase):
         base = np.asarray(jax.random.normal(jax.random.key(2), (B, H, W, C)))
         t2 = np.array([[0, 1], [2, 2], [1, 0]])  # [batch, K=2] targets: one map per target
         fn = self.variant(functools.partial(attr.feature_ablation, linear, patch=2, baseline=base))
-        attr = np.asarray(fn(x, t2))
-        assert attr.shape == (B, 2, H, W, C)
+        amap = np.asarray(fn(x, t2))
+        assert amap.shape == (B, 2, H, W, C)
         for k in range(2):
             contrib = linear_patch_contributions(x, base, t2[:, k], 2, 2)
             expected = np.zeros_like(x)
             for h in range(H):
                 for w in range(W):
                     expected[:, h, w, :] = contrib[:, patch_of(h, w, 2, 2, W)][:, None]
-            np.testing.assert_allclose(attr[:, k], expected, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(amap[:, k], expected, rtol=1e-4, atol=1e-4)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_mlp_against_numpy_loops(self):
         x = np.asarray(jax.random.normal(jax.random.key(1), (B, H, W, C)))
         t = np.array([1, 0, 2])
-        attr = np.asarray(self.variant(functools.partial(attr.feature_ablation, mlp, patch=(3, 2), baseline=0.5))(x, t))
+        amap = np.asarray(self.variant(functools.partial(attr.feature_ablation, mlp, patch=(3, 2), baseline=0.5))(x, t))
         full = mlp_np(x)[np.arange(B), t]
         for h in range(H):
             for w in range(W):
@@ -138,14 +138,14 @@ class FeatureAblationTest(chex.TestCase):
                         if patch_of(hh, ww, 3, 2, W) == p:
                             ablated[:, hh, ww, :] = 0.5
                 drop = full - mlp_np(ablated)[np.arange(B), t]
-                np.testing.assert_allclose(attr[:, h, w, :], np.repeat(drop[:, None], C, 1), rtol=1e-4, atol=1e-5)
+                np.testing.assert_allclose(amap[:, h, w, :], np.repeat(drop[:, None], C, 1), rtol=1e-4, atol=1e-5)
 
 
 def test_feature_ablation_flat_inputs_each_feature_alone():
     x = np.asarray(jax.random.normal(jax.random.key(3), (B, 7)))
     t = np.array([2, 0, 1])
-    attr = attr.feature_ablation(linear, x, t, baseline=1.0)
-    np.testing.assert_allclose(attr, (x - 1.0) * P["w"][:7, t].T, rtol=1e-5, atol=1e-5)
+    amap = attr.feature_ablation(linear, x, t, baseline=1.0)
+    np.testing.assert_allclose(amap, (x - 1.0) * P["w"][:7, t].T, rtol=1e-5, atol=1e-5)
 
 
 def test_feature_ablation_same_values_for_every_chunk(data):
@@ -204,9 +204,9 @@ class RiseTest(chex.TestCase):
         key = jax.random.key(7)
         fn = self.variant(functools.partial(attr.rise, mlp, key=key, masks=20, cells=2, p_keep=0.4, chunk=6))
         masks = np.asarray(attr.rise_masks(key, 20, 2, 0.4, (H, W)))
-        attr = np.asarray(fn(x, t2))
+        amap = np.asarray(fn(x, t2))
         for k in range(2):
-            np.testing.assert_allclose(attr[:, k], rise_np(x, t2[:, k], masks, 0.4), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(amap[:, k], rise_np(x, t2[:, k], masks, 0.4), rtol=1e-4, atol=1e-5)
 
 
 def test_rise_same_values_for_every_chunk(data):
@@ -271,17 +271,17 @@ class KernelShapTest(chex.TestCase):
         fn = self.variant(
             functools.partial(attr.kernel_shap, linear, key=jax.random.key(12), samples=32, patch=2, baseline=BASE4)
         )
-        attr = np.asarray(fn(X4, t2))
+        amap = np.asarray(fn(X4, t2))
         for k in range(2):
             expected = linear_patch_contributions(X4, BASE4, t2[:, k], 2, 2)
-            np.testing.assert_allclose(patch_values(attr[:, k], 2, 2), expected, rtol=1e-4, atol=1e-4)
-        np.testing.assert_array_equal(attr[:, :, :2, :2, :], np.broadcast_to(attr[:, :, :1, :1, :1], (B, 2, 2, 2, C)))
+            np.testing.assert_allclose(patch_values(amap[:, k], 2, 2), expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(amap[:, :, :2, :2, :], np.broadcast_to(amap[:, :, :1, :1, :1], (B, 2, 2, 2, C)))
 
 
 def test_kernel_shap_efficiency_and_convergence_on_a_nonlinear_model():
     t = np.array([2, 0, 1])
-    attr = attr.kernel_shap(mlp, X4, t, key=jax.random.key(13), samples=3000, patch=2, baseline=BASE4)
-    phi = patch_values(np.asarray(attr), 2, 2)
+    amap = attr.kernel_shap(mlp, X4, t, key=jax.random.key(13), samples=3000, patch=2, baseline=BASE4)
+    phi = patch_values(np.asarray(amap), 2, 2)
     delta = mlp_np(X4)[np.arange(B), t] - mlp_np(BASE4)[np.arange(B), t]
     np.testing.assert_allclose(phi.sum(axis=1), delta, rtol=1e-4, atol=1e-5)  # efficiency, exact by the constraint
     exact = shapley_np(X4, BASE4, t, 2, 2)
@@ -312,9 +312,9 @@ def test_kernel_shap_same_values_for_every_chunk():
 
 def test_kernel_shap_single_feature_is_the_whole_difference():
     t = np.array([0, 1, 2])
-    attr = np.asarray(attr.kernel_shap(mlp, X4, t, key=jax.random.key(0), patch=4, baseline=BASE4))
+    amap = np.asarray(attr.kernel_shap(mlp, X4, t, key=jax.random.key(0), patch=4, baseline=BASE4))
     delta = mlp_np(X4)[np.arange(B), t] - mlp_np(BASE4)[np.arange(B), t]
-    np.testing.assert_allclose(attr, np.broadcast_to(delta[:, None, None, None], X4.shape), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(amap, np.broadcast_to(delta[:, None, None, None], X4.shape), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,10 +338,10 @@ class LimeTest(chex.TestCase):
         fn = self.variant(
             functools.partial(attr.lime, linear, key=jax.random.key(16), samples=40, patch=2, baseline=base, ridge=0.0)
         )
-        attr = np.asarray(fn(x, t2))
+        amap = np.asarray(fn(x, t2))
         for k in range(2):
             expected = linear_patch_contributions(x, base, t2[:, k], 2, 2)
-            np.testing.assert_allclose(patch_values(attr[:, k], 2, 2), expected, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(patch_values(amap[:, k], 2, 2), expected, rtol=1e-5, atol=1e-5)
 
     @chex.variants(with_jit=True)
     def test_nonlinear_model_matches_sklearn_on_the_same_coalitions(self):

@@ -1,7 +1,7 @@
 """pipeline helpers that need no training: history.json bookkeeping across --resume."""
 import json
-from distill_jax.app import _fit
 
+from distill_jax.app import _fit
 
 
 def _epochs(history):

@@ -6,13 +6,9 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from distill_jax import distill
-from distill_jax.app import _audit
-from distill_jax.app import _fit
-from distill_jax.app import _prepare
-from distill_jax.app import cli
-from distill_jax.app import config
 
+from distill_jax import distill
+from distill_jax.app import _audit, _fit, _prepare, cli, config
 
 
 def _write_idx(path, array: np.ndarray) -> None:

@@ -3,8 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from distill_jax.data import preprocess
 
+from distill_jax.data import preprocess
 
 
 def test_standardize_per_channel_hand_computed():

@@ -9,12 +9,8 @@ import optax
 import pytest
 from scipy.stats import norm
 
-from distill_jax import parallel
-from distill_jax import models
-from distill_jax import train
-from distill_jax.distill import losses
-from distill_jax.distill import privacy
-
+from distill_jax import models, parallel, train
+from distill_jax.distill import losses, privacy
 
 # --------------------------------------------------------------------------- GNMax
 

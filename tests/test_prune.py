@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from distill_jax.distill import prune
 
+from distill_jax.distill import prune
 
 
 def test_schedule_is_cubic_between_begin_and_end():

@@ -17,16 +17,13 @@ import types
 import matplotlib.colors
 import matplotlib.image
 import matplotlib.pyplot as plt
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 import numpy as np
 import pytest
-from distill_jax import audit
-from distill_jax import data
-from distill_jax.app import _figures
-from distill_jax.app import _page
-from distill_jax.app import _plots
-from distill_jax.audit import verdict
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+from distill_jax import audit, data
+from distill_jax.app import _figures, _page, _plots
+from distill_jax.audit import verdict
 
 METHODS = ("saliency", "grad_x_input", "integrated_gradients", "grad_cam")
 
@@ -243,14 +240,14 @@ def test_one_per_class_takes_the_first_image_of_each_class_in_class_order():
 
 @pytest.fixture
 def drawn(monkeypatch):
-    """Every figure `report._save` writes, in order, kept for inspection after it is saved."""
-    figures, save = [], _plots._save
+    """Every figure `_plots.save_figure` writes, in order, kept for inspection after it is saved."""
+    figures, save = [], _plots.save_figure
 
     def keep(fig, path):
         figures.append(fig)
         return save(fig, path)
 
-    monkeypatch.setattr(_plots, "_save", keep)
+    monkeypatch.setattr(_plots, "save_figure", keep)
     return figures
 
 

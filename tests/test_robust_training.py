@@ -8,17 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill_jax import parallel
-from distill_jax import distill
-from distill_jax import models
-from distill_jax import robust
-from distill_jax import train
-from distill_jax.app import _fit
-from distill_jax.app import _prepare
-from distill_jax.app import _settings
-from distill_jax.app import config
-from distill_jax.distill import _terms
-from distill_jax.distill import losses
+from distill_jax import distill, models, parallel, robust, train
+from distill_jax.app import _fit, _prepare, _settings, config
+from distill_jax.distill import _terms, losses
 
 N_CLASSES = 4
 
@@ -117,9 +109,9 @@ def test_adversarial_training_raises_pgd_accuracy_on_digits():
         config.check_choices(c)
         trained = _fit.train_teacher(prep, c, mesh, None, show_progress=False)
         clean = train.accuracy_from_logits(trained.test_logits, prep.y_test)
-        robust = float(robust.adversarial_accuracy(trained.apply_fn, x, y, attack="pgd", epsilon=0.5, step_size=0.125,
-                                                    steps=10, key=jax.random.PRNGKey(0)))
-        scores[adversarial] = (clean, robust)
+        under_attack = float(robust.adversarial_accuracy(trained.apply_fn, x, y, attack="pgd", epsilon=0.5,
+                                                         step_size=0.125, steps=10, key=jax.random.PRNGKey(0)))
+        scores[adversarial] = (clean, under_attack)
     assert scores["none"][0] > 0.9 and scores["pgd"][0] > 0.85, scores  # both learned the task
     assert scores["pgd"][1] > scores["none"][1] + 0.15, scores
 

@@ -7,10 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from distill_jax import parallel
-from distill_jax import distill
-from distill_jax import models
-from distill_jax import train
+from distill_jax import distill, models, parallel, train
 
 N_CLASSES = 3
 

@@ -5,13 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from distill_jax import parallel
-from distill_jax import data
-from distill_jax import distill
-from distill_jax.app import _fit
-from distill_jax.app import _prepare
-from distill_jax.app import _settings
-from distill_jax.app import config
+from distill_jax import data, distill, parallel
+from distill_jax.app import _fit, _prepare, _settings, config
 
 
 def _npz(tmp_path, *, transfer_shape=(30, 8, 8)):

@@ -5,32 +5,35 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from distill_jax import parallel
 
+from distill_jax import parallel
 from distill_jax.app._fit import Trained
 from distill_jax.app._prepare import Prepared
-from distill_jax.audit._evaluators import attribution_maps
-from distill_jax.audit._evaluators import cka_scores
-from distill_jax.audit._evaluators import faithfulness_scores
-from distill_jax.audit._evaluators import features_of
-from distill_jax.audit._evaluators import ig_completeness
-from distill_jax.audit._evaluators import linear_student
-from distill_jax.audit._evaluators import quality_scores
-from distill_jax.audit._evaluators import randomization_scores
-from distill_jax.audit._evaluators import rank_methods
-from distill_jax.audit._evaluators import robustness_scores
-from distill_jax.audit._evaluators import saliency_max_sensitivity
-from distill_jax.audit._evaluators import tree_student
+from distill_jax.audit._evaluators import (
+    attribution_maps,
+    cka_scores,
+    faithfulness_scores,
+    features_of,
+    ig_completeness,
+    linear_student,
+    quality_scores,
+    randomization_scores,
+    rank_methods,
+    robustness_scores,
+    saliency_max_sensitivity,
+    tree_student,
+)
 from distill_jax.data._batches import stratified_indices
 from distill_jax.distill.prune import sparsity
-from distill_jax.metrics._fidelity import agreement
-from distill_jax.metrics._fidelity import mean_kl
+from distill_jax.metrics._fidelity import agreement, mean_kl
 from distill_jax.models._util import count_params
 from distill_jax.train._fit import progress_bar
 from distill_jax.train._step import accuracy_from_logits
+
 
 @dataclasses.dataclass
 class Audit:

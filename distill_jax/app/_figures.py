@@ -8,25 +8,26 @@ from __future__ import annotations
 
 import os
 from typing import Sequence
+
 import matplotlib
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from distill_jax.app._plots import MAX_EXAMPLES
-from distill_jax.app._plots import Panel
-from distill_jax.app._plots import _boxes
-from distill_jax.app._plots import _grid
-from distill_jax.app._plots import _save
-from distill_jax.app._plots import _signed_rgba
-from distill_jax.app._plots import _text_inches
-from distill_jax.app._plots import _text_width
-from distill_jax.app._plots import _title
-from distill_jax.app._plots import attribution_grid
-from distill_jax.app._plots import labelled_mosaic
-from distill_jax.app._plots import one_per_class
-from distill_jax.audit.verdict import KIND_NAMES
-from distill_jax.audit.verdict import is_number
-from distill_jax.audit.verdict import rank_students
+from distill_jax.app import _plots
+from distill_jax.app._plots import (
+    MAX_EXAMPLES,
+    Panel,
+    _boxes,
+    _grid,
+    _signed_rgba,
+    _text_inches,
+    _text_width,
+    _title,
+    attribution_grid,
+    labelled_mosaic,
+    one_per_class,
+)
+from distill_jax.audit.verdict import KIND_NAMES, is_number, rank_students
 
 matplotlib.use("Agg")
 
@@ -48,7 +49,7 @@ def training_curves(path: str, histories: dict[str, list[dict]]) -> str:
     ax_acc.set(xlabel="epoch", ylabel="test accuracy")
     _title(ax_loss, "training loss"), _title(ax_acc, "test accuracy")
     ax_acc.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
+    return _plots.save_figure(fig, path)
 
 
 def pca_components(path: str, components: np.ndarray, image_shape: tuple[int, ...], *, max_components: int = 16) -> str:
@@ -58,7 +59,7 @@ def pca_components(path: str, components: np.ndarray, image_shape: tuple[int, ..
     panels = [Panel(i // cols, i % cols, _signed_rgba(components[i].reshape(image_shape).sum(-1)), f"PC {i + 1}")
               for i in range(k)]
     fig, _ = labelled_mosaic(panels, "", inches=1.2, frame=False, fontsize=8)
-    return _save(fig, path)
+    return _plots.save_figure(fig, path)
 
 
 def class_templates(path: str, templates: dict[str, np.ndarray], class_names: Sequence[str]) -> str:
@@ -66,7 +67,7 @@ def class_templates(path: str, templates: dict[str, np.ndarray], class_names: Se
     panels = [Panel(i, j, _signed_rgba(t[j].sum(-1)), str(class_names[j]) if i == 0 else "")
               for i, t in enumerate(templates.values()) for j in range(len(class_names))]
     fig, _ = labelled_mosaic(panels, "", row_labels=list(templates), label_fontsize=7)
-    return _save(fig, path)
+    return _plots.save_figure(fig, path)
 
 
 def soft_tree(path: str, name: str, filters: np.ndarray, leaf_probs: np.ndarray, depth: int,
@@ -106,7 +107,7 @@ def soft_tree(path: str, name: str, filters: np.ndarray, leaf_probs: np.ndarray,
         ax_leaf.text(c, 1.03, str(class_names[int(np.argmax(p))]), ha="center", va="bottom", fontsize=8)
     ax_leaf.set(xlim=ax.get_xlim(), ylim=(0, 1))
     ax_leaf.set_axis_off()
-    return _save(fig, path)
+    return _plots.save_figure(fig, path)
 
 
 def heatmap(path: str, panels: dict[str, tuple[list[str], list[str], np.ndarray]], title: str,
@@ -136,7 +137,7 @@ def heatmap(path: str, panels: dict[str, tuple[list[str], list[str], np.ndarray]
                         0.8 * (top - bottom)))
     fig.colorbar(im, cax=cax)
     fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return _plots.save_figure(fig, path)
 
 
 def method_ranking(path: str, ranking: dict[str, dict]) -> str:
@@ -158,7 +159,7 @@ def method_ranking(path: str, ranking: dict[str, dict]) -> str:
     bar.set_label("mean rank (1 = best)", fontsize=7)
     bar.ax.tick_params(labelsize=7)
     _title(ax, "attribution methods ranked on six explanation-quality metrics", fontsize=8)
-    return _save(fig, path)
+    return _plots.save_figure(fig, path)
 
 
 def perturbation_curves(path: str, curves: dict[str, dict], methods: Sequence[str]) -> str:
@@ -181,7 +182,7 @@ def perturbation_curves(path: str, curves: dict[str, dict], methods: Sequence[st
                    ylabel="p(true class)", ylim=(0, 1.02))
     handles = [plt.Line2D([], [], color=colour[name], label=name) for name in curves]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=7, frameon=False)
-    return _save(fig, path)
+    return _plots.save_figure(fig, path)
 
 
 def randomization_plot(path: str, results: dict[str, list]) -> str:
@@ -194,7 +195,7 @@ def randomization_plot(path: str, results: dict[str, list]) -> str:
     ax.set(ylabel="Spearman rho vs trained maps", xlabel="randomised down to layer", ylim=(-0.2, 1.05))
     _title(ax, "teacher: cascading parameter randomisation")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _plots.save_figure(fig, path)
 
 
 KIND_COLOURS = {"tree": "#1b9e77", "linear": "#7570b3", "mlp": "#e6ab02", "cnn": "#d95f02"}
@@ -256,7 +257,7 @@ def readability_fidelity(path: str, result: dict) -> str:
     if not points:
         axes[0].text(0.5, 0.5, "no student with agreement and parameters", ha="center", transform=axes[0].transAxes)
     fig.suptitle("readability against fidelity to the teacher", fontsize=9)
-    return _save(fig, path)
+    return _plots.save_figure(fig, path)
 
 
 def faithfulness_matrix(result: dict, metric: str = "deletion_auc") -> tuple[list[str], list[str], np.ndarray]:
@@ -316,7 +317,7 @@ def faithfulness_heatmap(path: str, result: dict, scores: Sequence[str] = ("dele
         _title(ax, f"{metric} ({better.get(metric, '?')} is better)", fontsize=8)
         bar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
         bar.ax.tick_params(labelsize=6)
-    return _save(fig, path)
+    return _plots.save_figure(fig, path)
 
 
 def summary_figures(workdir: str, result: dict) -> dict[str, str]:

@@ -6,54 +6,39 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 import time
 import zlib
 from typing import Callable
+
 import flax.linen as nn
 import jax
 import numpy as np
-from distill_jax import checkpoint
-from distill_jax import parallel
 
-from distill_jax.app._metadata import _write_json
-from distill_jax.app._prepare import Prepared
-from distill_jax.app._prepare import log
-from distill_jax.app._prepare import model_inputs
-from distill_jax.app._prepare import validation_split
-from distill_jax.app._settings import build_model
-from distill_jax.app._settings import dp_sgd_of
-from distill_jax.app._settings import method_config
-from distill_jax.app._settings import privacy_of
-from distill_jax.app._settings import pruning_of
-from distill_jax.app._settings import student_budget
-from distill_jax.app._settings import teacher_method_config
-from distill_jax.distill._api import init_trainable
-from distill_jax.distill._api import make_loss_fn
-from distill_jax.distill._method import MethodConfig
-from distill_jax.distill._method import Needs
-from distill_jax.distill._method import method_needs
-from distill_jax.distill._teacher_cache import cache_teacher_outputs
-from distill_jax.distill._teacher_cache import teacher_cache_bytes
-from distill_jax.distill.tuning import Selection
-from distill_jax.distill.tuning import candidates
-from distill_jax.distill.tuning import select
+from distill_jax import checkpoint, parallel, train
+from distill_jax.app import _metadata
+from distill_jax.app._prepare import Prepared, model_inputs, validation_split
+from distill_jax.app._settings import (
+    build_model,
+    dp_sgd_of,
+    method_config,
+    privacy_of,
+    pruning_of,
+    student_budget,
+    teacher_method_config,
+)
+from distill_jax.distill._api import init_trainable, make_loss_fn
+from distill_jax.distill._method import MethodConfig, Needs, method_needs, parse_method
+from distill_jax.distill._teacher_cache import cache_teacher_outputs, teacher_cache_bytes
+from distill_jax.distill.tuning import TUNED_TERM, Selection, candidates, select, wants_selection
 from distill_jax.models._layers import forward_only
-from distill_jax.models._util import apply_fn_of
-from distill_jax.models._util import with_compute_dtype
+from distill_jax.models._util import apply_fn_of, with_compute_dtype
 from distill_jax.train._fit import FitConfig
-from distill_jax.train._fit import fit as train_fit
-from distill_jax.train._fit import total_steps as train_total_steps
-from distill_jax.train._state import create_state
-from distill_jax.train._state import make_optimizer
-from distill_jax.train._step import accuracy_from_logits
-from distill_jax.train._step import make_predict_fn as train_make_predict_fn
-from distill_jax.train._step import make_train_step
-from distill_jax.train._step import predict
-from distill_jax.train._step import with_inputs
-from distill_jax.distill.tuning import TUNED_TERM
-from distill_jax.distill._method import parse_method
-from distill_jax.distill.tuning import wants_selection
+from distill_jax.train._state import create_state, make_optimizer
+from distill_jax.train._step import accuracy_from_logits, make_train_step, predict, with_inputs
+
+log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Trained:
@@ -121,7 +106,7 @@ def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, bud
     params = init_trainable(model, method, mcfg, init_key, sample, t_model, t_vars, extra=extra)
     needs = method_needs(method, mcfg)
     x_fit, y_fit = training_set(needs, prep, teacher, c, mesh)
-    steps = train_total_steps(len(y_fit), parallel.local_batch_size(budget.batch_size), budget.epochs)
+    steps = train.total_steps(len(y_fit), parallel.local_batch_size(budget.batch_size), budget.epochs)
     optimizer = make_optimizer(budget.optimizer, learning_rate=budget.learning_rate, total_steps=steps,
                                      momentum=budget.momentum, weight_decay=budget.weight_decay,
                                      schedule=budget.schedule, extra=pruning_of(budget, steps))
@@ -155,7 +140,7 @@ def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, bud
                     if ckpt_dir is not None and parallel.is_main_process() else None)
     resume = c.get("resume", False)
     record = (lambda h: record_history(history_path, name, h, resume=resume)) if history_path else None
-    state, history = train_fit(state, step_fn, arrays, fit_cfg, mesh=mesh,
+    state, history = train.fit(state, step_fn, arrays, fit_cfg, mesh=mesh,
                                teacher=t_vars if (needs.teacher and not use_cache) else None,
                                evaluate=evaluate, save=save, on_epoch=record)
     if record is not None:  # a finished model resumed runs no epoch: its history comes from the file
@@ -202,7 +187,7 @@ def make_host_predict_fn(model: nn.Module, prep: Prepared, mesh) -> Callable:
 
 @functools.lru_cache(maxsize=None)  # linen modules and meshes hash by value
 def _predict_program(evaluator: nn.Module, mesh) -> Callable:
-    return train_make_predict_fn(lambda vs, x: evaluator.apply(vs[0], model_inputs(vs[1], x)), mesh)
+    return train.make_predict_fn(lambda vs, x: evaluator.apply(vs[0], model_inputs(vs[1], x)), mesh)
 
 
 def train_teacher(prep: Prepared, c, mesh, ckpt_dir: str | None, **kw) -> Trained:
@@ -283,7 +268,7 @@ def record_history(path: str, name: str, history: list[dict], *, resume: bool) -
     ran_now = {entry["epoch"] for entry in history}
     merged = sorted([e for e in earlier if e["epoch"] not in ran_now] + list(history), key=lambda e: e["epoch"])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _write_json(path, {**previous, name: merged})
+    _metadata.write_json(path, {**previous, name: merged})
     return merged
 
 

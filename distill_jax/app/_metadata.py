@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+
 import jax
 import numpy as np
 
@@ -33,7 +34,9 @@ def peak_rss_mb() -> float:
 
 def versions() -> dict:
     """Versions of python and the libraries a run used, and the machine it ran on (for metrics.json)."""
-    import flax, optax, orbax.checkpoint  # noqa: E401, PLC0415
+    import flax  # noqa: E401, PLC0415
+    import optax
+    import orbax.checkpoint
 
     return {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
             "optax": optax.__version__, "orbax": orbax.checkpoint.__version__, "numpy": np.__version__,
@@ -41,7 +44,7 @@ def versions() -> dict:
             "machine": platform.machine(), "processor": cpu_model(), "cpus": os.cpu_count()}
 
 
-def _write_json(path: str, obj: dict) -> None:
+def write_json(path: str, obj: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)

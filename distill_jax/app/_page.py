@@ -5,15 +5,15 @@ from __future__ import annotations
 import html
 import os
 
-from distill_jax.app._figures import FAITHFULNESS_TITLE
-from distill_jax.app._figures import RANKING_TITLE
-from distill_jax.app._figures import READABILITY_TITLE
-from distill_jax.app._figures import figure_caption
-from distill_jax.app._figures import summary_figures
-from distill_jax.audit.verdict import FAITHFULNESS_KEYS
-from distill_jax.audit.verdict import QUALITY_KEYS
-from distill_jax.audit.verdict import as_text
-from distill_jax.audit.verdict import of
+from distill_jax.app._figures import (
+    FAITHFULNESS_TITLE,
+    RANKING_TITLE,
+    READABILITY_TITLE,
+    figure_caption,
+    summary_figures,
+)
+from distill_jax.audit.verdict import FAITHFULNESS_KEYS, QUALITY_KEYS, as_text, of
+
 
 def _fmt(v) -> str:
     if isinstance(v, float):

@@ -4,22 +4,19 @@ the host-side input pipeline that standardizes batches inside the jitted step.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from distill_jax import parallel
 
+from distill_jax import parallel
 from distill_jax.data._batches import process_slice
-from distill_jax.data._sources import as_float01
+from distill_jax.data._dataset import as_float01
 from distill_jax.data._sources import load
 from distill_jax.data.pca import fit_batches
-from distill_jax.data.preprocess import apply
-from distill_jax.data.preprocess import standardize_fit
+from distill_jax.data.preprocess import apply, standardize_fit
 from distill_jax.distill.tuning import holdout_split
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass

@@ -3,17 +3,17 @@ settings read from an ml_collections config.
 """
 from __future__ import annotations
 
-import ml_collections
 import dataclasses
-import flax.linen as nn
-from distill_jax import parallel
 
+import flax.linen as nn
+import ml_collections
+
+from distill_jax import parallel
 from distill_jax.distill._method import MethodConfig
 from distill_jax.distill.prune import magnitude_pruning
 from distill_jax.distill.tuning import is_auto
 from distill_jax.models._students import set_pca
-from distill_jax.models._util import build
-from distill_jax.models._util import with_compute_dtype
+from distill_jax.models._util import build, with_compute_dtype
 from distill_jax.train._step import DPSGD
 
 STUDENT_KINDS = ("cnn", "mlp", "linear", "tree")

@@ -19,8 +19,8 @@ What counts as the user's problem, decided here at the boundary rather than in e
   checkpoints; ValueError is the library's documented error type for bad input), NonFiniteError
   (training diverged), and OSError (a missing, unreadable or unwritable file, a full disk).
 - Failures of third-party code on the user's files, at the places where they are read: a config
-  file that does not run (SyntaxError, an exception in `get_config`) and a dataset file that is
-  truncated or corrupt (zipfile.BadZipFile, EOFError) become a UsageError naming the file.
+  file that does not run (SyntaxError, an exception in `get_config`) becomes a UsageError naming the
+  file; the loaders turn a truncated or corrupt dataset file into a ValueError naming it.
 
 Everything else is a bug, and so is a ValueError raised inside JAX, NumPy or another library
 that distill_jax did not turn into a message of its own: hiding it behind one line would hide
@@ -37,7 +37,6 @@ import os
 import platform
 import sys
 import traceback
-import zipfile
 
 __all__ = [
     "UsageError",
@@ -74,7 +73,7 @@ EXIT_INTERRUPTED = 130
 REPORT_BUGS_TO = "the issue tracker of the distill_jax repository"
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # distill_jax/
 
 
 class UsageError(ValueError):
@@ -291,17 +290,9 @@ def cmd_run(args) -> int:
     c = _configure(args)
     workdir = check_workdir(args.workdir)
     check_no_earlier_run(workdir, c.resume)
-    from distill_jax import data
     from distill_jax.app import job
 
-    try:
-        result = job.run(c, workdir,
-                              show_progress=False if args.no_progress else (True if args.progress else None))
-    except (zipfile.BadZipFile, EOFError) as exc:  # numpy's reader on a truncated file, under data.load
-        if not _raised_in(exc, data.__file__):
-            raise
-        raise UsageError(f"dataset {c.dataset!r} cannot be read ({_one_line(exc)}); is the file truncated or "
-                         f"corrupt?") from None
+    result = job.run(c, workdir, show_progress=False if args.no_progress else (True if args.progress else None))
     print(f"wrote {os.path.join(workdir, 'metrics.json')} and {os.path.join(workdir, 'report.html')}")
     if parallel.is_main_process():
         print_verdict(result)
@@ -398,10 +389,6 @@ def _raised_by_distill_jax(exc: BaseException) -> bool:
     return bool(frames) and os.path.abspath(frames[-1].filename).startswith(_PACKAGE_DIR + os.sep)
 
 
-def _raised_in(exc: BaseException, module_file: str) -> bool:
-    """Whether `exc` passed through the module at `module_file` on its way up."""
-    target = os.path.abspath(module_file)
-    return any(os.path.abspath(f.filename) == target for f in _frames(exc))
 
 
 def _line_in(exc: BaseException, path: str) -> str:

@@ -8,21 +8,21 @@ value and what is allowed (the CLI prints it as one line and exits with status 2
 from __future__ import annotations
 
 from typing import Any, Callable
+
 import ml_collections
 
-from distill_jax.app._settings import STUDENT_KINDS
-from distill_jax.app._settings import method_config
-from distill_jax.app._settings import parse_pairs
-from distill_jax.app._settings import parse_students
-from distill_jax.app._settings import student_budget
-from distill_jax.app._settings import teacher_method_config
+from distill_jax.app._settings import (
+    STUDENT_KINDS,
+    method_config,
+    parse_pairs,
+    parse_students,
+    student_budget,
+    teacher_method_config,
+)
 from distill_jax.audit._evaluators import ATTRIBUTION_METHODS
-from distill_jax.distill._views import ADVERSARIAL
-from distill_jax.distill._views import check_adversarial
-from distill_jax.distill._views import check_mixup
+from distill_jax.distill._views import ADVERSARIAL, check_adversarial, check_mixup
 from distill_jax.models._util import MODEL_KINDS
-from distill_jax.train._state import OPTIMIZERS
-from distill_jax.train._state import SCHEDULES
+from distill_jax.train._state import OPTIMIZERS, SCHEDULES
 
 __all__ = [
     "default_config",

@@ -11,31 +11,21 @@ import json
 import os
 import time
 from typing import Any, Callable
-import ml_collections
-import jax
-from distill_jax import checkpoint
-from distill_jax import parallel
 
-from distill_jax.app._audit import audit_models
-from distill_jax.app._audit import model_metrics
-from distill_jax.app._fit import Trained
-from distill_jax.app._fit import make_host_predict_fn
-from distill_jax.app._fit import train_student
-from distill_jax.app._fit import train_teacher
-from distill_jax.app._metadata import _write_json
-from distill_jax.app._metadata import peak_rss_mb
-from distill_jax.app._metadata import versions
-from distill_jax.app._prepare import Prepared
-from distill_jax.app._prepare import prepare_data
-from distill_jax.app._settings import build_model
-from distill_jax.app._settings import parse_students
-from distill_jax.app._fit import privacy_summary
-from distill_jax.app.config import check_choices
-from distill_jax.app.config import validate
+import jax
+import ml_collections
+
+from distill_jax import checkpoint, parallel
+from distill_jax.app import _metadata
+from distill_jax.app._audit import audit_models, model_metrics
+from distill_jax.app._fit import Trained, make_host_predict_fn, privacy_summary, train_student, train_teacher
+from distill_jax.app._metadata import peak_rss_mb, versions
+from distill_jax.app._prepare import Prepared, prepare_data
+from distill_jax.app._settings import build_model, parse_students
+from distill_jax.app.config import check_choices, validate
 from distill_jax.audit.verdict import decide
 from distill_jax.models._util import with_compute_dtype
-from distill_jax.train._step import accuracy_from_logits
-from distill_jax.train._step import predict
+from distill_jax.train._step import accuracy_from_logits, predict
 
 __all__ = [
     "run",
@@ -112,13 +102,13 @@ def explain_and_report(result: dict, everyone: list[Trained], prep: Prepared, c,
     if main:
         from distill_jax.app import _figures, _page  # noqa: PLC0415 - matplotlib only where a report is written
 
-        _write_json(os.path.join(workdir, "metrics.json"), result)  # first: a failing figure must not lose the scores
+        _metadata.write_json(os.path.join(workdir, "metrics.json"), result)  # first: a failing figure must not lose the scores
         t2 = time.perf_counter()
         figures = {**_figures.summary_figures(workdir, result), **_figures.write_figures(workdir, prep, everyone, found)}
         timing["report"] = time.perf_counter() - t2
         memory["report"] = peak_rss_mb()
         timing["total"] = sum(v for k, v in timing.items() if k != "total")
-        _write_json(os.path.join(workdir, "metrics.json"), result)
+        _metadata.write_json(os.path.join(workdir, "metrics.json"), result)
         _page.write_html(workdir, result, figures)
         echo(_page.summary_table(result))
     return result

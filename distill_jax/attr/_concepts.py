@@ -4,16 +4,15 @@ layer of any model split into `(features_fn, head_fn)` or given as a `forward`.
 from __future__ import annotations
 
 from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill_jax.attr._core import _dot
-from distill_jax.attr._core import validate_target
-from distill_jax.attr._layer import Forward
-from distill_jax.attr._layer import layer_grad
-from distill_jax.attr._layer import split_forward
+from distill_jax.attr._core import _dot, validate_target
+from distill_jax.attr._layer import Forward, layer_grad, split_forward
+
 
 # --------------------------------------------------------------------------------------------
 # Concept activation vectors (TCAV)

@@ -17,13 +17,13 @@ perturbed copies of a batch.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from distill_jax import backend
-from typing import Any
 
+from distill_jax import backend
 
 ApplyFn = Callable[[jax.Array], jax.Array]
 
@@ -284,3 +284,11 @@ def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
     """a @ b in HIGHEST precision: every product here feeds a reported number (bf16 / TF32 passes would
     cost about three digits on TPU and A100/H100; on CPU it changes nothing)."""
     return jnp.matmul(a, b, precision=backend.HIGHEST)
+
+
+def completeness_error(apply_fn, x, base, t, attr, eps):
+    """|sum_i attr_bi - (f(x_b) - f(base_b))| / max(|f(x_b) - f(base_b)|, eps) with f = the logit of target t_b;
+    x, base, attr: [batch, ...], t: [batch] -> [batch] (Sundararajan et al. 2017, Proposition 1)."""
+    delta = target_logits(apply_fn, x, t) - target_logits(apply_fn, base, t)
+    total = jnp.sum(attr.reshape(attr.shape[0], -1), axis=1)
+    return jnp.abs(total - delta) / jnp.maximum(jnp.abs(delta), eps)

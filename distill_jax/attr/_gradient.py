@@ -33,23 +33,27 @@ target is set to NaN instead.
 from __future__ import annotations
 
 from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from distill_jax import backend
 
-from distill_jax.attr._core import ApplyFn
-from distill_jax.attr._core import check_key
-from distill_jax.attr._core import check_positive_int
-from distill_jax.attr._core import check_x
-from distill_jax.attr._core import in_groups
-from distill_jax.attr._core import input_grad
-from distill_jax.attr._core import num_classes_of
-from distill_jax.attr._core import per_target
-from distill_jax.attr._core import resolve_baseline
-from distill_jax.attr._core import sample_chunk
-from distill_jax.attr._core import validate_target
-from distill_jax.metrics._axiomatic import _completeness
+from distill_jax import backend
+from distill_jax.attr._core import (
+    ApplyFn,
+    check_key,
+    check_positive_int,
+    check_x,
+    completeness_error,
+    in_groups,
+    input_grad,
+    num_classes_of,
+    per_target,
+    resolve_baseline,
+    sample_chunk,
+    validate_target,
+)
+
 
 # --------------------------------------------------------------------------------------------
 # Argument checks and shared machinery
@@ -380,7 +384,7 @@ def integrated_gradients(
         attr = diff * acc
         if not return_error:
             return attr
-        return attr, _completeness(apply_fn, v, base, t, attr, eps)
+        return attr, completeness_error(apply_fn, v, base, t, attr, eps)
 
     return per_target(core, x, target, c)
 

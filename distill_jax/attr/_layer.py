@@ -4,13 +4,11 @@ model given as `forward_fn(x, deltas) -> (logits, features)` or as a pair `(feat
 from __future__ import annotations
 
 from typing import Callable, NamedTuple, Sequence, Union
+
 import jax
 import jax.numpy as jnp
 
-from distill_jax.attr._core import ForwardFn
-from distill_jax.attr._core import check_x
-from distill_jax.attr._core import per_target
-from distill_jax.attr._core import validate_target
+from distill_jax.attr._core import ForwardFn, check_x, per_target, validate_target
 
 # --------------------------------------------------------------------------------------------
 # Feature maps: one form for forward_fn + layer and for (features_fn, head_fn)

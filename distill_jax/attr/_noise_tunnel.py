@@ -6,23 +6,22 @@ VarGrad (their variance; Adebayo et al. 2018), as Captum's NoiseTunnel offers th
 from __future__ import annotations
 
 from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.attr._core import ApplyFn
-from distill_jax.attr._core import check_x
-from distill_jax.attr._core import input_grad
-from distill_jax.attr._core import num_classes_of
-from distill_jax.attr._core import per_target
-from distill_jax.attr._core import validate_target
-from distill_jax.attr._gradient import _check_sampling
-from distill_jax.attr._gradient import _copy_bytes
-from distill_jax.attr._gradient import _draw_samples
-from distill_jax.attr._gradient import _gaussian_noise
-from distill_jax.attr._gradient import _grads_of_copies
-from distill_jax.attr._gradient import _range_sigma
-from distill_jax.attr._gradient import _sum_in_chunks
+from distill_jax.attr._core import ApplyFn, check_x, input_grad, num_classes_of, per_target, validate_target
+from distill_jax.attr._gradient import (
+    _check_sampling,
+    _copy_bytes,
+    _draw_samples,
+    _gaussian_noise,
+    _grads_of_copies,
+    _range_sigma,
+    _sum_in_chunks,
+)
+
 
 # --------------------------------------------------------------------------------------------
 # VarGrad and SmoothGrad^2

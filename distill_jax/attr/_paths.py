@@ -4,25 +4,24 @@ al. 2021) and Blur IG (Xu et al. 2020).
 from __future__ import annotations
 
 from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from distill_jax import backend
 
-from distill_jax.attr._core import ApplyFn
-from distill_jax.attr._core import check_positive_int
-from distill_jax.attr._core import check_x
-from distill_jax.attr._core import input_grad
-from distill_jax.attr._core import num_classes_of
-from distill_jax.attr._core import per_target
-from distill_jax.attr._core import resolve_baseline
-from distill_jax.attr._core import sample_chunk
-from distill_jax.attr._core import validate_target
-from distill_jax.attr._gradient import _check_number
-from distill_jax.attr._gradient import _copy_bytes
-from distill_jax.attr._gradient import _expand
-from distill_jax.attr._gradient import _grads_of_copies
-from distill_jax.attr._gradient import _sum_in_chunks
+from distill_jax import backend
+from distill_jax.attr._core import (
+    ApplyFn,
+    check_positive_int,
+    check_x,
+    input_grad,
+    num_classes_of,
+    per_target,
+    resolve_baseline,
+    sample_chunk,
+    validate_target,
+)
+from distill_jax.attr._gradient import _check_number, _copy_bytes, _expand, _grads_of_copies, _sum_in_chunks
 
 # --------------------------------------------------------------------------------------------
 # Guided Integrated Gradients

@@ -27,24 +27,27 @@ its example (see distill_jax.attr); with concrete targets it raises ValueError.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from distill_jax import backend
-import functools
 
-from distill_jax.attr._core import ApplyFn
-from distill_jax.attr._core import check_key
-from distill_jax.attr._core import check_positive_int
-from distill_jax.attr._core import check_x
-from distill_jax.attr._core import mask_invalid
-from distill_jax.attr._core import num_classes_of
-from distill_jax.attr._core import per_target
-from distill_jax.attr._core import resolve_baseline
-from distill_jax.attr._core import sample_chunk
-from distill_jax.attr._core import target_logits
-from distill_jax.attr._core import validate_target
+from distill_jax import backend
+from distill_jax.attr._core import (
+    ApplyFn,
+    check_key,
+    check_positive_int,
+    check_x,
+    mask_invalid,
+    num_classes_of,
+    per_target,
+    resolve_baseline,
+    sample_chunk,
+    target_logits,
+    validate_target,
+)
 from distill_jax.attr._gradient import _targets_per_example
 
 # exact=True in kernel_shap evaluates 2^M - 2 coalitions; beyond this it is rarely what one wants.

@@ -4,23 +4,16 @@ audit and the CLI call them.
 from __future__ import annotations
 
 from typing import Any, Callable
+
 import jax
 
-from distill_jax.attr._gradient import grad_x_input
-from distill_jax.attr._gradient import gradient_shap
-from distill_jax.attr._gradient import integrated_gradients
-from distill_jax.attr._gradient import saliency
+from distill_jax.attr._gradient import grad_x_input, gradient_shap, integrated_gradients, saliency
 from distill_jax.attr._layer import grad_cam
-from distill_jax.attr._noise_tunnel import smoothgrad
-from distill_jax.attr._noise_tunnel import smoothgrad_squared
-from distill_jax.attr._noise_tunnel import vargrad
-from distill_jax.attr._paths import blur_ig
-from distill_jax.attr._paths import guided_ig
-from distill_jax.attr._perturbation import feature_ablation
-from distill_jax.attr._perturbation import occlusion
-from distill_jax.attr._perturbation import rise
-from distill_jax.attr._surrogates import kernel_shap
-from distill_jax.attr._surrogates import lime
+from distill_jax.attr._noise_tunnel import smoothgrad, smoothgrad_squared, vargrad
+from distill_jax.attr._paths import blur_ig, guided_ig
+from distill_jax.attr._perturbation import feature_ablation, occlusion, rise
+from distill_jax.attr._surrogates import kernel_shap, lime
+
 
 def _smoothgrad_by_name(apply_fn, x, target, *, method: str | Callable = "saliency", **kw):
     fn = METHODS[method] if isinstance(method, str) else method

@@ -6,25 +6,26 @@ from __future__ import annotations
 import functools
 from math import comb
 from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.attr._core import ApplyFn
-from distill_jax.attr._core import check_key
-from distill_jax.attr._core import check_positive_int
-from distill_jax.attr._core import resolve_baseline
-from distill_jax.attr._perturbation import MAX_EXACT_FEATURES
-from distill_jax.attr._perturbation import _HIGHEST
-from distill_jax.attr._perturbation import _as_pairs
-from distill_jax.attr._perturbation import _check_inputs
-from distill_jax.attr._perturbation import _check_nonnegative
-from distill_jax.attr._perturbation import _check_positive
-from distill_jax.attr._perturbation import _coalition_scores
-from distill_jax.attr._perturbation import _finish
-from distill_jax.attr._perturbation import _scores
-from distill_jax.attr._perturbation import _spread
-from distill_jax.attr._perturbation import feature_ids
+from distill_jax.attr._core import ApplyFn, check_key, check_positive_int, resolve_baseline
+from distill_jax.attr._perturbation import (
+    _HIGHEST,
+    MAX_EXACT_FEATURES,
+    _as_pairs,
+    _check_inputs,
+    _check_nonnegative,
+    _check_positive,
+    _coalition_scores,
+    _finish,
+    _scores,
+    _spread,
+    feature_ids,
+)
+
 
 # --------------------------------------------------------------------------------------------
 # KernelSHAP

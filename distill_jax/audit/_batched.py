@@ -18,14 +18,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from distill_jax import compilation
 
+from distill_jax import compilation
 from distill_jax.attr._core import gaussian_blur
 from distill_jax.attr._gradient import path_rule
 from distill_jax.attr._perturbation import occlusion_masks
 from distill_jax.audit._queries import ModelQueries
 from distill_jax.metrics._faithfulness import _random_subset
 from distill_jax.metrics._similarity import pearson
+
 
 def _keys(key: jax.Array, samples: int) -> jax.Array:
     """jax.random.split(key, samples): the reference's per-sample keys."""

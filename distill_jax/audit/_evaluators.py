@@ -13,40 +13,35 @@ from __future__ import annotations
 
 import functools
 from typing import Callable, Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from distill_jax import backend
-from distill_jax import compilation
 
-from distill_jax.analysis import cka_matrix
-from distill_jax.analysis import class_templates
-from distill_jax.analysis import linear_contributions
-from distill_jax.analysis import node_filters
-from distill_jax.analysis import tree_usage
+from distill_jax import backend, compilation
+from distill_jax.analysis import cka_matrix, class_templates, linear_contributions, node_filters, tree_usage
 from distill_jax.attr._layer import grad_cam
-from distill_jax.audit._batched import adversarial_accuracy
-from distill_jax.audit._batched import deletion_insertion
-from distill_jax.audit._batched import faithfulness_correlation
-from distill_jax.audit._batched import grad_x_input
-from distill_jax.audit._batched import ig_completeness_error
-from distill_jax.audit._batched import infidelity
-from distill_jax.audit._batched import integrated_gradients
-from distill_jax.audit._batched import max_sensitivity
-from distill_jax.audit._batched import occlusion
-from distill_jax.audit._batched import saliency
-from distill_jax.audit._batched import smoothgrad
+from distill_jax.audit._batched import (
+    adversarial_accuracy,
+    deletion_insertion,
+    faithfulness_correlation,
+    grad_x_input,
+    ig_completeness_error,
+    infidelity,
+    integrated_gradients,
+    max_sensitivity,
+    occlusion,
+    saliency,
+    smoothgrad,
+)
 from distill_jax.audit._queries import ModelQueries
-from distill_jax.metrics._complexity import complexity
-from distill_jax.metrics._complexity import sparseness
+from distill_jax.metrics._complexity import complexity, sparseness
 from distill_jax.metrics._randomisation import randomization_check
-from distill_jax.metrics._similarity import spearman
-from distill_jax.metrics._similarity import top_k_overlap
+from distill_jax.metrics._similarity import spearman, top_k_overlap
 from distill_jax.models._layers import for_attribution
 from distill_jax.models._students import tree_hard_predict
-from distill_jax.models._util import forward_with_features
-from distill_jax.models._util import layer_order
+from distill_jax.models._util import forward_with_features, layer_order
 
 ATTRIBUTION_METHODS = ("saliency", "grad_x_input", "integrated_gradients", "smoothgrad", "grad_cam", "occlusion")
 

@@ -19,17 +19,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
-from distill_jax import backend
-from distill_jax import compilation
-from distill_jax import parallel
 
+from distill_jax import backend, compilation, parallel
 from distill_jax.models._layers import for_queries
+
 
 @functools.lru_cache(maxsize=None)  # linen modules hash by their fields: two programs per architecture
 def _programs(model: nn.Module):

@@ -9,6 +9,7 @@ no sanity check) gives a sentence, never an error.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 
 __all__ = [

@@ -4,6 +4,7 @@ multi-host, and class-stratified index draws.
 from __future__ import annotations
 
 from typing import Iterator
+
 import jax
 import numpy as np
 

@@ -12,8 +12,8 @@ import gzip
 import math
 import os
 import zlib
-import numpy as np
 
+import numpy as np
 
 # IDX type byte -> element dtype (big-endian; 0x08/0x09 are single bytes)
 IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),

@@ -24,11 +24,14 @@ import functools
 import math
 import warnings
 from typing import Any, Callable, Iterable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
 from distill_jax import backend
 
 __all__ = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np

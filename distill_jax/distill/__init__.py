@@ -3,38 +3,35 @@
 Submodules: `losses` (per-example losses), `tuning` (validation choice of T and alpha), `prune`
 (magnitude pruning as an optax transformation), `privacy` (PATE and privacy accounting).
 """
+from distill_jax.distill import losses, privacy, prune, tuning
 from distill_jax.distill._api import distill, init_student, init_trainable, make_loss_fn
-from distill_jax.distill._method import MethodConfig, Needs, parse_method, method_needs
+from distill_jax.distill._method import MethodConfig, Needs, method_needs, parse_method
+from distill_jax.distill._teacher_cache import (
+    cache_teacher_outputs,
+    teacher_cache_bytes,
+    teacher_cache_shapes,
+    teacher_outputs,
+    teacher_outputs_fn,
+)
 from distill_jax.distill._terms import (
     Context,
     TermSpec,
-    labels_term,
-    kd_term,
-    fm_term,
-    logits_term,
-    hint_term,
     attention_term,
-    saliency_term,
     defensive_term,
-)
-from distill_jax.distill._teacher_cache import (
-    teacher_outputs,
-    teacher_outputs_fn,
-    teacher_cache_shapes,
-    teacher_cache_bytes,
-    cache_teacher_outputs,
+    fm_term,
+    hint_term,
+    kd_term,
+    labels_term,
+    logits_term,
+    saliency_term,
 )
 from distill_jax.distill._views import (
-    training_view,
     adversarial_view,
-    pgd_view,
     check_adversarial,
     check_mixup,
+    pgd_view,
+    training_view,
 )
-from distill_jax.distill import losses
-from distill_jax.distill import tuning
-from distill_jax.distill import prune
-from distill_jax.distill import privacy
 
 __all__ = [
     "distill",

@@ -48,40 +48,33 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Callable
+
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from distill_jax import parallel
 
-from distill_jax.distill._method import MethodConfig
-from distill_jax.distill._method import method_needs
-from distill_jax.distill._method import parse_method
-from distill_jax.distill._teacher_cache import cache_teacher_outputs
-from distill_jax.distill._teacher_cache import teacher_cache_bytes
-from distill_jax.distill._teacher_cache import teacher_outputs
-from distill_jax.distill._terms import Context
-from distill_jax.distill._terms import TERMS
-from distill_jax.distill._terms import _pair_key
-from distill_jax.distill._views import _check_layers
-from distill_jax.distill._views import _check_spatial
-from distill_jax.distill._views import _used_pairs
-from distill_jax.distill._views import check_adversarial
-from distill_jax.distill._views import check_mixup
-from distill_jax.distill._views import training_view
+from distill_jax import parallel
+from distill_jax.distill._method import MethodConfig, method_needs, parse_method
+from distill_jax.distill._teacher_cache import cache_teacher_outputs, teacher_cache_bytes, teacher_outputs
+from distill_jax.distill._terms import TERMS, Context, _pair_key
+from distill_jax.distill._views import (
+    _check_layers,
+    _check_spatial,
+    _used_pairs,
+    check_adversarial,
+    check_mixup,
+    training_view,
+)
 from distill_jax.distill.losses._tree import tree_balance_penalty
-from distill_jax.models._adapters import as_student
-from distill_jax.models._adapters import as_teacher
+from distill_jax.models._adapters import as_student, as_teacher
 from distill_jax.models._networks import HintRegressor
-from distill_jax.train._fit import FitConfig
-from distill_jax.train._fit import fit
-from distill_jax.train._fit import total_steps
-from distill_jax.train._state import MUTABLE
-from distill_jax.train._state import create_state
-from distill_jax.train._state import make_optimizer
+from distill_jax.train._fit import FitConfig, fit, total_steps
+from distill_jax.train._state import MUTABLE, create_state, make_optimizer
 from distill_jax.train._step import make_train_step
+
 
 def init_trainable(student, method: str, cfg: MethodConfig, key: jax.Array, sample_x: jax.Array,
                    teacher=None, teacher_vars=None, *, extra=None) -> dict:

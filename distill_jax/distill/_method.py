@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+
 import numpy as np
 
 from distill_jax.distill._terms import TERMS

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import functools
 from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from distill_jax import compilation
-from distill_jax import parallel
 
+from distill_jax import compilation, parallel
 from distill_jax.distill._method import Needs
-from distill_jax.distill.losses._features import attention_energy_map
-from distill_jax.distill.losses._features import input_saliency
+from distill_jax.distill.losses._features import attention_energy_map, input_saliency
 from distill_jax.models._adapters import as_teacher
+
 
 def teacher_outputs(teacher, teacher_vars, x: jax.Array, labels: jax.Array, needs: Needs) -> dict:
     """The teacher outputs a method needs, under stop_gradient.

@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import dataclasses
 from typing import TYPE_CHECKING, Callable
+
 import jax
 
-from distill_jax.distill.losses._features import attention_energy_map
-from distill_jax.distill.losses._features import attention_transfer_from_maps
-from distill_jax.distill.losses._features import hint_loss
-from distill_jax.distill.losses._features import saliency_matching_loss
-from distill_jax.distill.losses._logits import cross_entropy
-from distill_jax.distill.losses._logits import defensive_distillation_loss
-from distill_jax.distill.losses._logits import distillation_loss
-from distill_jax.distill.losses._logits import kd_loss
-from distill_jax.distill.losses._logits import logit_matching_loss
-from distill_jax.distill.losses._tree import soft_tree_kd_loss
-from distill_jax.distill.losses._tree import soft_tree_loss
+from distill_jax.distill.losses._features import (
+    attention_energy_map,
+    attention_transfer_from_maps,
+    hint_loss,
+    saliency_matching_loss,
+)
+from distill_jax.distill.losses._logits import (
+    cross_entropy,
+    defensive_distillation_loss,
+    distillation_loss,
+    kd_loss,
+    logit_matching_loss,
+)
+from distill_jax.distill.losses._tree import soft_tree_kd_loss, soft_tree_loss
 from distill_jax.models._networks import HintRegressor
 
 if TYPE_CHECKING:

@@ -4,15 +4,15 @@ an adversarial example), and checks of what each student kind supports.
 from __future__ import annotations
 
 from typing import Callable
+
 import jax
 
 from distill_jax.data._augment import augment, mixup
-from distill_jax.distill._method import ADVERSARIAL_METHODS, MethodConfig
-from distill_jax.distill._method import Pair
-from distill_jax.distill._method import parse_method
+from distill_jax.distill._method import ADVERSARIAL_METHODS, MethodConfig, Pair, parse_method
 from distill_jax.distill._terms import TERMS
 from distill_jax.models._adapters import NETWORK
 from distill_jax.robust._attacks import pgd
+
 
 def _used_pairs(method: str, cfg: MethodConfig, term: str) -> tuple[Pair, ...]:
     return getattr(cfg, f"{term}_pairs") if term in dict(parse_method(method)) else ()

@@ -17,6 +17,7 @@ model compression", 2017.
 from __future__ import annotations
 
 from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Callable, Sequence
+
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.metrics._fidelity import agreement
-from distill_jax.metrics._fidelity import mean_kl
+from distill_jax.metrics._fidelity import agreement, mean_kl
 from distill_jax.train._step import accuracy_from_logits
 
 __all__ = [

@@ -4,21 +4,19 @@ to f(x) - f(baseline); Sundararajan et al. 2017, Proposition 1).
 from __future__ import annotations
 
 from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-from distill_jax.attr._core import ApplyFn
-from distill_jax.attr._core import check_x
-from distill_jax.attr._core import num_classes_of
-from distill_jax.attr._core import per_target_scored
-from distill_jax.attr._core import resolve_baseline
-from distill_jax.attr._core import target_logits
-from distill_jax.attr._core import validate_target
-
-def _completeness(apply_fn, x, base, t, attr, eps):
-    delta = target_logits(apply_fn, x, t) - target_logits(apply_fn, base, t)
-    total = jnp.sum(attr.reshape(attr.shape[0], -1), axis=1)
-    return jnp.abs(total - delta) / jnp.maximum(jnp.abs(delta), eps)
+from distill_jax.attr._core import (
+    ApplyFn,
+    check_x,
+    completeness_error,
+    num_classes_of,
+    per_target_scored,
+    resolve_baseline,
+    validate_target,
+)
 
 
 def ig_completeness_error(
@@ -53,6 +51,6 @@ def ig_completeness_error(
         if a.shape != v.shape:
             raise ValueError(f"attribution must have the shape of x {tuple(v.shape)} (one map per target); "
                              f"got {tuple(a.shape)}")
-        return _completeness(apply_fn, v, base, t, a, eps)
+        return completeness_error(apply_fn, v, base, t, a, eps)
 
     return per_target_scored(score, x, jnp.asarray(attribution), target, c)

@@ -4,14 +4,15 @@ fractional contributions) and discrete entropy of a histogram (Quantus's "comple
 from __future__ import annotations
 
 from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from distill_jax import compilation
 
+from distill_jax import compilation
 from distill_jax.attr._core import check_positive_int
-from distill_jax.metrics._robustness import _check_attribution_batch
-from distill_jax.metrics._robustness import _check_positive_float
+from distill_jax.metrics._robustness import _check_attribution_batch, _check_positive_float
+
 
 # --------------------------------------------------------------------------------------------
 # Complexity (read the attribution only: no apply_fn, no x)

@@ -39,23 +39,27 @@ of such an example is NaN.
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.attr._core import ApplyFn
-from distill_jax.attr._core import BASELINES
-from distill_jax.attr._core import check_attribution
-from distill_jax.attr._core import check_key
-from distill_jax.attr._core import check_positive_int
-from distill_jax.attr._core import check_x
-from distill_jax.attr._core import num_classes_of
-from distill_jax.attr._core import per_target_scored
-from distill_jax.attr._core import resolve_baseline
-from distill_jax.attr._core import sample_chunk
-from distill_jax.attr._core import target_logits
-from distill_jax.attr._core import validate_target
+from distill_jax.attr._core import (
+    BASELINES,
+    ApplyFn,
+    check_attribution,
+    check_key,
+    check_positive_int,
+    check_x,
+    num_classes_of,
+    per_target_scored,
+    resolve_baseline,
+    sample_chunk,
+    target_logits,
+    validate_target,
+)
 from distill_jax.metrics._similarity import pearson
+
 
 # --------------------------------------------------------------------------------------------
 # Shared checks and helpers

@@ -5,30 +5,36 @@ insertion AUC (Petsiuk et al. 2018), monotonicity (Arya et al. 2019), region per
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.attr._core import ApplyFn
-from distill_jax.attr._core import check_key
-from distill_jax.attr._core import check_positive_int
-from distill_jax.attr._core import check_x
-from distill_jax.attr._core import gaussian_blur
-from distill_jax.attr._core import num_classes_of
-from distill_jax.attr._core import per_target_scored
-from distill_jax.attr._core import sample_chunk
-from distill_jax.attr._core import target_logits
-from distill_jax.attr._core import validate_target
-from distill_jax.metrics._faithfulness import _Features
-from distill_jax.metrics._faithfulness import _check_nonnegative
-from distill_jax.metrics._faithfulness import _check_order
-from distill_jax.metrics._faithfulness import _check_patch
-from distill_jax.metrics._faithfulness import _feature_ranks
-from distill_jax.metrics._faithfulness import _need_nhwc
-from distill_jax.metrics._faithfulness import _prepare
-from distill_jax.metrics._faithfulness import _replacement
-from distill_jax.metrics._faithfulness import _scored
+from distill_jax.attr._core import (
+    ApplyFn,
+    check_key,
+    check_positive_int,
+    check_x,
+    gaussian_blur,
+    num_classes_of,
+    per_target_scored,
+    sample_chunk,
+    target_logits,
+    validate_target,
+)
+from distill_jax.metrics._faithfulness import (
+    _check_nonnegative,
+    _check_order,
+    _check_patch,
+    _feature_ranks,
+    _Features,
+    _need_nhwc,
+    _prepare,
+    _replacement,
+    _scored,
+)
 from distill_jax.metrics._similarity import spearman
+
 
 # --------------------------------------------------------------------------------------------
 # Monotonicity

@@ -11,22 +11,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import partial
 from typing import Any, Callable, Sequence
+
 import jax
 import jax.numpy as jnp
-from distill_jax import compilation
 
-from distill_jax.attr._core import check_positive_int
-from distill_jax.attr._core import check_x
-from distill_jax.attr._core import validate_target
-from distill_jax.metrics._complexity import complexity
-from distill_jax.metrics._complexity import discrete_entropy
-from distill_jax.metrics._robustness import _check_batch_target
-from distill_jax.metrics._robustness import _check_choice
-from distill_jax.metrics._robustness import _check_maps
-from distill_jax.metrics._robustness import _check_positive_float
-from distill_jax.metrics._robustness import _sum_samples
-from distill_jax.metrics._similarity import SIMILARITIES
-from distill_jax.metrics._similarity import spearman
+from distill_jax import compilation
+from distill_jax.attr._core import check_positive_int, check_x, validate_target
+from distill_jax.metrics._complexity import complexity, discrete_entropy
+from distill_jax.metrics._robustness import (
+    _check_batch_target,
+    _check_choice,
+    _check_maps,
+    _check_positive_float,
+    _sum_samples,
+)
+from distill_jax.metrics._similarity import SIMILARITIES, spearman
+
 
 @compilation.run_once  # one program per leaf shape (eagerly: a std, a normal, a where and a product, each compiled)
 def default_randomize(key: jax.Array, leaf: jax.Array) -> jax.Array:

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.attr._core import check_positive_int
-from distill_jax.attr._core import check_x
-from distill_jax.attr._core import sample_chunk
+from distill_jax.attr._core import check_positive_int, check_x, sample_chunk
+
 
 # --------------------------------------------------------------------------------------------
 # Argument checks

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from functools import partial
 from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from distill_jax import compilation
 
+from distill_jax import compilation
 from distill_jax.attr._core import check_positive_int
+
 
 @compilation.run_once
 def average_ranks(v: jax.Array) -> jax.Array:

@@ -15,18 +15,15 @@ import dataclasses
 import functools
 import inspect
 from typing import Any, Callable, Mapping
+
 import flax
 import flax.linen as nn
 import jax
-from distill_jax import compilation
 
-from distill_jax.models._layers import for_attribution
-from distill_jax.models._layers import forward_only
-from distill_jax.models._networks import MLP
-from distill_jax.models._networks import SeedCNN
-from distill_jax.models._networks import SmallCNN
-from distill_jax.models._students import Linear
-from distill_jax.models._students import SoftDecisionTree
+from distill_jax import compilation
+from distill_jax.models._layers import for_attribution, forward_only
+from distill_jax.models._networks import MLP, SeedCNN, SmallCNN
+from distill_jax.models._students import Linear, SoftDecisionTree
 
 NETWORK = "network"  # the kind of a student that is neither a soft tree nor a linear-over-PCA model
 

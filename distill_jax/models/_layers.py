@@ -4,11 +4,12 @@ patches and a matmul) and 2x2 max pooling, chosen in `distill_jax.backend`.
 from __future__ import annotations
 
 from typing import Any, Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from distill_jax import backend
 
+from distill_jax import backend
 
 Features = dict[str, jax.Array]
 

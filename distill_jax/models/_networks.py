@@ -4,17 +4,13 @@ regressor.
 from __future__ import annotations
 
 from typing import Any, Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distill_jax.models._layers import Conv3x3
-from distill_jax.models._layers import Features
-from distill_jax.models._layers import POOL_IMPLS
-from distill_jax.models._layers import _check_images
-from distill_jax.models._layers import _check_impl
-from distill_jax.models._layers import _output
-from distill_jax.models._layers import _with_delta
+from distill_jax.models._layers import POOL_IMPLS, Conv3x3, Features, _check_images, _check_impl, _output, _with_delta
+
 
 class ConvNet(nn.Module):
     """Conv(3x3) -> ReLU -> 2x2 max-pool blocks, then dense layers and the class layer.

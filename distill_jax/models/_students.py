@@ -4,15 +4,14 @@ Hinton (2017), with its path probabilities and hard (argmax-path) prediction.
 from __future__ import annotations
 
 from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from distill_jax import backend
-from distill_jax import compilation
 
-from distill_jax.models._layers import Features
-from distill_jax.models._layers import _output
-from distill_jax.models._layers import _with_delta
+from distill_jax import backend, compilation
+from distill_jax.models._layers import Features, _output, _with_delta
+
 
 class Linear(nn.Module):
     """A linear classifier over PCA components of the flattened input.

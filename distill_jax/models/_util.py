@@ -28,15 +28,14 @@ from __future__ import annotations
 
 import functools
 from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from distill_jax.models._networks import MLP
-from distill_jax.models._networks import SeedCNN
-from distill_jax.models._networks import SmallCNN
-from distill_jax.models._students import Linear
-from distill_jax.models._students import SoftDecisionTree
+from distill_jax.models._networks import MLP, SeedCNN, SmallCNN
+from distill_jax.models._students import Linear, SoftDecisionTree
+
 
 def forward_with_features(model: nn.Module, variables: dict) -> Callable:
     """Returns `forward_fn(x, deltas=None) -> (logits, features)` for a model of this module."""

@@ -1,6 +1,6 @@
 """Adversarial attacks (FGSM, PGD) and accuracy under attack.
 """
-from distill_jax.robust._attacks import fgsm, pgd, adversarial_accuracy
+from distill_jax.robust._attacks import adversarial_accuracy, fgsm, pgd
 
 __all__ = [
     "fgsm",

@@ -8,15 +8,15 @@ standardized images); budgets are in those units.
 from __future__ import annotations
 
 from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill_jax.attr._core import check_x
-from distill_jax.attr._core import num_classes_of
-from distill_jax.attr._core import validate_target
+from distill_jax.attr._core import check_x, num_classes_of, validate_target
 from distill_jax.metrics._fidelity import accuracy
+
 
 def _check_attack(apply_fn, x, labels, epsilon):
     x = check_x(x)

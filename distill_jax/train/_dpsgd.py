@@ -4,11 +4,11 @@ sum (Abadi et al. 2016, Algorithm 1). The accounting is in `distill_jax.distill.
 from __future__ import annotations
 
 from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 
-from distill_jax._checks import _check_nonnegative
-from distill_jax._checks import _check_positive
+from distill_jax._checks import _check_nonnegative, _check_positive
 from distill_jax.attr._core import check_key
 
 LossFn = Callable[[Any, Any], jax.Array]  # (params, batch) -> per-example losses [batch]

@@ -30,14 +30,14 @@ import itertools
 import signal
 import time
 from typing import Callable, Iterable, Iterator, Mapping, Union
+
 import jax
 import numpy as np
 from tqdm.auto import tqdm
-from distill_jax import parallel
 
-from distill_jax.train._state import Interrupted
-from distill_jax.train._state import NonFiniteError
-from distill_jax.train._state import TrainState
+from distill_jax import parallel
+from distill_jax.train._state import Interrupted, NonFiniteError, TrainState
+
 
 def _sync_every_step(mesh) -> bool:
     """Whether `fit` waits for each step before dispatching the next: on CPU with several devices only.

@@ -6,12 +6,13 @@ from __future__ import annotations
 import collections.abc
 import functools
 from typing import Any, Callable
+
 import flax
 import jax
 import jax.numpy as jnp
 import optax
-from distill_jax import compilation
 
+from distill_jax import compilation
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
 

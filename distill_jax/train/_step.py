@@ -5,19 +5,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from distill_jax import compilation
-from distill_jax import parallel
 
-from distill_jax.train._dpsgd import dp_sgd_gradients, noisy_clipped_mean, per_example_value_and_grad
-from distill_jax.train._state import LossFn
-from distill_jax.train._state import MUTABLE
-from distill_jax.train._state import TrainState
-from distill_jax.train._state import _all_finite
-from distill_jax.train._state import merge_mutable
+from distill_jax import compilation, parallel
+from distill_jax.train._dpsgd import noisy_clipped_mean, per_example_value_and_grad
+from distill_jax.train._state import MUTABLE, LossFn, TrainState, _all_finite, merge_mutable
+
 
 @dataclasses.dataclass(frozen=True)
 class DPSGD:

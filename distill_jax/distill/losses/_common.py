@@ -25,9 +25,9 @@ outputs. The train step does that (the teacher runs under ``stop_gradient``).
 from __future__ import annotations
 
 import math
+
 import jax
 import jax.numpy as jnp
-
 
 # Norms below this are treated as this (keeps normalisation of an all-zero map finite,
 # with a finite gradient). Same role as the eps of torch.nn.functional.normalize.

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import math
 from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
-from distill_jax.distill.losses._common import _average_pool
-from distill_jax.distill.losses._common import _check_floating
-from distill_jax.distill.losses._common import _check_rank
-from distill_jax.distill.losses._common import _common_grid
-from distill_jax.distill.losses._common import _concrete_scalar
-from distill_jax.distill.losses._common import _fail
-from distill_jax.distill.losses._common import _l2_normalize
+from distill_jax.distill.losses._common import (
+    _average_pool,
+    _check_floating,
+    _check_rank,
+    _common_grid,
+    _concrete_scalar,
+    _fail,
+    _l2_normalize,
+)
+
 
 def hint_loss(student_regressed: jax.Array, teacher_feature: jax.Array) -> jax.Array:
     """FitNets hint loss: mean squared error of a regressed student feature to a teacher feature.

@@ -6,13 +6,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from distill_jax.distill.losses._common import _check_floating
-from distill_jax.distill.losses._common import _check_logits
-from distill_jax.distill.losses._common import _check_rank
-from distill_jax.distill.losses._common import _check_same_shape
-from distill_jax.distill.losses._common import _check_temperature
-from distill_jax.distill.losses._common import _concrete_scalar
-from distill_jax.distill.losses._common import _fail
+from distill_jax.distill.losses._common import (
+    _check_floating,
+    _check_logits,
+    _check_rank,
+    _check_same_shape,
+    _check_temperature,
+    _concrete_scalar,
+    _fail,
+)
+
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Cross entropy of integer labels under softmax(logits), per example.

@@ -4,17 +4,21 @@ its KD form, and the balance penalty.
 from __future__ import annotations
 
 import math
+
 import jax
 import jax.numpy as jnp
 
-from distill_jax.distill.losses._common import _BALANCE_EPS
-from distill_jax.distill.losses._common import _check_floating
-from distill_jax.distill.losses._common import _check_logits
-from distill_jax.distill.losses._common import _check_rank
-from distill_jax.distill.losses._common import _check_same_shape
-from distill_jax.distill.losses._common import _check_temperature
-from distill_jax.distill.losses._common import _concrete_scalar
-from distill_jax.distill.losses._common import _fail
+from distill_jax.distill.losses._common import (
+    _BALANCE_EPS,
+    _check_floating,
+    _check_logits,
+    _check_rank,
+    _check_same_shape,
+    _check_temperature,
+    _concrete_scalar,
+    _fail,
+)
+
 
 def soft_tree_loss(
     path_probs: jax.Array, leaf_logits: jax.Array, target_probs: jax.Array

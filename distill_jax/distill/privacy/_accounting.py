@@ -4,11 +4,11 @@ and DP-SGD (Abadi et al. 2016).
 from __future__ import annotations
 
 import math
+
 import dp_accounting
 
-from distill_jax._checks import _check_count
-from distill_jax._checks import _check_delta
-from distill_jax._checks import _check_positive
+from distill_jax._checks import _check_count, _check_delta, _check_positive
+
 
 def gnmax_epsilon(num_queries: int, *, sigma, delta) -> float:
     """Data-independent (epsilon, delta) of answering `num_queries` GNMax queries.

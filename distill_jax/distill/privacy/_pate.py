@@ -23,18 +23,19 @@ from __future__ import annotations
 
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from distill_jax import parallel
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from distill_jax._checks import _check_count
-from distill_jax._checks import _check_nonnegative
-from distill_jax._checks import _number
+from distill_jax import parallel
+from distill_jax._checks import _check_count, _check_nonnegative, _number
 from distill_jax.attr._core import check_key
 from distill_jax.train._dpsgd import LossFn
+
 
 def _check_votes(votes) -> None:
     if jnp.ndim(votes) != 2:
