@@ -28,6 +28,7 @@ from distill_jax.app._plots import (
     one_per_class,
 )
 from distill_jax.audit.verdict import KIND_NAMES, is_number, rank_students
+from distill_jax.metrics._specs import METRICS
 
 matplotlib.use("Agg")
 
@@ -284,8 +285,6 @@ def faithfulness_heatmap(path: str, result: dict, scores: Sequence[str] = ("dele
     Each cell shows its value; colours run so that brighter is better (reversed for deletion AUC, where
     lower is better); methods a model lacks are grey "n/a". Saves a PNG and returns its path.
     """
-    better = {"deletion_auc": "lower", "insertion_auc": "higher", "spearman_vs_teacher": "higher",
-              "top10_overlap_vs_teacher": "higher"}
     rows, cols, _ = faithfulness_matrix(result, scores[0])
     col_h = max((_text_width(c, 7) for c in cols), default=0.0) * 0.5 + 0.3  # labels at 30 degrees
     margins = dict(left=max((_text_width(r, 7) for r in rows), default=0.0) + 0.2, right=0.5, top=0.3, bottom=col_h,
@@ -301,7 +300,7 @@ def faithfulness_heatmap(path: str, result: dict, scores: Sequence[str] = ("dele
             ax.text(0.5, 0.5, f"no {metric} in this run", ha="center", va="center", transform=ax.transAxes)
             ax.axis("off")
             continue
-        lower = better.get(metric) == "lower"
+        lower = metric in METRICS and not METRICS[metric].higher_is_better
         cmap = plt.get_cmap("viridis_r" if lower else "viridis").with_extremes(bad="#e8e8e8")
         finite = m[np.isfinite(m)]
         lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
@@ -314,7 +313,7 @@ def faithfulness_heatmap(path: str, result: dict, scores: Sequence[str] = ("dele
                 ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=6.5, color="k" if bright else "w")
             else:
                 ax.text(j, i, "n/a", ha="center", va="center", fontsize=6, color="#777")
-        _title(ax, f"{metric} ({better.get(metric, '?')} is better)", fontsize=8)
+        _title(ax, f"{metric} ({METRICS[metric].better if metric in METRICS else '?'} is better)", fontsize=8)
         bar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
         bar.ax.tick_params(labelsize=6)
     return _plots.save_figure(fig, path)

@@ -2,8 +2,10 @@
 """
 from __future__ import annotations
 
-import html
+import functools
 import os
+
+import jinja2
 
 from distill_jax.app._figures import (
     FAITHFULNESS_TITLE,
@@ -13,6 +15,7 @@ from distill_jax.app._figures import (
     summary_figures,
 )
 from distill_jax.audit.verdict import FAITHFULNESS_KEYS, QUALITY_KEYS, as_text, of
+from distill_jax.metrics._specs import METRICS, metric_names
 
 
 def _fmt(v) -> str:
@@ -72,12 +75,6 @@ def summary_table(result: dict) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)]) + tail
 
 
-def _html_table(header, rows) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def explanation_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """Faithfulness table: one row per (model, attribution method)."""
     rows = []
@@ -117,33 +114,31 @@ figure{margin:1.5em 0}figcaption{margin-bottom:.4em}figcaption b{display:block}
 .verdict{padding:.2em .7em}}"""
 
 
-def _figure_html(title: str, path: str) -> str:
-    """A figure with its title and its one-line caption (how to read it) above the image (a link to full size)."""
-    caption = figure_caption(title)
-    line = f'<br><span class="note">{html.escape(caption)}</span>' if caption else ""
-    src = html.escape(path)
-    return (f'<figure><figcaption><b>{html.escape(title)}</b>{line}</figcaption>'
-            f'<a href="{src}"><img src="{src}" alt="{html.escape(title)}"></a></figure>')
+def _figure(title: str, path: str) -> dict:
+    """A figure as the template shows it: title, the one-line caption (how to read it), path."""
+    return {"title": title, "caption": figure_caption(title), "path": path}
 
 
-def _scroll(table: str) -> str:
-    return f'<div class="scroll">{table}</div>'
-
-
-def verdict_html(v: dict) -> str:
-    """The verdict section: `verdict.as_text` as paragraphs in a box (lead in bold, the rule in small print)."""
-    paragraphs = []
+def verdict_paragraphs(v: dict) -> list[dict]:
+    """`verdict.as_text` split for the page: per paragraph its lead (in bold), its text and its rule (small print)."""
+    out = []
     for p in as_text(v).split("\n\n"):
         text, _, rule = p.partition(" Rule: ")
         lead, _, rest = text.partition(": ")
-        rule_html = f' <span class="rule">Rule: {html.escape(rule)}</span>' if rule else ""
-        paragraphs.append(f"<p><strong>{html.escape(lead)}:</strong> {html.escape(rest)}{rule_html}</p>")
-    paragraphs = "".join(paragraphs)
-    return f'<section class="verdict" id="verdict"><h2>Verdict: which student, which explanation</h2>{paragraphs}</section>'
+        out.append({"lead": lead, "text": rest, "rule": rule})
+    return out
+
+
+@functools.cache
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("distill_jax.app", "templates"),
+                             autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined)
+    return env.get_template("report.html")
 
 
 def write_html(workdir: str, result: dict, figures: dict[str, str]) -> str:
-    """Writes `workdir/report.html`: the verdict, the summary figures, the tables (long ones folded), every figure.
+    """Writes `workdir/report.html` from the template `app/templates/report.html`: the verdict, the summary figures,
+    the tables (long ones folded), every figure; the metric notes come from `metrics.METRICS`.
 
     The figures drawn from metrics alone (`summary_figures`) are drawn here when `figures` lacks them.
     Returns the path of the page.
@@ -151,63 +146,24 @@ def write_html(workdir: str, result: dict, figures: dict[str, str]) -> str:
     if not {READABILITY_TITLE, FAITHFULNESS_TITLE} & set(figures):
         figures = {**summary_figures(workdir, result), **figures}
     figures = dict(figures)
-    placed = {t: _figure_html(t, figures.pop(t)) if t in figures else ""
+    placed = {t: _figure(t, figures.pop(t)) if t in figures else None
               for t in (READABILITY_TITLE, FAITHFULNESS_TITLE, RANKING_TITLE)}
-    model_table = _scroll(_html_table(*model_rows(result)))
-    expl_header, expl = explanation_rows(result)
-    sens_table = _scroll(_html_table(*sensitivity_rows(result)))
-    quality_header, quality = quality_rows(result)
-    selection_header, selection = selection_rows(result)
-    n_val = max((m["selection"]["validation_images"] for m in result["models"].values() if m.get("selection")),
-                default=0)
-    selection_html = "" if not selection else f"""<h3>Distillation settings chosen on a validation split</h3>
-<p class="note">Each kd student with method.temperature or method.alpha set to "auto" was trained once per candidate on
-the training images minus a class-stratified validation split ({n_val} images), then retrained on every training image with the
-chosen values; the test set played no part. T, alpha in the table above are the values each student was trained with
-(Hinton KD: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross entropy).</p>
-{_scroll(_html_table(selection_header, selection))}"""
-    figs = "".join(_figure_html(t, p) for t, p in figures.items())
-    timing = ", ".join(f"{k} {v:.1f} s" for k, v in result["timing_s"].items())
-    v = result["versions"]
-    page = f"""<!doctype html><html><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>distill_jax report: {html.escape(result['dataset'])}</title>
-<style>{CSS}</style></head><body>
-<h1>distill_jax report: {html.escape(result['dataset'])}</h1>
-<p class="note">jax {html.escape(v['jax'])} on {html.escape(v['backend'])} ({v['devices']} device(s)); {html.escape(timing)}</p>
-{verdict_html(of(result))}
-{placed[READABILITY_TITLE]}
-<h2>Models</h2>
-<p class="note">accuracy: test top-1; agreement: fraction of test images where the student's top-1 equals the teacher's;
-kl: mean KL(teacher || student) over the test set; fgsm/pgd_accuracy: test accuracy under L-inf attacks of the configured
-budget; ig_completeness_error: |sum IG - (f(x) - f(0))| / |f(x) - f(0)|.</p>
-{model_table}
-{selection_html}
-<h2>How faithful is each explanation?</h2>
-<p class="note">deletion AUC: probability of the true class as the most-attributed pixels are removed first (lower: the map
-found pixels the model needs); insertion AUC: the same as they are inserted into a blurred image (higher is better);
-spearman / top-10% overlap vs teacher: agreement of the student's map with the teacher's map of the same method.</p>
-{placed[FAITHFULNESS_TITLE]}
-<details id="faithfulness-table"><summary>Full faithfulness table ({len(expl)} rows: every model and method)</summary>
-{_scroll(_html_table(expl_header, expl))}
-</details>
-<p class="note">max-sensitivity: largest relative change of the saliency map under small uniform input noise (Yeh et al.
-2019; lower is more stable).</p>
-{sens_table}
-<h2>Which explanation method to trust, per model?</h2>
-<p class="note">Each model's methods ranked (1 = best) on deletion AUC (lower is better), insertion AUC (higher),
-faithfulness correlation (higher: the map's mass on random pixel subsets predicts the logit drop when they are removed;
-Bhatt et al. 2020), infidelity (lower: squared error of the map's first-order prediction of the logit change under
-Gaussian noise, after the best rescaling; Yeh et al. 2019), sparseness (higher: Gini index of |map|; Chalasani et al.
-2020) and complexity (lower: entropy of |map|; Bhatt et al. 2020); mean rank over those six. Sparseness and complexity
-say how concise a map is, not whether it is right: read them after the faithfulness columns.</p>
-{placed[RANKING_TITLE]}
-<details id="quality-table"><summary>Explanation-quality table ({len(quality)} rows: every model and method, best first)</summary>
-{_scroll(_html_table(quality_header, quality))}
-</details>
-<h2>Figures</h2>
-{figs}
-</body></html>"""
+    table = lambda header_rows: {"header": header_rows[0], "rows": header_rows[1]}  # noqa: E731
+    selection = table(selection_rows(result))
+    selection["validation_images"] = max((m["selection"]["validation_images"] for m in result["models"].values()
+                                          if m.get("selection")), default=0)
+    page = _template().render(
+        dataset=result["dataset"], versions=result["versions"], css=CSS,
+        timing=", ".join(f"{k} {v:.1f} s" for k, v in result["timing_s"].items()),
+        verdict=verdict_paragraphs(of(result)),
+        readability=placed[READABILITY_TITLE], faithfulness_figure=placed[FAITHFULNESS_TITLE],
+        ranking_figure=placed[RANKING_TITLE], figures=[_figure(t, p) for t, p in figures.items()],
+        models=table(model_rows(result)), selection=selection, explanations=table(explanation_rows(result)),
+        sensitivities=table(sensitivity_rows(result)), quality=table(quality_rows(result)),
+        fidelity=[METRICS[n] for n in metric_names("fidelity")],
+        faithfulness=[METRICS[n] for n in metric_names("faithfulness") + metric_names("teacher_agreement")],
+        ranked=[METRICS[n] for n in metric_names(ranked=True)],
+        completeness=METRICS["ig_completeness_error"], sensitivity=METRICS["saliency_max_sensitivity"])
     path = os.path.join(workdir, "report.html")
     with open(path, "w") as f:
         f.write(page)

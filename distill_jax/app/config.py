@@ -21,6 +21,7 @@ from distill_jax.app._settings import (
 )
 from distill_jax.audit._evaluators import ATTRIBUTION_METHODS
 from distill_jax.distill._views import ADVERSARIAL, check_adversarial, check_mixup
+from distill_jax.distill.tuning import SCORES
 from distill_jax.models._util import MODEL_KINDS
 from distill_jax.train._state import OPTIMIZERS, SCHEDULES
 
@@ -136,6 +137,10 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _integer(v, minimum: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
 def _auto_or(value, ok) -> bool:
     """`value` is "auto" or a number for which `ok(value)` holds."""
     return value == "auto" or (_number(value) and ok(value))
@@ -187,8 +192,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
              "method.auto_temperatures", m.auto_temperatures, "must list numbers > 0")
     _require(len(m.auto_alphas) > 0 and all(_number(a) and 0 <= a <= 1 for a in m.auto_alphas),
              "method.auto_alphas", m.auto_alphas, "must list numbers in [0, 1]")
-    _require(m.auto_score in ("accuracy", "agreement", "kl"), "method.auto_score", m.auto_score,
-             "must be 'accuracy', 'agreement' or 'kl'")
+    _require(m.auto_score in SCORES, "method.auto_score", m.auto_score, f"must be one of {list(SCORES)}")
     _require(m.mixup >= 0, "method.mixup", m.mixup, "must be >= 0 (0 = off)")
     # DP-SGD takes each example's gradient on its own (a batch of one), where mixup would mix it with itself
     private = [g for g in ("student",) + STUDENT_KINDS if c.get(g, {}).get("dp_noise_multiplier", 0) > 0]
@@ -213,9 +217,45 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.explain.quality_samples >= 2, "explain.quality_samples", c.explain.quality_samples, "must be >= 2")
     _require(c.explain.num_images >= 1, "explain.num_images", c.explain.num_images, "must be >= 1")
     _require(c.eval_batch_size >= 1, "eval_batch_size", c.eval_batch_size, "must be >= 1")
+    _validate_run_keys(c)
     parse_students(c.students)
     parse_pairs(c.method.attention_pairs, "method.attention_pairs")
     parse_pairs(c.method.hint_pairs, "method.hint_pairs")
+
+
+def _validate_run_keys(c: ml_collections.ConfigDict) -> None:
+    """The keys of checkpoints, the audit's budgets, optimizers and inputs that `validate` does not check above."""
+    _require(isinstance(c.dataset, str) and c.dataset != "", "dataset", c.dataset, "must be a dataset spec")
+    _require(c.data_dir is None or isinstance(c.data_dir, str), "data_dir", c.data_dir, "must be a path or None")
+    _require(c.image_size is None or _integer(c.image_size, 1), "image_size", c.image_size,
+             "must be an integer >= 1 or None (the first image's size)")
+    _require(_integer(c.seed, 0), "seed", c.seed, "must be an integer >= 0")
+    _require(_integer(c.checkpoint_every, 0), "checkpoint_every", c.checkpoint_every,
+             "must be an integer >= 0 (steps between checkpoints; 0 = only at the end)")
+    _require(_integer(c.keep_checkpoints, 1), "keep_checkpoints", c.keep_checkpoints, "must be an integer >= 1")
+    e = c.explain
+    _require(isinstance(e.methods, (tuple, list)) and len(e.methods) > 0 and all(isinstance(m, str) for m in e.methods),
+             "explain.methods", e.methods, "must name at least one attribution method, e.g. ('saliency',)")
+    _require(_integer(e.faithfulness_steps, 1), "explain.faithfulness_steps", e.faithfulness_steps,
+             "must be an integer >= 1")
+    _require(_integer(e.smoothgrad_samples, 1), "explain.smoothgrad_samples", e.smoothgrad_samples,
+             "must be an integer >= 1")
+    _require(_number(e.sensitivity_radius) and e.sensitivity_radius >= 0, "explain.sensitivity_radius",
+             e.sensitivity_radius, "must be >= 0")
+    for group in ("teacher", "student"):
+        g = c[group]
+        _require(_number(g.momentum) and 0 <= g.momentum < 1, f"{group}.momentum", g.momentum, "must be in [0, 1)")
+        _require(_number(g.weight_decay) and g.weight_decay >= 0, f"{group}.weight_decay", g.weight_decay,
+                 "must be >= 0")
+    _require(_integer(c.teacher.augment_shift, 0), "teacher.augment_shift", c.teacher.augment_shift,
+             "must be an integer >= 0 (pixels)")
+    _require(isinstance(c.teacher.augment_flip, bool), "teacher.augment_flip", c.teacher.augment_flip,
+             "must be True or False")
+    _require(isinstance(c.method.cache_teacher, bool), "method.cache_teacher", c.method.cache_teacher,
+             "must be True or False")
+    hidden = c.mlp.hidden
+    _require(isinstance(hidden, (tuple, list)) and len(hidden) > 0 and all(_integer(h, 1) for h in hidden),
+             "mlp.hidden", hidden, "must list layer widths >= 1, e.g. (128,)")
 
 
 def check_choices(c) -> None:

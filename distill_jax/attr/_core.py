@@ -71,6 +71,18 @@ def check_x(x: Any) -> jax.Array:
     return x
 
 
+def attribution_inputs(apply_fn: ApplyFn, x, target) -> tuple[jax.Array, jax.Array, int]:
+    """The opening every attribution method and metric shares: `x` checked ([batch, ...] floating),
+    the number of classes read from `jax.eval_shape(apply_fn, x)`, `target` validated against it.
+
+    Returns:
+      `(x, target, num_classes)`: x as an array, target [batch] or [batch, K] int32, the class count.
+    """
+    x = check_x(x)
+    num_classes = num_classes_of(apply_fn, x)
+    return x, validate_target(target, x.shape[0], num_classes), num_classes
+
+
 def mask_invalid(attr: jax.Array, target: jax.Array, num_classes: int) -> jax.Array:
     """NaN for examples whose (traced) target is out of range; the identity otherwise."""
     valid = (target >= 0) & (target < num_classes)

@@ -41,17 +41,15 @@ import numpy as np
 from distill_jax import backend
 from distill_jax.attr._core import (
     ApplyFn,
+    attribution_inputs,
     check_key,
     check_positive_int,
-    check_x,
     completeness_error,
     in_groups,
     input_grad,
-    num_classes_of,
     per_target,
     resolve_baseline,
     sample_chunk,
-    validate_target,
 )
 
 
@@ -208,9 +206,7 @@ def gradient_shap(
       Erion et al. 2021, "Improving performance of deep learning models with axiomatic attribution
       priors and expected gradients".
     """
-    x = check_x(x)
-    c = num_classes_of(apply_fn, x)
-    target = validate_target(target, x.shape[0], c)
+    x, target, c = attribution_inputs(apply_fn, x, target)
     samples, noise, chunk, key = _check_sampling(samples, noise, chunk, key, _copy_bytes(x, target))
     refs = _check_baselines(baselines, x)
 
@@ -242,9 +238,7 @@ def saliency(apply_fn: ApplyFn, x: jax.Array, target: jax.Array, *, absolute: bo
       like x ([batch, K, ...] for [batch, K] targets).
     Reference: Simonyan, Vedaldi & Zisserman 2014, "Deep Inside Convolutional Networks".
     """
-    x = check_x(x)
-    c = num_classes_of(apply_fn, x)
-    target = validate_target(target, x.shape[0], c)
+    x, target, c = attribution_inputs(apply_fn, x, target)
 
     def core(v, t):
         g = input_grad(apply_fn, v, t)
@@ -261,9 +255,7 @@ def grad_x_input(apply_fn: ApplyFn, x: jax.Array, target: jax.Array) -> jax.Arra
     Args/Returns: as `saliency`.
     Reference: Shrikumar et al. 2016, "Not Just a Black Box".
     """
-    x = check_x(x)
-    c = num_classes_of(apply_fn, x)
-    target = validate_target(target, x.shape[0], c)
+    x, target, c = attribution_inputs(apply_fn, x, target)
     return per_target(lambda v, t: v * input_grad(apply_fn, v, t), x, target, c)
 
 
@@ -356,9 +348,7 @@ def integrated_gradients(
       attributions like x (or [batch, K, ...]); with return_error, (attributions, error).
     Reference: Sundararajan, Taly & Yan 2017, "Axiomatic Attribution for Deep Networks".
     """
-    x = check_x(x)
-    c = num_classes_of(apply_fn, x)
-    target = validate_target(target, x.shape[0], c)
+    x, target, c = attribution_inputs(apply_fn, x, target)
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
         raise ValueError(f"chunk must be None or an integer >= 1; got {chunk!r}")
     if batch_chunk is not None and (not isinstance(batch_chunk, (int, np.integer)) or batch_chunk < 1):

@@ -11,7 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.attr._core import ApplyFn, check_x, input_grad, num_classes_of, per_target, validate_target
+from distill_jax.attr._core import (
+    ApplyFn,
+    attribution_inputs,
+    check_x,
+    input_grad,
+    per_target,
+)
 from distill_jax.attr._gradient import (
     _check_sampling,
     _copy_bytes,
@@ -71,9 +77,7 @@ def vargrad(
       sensitivity to parameter values"; Hooker et al. 2019, "A Benchmark for Interpretability
       Methods in Deep Neural Networks".
     """
-    x = check_x(x)
-    c = num_classes_of(apply_fn, x)
-    target = validate_target(target, x.shape[0], c)
+    x, target, c = attribution_inputs(apply_fn, x, target)
     samples, noise, chunk, key = _check_sampling(samples, noise, chunk, key, _copy_bytes(x, target))
 
     def core(v, t):
@@ -111,9 +115,7 @@ def smoothgrad_squared(
       like x (or [batch, K, ...]), >= 0.
     Reference: Hooker et al. 2019, "A Benchmark for Interpretability Methods in Deep Neural Networks".
     """
-    x = check_x(x)
-    c = num_classes_of(apply_fn, x)
-    target = validate_target(target, x.shape[0], c)
+    x, target, c = attribution_inputs(apply_fn, x, target)
     samples, noise, chunk, key = _check_sampling(samples, noise, chunk, key, _copy_bytes(x, target))
 
     def core(v, t):

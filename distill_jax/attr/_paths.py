@@ -12,14 +12,13 @@ import numpy as np
 from distill_jax import backend
 from distill_jax.attr._core import (
     ApplyFn,
+    attribution_inputs,
     check_positive_int,
     check_x,
     input_grad,
-    num_classes_of,
     per_target,
     resolve_baseline,
     sample_chunk,
-    validate_target,
 )
 from distill_jax.attr._gradient import _check_number, _copy_bytes, _expand, _grads_of_copies, _sum_in_chunks
 
@@ -115,9 +114,7 @@ def guided_ig(
     Reference: Kapishnikov et al. 2021, "Guided Integrated Gradients: an Adaptive Path Method for
       Removing Noise" (CVPR).
     """
-    x = check_x(x)
-    c = num_classes_of(apply_fn, x)
-    target = validate_target(target, x.shape[0], c)
+    x, target, c = attribution_inputs(apply_fn, x, target)
     steps = check_positive_int(steps, "steps")
     fraction = _check_number(fraction, "fraction", low=0.0, high=1.0, low_open=True)
     max_dist = _check_number(max_dist, "max_dist", low=0.0, high=1.0)
@@ -211,8 +208,7 @@ def blur_ig(
     x = check_x(x)
     if x.ndim != 4:
         raise ValueError(f"blur_ig needs NHWC images x [batch, H, W, C]; got shape {tuple(x.shape)}")
-    c = num_classes_of(apply_fn, x)
-    target = validate_target(target, x.shape[0], c)
+    x, target, c = attribution_inputs(apply_fn, x, target)
     max_sigma = _check_number(max_sigma, "max_sigma", low=0.0, low_open=True)
     steps = check_positive_int(steps, "steps")
     grad_step = _check_number(grad_step, "grad_step", low=0.0, low_open=True)

@@ -37,16 +37,15 @@ import numpy as np
 from distill_jax import backend
 from distill_jax.attr._core import (
     ApplyFn,
+    attribution_inputs,
     check_key,
     check_positive_int,
     check_x,
     mask_invalid,
-    num_classes_of,
     per_target,
     resolve_baseline,
     sample_chunk,
     target_logits,
-    validate_target,
 )
 from distill_jax.attr._gradient import _targets_per_example
 
@@ -97,8 +96,7 @@ def _check_inputs(apply_fn: ApplyFn, x: Any, target: Any, chunk: Any, *, image: 
     x = check_x(x)
     if image and x.ndim != 4:
         raise ValueError(f"x must be NHWC images [batch, H, W, C] here; got shape {x.shape}")
-    c = num_classes_of(apply_fn, x)
-    return x, validate_target(target, x.shape[0], c), c
+    return attribution_inputs(apply_fn, x, target)
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,8 +382,7 @@ def occlusion(
     x = check_x(x)
     if x.ndim != 4:
         raise ValueError(f"occlusion needs NHWC images x [batch, H, W, C]; got shape {x.shape}")
-    c = num_classes_of(apply_fn, x)
-    target = validate_target(target, x.shape[0], c)
+    x, target, c = attribution_inputs(apply_fn, x, target)
     (ph, pw), (sh, sw) = _pair(patch, "patch"), _pair(stride, "stride")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
         raise ValueError(f"chunk must be None or an integer >= 1; got {chunk!r}")

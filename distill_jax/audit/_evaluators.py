@@ -39,6 +39,7 @@ from distill_jax.audit._queries import ModelQueries
 from distill_jax.metrics._complexity import complexity, sparseness
 from distill_jax.metrics._randomisation import randomization_check
 from distill_jax.metrics._similarity import spearman, top_k_overlap
+from distill_jax.metrics._specs import METRICS, metric_names
 from distill_jax.models._layers import for_attribution
 from distill_jax.models._students import tree_hard_predict
 from distill_jax.models._util import forward_with_features, layer_order
@@ -141,9 +142,6 @@ def faithfulness_scores(model: nn.Module, variables, x, target, maps: dict[str, 
     return scores, curves
 
 
-# Each metric's direction: +1 when larger is better, -1 when smaller is better (for `rank_methods`).
-QUALITY_DIRECTIONS = {"deletion_auc": -1, "insertion_auc": +1, "faithfulness_correlation": +1,
-                      "infidelity": -1, "sparseness": +1, "complexity": -1}
 
 
 def quality_scores(model: nn.Module, variables, x, target, maps: dict[str, np.ndarray], *, key,
@@ -174,7 +172,7 @@ def quality_scores(model: nn.Module, variables, x, target, maps: dict[str, np.nd
 
 
 def rank_methods(scores: dict[str, dict[str, float]]) -> dict[str, dict]:
-    """Ranks one model's attribution methods on each metric of `QUALITY_DIRECTIONS` (1 = best) and on average.
+    """Ranks one model's attribution methods on each ranked metric of `metrics.METRICS` (1 = best) and on average.
 
     Args:
       scores: method -> {metric: value} (metrics missing for a method are left out of its average).
@@ -182,7 +180,8 @@ def rank_methods(scores: dict[str, dict[str, float]]) -> dict[str, dict]:
       method -> {"ranks": {metric: rank}, "mean_rank": float}, ties sharing the better rank.
     """
     ranks = {m: {} for m in scores}
-    for metric, direction in QUALITY_DIRECTIONS.items():
+    for metric in metric_names(ranked=True):
+        direction = METRICS[metric].direction
         have = [(m, s[metric]) for m, s in scores.items() if s.get(metric) is not None and np.isfinite(s[metric])]
         for method, value in have:
             ranks[method][metric] = 1 + sum(direction * (other - value) > 0 for _, other in have)

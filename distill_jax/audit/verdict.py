@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from distill_jax.metrics._specs import METRICS, metric_names
+
 __all__ = [
     "is_number",
     "student_kind",
@@ -24,10 +26,10 @@ __all__ = [
 ]
 
 
-FAITHFULNESS_KEYS = ("deletion_auc", "insertion_auc", "spearman_vs_teacher", "top10_overlap_vs_teacher")
+FAITHFULNESS_KEYS = metric_names("faithfulness") + metric_names("teacher_agreement")
 
 
-QUALITY_KEYS = ("faithfulness_correlation", "infidelity", "sparseness", "complexity")
+QUALITY_KEYS = metric_names("quality")
 
 
 READABLE_KINDS = ("tree", "linear")  # students one reads directly: a soft tree's filters and leaves, linear templates
@@ -168,6 +170,11 @@ def _num(v, fmt: str = ".4f") -> str:
     return format(v, fmt) if is_number(v) else "n/a"
 
 
+def _quoted_score(name: str, value, *, with_direction: bool) -> str:
+    spec = METRICS[name]
+    return f"{spec.label} {_num(value)}" + (f" ({spec.better} is better)" if with_direction else "")
+
+
 def _describe(s: dict) -> str:
     """`tree-kd (soft decision tree, depth 3, 536 parameters)`."""
     parts = [KIND_NAMES.get(s["kind"], s["kind"])]
@@ -212,10 +219,11 @@ def as_text(v: dict) -> str:
                   "Explanation: none to recommend: there is no model to explain.")
         return f"{first}\n\n{second}"
     sc = m["scores"]
+    quoted = ("deletion_auc", "insertion_auc", "faithfulness_correlation")
     second = (f"Explanation to trust for {m['model']}: {m['name']}, mean rank {m['mean_rank']:.2f} over "
-              f"{len(m['metrics'])} quality metrics (first on {m['best_on']} of {len(m['metrics'])}); deletion AUC "
-              f"{_num(sc.get('deletion_auc'))} (lower is better), insertion AUC {_num(sc.get('insertion_auc'))} "
-              f"(higher is better), faithfulness correlation {_num(sc.get('faithfulness_correlation'))}.")
+              f"{len(m['metrics'])} quality metrics (first on {m['best_on']} of {len(m['metrics'])}); "
+              + ", ".join(_quoted_score(k, sc.get(k), with_direction=k != "faithfulness_correlation") for k in quoted)
+              + ".")
     if m["sanity"] is not None:
         second += (f" Sanity check on the teacher: after every layer is randomised its maps correlate with the "
                    f"trained ones at rho {m['sanity']['rho']:.2f} "

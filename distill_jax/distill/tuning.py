@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.metrics._fidelity import agreement, mean_kl
+from distill_jax.metrics._specs import metric_names
 from distill_jax.train._step import accuracy_from_logits
 
 __all__ = [
@@ -40,7 +41,7 @@ __all__ = [
 AUTO = "auto"
 
 
-SCORES = ("accuracy", "agreement", "kl")
+SCORES = metric_names("fidelity")
 
 
 TUNED_TERM = "kd"  # the only term that reads temperature and alpha

@@ -22,8 +22,12 @@ from distill_jax.metrics._randomisation import (
 )
 from distill_jax.metrics._robustness import avg_sensitivity, local_lipschitz, max_sensitivity
 from distill_jax.metrics._similarity import pearson, spearman, ssim, top_k_overlap
+from distill_jax.metrics._specs import METRICS, MetricSpec, metric_names
 
 __all__ = [
+    "METRICS",
+    "MetricSpec",
+    "metric_names",
     "accuracy",
     "agreement",
     "mean_kl",

@@ -10,12 +10,10 @@ import jax.numpy as jnp
 
 from distill_jax.attr._core import (
     ApplyFn,
-    check_x,
+    attribution_inputs,
     completeness_error,
-    num_classes_of,
     per_target_scored,
     resolve_baseline,
-    validate_target,
 )
 
 
@@ -42,9 +40,7 @@ def ig_completeness_error(
       [batch] (or [batch, K]).
     Reference: Sundararajan et al. 2017 (the completeness axiom).
     """
-    x = check_x(x)
-    c = num_classes_of(apply_fn, x)
-    target = validate_target(target, x.shape[0], c)
+    x, target, c = attribution_inputs(apply_fn, x, target)
     base = resolve_baseline(x, baseline, blur_sigma=blur_sigma)
 
     def score(v, a, t):

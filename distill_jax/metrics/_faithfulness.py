@@ -47,16 +47,14 @@ import numpy as np
 from distill_jax.attr._core import (
     BASELINES,
     ApplyFn,
+    attribution_inputs,
     check_attribution,
     check_key,
     check_positive_int,
-    check_x,
-    num_classes_of,
     per_target_scored,
     resolve_baseline,
     sample_chunk,
     target_logits,
-    validate_target,
 )
 from distill_jax.metrics._similarity import pearson
 
@@ -66,9 +64,7 @@ from distill_jax.metrics._similarity import pearson
 # --------------------------------------------------------------------------------------------
 def _prepare(apply_fn: ApplyFn, x: Any, target: Any):
     """Checked (x, target [batch] or [batch, K] int32, number of classes)."""
-    x = check_x(x)
-    num_classes = num_classes_of(apply_fn, x)
-    return x, validate_target(target, x.shape[0], num_classes), num_classes
+    return attribution_inputs(apply_fn, x, target)
 
 
 def _need_nhwc(x: jax.Array, what: str) -> None:

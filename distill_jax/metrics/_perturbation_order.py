@@ -12,15 +12,14 @@ import numpy as np
 
 from distill_jax.attr._core import (
     ApplyFn,
+    attribution_inputs,
     check_key,
     check_positive_int,
     check_x,
     gaussian_blur,
-    num_classes_of,
     per_target_scored,
     sample_chunk,
     target_logits,
-    validate_target,
 )
 from distill_jax.metrics._faithfulness import (
     _check_nonnegative,
@@ -415,9 +414,7 @@ def _pixel_ranks(attribution: jax.Array, x: jax.Array) -> jax.Array:
 
 def _perturbation_curve(apply_fn, x, attribution, target, steps, baseline, blur_sigma, insert, chunk):
     """(auc, curve) of deletion (insert=False) or insertion, for [batch] or [batch, K] targets."""
-    x = check_x(x)
-    c = num_classes_of(apply_fn, x)
-    target = validate_target(target, x.shape[0], c)
+    x, target, c = attribution_inputs(apply_fn, x, target)
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
     base = _baseline_image(x, baseline, blur_sigma)
