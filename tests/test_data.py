@@ -535,7 +535,7 @@ def test_stratified_indices():
         picked = data.stratified_indices(labels, 10, seed=s)
         np.testing.assert_array_equal(labels[picked], [0, 1, 2, 5, 0, 1, 2, 0, 2, 2])
     for bad in (0, -1, 2.5, True):
-        with pytest.raises(ValueError, match="n must be an int >= 1"):
+        with pytest.raises(ValueError, match="n must be an integer >= 1"):
             data.stratified_indices(labels, bad)
     with pytest.raises(ValueError, match="labels must be 1-D"):
         data.stratified_indices(labels[None], 3)

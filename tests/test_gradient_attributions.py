@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from distill_jax import attr, metrics
+from distill_jax._checks import check_key
 from distill_jax.attr import _gradient, _paths
-from distill_jax.attr._core import check_key, gaussian_blur
+from distill_jax.attr._core import gaussian_blur
 from distill_jax.distill import privacy
 
 B, H, W, C, K = 3, 8, 8, 1, 3

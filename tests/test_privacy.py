@@ -133,8 +133,8 @@ def test_gnmax_epsilon_grows_with_queries_and_shrinks_with_sigma():
 
 
 @pytest.mark.parametrize("num_queries,sigma,delta,message", [
-    (0, 1.0, 1e-5, r"^num_queries must be an int >= 1; got 0$"),
-    (2.5, 1.0, 1e-5, r"^num_queries must be an int >= 1; got 2\.5$"),
+    (0, 1.0, 1e-5, r"^num_queries must be an integer >= 1; got 0$"),
+    (2.5, 1.0, 1e-5, r"^num_queries must be an integer >= 1; got 2\.5$"),
     (10, 0.0, 1e-5, r"^sigma must be > 0; got 0\.0$"),
     (10, -2.0, 1e-5, r"^sigma must be > 0; got -2\.0$"),
     (10, 1.0, 0.0, r"^delta must be in \(0, 1\); got 0\.0$"),
@@ -165,7 +165,7 @@ def test_dp_sgd_epsilon_full_batch_is_a_gaussian_of_sensitivity_one():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(steps=0), r"^steps must be an int >= 1; got 0$"),
+    (dict(steps=0), r"^steps must be an integer >= 1; got 0$"),
     (dict(batch_size=200), r"^batch_size must be <= n \(100\); got 200$"),
     (dict(noise_multiplier=0.0), r"^noise_multiplier must be > 0; got 0\.0$"),
     (dict(delta=1.0), r"^delta must be in \(0, 1\); got 1\.0$"),

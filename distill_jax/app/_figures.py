@@ -27,7 +27,7 @@ from distill_jax.app._plots import (
     labelled_mosaic,
     one_per_class,
 )
-from distill_jax.audit.verdict import KIND_NAMES, is_number, rank_students
+from distill_jax.audit.verdict import KIND_NAMES, is_finite_number, rank_students
 from distill_jax.metrics._specs import METRICS
 
 matplotlib.use("Agg")
@@ -218,7 +218,7 @@ def readability_fidelity(path: str, result: dict) -> str:
     y: agreement with the teacher (left panel) and KL(teacher || student) (right panel). The teacher is a
     star at agreement 1 and KL 0. Saves a PNG and returns its path.
     """
-    points = [s for s in rank_students(result) if is_number(s.get("params")) and s["params"] > 0]
+    points = [s for s in rank_students(result) if is_finite_number(s.get("params")) and s["params"] > 0]
     teacher = result.get("models", {}).get("teacher", {})
     panels = (("agreement", "agreement with the teacher (higher: more faithful)", 1.0),
               ("kl", "KL(teacher || student) (lower: more faithful)", 0.0))
@@ -226,12 +226,12 @@ def readability_fidelity(path: str, result: dict) -> str:
     fig, axes = plt.subplots(1, 2, figsize=figsize, gridspec_kw=_grid(
         figsize, 1, 2, left=0.75, right=0.15, top=0.35, bottom=0.55, wspace=0.85))
     for ax, (key, ylabel, teacher_value) in zip(axes, panels):
-        pts = [p for p in points if is_number(p.get(key))]
+        pts = [p for p in points if is_finite_number(p.get(key))]
         for kind in dict.fromkeys(p["kind"] for p in pts):
             mine = [p for p in pts if p["kind"] == kind]
             ax.scatter([p["params"] for p in mine], [p[key] for p in mine], s=36, zorder=3,
                        color=KIND_COLOURS.get(kind, "#666"), label=KIND_NAMES.get(kind, kind))
-        if is_number(teacher.get("params")):
+        if is_finite_number(teacher.get("params")):
             ax.scatter([teacher["params"]], [teacher_value], marker="*", s=90, color="#444", zorder=3, label="teacher")
             ax.annotate("teacher", (teacher["params"], teacher_value), xytext=(-6, 6), textcoords="offset points",
                         fontsize=7, ha="right")
@@ -249,7 +249,7 @@ def readability_fidelity(path: str, result: dict) -> str:
                             va="center", ha="right" if left else "left",
                             arrowprops=dict(arrowstyle="-", color="#999", lw=0.6) if y != p[key] else None)
         ax.set_xscale("log")
-        xs = [p["params"] for p in pts] + ([teacher["params"]] if is_number(teacher.get("params")) else [])
+        xs = [p["params"] for p in pts] + ([teacher["params"]] if is_finite_number(teacher.get("params")) else [])
         if xs:
             ax.set_xlim(min(xs) / (40 if len(sizes) > 1 else 2), max(xs) * 6)
         ax.set(xlabel="parameters (log scale; fewer: easier to read)", ylabel=ylabel)
@@ -274,7 +274,7 @@ def faithfulness_matrix(result: dict, metric: str = "deletion_auc") -> tuple[lis
     for i, name in enumerate(models_):
         for j, method in enumerate(methods):
             v = per_model[name].get(method, {}).get(metric)
-            if is_number(v):
+            if is_finite_number(v):
                 m[i, j] = float(v)
     return models_, methods, m
 

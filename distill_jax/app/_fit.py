@@ -15,6 +15,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 
 from distill_jax import checkpoint, parallel, train
 from distill_jax.app import _metadata
@@ -29,6 +30,7 @@ from distill_jax.app._settings import (
     teacher_method_config,
 )
 from distill_jax.distill._api import init_trainable, make_loss_fn
+from distill_jax.distill._leaf_step import tree_leaf_step, tree_leaf_step_scale
 from distill_jax.distill._method import MethodConfig, Needs, method_needs, parse_method
 from distill_jax.distill._teacher_cache import cache_teacher_outputs, teacher_cache_bytes
 from distill_jax.distill.tuning import TUNED_TERM, Selection, candidates, select, wants_selection
@@ -107,9 +109,12 @@ def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, bud
     needs = method_needs(method, mcfg)
     x_fit, y_fit = training_set(needs, prep, teacher, c, mesh)
     steps = train.total_steps(len(y_fit), parallel.local_batch_size(budget.batch_size), budget.epochs)
+    # a tree trained by Adam on leaf logits read at T: leaf steps x T (distill.tree_leaf_step_scale), then pruning
+    extras = [t for t in (tree_leaf_step(tree_leaf_step_scale(kind, method, mcfg, budget.optimizer)),
+                          pruning_of(budget, steps)) if t is not None]
     optimizer = make_optimizer(budget.optimizer, learning_rate=budget.learning_rate, total_steps=steps,
-                                     momentum=budget.momentum, weight_decay=budget.weight_decay,
-                                     schedule=budget.schedule, extra=pruning_of(budget, steps))
+                               momentum=budget.momentum, weight_decay=budget.weight_decay, schedule=budget.schedule,
+                               extra=optax.chain(*extras) if extras else None)
     state = create_state(params, optimizer, key=state_key, extra=extra)
     loss_fn = with_inputs(make_loss_fn(model, kind, method, mcfg, prep.num_classes, t_model), prep.inputs)
     arrays = {"x": x_fit, "y": y_fit}

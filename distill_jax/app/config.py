@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from distill_jax._checks import is_number
 from distill_jax.app._settings import (
     STUDENT_KINDS,
     method_config,
@@ -133,29 +134,25 @@ def _require(ok: bool, key: str, value, allowed: str) -> None:
         raise ValueError(f"config value {key}={value!r} is out of range: {allowed}")
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _integer(v, minimum: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
 
 
 def _auto_or(value, ok) -> bool:
     """`value` is "auto" or a number for which `ok(value)` holds."""
-    return value == "auto" or (_number(value) and ok(value))
+    return value == "auto" or (is_number(value) and ok(value))
 
 
 # The per-model training extras a budget group (teacher, student, a student kind) may set, in the order
 # they are checked: key -> (whether a value is allowed, what is allowed). The adversarial method's name is
 # checked with the other choices (`check_choices`).
 _TRAINING_EXTRAS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "dp_noise_multiplier": (lambda v: _number(v) and v >= 0, "must be >= 0 (0 = no DP-SGD)"),
-    "dp_l2_clip": (lambda v: _number(v) and v > 0, "must be > 0"),
-    "dp_delta": (lambda v: _number(v) and 0 < v < 1, "must be in (0, 1)"),
-    "adversarial_epsilon": (lambda v: _number(v) and v >= 0, "must be >= 0 (standardized input units)"),
+    "dp_noise_multiplier": (lambda v: is_number(v) and v >= 0, "must be >= 0 (0 = no DP-SGD)"),
+    "dp_l2_clip": (lambda v: is_number(v) and v > 0, "must be > 0"),
+    "dp_delta": (lambda v: is_number(v) and 0 < v < 1, "must be in (0, 1)"),
+    "adversarial_epsilon": (lambda v: is_number(v) and v >= 0, "must be >= 0 (standardized input units)"),
     "adversarial_steps": (lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
-    "adversarial_step_size": (lambda v: _number(v) and v >= 0, "must be >= 0 (0 = 2.5 * epsilon / steps)"),
+    "adversarial_step_size": (lambda v: is_number(v) and v >= 0, "must be >= 0 (0 = 2.5 * epsilon / steps)"),
 }
 
 
@@ -177,7 +174,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _require(g.batch_size >= 1, f"{group}.batch_size", g.batch_size, "must be >= 1")
         _require(g.epochs >= 1, f"{group}.epochs", g.epochs, "must be >= 1")
         _require(g.learning_rate > 0, f"{group}.learning_rate", g.learning_rate, "must be > 0")
-    _require(_number(c.teacher.get("train_temperature", 1.0)) and c.teacher.get("train_temperature", 1.0) > 0,
+    _require(is_number(c.teacher.get("train_temperature", 1.0)) and c.teacher.get("train_temperature", 1.0) > 0,
              "teacher.train_temperature", c.teacher.get("train_temperature"), "must be > 0 (1 = plain training)")
     for group in ("teacher", "student") + STUDENT_KINDS:
         _validate_training_extras(c.get(group, {}), group)
@@ -188,9 +185,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     m = c.method
     _require(_auto_or(m.temperature, lambda t: t > 0), "method.temperature", m.temperature, "must be > 0 or 'auto'")
     _require(_auto_or(m.alpha, lambda a: 0 <= a <= 1), "method.alpha", m.alpha, "must be in [0, 1] or 'auto'")
-    _require(len(m.auto_temperatures) > 0 and all(_number(t) and t > 0 for t in m.auto_temperatures),
+    _require(len(m.auto_temperatures) > 0 and all(is_number(t) and t > 0 for t in m.auto_temperatures),
              "method.auto_temperatures", m.auto_temperatures, "must list numbers > 0")
-    _require(len(m.auto_alphas) > 0 and all(_number(a) and 0 <= a <= 1 for a in m.auto_alphas),
+    _require(len(m.auto_alphas) > 0 and all(is_number(a) and 0 <= a <= 1 for a in m.auto_alphas),
              "method.auto_alphas", m.auto_alphas, "must list numbers in [0, 1]")
     _require(m.auto_score in SCORES, "method.auto_score", m.auto_score, f"must be one of {list(SCORES)}")
     _require(m.mixup >= 0, "method.mixup", m.mixup, "must be >= 0 (0 = off)")
@@ -240,12 +237,12 @@ def _validate_run_keys(c: ml_collections.ConfigDict) -> None:
              "must be an integer >= 1")
     _require(_integer(e.smoothgrad_samples, 1), "explain.smoothgrad_samples", e.smoothgrad_samples,
              "must be an integer >= 1")
-    _require(_number(e.sensitivity_radius) and e.sensitivity_radius >= 0, "explain.sensitivity_radius",
+    _require(is_number(e.sensitivity_radius) and e.sensitivity_radius >= 0, "explain.sensitivity_radius",
              e.sensitivity_radius, "must be >= 0")
     for group in ("teacher", "student"):
         g = c[group]
-        _require(_number(g.momentum) and 0 <= g.momentum < 1, f"{group}.momentum", g.momentum, "must be in [0, 1)")
-        _require(_number(g.weight_decay) and g.weight_decay >= 0, f"{group}.weight_decay", g.weight_decay,
+        _require(is_number(g.momentum) and 0 <= g.momentum < 1, f"{group}.momentum", g.momentum, "must be in [0, 1)")
+        _require(is_number(g.weight_decay) and g.weight_decay >= 0, f"{group}.weight_decay", g.weight_decay,
                  "must be >= 0")
     _require(_integer(c.teacher.augment_shift, 0), "teacher.augment_shift", c.teacher.augment_shift,
              "must be an integer >= 0 (pixels)")

@@ -9,8 +9,8 @@ attribution, target, *, options) -> [batch]`. Functions of two models take `(stu
 the student's arguments first, then the teacher's, then labels (`losses.kd_loss(student_logits,
 teacher_logits)`). Options and hyper-parameters are keyword-only.
 
-This module holds the checks of those arguments and of PRNG keys (`check_key`, which `privacy` uses
-too; one message per mistake, raised before JAX traces anything), the batched target-logit gradient, baselines (zeros, blur,
+This module holds the checks of those arguments (scalar options and PRNG keys are checked by
+`distill_jax._checks`; one message per mistake, raised before JAX traces anything), the batched target-logit gradient, baselines (zeros, blur,
 constants, arrays) and `in_groups`, the memory bound used by every method that evaluates many
 perturbed copies of a batch.
 """
@@ -223,26 +223,8 @@ def sample_chunk(chunk: int | None, samples: int, *, sample_bytes: int | None = 
     return max(1, min(int(chunk), int(samples)))
 
 
-def check_positive_int(value: Any, name: str) -> int:
-    """`value` as an int, or a ValueError naming `name` when it is not an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-    return int(value)
 
 
-def check_key(key: Any, name: str = "key") -> jax.Array:
-    """`key` as a jax array if it is one PRNG key, else a one-line ValueError naming `name`.
-
-    One key: a typed key (`jax.random.key(seed)`, shape ()) or a raw uint32 key (`jax.random.PRNGKey(seed)`,
-    shape [2] for the default threefry, [4] for "rbg"). Works on traced keys (only dtype and shape are read).
-    """
-    dtype = getattr(key, "dtype", None)
-    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and jnp.ndim(key) == 0
-    raw = dtype == jnp.uint32 and jnp.ndim(key) == 1
-    if not (typed or raw):
-        raise ValueError(f"{name} must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)); "
-                         f"got {type(key).__name__} with dtype {dtype} and shape {tuple(getattr(key, 'shape', ()))}")
-    return jnp.asarray(key)
 
 
 def check_attribution(attribution: Any, x: jax.Array, *, name: str = "attribution") -> jax.Array:

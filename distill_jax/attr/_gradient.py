@@ -39,11 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax import backend
+from distill_jax._checks import check_int, check_key, check_number
 from distill_jax.attr._core import (
     ApplyFn,
     attribution_inputs,
-    check_key,
-    check_positive_int,
     completeness_error,
     in_groups,
     input_grad,
@@ -52,18 +51,9 @@ from distill_jax.attr._core import (
     sample_chunk,
 )
 
-
 # --------------------------------------------------------------------------------------------
 # Argument checks and shared machinery
 # --------------------------------------------------------------------------------------------
-def _check_number(value: Any, name: str, *, low: float, high: float = np.inf, low_open: bool = False) -> float:
-    """`value` as a float in [low, high] ((low, high] with low_open), or a one-line ValueError naming `name`."""
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    ok = ok and np.isfinite(value) and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bound = f"{'(' if low_open else '['}{low}, {high}{']' if np.isfinite(high) else ')'}"
-        raise ValueError(f"{name} must be a number in {bound}; got {value!r}")
-    return float(value)
 
 
 def _sum_in_chunks(term_fn: Callable, items: tuple[np.ndarray, ...], total: int, chunk: int, init):
@@ -149,8 +139,8 @@ def _copy_bytes(x: jax.Array, target: jax.Array) -> int:
 
 
 def _check_sampling(samples, noise, chunk, key, sample_bytes: int) -> tuple[int, float, int, jax.Array]:
-    samples = check_positive_int(samples, "samples")
-    noise = _check_number(noise, "noise", low=0.0)
+    samples = check_int(samples, "samples")
+    noise = check_number(noise, "noise", low=0.0)
     return samples, noise, sample_chunk(chunk, samples, sample_bytes=sample_bytes), check_key(key)
 
 

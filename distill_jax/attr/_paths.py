@@ -10,17 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax import backend
+from distill_jax._checks import check_int, check_number
 from distill_jax.attr._core import (
     ApplyFn,
     attribution_inputs,
-    check_positive_int,
     check_x,
     input_grad,
     per_target,
     resolve_baseline,
     sample_chunk,
 )
-from distill_jax.attr._gradient import _check_number, _copy_bytes, _expand, _grads_of_copies, _sum_in_chunks
+from distill_jax.attr._gradient import _copy_bytes, _expand, _grads_of_copies, _sum_in_chunks
 
 # --------------------------------------------------------------------------------------------
 # Guided Integrated Gradients
@@ -115,9 +115,9 @@ def guided_ig(
       Removing Noise" (CVPR).
     """
     x, target, c = attribution_inputs(apply_fn, x, target)
-    steps = check_positive_int(steps, "steps")
-    fraction = _check_number(fraction, "fraction", low=0.0, high=1.0, low_open=True)
-    max_dist = _check_number(max_dist, "max_dist", low=0.0, high=1.0)
+    steps = check_int(steps, "steps")
+    fraction = check_number(fraction, "fraction", low=0.0, high=1.0, low_open=True)
+    max_dist = check_number(max_dist, "max_dist", low=0.0, high=1.0)
     base = resolve_baseline(x, baseline, blur_sigma=blur_sigma)
 
     def core(v, t):
@@ -209,9 +209,9 @@ def blur_ig(
     if x.ndim != 4:
         raise ValueError(f"blur_ig needs NHWC images x [batch, H, W, C]; got shape {tuple(x.shape)}")
     x, target, c = attribution_inputs(apply_fn, x, target)
-    max_sigma = _check_number(max_sigma, "max_sigma", low=0.0, low_open=True)
-    steps = check_positive_int(steps, "steps")
-    grad_step = _check_number(grad_step, "grad_step", low=0.0, low_open=True)
+    max_sigma = check_number(max_sigma, "max_sigma", low=0.0, low_open=True)
+    steps = check_int(steps, "steps")
+    grad_step = check_number(grad_step, "grad_step", low=0.0, low_open=True)
     if not isinstance(sqrt, (bool, np.bool_)):
         raise ValueError(f"sqrt must be True or False; got {sqrt!r}")
     chunk = sample_chunk(chunk, steps, sample_bytes=_copy_bytes(x, target))

@@ -35,11 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax import backend
+from distill_jax._checks import check_int, check_key, check_number
 from distill_jax.attr._core import (
     ApplyFn,
     attribution_inputs,
-    check_key,
-    check_positive_int,
     check_x,
     mask_invalid,
     per_target,
@@ -59,26 +58,12 @@ _HIGHEST = jax.lax.Precision.HIGHEST  # the regressions must not run in bf16/TF3
 # --------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------
-def _check_fraction(value: Any, name: str) -> float:
-    if not _is_number(value) or not 0 < value <= 1:
-        raise ValueError(f"{name} must be a number in (0, 1]; got {value!r}")
-    return float(value)
 
 
-def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
 
 
-def _check_nonnegative(value: Any, name: str) -> float:
-    if not _is_number(value) or not 0 <= value < np.inf:
-        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
-    return float(value)
 
 
-def _check_positive(value: Any, name: str) -> float:
-    if not _is_number(value) or not 0 < value < np.inf:
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
-    return float(value)
 
 
 def _patch_shape(patch: Any, image_hw: tuple[int, int]) -> tuple[int, int]:
@@ -260,9 +245,9 @@ def rise_masks(key: jax.Array, masks: int, cells: int, p_keep: float, image_hw: 
     Black-box Models" (BMVC).
     """
     key = check_key(key)
-    masks, cells = check_positive_int(masks, "masks"), check_positive_int(cells, "cells")
-    p_keep = _check_fraction(p_keep, "p_keep")
-    image_hw = (check_positive_int(image_hw[0], "image_hw"), check_positive_int(image_hw[1], "image_hw"))
+    masks, cells = check_int(masks, "masks"), check_int(cells, "cells")
+    p_keep = check_number(p_keep, "p_keep", low=0, high=1, low_open=True)
+    image_hw = (check_int(image_hw[0], "image_hw"), check_int(image_hw[1], "image_hw"))
     return _upsample_crop(*_rise_grids(key, masks, cells, p_keep, image_hw), cells, image_hw)
 
 
@@ -298,8 +283,8 @@ def rise(
     """
     x, target, c = _check_inputs(apply_fn, x, target, chunk, image=True)
     key = check_key(key)
-    masks, cells = check_positive_int(masks, "masks"), check_positive_int(cells, "cells")
-    p_keep = _check_fraction(p_keep, "p_keep")
+    masks, cells = check_int(masks, "masks"), check_int(cells, "cells")
+    p_keep = check_number(p_keep, "p_keep", low=0, high=1, low_open=True)
     image_hw = x.shape[1:3]
     step_size = sample_chunk(chunk, masks)
     steps = -(-masks // step_size)

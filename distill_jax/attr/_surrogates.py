@@ -11,14 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.attr._core import ApplyFn, check_key, check_positive_int, resolve_baseline
+from distill_jax._checks import check_int, check_key, check_number
+from distill_jax.attr._core import ApplyFn, resolve_baseline
 from distill_jax.attr._perturbation import (
     _HIGHEST,
     MAX_EXACT_FEATURES,
     _as_pairs,
     _check_inputs,
-    _check_nonnegative,
-    _check_positive,
     _coalition_scores,
     _finish,
     _scores,
@@ -52,8 +51,8 @@ def kernel_shap_coalitions(key: jax.Array, samples: int, features: int) -> jax.A
     Reference: Lundberg & Lee 2017, "A Unified Approach to Interpreting Model Predictions" (NeurIPS).
     """
     key = check_key(key)
-    samples = check_positive_int(samples, "samples")
-    features = check_positive_int(features, "features")
+    samples = check_int(samples, "samples")
+    features = check_int(features, "features")
     if features < 2:
         raise ValueError(f"features must be >= 2 (coalitions other than empty and full); got {features}")
     return _draw_kernel_shap_coalitions(key, samples, features)
@@ -137,7 +136,7 @@ def kernel_shap(
     """
     x, target, c = _check_inputs(apply_fn, x, target, chunk)
     ids, num_features = feature_ids(x.shape, patch)
-    ridge = _check_nonnegative(ridge, "ridge")
+    ridge = check_number(ridge, "ridge", low=0)
     if exact:
         if num_features > MAX_EXACT_FEATURES:
             raise ValueError(
@@ -146,7 +145,7 @@ def kernel_shap(
             )
     else:
         key = check_key(key)
-        samples = check_positive_int(samples, "samples")
+        samples = check_int(samples, "samples")
     base = resolve_baseline(x, baseline)
     targets = _as_pairs(target)
     f_x, f_base = _scores(apply_fn(x), targets), _scores(apply_fn(base), targets)
@@ -181,8 +180,8 @@ def lime_coalitions(key: jax.Array, samples: int, features: int) -> jax.Array:
     of Any Classifier" (KDD).
     """
     key = check_key(key)
-    samples = check_positive_int(samples, "samples")
-    features = check_positive_int(features, "features")
+    samples = check_int(samples, "samples")
+    features = check_int(features, "features")
     return _draw_lime_coalitions(key, samples, features)
 
 
@@ -253,10 +252,10 @@ def lime(
     """
     x, target, c = _check_inputs(apply_fn, x, target, chunk)
     key = check_key(key)
-    samples = check_positive_int(samples, "samples")
+    samples = check_int(samples, "samples")
     ids, num_features = feature_ids(x.shape, patch)
-    kernel_width = _check_positive(kernel_width, "kernel_width")
-    ridge = _check_nonnegative(ridge, "ridge")
+    kernel_width = check_number(kernel_width, "kernel_width", low=0, low_open=True)
+    ridge = check_number(ridge, "ridge", low=0)
     base = resolve_baseline(x, baseline)
     targets = _as_pairs(target)
     z = lime_coalitions(key, samples, num_features)

@@ -15,7 +15,7 @@ import numpy as np
 from distill_jax.metrics._specs import METRICS, metric_names
 
 __all__ = [
-    "is_number",
+    "is_finite_number",
     "student_kind",
     "rank_students",
     "sanity_results",
@@ -50,7 +50,7 @@ METHOD_RULE = ("the lowest mean rank (1 = best) over the explanation-quality met
                "after every layer is randomised below {rho_max:g}); equal mean rank goes to the lower deletion AUC")
 
 
-def is_number(v) -> bool:
+def is_finite_number(v) -> bool:
     """A finite int or float (not a bool): a score that can be compared."""
     return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -68,13 +68,13 @@ def rank_students(result: dict) -> list[dict]:
     depth = (result.get("config") or {}).get("tree", {}).get("depth")
     out = []
     for name, m in result.get("models", {}).items():
-        if not is_number(m.get("agreement")):
+        if not is_finite_number(m.get("agreement")):
             continue
         kind = student_kind(name)
         s = {"name": name, "kind": kind, "readable": kind in READABLE_KINDS, "agreement": float(m["agreement"]),
-             "kl": float(m["kl"]) if is_number(m.get("kl")) else None,
-             "accuracy": float(m["accuracy"]) if is_number(m.get("accuracy")) else None,
-             "params": int(m["params"]) if is_number(m.get("params")) else None}
+             "kl": float(m["kl"]) if is_finite_number(m.get("kl")) else None,
+             "accuracy": float(m["accuracy"]) if is_finite_number(m.get("accuracy")) else None,
+             "params": int(m["params"]) if is_finite_number(m.get("params")) else None}
         if kind == "tree" and depth is not None:
             s["depth"] = int(depth)
         out.append(s)
@@ -89,7 +89,7 @@ def sanity_results(result: dict, *, rho_max: float = SANITY_RHO_MAX) -> dict[str
     """
     out = {}
     for method, steps in ((result.get("analysis") or {}).get("randomization") or {}).items():
-        if steps and is_number(steps[-1][1]):
+        if steps and is_finite_number(steps[-1][1]):
             rho = float(steps[-1][1])
             out[method] = {"layer": str(steps[-1][0]), "rho": rho, "passed": abs(rho) < rho_max}
     return out
@@ -106,7 +106,7 @@ def choose_method(result: dict, model: str, *, rho_max: float = SANITY_RHO_MAX) 
     check, the best of them is named and `all_failed_sanity` is True.
     """
     ranking = {m: r for m, r in ((result.get("explanation_ranking") or {}).get(model) or {}).items()
-               if is_number(r.get("mean_rank"))}
+               if is_finite_number(r.get("mean_rank"))}
     if not ranking:
         return None
     scores = (result.get("explanations") or {}).get(model) or {}
@@ -116,7 +116,7 @@ def choose_method(result: dict, model: str, *, rho_max: float = SANITY_RHO_MAX) 
 
     def deletion(m):
         d = (scores.get(m) or {}).get("deletion_auc")
-        return float(d) if is_number(d) else None
+        return float(d) if is_finite_number(d) else None
 
     order = sorted(candidates, key=lambda m: (ranking[m]["mean_rank"], deletion(m) is None, deletion(m) or 0.0, m))
     best = order[0]
@@ -124,7 +124,7 @@ def choose_method(result: dict, model: str, *, rho_max: float = SANITY_RHO_MAX) 
     values = scores.get(best) or {}
     return {"name": best, "model": model, "mean_rank": float(ranking[best]["mean_rank"]), "metrics": list(ranks),
             "best_on": int(sum(r == 1 for r in ranks.values())),
-            "scores": {k: float(values[k]) for k in (*FAITHFULNESS_KEYS, *QUALITY_KEYS) if is_number(values.get(k))},
+            "scores": {k: float(values[k]) for k in (*FAITHFULNESS_KEYS, *QUALITY_KEYS) if is_finite_number(values.get(k))},
             "sanity": sanity.get(best), "failed_sanity": failed, "all_failed_sanity": len(failed) == len(ranking),
             "checked": sorted(sanity), "runner_up": None if len(order) < 2 else {
                 "name": order[1], "mean_rank": float(ranking[order[1]]["mean_rank"]),
@@ -162,12 +162,12 @@ def decide(result: dict, *, rho_max: float = SANITY_RHO_MAX) -> dict:
     return {"rules": {"student": STUDENT_RULE, "method": METHOD_RULE.format(rho_max=rho_max)},
             "student": student, "runner_up": pool[1] if len(pool) > 1 else None,
             "least_readable": others[0] if readable and others else None,
-            "teacher_accuracy": float(teacher_acc) if is_number(teacher_acc) else None,
+            "teacher_accuracy": float(teacher_acc) if is_finite_number(teacher_acc) else None,
             "explained_model": model, "method": method, "notes": notes}
 
 
 def _num(v, fmt: str = ".4f") -> str:
-    return format(v, fmt) if is_number(v) else "n/a"
+    return format(v, fmt) if is_finite_number(v) else "n/a"
 
 
 def _quoted_score(name: str, value, *, with_direction: bool) -> str:

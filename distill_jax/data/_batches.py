@@ -8,6 +8,8 @@ from typing import Iterator
 import jax
 import numpy as np
 
+from distill_jax._checks import check_int
+
 
 def _check_xy(x, y):
     if len(x) != len(y):
@@ -101,8 +103,7 @@ def stratified_indices(labels: np.ndarray, n: int, *, seed: int = 0) -> np.ndarr
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"stratified_indices: labels must be 1-D [m], got shape {labels.shape}")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"stratified_indices: n must be an int >= 1, got {n!r}")
+    n = check_int(n, "stratified_indices: n")
     perm = np.random.default_rng(seed).permutation(len(labels))
     shuffled = labels[perm]
     by_class = np.argsort(shuffled, kind="stable")  # grouped by class, shuffled order inside each class

@@ -57,6 +57,7 @@ import numpy as np
 import optax
 
 from distill_jax import parallel
+from distill_jax.distill._leaf_step import tree_leaf_step, tree_leaf_step_scale
 from distill_jax.distill._method import MethodConfig, method_needs, parse_method
 from distill_jax.distill._teacher_cache import cache_teacher_outputs, teacher_cache_bytes, teacher_outputs
 from distill_jax.distill._terms import TERMS, Context, _pair_key
@@ -252,7 +253,8 @@ def distill(student, teacher, x, y, *, key: jax.Array, method: str = "kd", tempe
     run_teacher = needs.teacher and len(arrays) == 2
     if isinstance(optimizer, str):
         steps = total_steps(len(y), parallel.local_batch_size(batch_size), epochs)
-        optimizer = make_optimizer(optimizer, learning_rate=learning_rate, total_steps=steps)
+        leaf_step = tree_leaf_step(tree_leaf_step_scale(student.kind, method, cfg, optimizer))
+        optimizer = make_optimizer(optimizer, learning_rate=learning_rate, total_steps=steps, extra=leaf_step)
     state = create_state(params, optimizer, key=state_key, extra=collections)
     step_fn = make_train_step(make_loss_fn(student, None, method, cfg, num_classes, teacher), optimizer, mesh)
     fit_cfg = FitConfig(epochs=epochs, batch_size=batch_size, seed=seed, desc=f"distill {student.name}",

@@ -62,6 +62,9 @@ class TermSpec:
     student_layers: Callable[[MethodConfig], tuple[str, ...]] = lambda cfg: ()
     teacher_saliency: bool = False
     reads_labels: bool = False  # labels of a mixed image are undefined: terms that read them refuse mixup
+    # for a soft tree, the term reads the leaf logits at the temperature (`losses.soft_tree_kd_loss`): under Adam
+    # the leaves then need their steps scaled by T (`tree_leaf_step_scale`)
+    tree_leaves_at_temperature: bool = False
 
 
 def _is_tree(ctx: Context) -> bool:
@@ -149,8 +152,8 @@ def _pairs_side(attr: str, side: int):
 
 TERMS: dict[str, TermSpec] = {
     "labels": TermSpec(labels_term, reads_labels=True),
-    "kd": TermSpec(kd_term, teacher_logits=True, reads_labels=True),
-    "fm": TermSpec(fm_term, teacher_logits=True),
+    "kd": TermSpec(kd_term, teacher_logits=True, reads_labels=True, tree_leaves_at_temperature=True),
+    "fm": TermSpec(fm_term, teacher_logits=True, tree_leaves_at_temperature=True),
     "logits": TermSpec(logits_term, teacher_logits=True),
     "hint": TermSpec(hint_term, teacher_layers=_pairs_side("hint_pairs", 1),
                      student_layers=_pairs_side("hint_pairs", 0)),

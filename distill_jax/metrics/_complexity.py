@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax import compilation
-from distill_jax.attr._core import check_positive_int
-from distill_jax.metrics._robustness import _check_attribution_batch, _check_positive_float
+from distill_jax._checks import check_int, check_number
+from distill_jax.metrics._robustness import _check_attribution_batch
 
 
 # --------------------------------------------------------------------------------------------
@@ -36,7 +36,7 @@ def sparseness(attribution: jax.Array, *, eps: float = 0.0) -> jax.Array:
     Reference: Chalasani et al. 2020, "Concise Explanations of Neural Networks using Adversarial
     Training" (ICML).
     """
-    return _gini(_check_attribution_batch(attribution), _check_positive_float(eps, "eps", allow_zero=True))
+    return _gini(_check_attribution_batch(attribution), check_number(eps, "eps", low=0))
 
 
 # The array metrics' cores are jitted (validation stays outside) so that eager calls compile once
@@ -108,7 +108,7 @@ def discrete_entropy(attribution: jax.Array, *, n_bins: int = 100) -> jax.Array:
     Reference: Hedström et al. 2023, "Sanity Checks Revisited: An Exploration to Repair the Model
     Parameter Randomisation Test" (XAI in Action workshop, NeurIPS).
     """
-    return _histogram_entropy(_check_attribution_batch(attribution), check_positive_int(n_bins, "n_bins"))
+    return _histogram_entropy(_check_attribution_batch(attribution), check_int(n_bins, "n_bins"))
 
 
 @partial(jax.jit, static_argnames="n_bins")

@@ -44,13 +44,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax._checks import check_int, check_key, check_number
 from distill_jax.attr._core import (
     BASELINES,
     ApplyFn,
     attribution_inputs,
     check_attribution,
-    check_key,
-    check_positive_int,
     per_target_scored,
     resolve_baseline,
     sample_chunk,
@@ -72,10 +71,6 @@ def _need_nhwc(x: jax.Array, what: str) -> None:
         raise ValueError(f"{what} needs NHWC images x [batch, H, W, C]; got shape {tuple(x.shape)}")
 
 
-def _check_nonnegative(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or value < 0:
-        raise ValueError(f"{name} must be a number >= 0; got {value!r}")
-    return float(value)
 
 
 def _scored(score: Callable, x: jax.Array, attribution: Any, target: jax.Array, num_classes: int):
@@ -129,7 +124,7 @@ def _feature_ids(x_shape: tuple[int, ...], patch: int | None) -> tuple[np.ndarra
 def _check_patch(patch: Any, x: jax.Array, *, allow_none: bool) -> int | None:
     if patch is None and allow_none:
         return None
-    patch = check_positive_int(patch, "patch")
+    patch = check_int(patch, "patch")
     _need_nhwc(x, f"patch={patch}")
     if patch > min(x.shape[1:3]):
         raise ValueError(f"patch must be at most the image side {min(x.shape[1:3])}; got {patch}")
@@ -230,11 +225,11 @@ def faithfulness_correlation(
     """
     x, target, num_classes = _prepare(apply_fn, x, target)
     key = check_key(key)
-    samples = check_positive_int(samples, "samples")
+    samples = check_int(samples, "samples")
     if samples < 2:
         raise ValueError(f"samples must be >= 2 to compute a correlation; got {samples}")
     features = _Features(x.shape, _check_patch(patch, x, allow_none=True))
-    subset_size = check_positive_int(subset_size, "subset_size")
+    subset_size = check_int(subset_size, "subset_size")
     if subset_size > features.n:
         raise ValueError(f"subset_size must be at most the number of features {features.n}; got {subset_size}")
     base = _replacement(x, baseline)
@@ -300,7 +295,7 @@ def sensitivity_n(
     """
     x, target, num_classes = _prepare(apply_fn, x, target)
     key = check_key(key)
-    samples = check_positive_int(samples, "samples")
+    samples = check_int(samples, "samples")
     if samples < 2:
         raise ValueError(f"samples must be >= 2 to compute a correlation; got {samples}")
     features = _Features(x.shape, _check_patch(patch, x, allow_none=True))
@@ -367,8 +362,8 @@ def infidelity(
     """
     x, target, num_classes = _prepare(apply_fn, x, target)
     key = check_key(key)
-    samples = check_positive_int(samples, "samples")
-    noise = _check_nonnegative(noise, "noise")
+    samples = check_int(samples, "samples")
+    noise = check_number(noise, "noise", low=0)
 
     def score_one(v, a, t):
         full = target_logits(apply_fn, v, t)

@@ -10,11 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax._checks import check_int, check_key, check_number
 from distill_jax.attr._core import (
     ApplyFn,
     attribution_inputs,
-    check_key,
-    check_positive_int,
     check_x,
     gaussian_blur,
     per_target_scored,
@@ -22,7 +21,6 @@ from distill_jax.attr._core import (
     target_logits,
 )
 from distill_jax.metrics._faithfulness import (
-    _check_nonnegative,
     _check_order,
     _check_patch,
     _feature_ranks,
@@ -87,7 +85,7 @@ def monotonicity(
     Reference: Nguyen & Martinez 2020, "On quantitative aspects of model interpretability" (arXiv:2007.07584).
     """
     x, target, num_classes = _prepare(apply_fn, x, target)
-    samples = check_positive_int(samples, "samples")
+    samples = check_int(samples, "samples")
     features = _Features(x.shape, _check_patch(patch, x, allow_none=True))
     uniform = isinstance(baseline, str) and baseline == "uniform"
     if uniform:
@@ -217,10 +215,10 @@ def noisy_linear_imputation(
     removed = jnp.asarray(removed)
     if removed.shape != x.shape[:3]:
         raise ValueError(f"removed must be a [batch, H, W] mask {tuple(x.shape[:3])}; got {tuple(removed.shape)}")
-    noise = _check_nonnegative(noise, "noise")
+    noise = check_number(noise, "noise", low=0)
     if noise > 0:
         key = check_key(key, "key (needed when noise > 0)")
-    max_iter = 4 * (x.shape[1] + x.shape[2]) + 50 if max_iter is None else check_positive_int(max_iter, "max_iter")
+    max_iter = 4 * (x.shape[1] + x.shape[2]) + 50 if max_iter is None else check_int(max_iter, "max_iter")
     return _impute(x, removed.astype(bool), key, noise, max_iter, float(tol))
 
 
@@ -299,10 +297,10 @@ def road(
                             or not 0 <= q < 1 for q in fractions):
         raise ValueError(f"percentages must be a non-empty tuple of fractions in [0, 1); got {percentages!r}")
     percentages = fractions
-    noise = _check_nonnegative(noise, "noise")
+    noise = check_number(noise, "noise", low=0)
     if noise > 0:
         key = check_key(key, "key (needed when noise > 0)")
-    max_iter = 4 * (x.shape[1] + x.shape[2]) + 50 if max_iter is None else check_positive_int(max_iter, "max_iter")
+    max_iter = 4 * (x.shape[1] + x.shape[2]) + 50 if max_iter is None else check_int(max_iter, "max_iter")
     batch, height, width, _ = x.shape
     counts = jnp.asarray([int(np.floor(height * width * float(q) + 1e-9)) for q in percentages], jnp.int32)
     score_fn = ROAD_SCORES[score]
@@ -362,7 +360,7 @@ def region_perturbation(
     x, target, num_classes = _prepare(apply_fn, x, target)
     features = _Features(x.shape, _check_patch(patch, x, allow_none=False))
     order = _check_order(order)
-    steps = features.n if steps is None else check_positive_int(steps, "steps")
+    steps = features.n if steps is None else check_int(steps, "steps")
     if steps > features.n:
         raise ValueError(f"steps must be at most the number of patches {features.n}; got {steps}")
     base = _replacement(x, baseline)

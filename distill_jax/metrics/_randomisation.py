@@ -16,13 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax import compilation
-from distill_jax.attr._core import check_positive_int, check_x, validate_target
+from distill_jax._checks import check_choice, check_int, check_number
+from distill_jax.attr._core import check_x, validate_target
 from distill_jax.metrics._complexity import complexity, discrete_entropy
 from distill_jax.metrics._robustness import (
     _check_batch_target,
-    _check_choice,
     _check_maps,
-    _check_positive_float,
     _sum_samples,
 )
 from distill_jax.metrics._similarity import SIMILARITIES, spearman
@@ -118,13 +117,13 @@ def random_logit(
     Attributions Fail" (ICML).
     """
     x = check_x(x)
-    num_classes = check_positive_int(num_classes, "num_classes")
+    num_classes = check_int(num_classes, "num_classes")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2 (a class other than the target is needed); got {num_classes}")
     target = validate_target(target, x.shape[0], num_classes)
     if target.ndim != 1:
         raise ValueError(f"target must be [batch] here; got shape {target.shape}")
-    sim_fn = _check_choice(similarity, SIMILARITIES, "similarity")
+    sim_fn = check_choice(similarity, SIMILARITIES, "similarity")
     _check_maps(jax.eval_shape(attr_fn, x, target), x.shape[0], "attr_fn(x, target)")
     return sim_fn(attr_fn(x, target), attr_fn(x, _off_target(key, target, num_classes)))
 
@@ -207,9 +206,9 @@ def smooth_mprt(
     "Sanity Checks for Saliency Maps".
     """
     params, x, target, layer_order = _mprt_setup(attr_fn, params, layer_order, x, target)
-    samples = check_positive_int(samples, "samples")
-    _check_positive_float(noise, "noise", allow_zero=True)
-    sim_fn = _check_choice(similarity, SIMILARITIES, "similarity")
+    samples = check_int(samples, "samples")
+    check_number(noise, "noise", low=0)
+    sim_fn = check_choice(similarity, SIMILARITIES, "similarity")
     layer_key, noise_key = jax.random.split(key)
     flat = x.reshape(x.shape[0], -1)
     sigma = (noise * (flat.max(axis=1) - flat.min(axis=1))).reshape((-1,) + (1,) * (x.ndim - 1))
@@ -296,8 +295,8 @@ def efficient_mprt(
     Parameter Randomisation Test" (XAI in Action workshop, NeurIPS).
     """
     params, x, target, layer_order = _mprt_setup(attr_fn, params, layer_order, x, target)
-    measure_fn = _check_choice(measure, COMPLEXITY_MEASURES, "measure")
-    n_bins = check_positive_int(n_bins, "n_bins")
+    measure_fn = check_choice(measure, COMPLEXITY_MEASURES, "measure")
+    n_bins = check_int(n_bins, "n_bins")
     models = [params, _fully_randomized(params, layer_order, key, randomize)]
 
     def score(i):

@@ -30,30 +30,19 @@ eagerly, the sample loop is traced and compiled again on every call.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from distill_jax.attr._core import check_positive_int, check_x, sample_chunk
-
+from distill_jax._checks import check_choice, check_int, check_number
+from distill_jax.attr._core import check_x, sample_chunk
 
 # --------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------
-def _check_positive_float(value: Any, name: str, *, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if not ok or not np.isfinite(value) or (value < 0 if allow_zero else value <= 0):
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}; got {value!r}")
-    return float(value)
 
 
-def _check_choice(value: Any, table: Mapping, name: str) -> Any:
-    if not isinstance(value, str) or value not in table:
-        raise ValueError(f"{name} must be one of {sorted(table)}; got {value!r}")
-    return table[value]
 
 
 def _check_batch_target(target: Any, batch: int) -> jax.Array:
@@ -135,9 +124,9 @@ PERTURBATIONS: dict[str, Callable] = {"uniform": _uniform_noise, "gaussian": _ga
 def _robustness_setup(attr_fn, x, target, samples, radius, perturbation):
     x = check_x(x)
     target = _check_batch_target(target, x.shape[0])
-    check_positive_int(samples, "samples")
-    _check_positive_float(radius, "radius")
-    noise_fn = _check_choice(perturbation, PERTURBATIONS, "perturbation")
+    check_int(samples, "samples")
+    check_number(radius, "radius", low=0, low_open=True)
+    noise_fn = check_choice(perturbation, PERTURBATIONS, "perturbation")
     _check_maps(jax.eval_shape(attr_fn, x, target), x.shape[0], "attr_fn(x, target)")
     return x, target, noise_fn
 
@@ -212,7 +201,7 @@ def max_sensitivity(
 def _sensitivities(attr_fn, x, target, *, key, radius, samples, normalize, norm, perturbation, chunk) -> jax.Array:
     """[samples, batch]: ||A(x + u_s) - A(x)|| (/ ||A(x)|| when normalize), u_s from `PERTURBATIONS[perturbation]`."""
     x, target, noise_fn = _robustness_setup(attr_fn, x, target, samples, radius, perturbation)
-    norm_fn = _check_choice(norm, NORMS, "norm")
+    norm_fn = check_choice(norm, NORMS, "norm")
     ref = attr_fn(x, target).reshape(x.shape[0], -1)
 
     def one(k):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax import compilation
-from distill_jax.attr._core import check_positive_int
+from distill_jax._checks import check_int
 
 
 @compilation.run_once
@@ -94,7 +94,7 @@ def ssim(a: jax.Array, b: jax.Array, *, win_size: int = 7) -> jax.Array:
     Visibility to Structural Similarity".
     """
     a, b = flat_pair(a, b, "ssim")
-    win_size = check_positive_int(win_size, "win_size")
+    win_size = check_int(win_size, "win_size")
     if win_size < 3 or win_size % 2 == 0 or win_size > a.shape[1]:
         raise ValueError(f"win_size must be odd, >= 3 and <= the values per example ({a.shape[1]}); got {win_size}")
     return _ssim_flat(a, b, win_size)

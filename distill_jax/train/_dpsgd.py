@@ -8,8 +8,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from distill_jax._checks import _check_nonnegative, _check_positive
-from distill_jax.attr._core import check_key
+from distill_jax._checks import check_key, check_number
 
 LossFn = Callable[[Any, Any], jax.Array]  # (params, batch) -> per-example losses [batch]
 
@@ -66,7 +65,7 @@ def clip_per_example(grads, *, l2_clip) -> tuple[Any, jax.Array]:
 
     Reference: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016, Algorithm 1.
     """
-    _check_positive("l2_clip", l2_clip)
+    check_number(l2_clip, "l2_clip", low=0, low_open=True)
     leaves = jax.tree_util.tree_leaves(grads)
     sq = sum(jnp.sum(jnp.reshape(g, (g.shape[0], -1)) ** 2, axis=1) for g in leaves)
     norms = jnp.sqrt(sq)
@@ -94,8 +93,8 @@ def noisy_clipped_mean(grads, *, l2_clip, noise_multiplier, key: jax.Array):
 
     Reference: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016, Algorithm 1.
     """
-    _check_positive("l2_clip", l2_clip)
-    z = _check_nonnegative("noise_multiplier", noise_multiplier)
+    check_number(l2_clip, "l2_clip", low=0, low_open=True)
+    z = check_number(noise_multiplier, "noise_multiplier", low=0, traced_ok=True)
     check_key(key)
     clipped, _ = clip_per_example(grads, l2_clip=l2_clip)
     leaves, treedef = jax.tree_util.tree_flatten(clipped)

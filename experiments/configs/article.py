@@ -1,4 +1,3 @@
-from distill_jax.app.config import default_config
 """The seed article's own training settings for the teacher, with the example's mistakes fixed.
 
 Command:
@@ -17,6 +16,7 @@ learning rate 0.001 and momentum 0.9 on normalized inputs. What was wrong there 
 Students use the default settings. Prints the same lines as the default config; with SGD at
 lr 0.001 the teacher learns more slowly than with the default Adam (see the README FAQ).
 """
+from distill_jax.app.config import default_config
 
 
 def get_config():

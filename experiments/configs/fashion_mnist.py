@@ -1,4 +1,3 @@
-from distill_jax.app.config import default_config
 """The main job on the full Fashion-MNIST (60,000 training / 10,000 test 28x28 images), sized for a 2-core CPU.
 
 Command:
@@ -12,6 +11,7 @@ the summary table; the README gives the measured wall time and peak memory on a 
 (benchmarks/RESULTS.md, "Full scale"). Images stay uint8 on the host, the teacher cache keeps
 logits and attention maps only, and evaluation streams the 10,000 test images in batches.
 """
+from distill_jax.app.config import default_config
 
 
 def get_config():

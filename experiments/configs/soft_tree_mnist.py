@@ -1,4 +1,3 @@
-from distill_jax.app.config import default_config
 """Frosst & Hinton (2017), "Distilling a Neural Network Into a Soft Decision Tree" (MNIST, depth-8 tree).
 
 Commands:
@@ -13,6 +12,7 @@ A `distill-jax run` config (the pipeline's keys): the teacher is the library's S
 (local), the students are `tree-labels` and `tree-kd` (Frosst & Hinton's expected leaf cross entropy against
 hard or soft targets, plus their balance penalty).
 """
+from distill_jax.app.config import default_config
 
 
 def get_config(variant: str = "full"):

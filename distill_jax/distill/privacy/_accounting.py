@@ -7,7 +7,7 @@ import math
 
 import dp_accounting
 
-from distill_jax._checks import _check_count, _check_delta, _check_positive
+from distill_jax._checks import check_int, check_number
 
 
 def gnmax_epsilon(num_queries: int, *, sigma, delta) -> float:
@@ -30,9 +30,9 @@ def gnmax_epsilon(num_queries: int, *, sigma, delta) -> float:
     Reference: Papernot et al., "Scalable Private Learning with PATE", ICLR 2018, Proposition 8;
     Mironov, "Renyi Differential Privacy", CSF 2017.
     """
-    num_queries = _check_count("num_queries", num_queries)
-    sigma = _check_positive("sigma", sigma)
-    delta = _check_delta(delta)
+    num_queries = check_int(num_queries, "num_queries")
+    sigma = check_number(sigma, "sigma", low=0, low_open=True)
+    delta = check_number(delta, "delta", low=0, high=1, low_open=True, high_open=True)
     event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma / math.sqrt(2.0)), num_queries)
     accountant = dp_accounting.rdp.RdpAccountant()
     accountant.compose(event)
@@ -58,13 +58,13 @@ def dp_sgd_epsilon(steps: int, *, batch_size: int, n: int, noise_multiplier, del
     Reference: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016; Mironov, Talwar and
     Zhang, "Renyi Differential Privacy of the Sampled Gaussian Mechanism", 2019.
     """
-    steps = _check_count("steps", steps)
-    n = _check_count("n", n)
-    batch_size = _check_count("batch_size", batch_size)
+    steps = check_int(steps, "steps")
+    n = check_int(n, "n")
+    batch_size = check_int(batch_size, "batch_size")
     if batch_size > n:
         raise ValueError(f"batch_size must be <= n ({n}); got {batch_size}")
-    z = _check_positive("noise_multiplier", noise_multiplier)
-    delta = _check_delta(delta)
+    z = check_number(noise_multiplier, "noise_multiplier", low=0, low_open=True)
+    delta = check_number(delta, "delta", low=0, high=1, low_open=True, high_open=True)
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(batch_size / n, dp_accounting.GaussianDpEvent(z)), steps
     )

@@ -32,8 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from distill_jax import parallel
-from distill_jax._checks import _check_count, _check_nonnegative, _number
-from distill_jax.attr._core import check_key
+from distill_jax._checks import check_int, check_key, check_number, concrete_float
 from distill_jax.train._dpsgd import LossFn
 
 
@@ -81,7 +80,7 @@ def gnmax(votes: jax.Array, *, sigma, key: jax.Array) -> jax.Array:
     Reference: Papernot et al., "Scalable Private Learning with PATE", ICLR 2018, section 4.1.
     """
     _check_votes(votes)
-    s = _check_nonnegative("sigma", sigma)
+    s = check_number(sigma, "sigma", low=0, traced_ok=True)
     check_key(key)
     votes = jnp.asarray(votes)
     if s == 0:
@@ -115,9 +114,9 @@ def confident_gnmax(votes: jax.Array, *, threshold, sigma_threshold, sigma, key:
     Reference: Papernot et al., "Scalable Private Learning with PATE", ICLR 2018, Algorithm 1.
     """
     _check_votes(votes)
-    _number("threshold", threshold)
-    s1 = _check_nonnegative("sigma_threshold", sigma_threshold)
-    _check_nonnegative("sigma", sigma)
+    concrete_float(threshold, "threshold")
+    s1 = check_number(sigma_threshold, "sigma_threshold", low=0, traced_ok=True)
+    check_number(sigma, "sigma", low=0, traced_ok=True)
     check_key(key)
     votes = jnp.asarray(votes)
     k_threshold, k_label = jax.random.split(key)
@@ -144,8 +143,8 @@ def ensemble_shards(n: int, num_teachers: int, *, seed: int) -> list[np.ndarray]
 
     Reference: PATE (Papernot et al., ICLR 2017), section 2.1: teachers see disjoint data.
     """
-    n = _check_count("n", n)
-    num_teachers = _check_count("num_teachers", num_teachers)
+    n = check_int(n, "n")
+    num_teachers = check_int(num_teachers, "num_teachers")
     if num_teachers > n:
         raise ValueError(f"more teachers ({num_teachers}) than examples ({n})")
     order = np.random.default_rng(seed).permutation(n)
@@ -166,8 +165,8 @@ def ensemble_batch_indices(shards: Sequence[np.ndarray], *, batch_size: int, ste
     Returns:
       [steps, teachers, batch_size] int64 indices into the full training set.
     """
-    batch_size = _check_count("batch_size", batch_size)
-    steps = _check_count("steps", steps)
+    batch_size = check_int(batch_size, "batch_size")
+    steps = check_int(steps, "steps")
     smallest = min(len(s) for s in shards)
     if batch_size > smallest:
         raise ValueError(f"batch_size must be <= the smallest shard ({smallest} examples); got {batch_size}")
@@ -232,7 +231,7 @@ def init_ensemble(init_fn: Callable[[jax.Array], Any], num_teachers: int, *, see
     Returns:
       params pytree whose leaves have a leading [num_teachers] axis.
     """
-    num_teachers = _check_count("num_teachers", num_teachers)
+    num_teachers = check_int(num_teachers, "num_teachers")
     return jax.vmap(init_fn)(jax.random.split(jax.random.key(seed), num_teachers))
 
 
