@@ -57,6 +57,15 @@ def test_smoke_run_writes_metrics_with_the_documented_layout(smoke_run):
         assert {"accuracy", "agreement", "kl", "method", "params"} <= set(s)
         assert 0 <= s["agreement"] <= 1 and s["kl"] >= 0
         assert s["method"] == name.split("-", 1)[1]
+        kind, method = name.split("-", 1)
+        if method != "labels" and f"{kind}-labels" in STUDENTS:  # the paired comparison with the labels twin
+            g = s["vs_labels"]
+            assert g["twin"] == f"{kind}-labels"
+            assert g["agreement"]["difference"] == pytest.approx(s["agreement"] - m["models"][g["twin"]]["agreement"],
+                                                                 abs=1e-6)
+            assert g["agreement"]["ci95"][0] <= g["agreement"]["difference"] <= g["agreement"]["ci95"][1]
+        else:
+            assert "vs_labels" not in s
     for name in ["teacher", *STUDENTS]:
         assert m["explanations"][name]["ig_completeness_error"] >= 0
     assert m["config"]["teacher"]["epochs"] == 1  # the smoke budget

@@ -30,6 +30,7 @@ from distill_jax.audit._evaluators import (
 from distill_jax.data._batches import stratified_indices
 from distill_jax.distill.prune import sparsity
 from distill_jax.metrics._fidelity import agreement, mean_kl
+from distill_jax.metrics._paired import distillation_gain
 from distill_jax.models._util import count_params
 from distill_jax.train._fit import progress_bar
 from distill_jax.train._step import accuracy_from_logits
@@ -164,3 +165,13 @@ def model_metrics(t: Trained, teacher: Trained | None, prep: Prepared) -> dict:
         )
     out.update(t.settings)
     return out
+
+
+def distillation_comparisons(students: list[Trained], teacher: Trained, prep: Prepared) -> dict[str, dict]:
+    """Every student not trained on labels alone, against its labels twin (the run's `<kind>-labels`) on the
+    whole test set: `metrics.distillation_gain` (paired differences of agreement, accuracy and KL with 95 %
+    bootstrap intervals over the test images) and the twin's name. Students without a twin are left out."""
+    twins = {s.kind: s for s in students if s.method == "labels"}
+    return {s.name: {"twin": twins[s.kind].name,
+                     **distillation_gain(s.test_logits, twins[s.kind].test_logits, teacher.test_logits, prep.y_test)}
+            for s in students if s.method != "labels" and s.kind in twins}

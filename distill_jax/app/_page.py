@@ -27,16 +27,28 @@ def _fmt(v) -> str:
 def model_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the model table (one row per model)."""
     private = any("privacy" in m for m in result["models"].values())
+    compared = any("vs_labels" in m for m in result["models"].values())
     header = ["model", "method", "T, alpha", "accuracy", "agreement", "kl", "params", "fgsm_accuracy", "pgd_accuracy",
-              "ig_completeness_error"] + (["privacy (epsilon, delta)"] if private else [])
+              "ig_completeness_error"] + (["agreement vs labels twin (95% CI)"] if compared else []) + (
+              ["privacy (epsilon, delta)"] if private else [])
     rows = []
     for name, m in result["models"].items():
         ex = result.get("explanations", {}).get(name, {})
         rows.append([name, m.get("method", "labels (teacher)"), kd_settings_text(m), _fmt(m["accuracy"]),
                      _fmt(m.get("agreement")),
                      _fmt(m.get("kl")), str(m["params"]), _fmt(m.get("fgsm_accuracy")), _fmt(m.get("pgd_accuracy")),
-                     _fmt(ex.get("ig_completeness_error"))] + ([privacy_text(m)] if private else []))
+                     _fmt(ex.get("ig_completeness_error"))] + ([gain_text(m)] if compared else [])
+                    + ([privacy_text(m)] if private else []))
     return header, rows
+
+
+def gain_text(model: dict) -> str:
+    """`+2.1 (+1.4 to +2.8)`: a distilled student's agreement minus its labels twin's, in points, with the 95 % CI."""
+    g = model.get("vs_labels")
+    if not g:
+        return ""
+    d, (lo, hi) = g["agreement"]["difference"], g["agreement"]["ci95"]
+    return f"{100 * d:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
 
 
 def privacy_text(model: dict) -> str:

@@ -17,7 +17,7 @@ import ml_collections
 
 from distill_jax import checkpoint, parallel
 from distill_jax.app import _metadata
-from distill_jax.app._audit import audit_models, model_metrics
+from distill_jax.app._audit import audit_models, distillation_comparisons, model_metrics
 from distill_jax.app._fit import Trained, make_host_predict_fn, privacy_summary, train_student, train_teacher
 from distill_jax.app._metadata import peak_rss_mb, versions
 from distill_jax.app._prepare import Prepared, prepare_data
@@ -79,6 +79,8 @@ def run(c, workdir: str, *, show_progress: bool | None = None, echo: Callable[[s
         "peak_rss_mb": memory,
         "versions": versions(),
     }
+    for name, comparison in distillation_comparisons(students, teacher, prep).items():
+        result["models"][name]["vs_labels"] = comparison
     return explain_and_report(result, [teacher, *students], prep, c, workdir, main=main, echo=echo,
                               show_progress=show_progress)
 

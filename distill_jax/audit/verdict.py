@@ -163,11 +163,54 @@ def decide(result: dict, *, rho_max: float = SANITY_RHO_MAX) -> dict:
             "student": student, "runner_up": pool[1] if len(pool) > 1 else None,
             "least_readable": others[0] if readable and others else None,
             "teacher_accuracy": float(teacher_acc) if is_finite_number(teacher_acc) else None,
-            "explained_model": model, "method": method, "notes": notes}
+            "explained_model": model, "method": method, "notes": notes,
+            "distillation": distillation_outcomes(result)}
+
+
+def distillation_outcomes(result: dict) -> list[dict]:
+    """Every distilled student's paired comparison with its labels twin (`models[name]["vs_labels"]`), with an
+    outcome: "helped" (agreement with the teacher higher, the 95 % interval above 0), "hurt" (below 0),
+    "lower KL only" (agreement the same within the interval, KL lower) or "no clear difference"."""
+    out = []
+    for name, m in (result.get("models") or {}).items():
+        g = m.get("vs_labels")
+        if not g:
+            continue
+        (a_lo, a_hi), (_, kl_hi) = g["agreement"]["ci95"], g["kl"]["ci95"]
+        outcome = ("helped" if a_lo > 0 else "hurt" if a_hi < 0 else
+                   "lower KL only" if kl_hi < 0 else "no clear difference")
+        out.append({"name": name, "twin": g["twin"], "outcome": outcome,
+                    **{k: g[k] for k in ("agreement", "accuracy", "kl")}})
+    return out
 
 
 def _num(v, fmt: str = ".4f") -> str:
     return format(v, fmt) if is_finite_number(v) else "n/a"
+
+
+def _points(d: dict) -> str:
+    lo, hi = d["ci95"]
+    return f"95% CI {100 * lo:+.1f} to {100 * hi:+.1f}"
+
+
+def _gain_sentence(g: dict) -> str:
+    """One plain sentence on a distilled student against its labels twin (differences in points of test images)."""
+    a, acc, kl = g["agreement"], g["accuracy"], g["kl"]
+    more = lambda d, word: f"{abs(100 * d['difference']):.1f} points {word[0] if d['difference'] >= 0 else word[1]}"  # noqa: E731
+    kl_lo, kl_hi = kl["ci95"]
+    kl_text = (f"its KL(teacher || student) is {'lower' if kl['difference'] < 0 else 'higher'} by "
+               f"{abs(kl['difference']):.3f} (95% CI {kl_lo:+.3f} to {kl_hi:+.3f})")
+    return (f"{g['name']} against {g['twin']}: {g['outcome']}. It agrees with the teacher on "
+            f"{more(a, ('more', 'fewer'))} test images ({_points(a)}), is {more(acc, ('more', 'less'))} accurate "
+            f"({_points(acc)}), and {kl_text}.")
+
+
+def _distillation_text(outcomes: list[dict]) -> str:
+    """The verdict's paragraph on whether distillation helped each distilled student, or "" without one."""
+    if not outcomes:
+        return ""
+    return ("Did distillation help (each distilled student against the same kind trained on labels, on the same "
+            "test images): " + " ".join(_gain_sentence(g) for g in outcomes))
 
 
 def _quoted_score(name: str, value, *, with_direction: bool) -> str:
@@ -211,6 +254,7 @@ def as_text(v: dict) -> str:
             first += (f" For comparison, the most faithful less readable student, {_describe(c)}, agrees on "
                       f"{c['agreement']:.1%} (KL {_num(c['kl'])}).")
         first += f" Rule: {v['rules']['student']}."
+    first = "\n\n".join(p for p in (first, _distillation_text(v.get("distillation") or [])) if p)
     m = v.get("method")
     if m is None:
         model = v.get("explained_model")

@@ -5,6 +5,7 @@ from distill_jax.metrics._axiomatic import ig_completeness_error
 from distill_jax.metrics._complexity import complexity, discrete_entropy, sparseness
 from distill_jax.metrics._faithfulness import faithfulness_correlation, infidelity, sensitivity_n
 from distill_jax.metrics._fidelity import accuracy, agreement, mean_kl
+from distill_jax.metrics._paired import distillation_gain, paired_bootstrap, per_image_fidelity
 from distill_jax.metrics._perturbation_order import (
     deletion_auc,
     insertion_auc,
@@ -25,6 +26,9 @@ from distill_jax.metrics._similarity import pearson, spearman, ssim, top_k_overl
 from distill_jax.metrics._specs import METRICS, MetricSpec, metric_names
 
 __all__ = [
+    "distillation_gain",
+    "paired_bootstrap",
+    "per_image_fidelity",
     "METRICS",
     "MetricSpec",
     "metric_names",
