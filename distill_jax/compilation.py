@@ -2,10 +2,9 @@
 
 `run_once` is `jax.jit` for programs a job calls a handful of times (random draws, parameter
 initialisation, the audit's read-outs): compiled with the backend's `run_once_compiler_options`.
-On XLA:CPU these skip LLVM's optimisation of the generated code, which took about two thirds of the
-compile time of such programs (a 2-core AMD EPYC: SeedCNN's init 1.96 s -> 0.51 s, a `jax.random.normal`
-draw ~1 s -> ~0.3 s) while their run time stays milliseconds; programs run many times (train
-steps, the audit's model queries) keep XLA's defaults.
+On XLA:CPU these skip LLVM's optimisation of the generated code, most of the compile time of such
+programs, while their run time stays small; programs run many times (train steps, the audit's model
+queries) keep XLA's defaults (benchmarks/RESULTS.md, "Start-up", has the measurements).
 
 JAX reports every backend compilation as the `jax.monitoring` event
 `/jax/core/compile/backend_compile_duration`; `CompileCounter` listens to it for the duration of a

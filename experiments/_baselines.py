@@ -17,11 +17,9 @@ import warnings
 
 import jax
 import numpy as np
-from distill_jax import metrics
-from distill_jax import models
-from distill_jax import train
-from distill_jax.app import _fit
-from distill_jax.app import _prepare
+
+from distill_jax import metrics, models, train
+from distill_jax.app import _fit, _prepare
 
 BASELINES = ("sk-tree-d8", "sk-tree", "sk-logreg-pixels", "sk-logreg-pca")
 # a decision tree's leaf frequencies can be exactly 0; KL(teacher || tree) is computed on

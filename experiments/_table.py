@@ -15,6 +15,7 @@ import os
 import shlex
 import sys
 from typing import Mapping, Sequence
+
 from distill_jax.app import _metadata
 
 VARIANTS = ("full", "local", "smoke")

@@ -49,9 +49,7 @@ for _path in (HERE, os.path.dirname(HERE)):  # run from a checkout: distill_jax 
         sys.path.insert(0, _path)
 import _table  # noqa: E402
 
-from distill_jax import parallel
-from distill_jax import data
-from distill_jax import train
+from distill_jax import data, parallel, train
 from distill_jax.data import preprocess
 from distill_jax.distill import losses
 

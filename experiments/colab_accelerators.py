@@ -37,6 +37,7 @@ import math
 import os
 import subprocess
 import sys
+
 from distill_jax.app import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))

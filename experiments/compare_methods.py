@@ -34,14 +34,9 @@ if ROOT not in sys.path:  # run from a checkout: distill_jax need not be install
     sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
+
 from distill_jax import audit
-from distill_jax.app import _audit
-from distill_jax.app import _fit
-from distill_jax.app import _metadata
-from distill_jax.app import _prepare
-from distill_jax.app import _settings
-from distill_jax.app import cli
-from distill_jax.app import config
+from distill_jax.app import _audit, _fit, _metadata, _prepare, _settings, cli, config
 
 METRICS = ("accuracy", "agreement", "kl", "ig_spearman", "ig_top10", "deletion_auc")
 # for each metric: +1 when larger is better, -1 when smaller is better

@@ -39,9 +39,7 @@ for _path in (HERE, os.path.dirname(HERE)):  # run from a checkout: distill_jax 
         sys.path.insert(0, _path)
 import _table  # noqa: E402
 
-from distill_jax import parallel
-from distill_jax import data
-from distill_jax import train
+from distill_jax import data, parallel, train
 from distill_jax.distill import losses
 
 PAPER = {"teacher": 67, "labels": 146, "distilled": 74, "no3": 206, "no3_on3": 133, "no3_shifted": 109,

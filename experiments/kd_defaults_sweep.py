@@ -24,7 +24,6 @@ good), best agreement first; writes every run's row to `--out`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import os

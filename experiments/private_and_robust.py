@@ -69,22 +69,14 @@ for _path in (HERE, os.path.dirname(HERE)):  # run from a checkout: distill_jax 
     if _path not in sys.path:
         sys.path.insert(0, _path)
 import _table  # noqa: E402
-
 import dp_accounting  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from distill_jax import parallel
-from distill_jax import audit
-from distill_jax import data
-from distill_jax import models
-from distill_jax import robust
-from distill_jax.app import _audit
-from distill_jax.app import _fit
-from distill_jax.app import _prepare
-from distill_jax.app import config
+from distill_jax import audit, data, models, parallel, robust
+from distill_jax.app import _audit, _fit, _prepare, config
 from distill_jax.distill import privacy
 
 TITLE = "Private and robust distillation: PATE students vs epsilon; robust teachers and students"

@@ -29,15 +29,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+import compare_methods as cm  # noqa: E402 - shared helpers (also puts the repository on sys.path)
 import numpy as np  # noqa: E402
 
-import compare_methods as cm  # noqa: E402 - shared helpers (also puts the repository on sys.path)
-from distill_jax.app import _audit
-from distill_jax.app import _fit
-from distill_jax.app import _prepare
-from distill_jax.app import _settings
-from distill_jax.app import cli
-from distill_jax.app import config
+from distill_jax.app import _audit, _fit, _prepare, _settings, cli, config
 
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "pruning.py")
 

@@ -19,7 +19,6 @@ results.json into --workdir. Everything is the library's pipeline (`prepare_data
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -31,13 +30,8 @@ for _path in (HERE, os.path.dirname(HERE)):  # run from a checkout: distill_jax 
         sys.path.insert(0, _path)
 import _table  # noqa: E402
 
-from distill_jax import parallel
-from distill_jax import train
-from distill_jax.app import _audit
-from distill_jax.app import _fit
-from distill_jax.app import _prepare
-from distill_jax.app import _settings
-from distill_jax.app import config
+from distill_jax import parallel, train
+from distill_jax.app import _audit, _fit, _prepare, _settings, config
 
 PAPER = {"tree-labels": 94.45, "tree-kd": 96.76, "teacher": 99.21}
 TEACHER_TEXT = {"seed_cnn": "SeedCNN (convs 64-64-128-128, dense 512)", "cnn": "SmallCNN (convs 16-32, dense 64)"}
@@ -49,7 +43,7 @@ def run(c, variant: str, workdir: str, *, echo=print) -> dict:
     t0 = time.perf_counter()
     prep = _prepare.prepare_data(c)
     if c.train_limit:
-        prep = dataclasses.replace(prep, x_train=prep.x_train[: c.train_limit], y_train=prep.y_train[: c.train_limit])
+        prep = prep.with_data(x_train=prep.x_train[: c.train_limit], y_train=prep.y_train[: c.train_limit])
     mesh = parallel.make_mesh()
     teacher = _fit.train_teacher(prep, c, mesh, None, show_progress=False)
     acc = {"teacher": train.accuracy_from_logits(teacher.test_logits, prep.y_test)}

@@ -1,5 +1,4 @@
 """Transfer sets: unlabelled images the teacher labels, seen only by the students that learn from it."""
-import dataclasses
 
 import jax
 import numpy as np
@@ -98,6 +97,6 @@ def test_a_distilled_student_trains_on_the_transfer_set(transfer_run):
     # a teacher that always says 3 pulls the fm student towards 3 on the test images; labels do not
     share_fm, share_labels = (np.mean(np.argmax(t.test_logits, -1) == 3) for t in (fm, labels))
     assert share_fm > share_labels + 0.2 and share_labels < 0.2
-    no_transfer = dataclasses.replace(prep, x_transfer=None)
+    no_transfer = prep.with_data(x_transfer=None)
     assert _fit.train_student("linear-fm", "linear", "fm", no_transfer, teacher, c, mesh, None,
                                   show_progress=False).train_images == len(prep.x_train)

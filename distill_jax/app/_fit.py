@@ -96,8 +96,8 @@ def training_set(needs: Needs, prep: Prepared, teacher: Trained | None, c, mesh)
             np.concatenate([prep.y_train, transfer_labels(teacher, prep, c, mesh)]))
 
 
-def _train(name: str, kind: str, method: str, model: nn.Module, extra: dict, budget, prep: Prepared,
-           mcfg: MethodConfig, c, mesh, ckpt_dir: str | None, *, teacher: Trained | None = None,
+def _train(name: str, kind: str, method: str, model: nn.Module, *, extra: dict, budget, prep: Prepared,
+           mcfg: MethodConfig, c, mesh, ckpt_dir: str | None = None, teacher: Trained | None = None,
            cache_teacher: bool = True, show_progress: bool | None = None) -> Trained:
     start = time.perf_counter()
     parallel.check_batch_size(budget.batch_size, mesh, what=f"{name} batch_size")
@@ -202,8 +202,8 @@ def train_teacher(prep: Prepared, c, mesh, ckpt_dir: str | None, **kw) -> Traine
     model, extra = build_model(c.teacher.kind, c, prep.num_classes, prep.pca)
     # mixup is a distillation setting: the teacher learns labels
     mcfg = teacher_method_config(c)
-    return _train("teacher", c.teacher.kind, "labels", model, extra, c.teacher, prep, mcfg, c, mesh,
-                  ckpt_dir, **kw)
+    return _train("teacher", c.teacher.kind, "labels", model, extra=extra, budget=c.teacher, prep=prep, mcfg=mcfg,
+                  c=c, mesh=mesh, ckpt_dir=ckpt_dir, **kw)
 
 
 def train_student(name: str, kind: str, method: str, prep: Prepared, teacher: Trained, c, mesh,
@@ -218,8 +218,8 @@ def train_student(name: str, kind: str, method: str, prep: Prepared, teacher: Tr
     budget = student_budget(kind, c)
     mcfg = method_config(c, temperature=settings.get("temperature"), alpha=settings.get("alpha"), group=budget)
     model, extra = build_model(kind, c, prep.num_classes, prep.pca)
-    trained = _train(name, kind, method, model, extra, budget, prep, mcfg, c, mesh, ckpt_dir,
-                     teacher=teacher, cache_teacher=c.method.cache_teacher, **kw)
+    trained = _train(name, kind, method, model, extra=extra, budget=budget, prep=prep, mcfg=mcfg, c=c, mesh=mesh,
+                     ckpt_dir=ckpt_dir, teacher=teacher, cache_teacher=c.method.cache_teacher, **kw)
     if "selection" in settings:
         settings["selection"]["seconds"] = round(time.perf_counter() - start - trained.seconds, 2)
     return dataclasses.replace(trained, settings={**trained.settings, **settings}, seconds=time.perf_counter() - start)
@@ -245,8 +245,9 @@ def select_kd_settings(name: str, kind: str, method: str, prep: Prepared, teache
 
     def validation_logits(temperature: float, alpha: float) -> np.ndarray:
         model, extra = build_model(kind, c, prep.num_classes, prep.pca)
-        candidate = _train(f"{name}@T={temperature:g},alpha={alpha:g}", kind, method, model, extra, budget, held,
-                           method_config(c, temperature=temperature, alpha=alpha, group=budget), c, mesh, None,
+        candidate = _train(f"{name}@T={temperature:g},alpha={alpha:g}", kind, method, model, extra=extra,
+                           budget=budget, prep=held,
+                           mcfg=method_config(c, temperature=temperature, alpha=alpha, group=budget), c=c, mesh=mesh,
                            teacher=teacher, cache_teacher=m.cache_teacher, show_progress=False)
         return candidate.test_logits
 

@@ -12,33 +12,39 @@ import numpy as np
 
 from distill_jax import parallel
 from distill_jax.data._batches import process_slice
-from distill_jax.data._dataset import as_float01
+from distill_jax.data._dataset import Dataset, as_float01
 from distill_jax.data._sources import load
 from distill_jax.data.pca import fit_batches
 from distill_jax.data.preprocess import apply, standardize_fit
 from distill_jax.distill.tuning import holdout_split
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Prepared:
-    """The images as stored, the fitted scaler and PCA, and the dataset's description.
+    """A `Dataset` as the job trains on it, with the scaler and PCA fitted on its training images.
 
-    `x_train`/`x_test` are [n, h, w, c] host arrays exactly as loaded: uint8 in [0, 255] for 8-bit
+    `data.x_train`/`data.x_test` are [n, h, w, c] host arrays exactly as loaded: uint8 in [0, 255] for 8-bit
     sources (a quarter of the memory of float32), float32 in [0, 1] otherwise. Models never see them
     directly: `inputs(x)` turns a batch into standardized float32 model inputs, on the device and
-    inside the jitted steps.
+    inside the jitted steps. The dataset's fields read through (`prep.x_train` is `prep.data.x_train`).
     """
 
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
-    class_names: tuple[str, ...]
-    name: str
+    data: Dataset
     scaler: Any
     pca: Any
-    x_transfer: np.ndarray | None = None  # unlabelled transfer images, stored like x_train (see prepare_data)
+
+    x_train = property(lambda self: self.data.x_train)
+    y_train = property(lambda self: self.data.y_train)
+    x_test = property(lambda self: self.data.x_test)
+    y_test = property(lambda self: self.data.y_test)
+    num_classes = property(lambda self: self.data.num_classes)
+    class_names = property(lambda self: self.data.class_names)
+    name = property(lambda self: self.data.name)
+    x_transfer = property(lambda self: self.data.x_transfer)  # unlabelled transfer images (see prepare_data)
+
+    def with_data(self, **fields) -> "Prepared":
+        """The same scaler and PCA over a dataset with `fields` replaced (e.g. a validation split)."""
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, **fields))
 
     def inputs(self, x) -> jax.Array:
         """Model inputs [n, h, w, c] float32 for stored images `x` (see `model_inputs`)."""
@@ -102,8 +108,10 @@ def prepare_data(c) -> Prepared:
     n_components = min(c.pca_components, len(x_train), int(np.prod(x_train.shape[1:])))
     pca_state = fit_batches(batched_inputs(scaler, x_train), n_components)
     scaler, pca_state = parallel.broadcast_from_main((scaler, pca_state))
-    return Prepared(x_train, np.asarray(y_train, np.int32), ds.x_test, np.asarray(ds.y_test, np.int32),
-                    ds.num_classes, tuple(ds.class_names), ds.name, scaler, pca_state, x_transfer)
+    kept = dataclasses.replace(ds, x_train=x_train, y_train=np.asarray(y_train, np.int32),
+                               y_test=np.asarray(ds.y_test, np.int32), class_names=tuple(ds.class_names),
+                               x_transfer=x_transfer)
+    return Prepared(kept, scaler, pca_state)
 
 
 def hold_out_unlabelled(x: np.ndarray, y: np.ndarray, x_transfer: np.ndarray | None, fraction: float, *,
@@ -126,5 +134,5 @@ def validation_split(prep: Prepared, fraction: float, seed: int) -> Prepared:
     and PCA stay those fitted on every training image: they use no labels.
     """
     fit, val = holdout_split(prep.y_train, fraction, seed=seed)
-    return dataclasses.replace(prep, x_train=prep.x_train[fit], y_train=prep.y_train[fit],
-                               x_test=prep.x_train[val], y_test=prep.y_train[val])
+    return prep.with_data(x_train=prep.x_train[fit], y_train=prep.y_train[fit], x_test=prep.x_train[val],
+                          y_test=prep.y_train[val])

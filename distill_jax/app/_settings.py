@@ -4,6 +4,7 @@ settings read from an ml_collections config.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import flax.linen as nn
 import ml_collections
@@ -30,14 +31,22 @@ def parse_pairs(text: str, key: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def parse_students(text: str) -> list[tuple[str, str, str]]:
-    """`"cnn-kd,tree-labels"` -> [("cnn-kd", "cnn", "kd"), ("tree-labels", "tree", "labels")]."""
+class StudentSpec(NamedTuple):
+    """One student of the config's `students`: its name `<kind>-<method>`, its kind and its method."""
+
+    name: str
+    kind: str
+    method: str
+
+
+def parse_students(text: str) -> list[StudentSpec]:
+    """`"cnn-kd,tree-labels"` -> [StudentSpec("cnn-kd", "cnn", "kd"), StudentSpec("tree-labels", "tree", "labels")]."""
     out = []
     for name in filter(None, (s.strip() for s in text.split(","))):
         kind, _, method = name.partition("-")
         if kind not in STUDENT_KINDS or not method:
             raise ValueError(f"students: {name!r} must be '<kind>-<method>' with kind in {list(STUDENT_KINDS)}")
-        out.append((name, kind, method))
+        out.append(StudentSpec(name, kind, method))
     if not out:
         raise ValueError("students is empty; name at least one, e.g. 'cnn-kd'")
     return out

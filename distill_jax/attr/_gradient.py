@@ -314,8 +314,7 @@ def integrated_gradients(
     per step (the fastest and smallest there) and the whole batch; on GPU/TPU as many points per
     step as the backend's byte budget allows, and the whole batch. With `batch_chunk`, the examples
     are further split into groups of `batch_chunk` that run one after another (`lax.map`), so the
-    scratch memory shrinks with the group size; on a 2-core CPU, groups of 4 cut XLA's scratch for
-    SeedCNN (16 images) from 27 MB to 8 MB at 1.2x the time (benchmarks/RESULTS.md).
+    scratch memory shrinks with the group size, for some more time (benchmarks/RESULTS.md).
     Call it inside `jax.jit` with the params as an argument, e.g.
     `jax.jit(lambda p, x, t: integrated_gradients(partial(model.apply, p), x, t))`: called eagerly,
     the scan is traced and compiled again on every call (seconds), and closed-over params would be

@@ -63,7 +63,7 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits: images [1797, 8, 8] with values 0..16 and labels [1797] in 0..9.
 
     Read from the CSV scikit-learn ships (as `sklearn.datasets.load_digits` reads it) without
-    importing scikit-learn, whose imports took a second of the default job; `load_digits` itself
+    importing scikit-learn (a slow import for one CSV file); `load_digits` itself
     when the file is not where scikit-learn keeps it.
     """
     spec = importlib.util.find_spec("sklearn")

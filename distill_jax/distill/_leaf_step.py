@@ -4,8 +4,8 @@
 logits are free parameters, and Adam moves each by about its learning rate per step whatever the size of
 its gradient, so what the loss reads moves T times slower than at T = 1, while the routing, which T does
 not touch, moves as fast as ever: the routing hardens onto leaves that still hold nearly uniform class
-distributions, and the tree underfits (on digits at T = 4: 87.7 % against 95.3 % for the same tree on
-labels; benchmarks/RESULTS.md, "Soft-tree KD"). With plain SGD the T^2 factor of Hinton's loss makes the
+distributions, and the tree underfits (benchmarks/RESULTS.md, "Why soft-tree KD got worse", has the
+measurements). With plain SGD the T^2 factor of Hinton's loss makes the
 step on `leaf_logits / T` independent of T (d/dz T^2 KL(p_T || softmax(z/T)) = T P (softmax(z/T) - p_T)),
 and Adam throws that factor away. Scaling the leaf updates by T restores it: Adam on the parametrisation
 `leaf_logits = T * theta`, with the leaves read at T = 1 unchanged.

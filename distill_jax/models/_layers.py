@@ -45,10 +45,9 @@ def max_pool_slices(x: jax.Array) -> jax.Array:
 
     y = max(max(x[2i, 2j], x[2i, 2j+1]), max(x[2i+1, 2j], x[2i+1, 2j+1]))
 
-    Same values and shapes as `max_pool_lax`. Its backward is elementwise selects and strided pads:
-    on XLA:CPU 3-17x faster than that of a reshape to [n, h/2, 2, w/2, 2, c] + max (a reduction over
-    two inner window axes) and 7-38x faster than `reduce_window`'s select-and-scatter
-    (benchmarks/RESULTS.md). Equal maxima share the gradient pairwise (two get half each), where
+    Same values and shapes as `max_pool_lax`. Its backward is elementwise selects and strided pads,
+    which XLA:CPU runs faster than that of a reshape to [n, h/2, 2, w/2, 2, c] + max or
+    `reduce_window`'s select-and-scatter (benchmarks/RESULTS.md has the measurements). Equal maxima share the gradient pairwise (two get half each), where
     `reduce_window` gives it all to the first; after a ReLU, ties are at 0 and get no gradient anyway.
 
     Args:
@@ -104,10 +103,9 @@ def for_attribution(model: nn.Module) -> nn.Module:
     SmoothGrad's samples, PGD's steps, deletion curves). On CPU a `"lax_conv"` model runs as
     `"patches"`: XLA:CPU ran `lax.conv` inside a loop body about 2x slower than at the top level (an
     open XLA:CPU issue, jax-ml/jax#12868; far worse when weight gradients are taken in the loop),
-    while the patch convolution's matrix products kept their speed: integrated gradients, 64 steps x
-    16 images, 0.46-0.60 s with patches against 1.08-1.14 s with `lax_conv` (benchmarks/RESULTS.md).
+    while the patch convolution's matrix products kept their speed (benchmarks/RESULTS.md).
     On GPU/TPU a `"patches"` model runs as `"lax_conv"`, XLA's own convolution (the patches move
-    about 9x more activation data). The mapping is `backend.choices().attribution_impls`; other
+    nine times the activation data of a 3x3 convolution). The mapping is `backend.choices().attribution_impls`; other
     impls and models without `impl` are returned as they are.
     """
     return _run_as(model, backend.choices().attribution_impls)

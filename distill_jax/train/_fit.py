@@ -45,9 +45,8 @@ def _sync_every_step(mesh) -> bool:
     XLA:CPU runs each (fake) device's share of a collective on a shared thread pool; with several
     steps in flight on a small machine the all-reduce rendezvous starved and aborted ("Termination
     timeout for all reduce ... only 3 of them arrived"). With one CPU device there is no collective,
-    and not waiting lets the host prepare the next batch while the step runs: the default job's
-    small students trained 1.5-2x faster (their steps take about a millisecond, the host's share
-    about as long). A function, not a module constant: asking for the backend at import time would
+    and not waiting lets the host prepare the next batch while the step runs, which matters for
+    small models whose steps take about as long as the host's share. A function, not a module constant: asking for the backend at import time would
     start XLA before `jax.distributed.initialize` could run.
     """
     return jax.default_backend() == "cpu" and mesh.devices.size > 1

@@ -78,8 +78,8 @@ def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, d
         def keep(grads, opt_state, params, new_extra, old_extra):
             return params, opt_state, old_extra
 
-        # A cond rather than a select over every leaf: the SeedCNN step ran 1.4x faster at batch 32 on
-        # XLA:CPU with glibc malloc (benchmarks/RESULTS.md); the result is the same.
+        # A cond rather than a select over every leaf: the same result, and a faster step on XLA:CPU
+        # (benchmarks/RESULTS.md).
         new_params, new_opt_state, new_extra = jax.lax.cond(
             good, update, keep, grads, state.opt_state, state.params, new_extra, state.extra
         )

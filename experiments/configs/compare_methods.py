@@ -20,8 +20,8 @@ run (2 datasets x 3 seeds x 9 students + 4 baselines) within about a quarter of 
 CPU; `compare.budgets` sets the teacher/student epochs per dataset.
 """
 import ml_collections
-from distill_jax.app.config import default_config
 
+from distill_jax.app.config import default_config
 
 # the protocol of experiments/fashion_mnist.py; the feature-hint, attention, saliency and MLP students
 # of the earlier table (experiments/RESULTS.md, 2026-11-28) run with --students

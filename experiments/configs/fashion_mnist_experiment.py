@@ -14,8 +14,8 @@ students that learn from the teacher also see the other 90 % of the images, labe
         --students tree-labels,tree-kd,tree-fm,linear-labels,linear-kd,linear-fm Prints one line per model and the tables described in the script's docstring.
 """
 import ml_collections
-from distill_jax.app.config import default_config
 
+from distill_jax.app.config import default_config
 
 STUDENTS = "tree-labels,tree-kd,tree-fm,linear-labels,linear-kd,linear-fm,cnn-labels,cnn-kd,cnn-fm"
 

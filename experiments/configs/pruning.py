@@ -12,8 +12,8 @@ components still used. Writes pruning.md and pruning.json into --workdir.
 Add --smoke for a seconds-long run (1 seed, 1 epoch, sparsities 0 and 0.8, linear student).
 """
 import ml_collections
-from distill_jax.app.config import default_config
 
+from distill_jax.app.config import default_config
 
 
 def get_config():
