@@ -261,7 +261,7 @@ def ensemble_votes_and_predictions(apply_fn, params, x: np.ndarray, *, chunk: in
 
 
 def train_pate_ensemble(p, num_teachers: int, x: np.ndarray, y: np.ndarray, num_classes: int, seed: int):
-    """`privacy.train_ensemble` of `num_teachers` teachers on disjoint shards; returns (model, Ensemble, info)."""
+    """`privacy.train_ensemble` of `num_teachers` teachers on disjoint shards; returns (model, ShardEnsemble, info)."""
     model = build_model(p.teacher_model, num_classes, p.teacher_hidden)
     smallest = len(y) // num_teachers
     batch = min(p.teacher_batch_size, smallest)

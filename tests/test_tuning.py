@@ -96,7 +96,7 @@ def test_config_accepts_auto_and_numbers_only():
     smoke.method.temperature = 2  # still settable after the smoke copy
     config.validate(smoke)
     c.method.temperature = "warm"
-    with pytest.raises(ValueError, match="method.temperature='warm' is out of range: must be > 0 or 'auto'"):
+    with pytest.raises(ValueError, match="method.temperature='warm' is out of range: must be > 0, 'default' or 'auto'"):
         config.validate(c)
 
 

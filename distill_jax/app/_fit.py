@@ -23,6 +23,7 @@ from distill_jax.app._prepare import Prepared, model_inputs, validation_split
 from distill_jax.app._settings import (
     build_model,
     dp_sgd_of,
+    kd_values,
     method_config,
     privacy_of,
     pruning_of,
@@ -199,7 +200,7 @@ def train_teacher(prep: Prepared, c, mesh, ckpt_dir: str | None, **kw) -> Traine
     """Trains the teacher (`c.teacher.kind`, SeedCNN by default) on labels; on PGD adversarial examples when
     `c.teacher.adversarial="pgd"` (Madry et al. 2018); at softmax temperature `c.teacher.train_temperature`
     (the teacher of defensive distillation, Papernot et al. 2016; 1 otherwise), used at T = 1 afterwards."""
-    model, extra = build_model(c.teacher.kind, c, prep.num_classes, prep.pca)
+    model, extra = build_model(c.teacher.kind, c, prep.num_classes, prep.pca, ensemble=c.teacher.get("ensemble", 1))
     # mixup is a distillation setting: the teacher learns labels
     mcfg = teacher_method_config(c)
     return _train("teacher", c.teacher.kind, "labels", model, extra=extra, budget=c.teacher, prep=prep, mcfg=mcfg,
@@ -216,7 +217,8 @@ def train_student(name: str, kind: str, method: str, prep: Prepared, teacher: Tr
     start = time.perf_counter()
     settings = kd_settings(name, kind, method, prep, teacher, c, mesh)
     budget = student_budget(kind, c)
-    mcfg = method_config(c, temperature=settings.get("temperature"), alpha=settings.get("alpha"), group=budget)
+    mcfg = method_config(c, temperature=settings.get("temperature"), alpha=settings.get("alpha"), group=budget,
+                         kind=kind)
     model, extra = build_model(kind, c, prep.num_classes, prep.pca)
     trained = _train(name, kind, method, model, extra=extra, budget=budget, prep=prep, mcfg=mcfg, c=c, mesh=mesh,
                      ckpt_dir=ckpt_dir, teacher=teacher, cache_teacher=c.method.cache_teacher, **kw)
@@ -251,7 +253,7 @@ def select_kd_settings(name: str, kind: str, method: str, prep: Prepared, teache
                            teacher=teacher, cache_teacher=m.cache_teacher, show_progress=False)
         return candidate.test_logits
 
-    grid = candidates(m.temperature, m.alpha, m.auto_temperatures, m.auto_alphas)
+    grid = candidates(*kd_values(c, kind), m.auto_temperatures, m.auto_alphas)
     chosen = select(grid, validation_logits, teacher_logits, held.y_test, score=m.auto_score)
     log.info("%s: chose temperature %g and alpha %g on %d validation images (%s)", name, chosen.temperature,
              chosen.alpha, chosen.validation_images, m.auto_score)
@@ -287,10 +289,10 @@ def privacy_summary(t: Trained) -> str:
 def kd_settings(name: str, kind: str, method: str, prep: Prepared, teacher: Trained, c, mesh) -> dict:
     """`{temperature, alpha[, selection]}` for a student whose method has the `kd` term; `{}` otherwise."""
     terms = [term for term, _ in parse_method(method)]
-    m = c.method
     if TUNED_TERM not in terms:
         return {}
-    if not wants_selection(terms, m.temperature, m.alpha):
-        return {"temperature": float(m.temperature), "alpha": float(m.alpha)}
+    temperature, alpha = kd_values(c, kind)
+    if not wants_selection(terms, temperature, alpha):
+        return {"temperature": float(temperature), "alpha": float(alpha)}
     chosen = select_kd_settings(name, kind, method, prep, teacher, c, mesh)
     return {"temperature": chosen.temperature, "alpha": chosen.alpha, "selection": chosen.as_dict()}

@@ -10,9 +10,11 @@ import flax.linen as nn
 import ml_collections
 
 from distill_jax import parallel
+from distill_jax.distill._defaults import kd_defaults
 from distill_jax.distill._method import MethodConfig
 from distill_jax.distill.prune import magnitude_pruning
 from distill_jax.distill.tuning import is_auto
+from distill_jax.models._ensemble import Ensemble
 from distill_jax.models._students import set_pca
 from distill_jax.models._util import build, with_compute_dtype
 from distill_jax.train._step import DPSGD
@@ -55,22 +57,33 @@ def parse_students(text: str) -> list[StudentSpec]:
 ADVERSARIAL_KEYS = ("adversarial", "adversarial_epsilon", "adversarial_steps", "adversarial_step_size")
 
 
+def kd_values(c, kind: str | None) -> tuple:
+    """`method.temperature` and `method.alpha` for a student kind: numbers and "auto" as set, "default" as the
+    kind's default (`distill.kd_defaults`; without a kind, `MethodConfig`'s)."""
+    default = kd_defaults(kind) if kind else MethodConfig()
+    m = c.method
+    return (default.temperature if m.temperature == "default" else m.temperature,
+            default.alpha if m.alpha == "default" else m.alpha)
+
+
 def method_config(c, *, temperature: float | None = None, alpha: float | None = None,
-                  group=None) -> MethodConfig:
+                  group=None, kind: str | None = None) -> MethodConfig:
     """The distillation hyper-parameters of config `c`; `temperature`/`alpha` override the config's.
 
-    A setting left at `"auto"` and not overridden takes `distill.MethodConfig`'s default (it is only
-    read by the `kd` term, whose students get the chosen value through `kd_settings`).
+    A setting left at `"default"` takes the student kind's default (`kd_values`); one left at `"auto"` and
+    not overridden takes the kind's default too (it is only read by the `kd` term, whose students get the
+    chosen value through `kd_settings`).
     `group`: the budget of the model being trained (`c.teacher`, or `student_budget(kind, c)`), whose
     `adversarial*` keys (`ADVERSARIAL_KEYS`) set adversarial training; None (or keys it lacks) leaves
     `distill.MethodConfig`'s defaults (no adversarial training).
     """
     m = c.method
-    defaults = MethodConfig()
+    defaults = kd_defaults(kind) if kind else MethodConfig()
+    set_temperature, set_alpha = kd_values(c, kind)
     if temperature is None:
-        temperature = defaults.temperature if is_auto(m.temperature) else m.temperature
+        temperature = defaults.temperature if is_auto(set_temperature) else set_temperature
     if alpha is None:
-        alpha = defaults.alpha if is_auto(m.alpha) else m.alpha
+        alpha = defaults.alpha if is_auto(set_alpha) else set_alpha
     return MethodConfig(
         temperature=float(temperature), alpha=float(alpha), tree_balance=m.tree_balance, attention_p=m.attention_p,
         attention_pairs=parse_pairs(m.attention_pairs, "method.attention_pairs"),
@@ -87,14 +100,18 @@ def adversarial_settings(group) -> dict:
     return {key: group[key] for key in ADVERSARIAL_KEYS if key in group}
 
 
-def build_model(kind: str, c, num_classes: int, pca_state) -> tuple[nn.Module, dict]:
-    """A model of `kind` computing in `c.dtype`, and its non-trainable collections (the PCA for `linear`)."""
+def build_model(kind: str, c, num_classes: int, pca_state, *, ensemble: int = 1) -> tuple[nn.Module, dict]:
+    """A model of `kind` computing in `c.dtype`, and its non-trainable collections (the PCA for `linear`);
+    with `ensemble` > 1, `ensemble` such networks as one `models.Ensemble` (the teacher's `teacher.ensemble`)."""
     options = {
         "seed_cnn": {}, "cnn": {}, "mlp": {"hidden": tuple(c.mlp.hidden)},
         "tree": {"depth": c.tree.depth},
         "linear": {"n_components": int(pca_state.components.shape[0])},
     }[kind]
-    model = with_compute_dtype(build(kind, num_classes, **options), c.get("dtype", "float32"))
+    model = build(kind, num_classes, **options)
+    if ensemble > 1:
+        model = Ensemble(model, members=ensemble, impl=getattr(model, "impl", None))
+    model = with_compute_dtype(model, c.get("dtype", "float32"))
     extra = {"pca": set_pca({}, pca_state)["pca"]} if kind == "linear" else {}
     return model, extra
 

@@ -62,7 +62,10 @@ def default_config() -> ml_collections.ConfigDict:
         # students' to +-0.3 points; the students keep 40 (25 cost the linear ones 1-2.5 points)
         schedule="cosine", epochs=15, batch_size=64, augment_shift=0, augment_flip=False,
         # softmax temperature of the teacher's training (defensive distillation trains it at the student's T)
-        train_temperature=1.0, **adversarial))
+        train_temperature=1.0,
+        # K > 1: K teachers of this kind with their own initialisations, trained in one vmapped step, distilled
+        # from the mean of their logits (models.Ensemble); conv nets and the MLP only
+        ensemble=1, **adversarial))
     c.student = ml_collections.ConfigDict(dict(
         optimizer="adam", learning_rate=3e-3, momentum=0.9, weight_decay=0.0,
         schedule="cosine", epochs=40, batch_size=64,
@@ -75,12 +78,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.mlp = ml_collections.ConfigDict(dict(hidden=(128,)))
 
     c.method = ml_collections.ConfigDict(dict(
-        # KD temperature and alpha: numbers, or "auto" to choose each kd student's on a validation split
-        # held out from the training images (distill_jax.tuning), from these grids, by auto_score.
-        # fm and defensive read the temperature too ("auto": 4.0); defensive distillation (Papernot et al. 2016)
-        # used T = 20..100
-        temperature=ml_collections.FieldReference(4.0, field_type=object),
-        alpha=ml_collections.FieldReference(0.9, field_type=object),
+        # KD temperature and alpha: "default" (each student kind's, `distill.KD_DEFAULTS`, chosen on validation
+        # splits by experiments/kd_defaults_sweep.py), numbers, or "auto" to choose each kd student's on a
+        # validation split held out from the training images (distill_jax.tuning), from these grids, by
+        # auto_score. fm and defensive read the temperature too ("auto": the kind's default); defensive
+        # distillation (Papernot et al. 2016) used T = 20..100
+        temperature=ml_collections.FieldReference("default", field_type=object),
+        alpha=ml_collections.FieldReference("default", field_type=object),
         auto_temperatures=(1.0, 2.0, 4.0, 8.0), auto_alphas=(0.5, 0.9), auto_score="accuracy",
         auto_epochs=0,  # epochs of each candidate run; 0 = the student's own
         validation_fraction=0.1,
@@ -139,8 +143,8 @@ def _integer(v, minimum: int) -> bool:
 
 
 def _auto_or(value, ok) -> bool:
-    """`value` is "auto" or a number for which `ok(value)` holds."""
-    return value == "auto" or (is_number(value) and ok(value))
+    """`value` is "auto", "default" or a number for which `ok(value)` holds."""
+    return value in ("auto", "default") or (is_number(value) and ok(value))
 
 
 # The per-model training extras a budget group (teacher, student, a student kind) may set, in the order
@@ -183,8 +187,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(0 <= c.student.prune_begin <= c.student.prune_end <= 1, "student.prune_begin/prune_end",
              (c.student.prune_begin, c.student.prune_end), "need 0 <= prune_begin <= prune_end <= 1")
     m = c.method
-    _require(_auto_or(m.temperature, lambda t: t > 0), "method.temperature", m.temperature, "must be > 0 or 'auto'")
-    _require(_auto_or(m.alpha, lambda a: 0 <= a <= 1), "method.alpha", m.alpha, "must be in [0, 1] or 'auto'")
+    _require(_auto_or(m.temperature, lambda t: t > 0), "method.temperature", m.temperature,
+             "must be > 0, 'default' or 'auto'")
+    _require(_auto_or(m.alpha, lambda a: 0 <= a <= 1), "method.alpha", m.alpha, "must be in [0, 1], 'default' or 'auto'")
     _require(len(m.auto_temperatures) > 0 and all(is_number(t) and t > 0 for t in m.auto_temperatures),
              "method.auto_temperatures", m.auto_temperatures, "must list numbers > 0")
     _require(len(m.auto_alphas) > 0 and all(is_number(a) and 0 <= a <= 1 for a in m.auto_alphas),
@@ -230,6 +235,10 @@ def _validate_run_keys(c: ml_collections.ConfigDict) -> None:
     _require(_integer(c.checkpoint_every, 0), "checkpoint_every", c.checkpoint_every,
              "must be an integer >= 0 (steps between checkpoints; 0 = only at the end)")
     _require(_integer(c.keep_checkpoints, 1), "keep_checkpoints", c.keep_checkpoints, "must be an integer >= 1")
+    ensemble = c.teacher.get("ensemble", 1)
+    _require(_integer(ensemble, 1), "teacher.ensemble", ensemble, "must be an integer >= 1 (1 = one teacher)")
+    _require(ensemble == 1 or c.teacher.kind in ("seed_cnn", "cnn", "mlp"), "teacher.ensemble", ensemble,
+             f"needs a network teacher (seed_cnn, cnn, mlp), not teacher.kind={c.teacher.kind!r}")
     e = c.explain
     _require(isinstance(e.methods, (tuple, list)) and len(e.methods) > 0 and all(isinstance(m, str) for m in e.methods),
              "explain.methods", e.methods, "must name at least one attribution method, e.g. ('saliency',)")

@@ -136,7 +136,8 @@ def load_trained(workdir: str) -> tuple[dict, list[Trained], Prepared, Any]:
     kinds = [("teacher", c.teacher.kind, "labels")] + parse_students(c.students)
     trained = []
     for name, kind, method in kinds:
-        model, extra = build_model(kind, c, prep.num_classes, prep.pca)
+        model, extra = build_model(kind, c, prep.num_classes, prep.pca,
+                                   ensemble=c.teacher.get("ensemble", 1) if name == "teacher" else 1)
         model = with_compute_dtype(model, "float32")
         template = {**model.init(jax.random.PRNGKey(0), prep.inputs(prep.x_train[:1])), **extra}
         variables = checkpoint.load_variables(os.path.join(ckpt_dir, name, "final"), template)

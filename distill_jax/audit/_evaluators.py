@@ -40,6 +40,7 @@ from distill_jax.metrics._complexity import complexity, sparseness
 from distill_jax.metrics._randomisation import randomization_check
 from distill_jax.metrics._similarity import spearman, top_k_overlap
 from distill_jax.metrics._specs import METRICS, metric_names
+from distill_jax.models._ensemble import MEMBER_LOGITS
 from distill_jax.models._layers import for_attribution
 from distill_jax.models._students import tree_hard_predict
 from distill_jax.models._util import forward_with_features, layer_order
@@ -236,7 +237,7 @@ def _features(model, variables, x):
 def features_of(model: nn.Module, variables, x) -> dict[str, np.ndarray]:
     """Every per-example feature the model names ([batch, ...] arrays only)."""
     _, feats = _per_model(_features, model)(variables, x)
-    return {k: np.asarray(v) for k, v in feats.items() if v.shape[0] == x.shape[0]}
+    return {k: np.asarray(v) for k, v in feats.items() if k != MEMBER_LOGITS and v.shape[0] == x.shape[0]}
 
 
 def cka_scores(teacher_feats: dict, student_feats: dict) -> dict:

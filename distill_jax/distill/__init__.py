@@ -5,6 +5,7 @@ Submodules: `losses` (per-example losses), `tuning` (validation choice of T and 
 """
 from distill_jax.distill import losses, privacy, prune, tuning
 from distill_jax.distill._api import distill, init_student, init_trainable, make_loss_fn
+from distill_jax.distill._defaults import KD_DEFAULTS, KDSetting, kd_defaults
 from distill_jax.distill._leaf_step import tree_leaf_step, tree_leaf_step_scale
 from distill_jax.distill._method import MethodConfig, Needs, method_needs, parse_method
 from distill_jax.distill._teacher_cache import (
@@ -35,6 +36,9 @@ from distill_jax.distill._views import (
 )
 
 __all__ = [
+    "KD_DEFAULTS",
+    "KDSetting",
+    "kd_defaults",
     "tree_leaf_step",
     "tree_leaf_step_scale",
     "distill",

@@ -57,6 +57,7 @@ import numpy as np
 import optax
 
 from distill_jax import parallel
+from distill_jax.distill._defaults import kd_defaults
 from distill_jax.distill._leaf_step import tree_leaf_step, tree_leaf_step_scale
 from distill_jax.distill._method import MethodConfig, method_needs, parse_method
 from distill_jax.distill._teacher_cache import cache_teacher_outputs, teacher_cache_bytes, teacher_outputs
@@ -215,7 +216,8 @@ def distill(student, teacher, x, y, *, key: jax.Array, method: str = "kd", tempe
       x: [n, ...] host inputs as the models take them (e.g. NHWC float32). y: [n] int labels.
       key: PRNG key (student initialization and the step keys).
       method: `parse_method`'s form, e.g. "kd", "fm", "kd+attention".
-      temperature, alpha: override `config`'s (default `MethodConfig()`: T = 4, alpha = 0.9).
+      temperature, alpha: override `config`'s; without a `config`, the student kind's defaults
+        (`distill.kd_defaults`, chosen on validation splits: experiments/RESULTS.md).
       config: every other method setting (`MethodConfig`).
       epochs, batch_size, learning_rate: the budget; batch_size a multiple of the mesh's devices.
       optimizer: a `train.OPTIMIZERS` name or an optax transformation (then learning_rate is unused).
@@ -238,7 +240,7 @@ def distill(student, teacher, x, y, *, key: jax.Array, method: str = "kd", tempe
     student = as_student(student)
     teacher = None if teacher is None else as_teacher(teacher, teacher_variables)
     overrides = {k: v for k, v in (("temperature", temperature), ("alpha", alpha)) if v is not None}
-    cfg = dataclasses.replace(config or MethodConfig(), **overrides)
+    cfg = dataclasses.replace(config or MethodConfig(*kd_defaults(student.kind)), **overrides)
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.check_batch_size(batch_size, mesh)
     init_key, state_key = jax.random.split(key)

@@ -22,6 +22,7 @@ from distill_jax.distill.losses._logits import (
     logit_matching_loss,
 )
 from distill_jax.distill.losses._tree import soft_tree_kd_loss, soft_tree_loss
+from distill_jax.models._ensemble import MEMBER_LOGITS
 from distill_jax.models._networks import HintRegressor
 
 if TYPE_CHECKING:
@@ -81,6 +82,9 @@ def labels_term(ctx: Context) -> jax.Array:
     Hinton's expected leaf cross entropy."""
     if _is_tree(ctx):
         return _tree_loss(ctx, jax.nn.one_hot(ctx.labels, ctx.num_classes))
+    members = (ctx.student_features or {}).get(MEMBER_LOGITS)
+    if members is not None:  # an ensemble: every member learns the labels on its own (their losses summed)
+        return sum(cross_entropy(m / ctx.cfg.label_temperature, ctx.labels) for m in members)
     return cross_entropy(ctx.student_logits / ctx.cfg.label_temperature, ctx.labels)
 
 

@@ -1,6 +1,7 @@
 """Networks and readable students (Flax linen), their layers per backend, and adapters for any JAX model.
 """
 from distill_jax.models._adapters import Student, Teacher, as_student, as_teacher, model_outputs
+from distill_jax.models._ensemble import Ensemble
 from distill_jax.models._layers import (
     Conv3x3,
     conv3x3_lax,
@@ -29,6 +30,7 @@ from distill_jax.models._util import (
 )
 
 __all__ = [
+    "Ensemble",
     "ConvNet",
     "SeedCNN",
     "SmallCNN",

@@ -2,7 +2,7 @@
 """
 from distill_jax.distill.privacy._accounting import dp_sgd_epsilon, gnmax_epsilon
 from distill_jax.distill.privacy._pate import (
-    Ensemble,
+    ShardEnsemble,
     confident_gnmax,
     ensemble_batch_indices,
     ensemble_logits,
@@ -24,7 +24,7 @@ __all__ = [
     "teacher_step_fn",
     "make_ensemble_step",
     "init_ensemble",
-    "Ensemble",
+    "ShardEnsemble",
     "train_ensemble",
     "ensemble_logits",
     "gnmax_epsilon",

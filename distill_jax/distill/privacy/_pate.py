@@ -235,7 +235,7 @@ def init_ensemble(init_fn: Callable[[jax.Array], Any], num_teachers: int, *, see
     return jax.vmap(init_fn)(jax.random.split(jax.random.key(seed), num_teachers))
 
 
-class Ensemble(NamedTuple):
+class ShardEnsemble(NamedTuple):
     """A trained teacher ensemble: stacked params [T, ...], the shards, and the losses [steps, T]."""
 
     params: Any
@@ -245,7 +245,7 @@ class Ensemble(NamedTuple):
 
 def train_ensemble(init_fn: Callable[[jax.Array], Any], loss_fn: LossFn, optimizer: optax.GradientTransformation,
                    data, *, num_teachers: int, batch_size: int, steps: int, seed: int = 0,
-                   mesh: Mesh | None = None) -> Ensemble:
+                   mesh: Mesh | None = None) -> ShardEnsemble:
     """Trains `num_teachers` teachers on disjoint shards of `data` with one vmapped, jitted step.
 
     shards = ensemble_shards(n, T, seed); params = init_ensemble(init_fn, T, seed);
@@ -260,7 +260,7 @@ def train_ensemble(init_fn: Callable[[jax.Array], Any], loss_fn: LossFn, optimiz
       num_teachers, batch_size (per teacher), steps, seed: see above.
       mesh: optional single-process mesh; batches are split along `data` (see `make_ensemble_step`).
     Returns:
-      Ensemble(params [T, ...], shards, losses [steps, T] numpy).
+      ShardEnsemble(params [T, ...], shards, losses [steps, T] numpy).
 
     Reference: PATE (Papernot et al., ICLR 2017), section 2.1.
     """
@@ -286,7 +286,7 @@ def train_ensemble(init_fn: Callable[[jax.Array], Any], loss_fn: LossFn, optimiz
         if sync:
             loss.block_until_ready()
         losses.append(loss)
-    return Ensemble(params, shards, np.asarray(jax.device_get(jnp.stack(losses))))
+    return ShardEnsemble(params, shards, np.asarray(jax.device_get(jnp.stack(losses))))
 
 
 def ensemble_logits(apply_fn: Callable, stacked_params, x: jax.Array, *, mesh: Mesh | None = None) -> jax.Array:
