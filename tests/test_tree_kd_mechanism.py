@@ -91,3 +91,17 @@ def test_pipeline_optimizer_scales_only_the_leaves(temperature):
     updates, _ = opt.update(grads, opt.init(params), params)
     np.testing.assert_allclose(np.asarray(updates["model"]["leaf_logits"]), -1e-2 * temperature, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(updates["model"]["nodes"]["kernel"]), -1e-2, rtol=1e-4)
+
+
+def test_distill_uses_the_student_kinds_defaults_and_auto_chooses_on_held_out_examples():
+    x, y, teacher = _data()
+    tree = models.SoftDecisionTree(depth=DEPTH, num_classes=CLASSES)
+    run = lambda **kw: distill.distill(tree, teacher, x, y, key=jax.random.PRNGKey(0), method="kd", epochs=1,  # noqa: E731
+                                       batch_size=16, learning_rate=1e-2, mesh=None, **kw)
+    leaves = lambda v: np.asarray(v["params"]["leaf_logits"])  # noqa: E731
+    default = distill.kd_defaults("tree")
+    np.testing.assert_array_equal(leaves(run()), leaves(run(temperature=default.temperature, alpha=default.alpha)))
+    assert not np.array_equal(leaves(run()), leaves(run(temperature=8.0, alpha=0.5)))
+    # "auto" trains each candidate on 90 % of (x, y) and keeps the best on the other 10 %; here T is fixed
+    chosen = run(temperature=2.0, alpha="auto")
+    assert any(np.array_equal(leaves(chosen), leaves(run(temperature=2.0, alpha=a))) for a in (0.5, 0.9))

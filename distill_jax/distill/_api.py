@@ -47,6 +47,7 @@ the library's train step and its fit loop, and returns the student's trained var
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable
 
 import flax
@@ -71,11 +72,14 @@ from distill_jax.distill._views import (
     training_view,
 )
 from distill_jax.distill.losses._tree import tree_balance_penalty
+from distill_jax.distill.tuning import candidates, holdout_split, is_auto, select
 from distill_jax.models._adapters import as_student, as_teacher
 from distill_jax.models._networks import HintRegressor
 from distill_jax.train._fit import FitConfig, fit, total_steps
 from distill_jax.train._state import MUTABLE, create_state, make_optimizer
 from distill_jax.train._step import make_train_step
+
+log = logging.getLogger(__name__)
 
 
 def init_trainable(student, method: str, cfg: MethodConfig, key: jax.Array, sample_x: jax.Array,
@@ -217,7 +221,11 @@ def distill(student, teacher, x, y, *, key: jax.Array, method: str = "kd", tempe
       key: PRNG key (student initialization and the step keys).
       method: `parse_method`'s form, e.g. "kd", "fm", "kd+attention".
       temperature, alpha: override `config`'s; without a `config`, the student kind's defaults
-        (`distill.kd_defaults`, chosen on validation splits: experiments/RESULTS.md).
+        (`distill.kd_defaults`, chosen on validation splits: experiments/RESULTS.md). `"auto"` (either or
+        both): chosen on a class-stratified 10 % of `(x, y)` held out (`tuning.holdout_split`) from
+        T in (1, 2, 4, 8) and alpha in (0.5, 0.9) by validation accuracy (`tuning.select`), each candidate
+        trained on the rest with the same budget; then the student trains on all of `(x, y)` with the
+        chosen values (logged).
       config: every other method setting (`MethodConfig`).
       epochs, batch_size, learning_rate: the budget; batch_size a multiple of the mesh's devices.
       optimizer: a `train.OPTIMIZERS` name or an optax transformation (then learning_rate is unused).
@@ -239,6 +247,11 @@ def distill(student, teacher, x, y, *, key: jax.Array, method: str = "kd", tempe
         raise ValueError(f"teacher is a linen module ({type(teacher).__name__}): pass its variables as teacher_variables=")
     student = as_student(student)
     teacher = None if teacher is None else as_teacher(teacher, teacher_variables)
+    if is_auto(temperature) or is_auto(alpha):
+        temperature, alpha = _auto_settings(student, teacher, x, y, key=key, method=method, temperature=temperature,
+                                            alpha=alpha, config=config, epochs=epochs, batch_size=batch_size,
+                                            learning_rate=learning_rate, optimizer=optimizer, seed=seed, mesh=mesh,
+                                            cache_limit_mb=cache_limit_mb)
     overrides = {k: v for k, v in (("temperature", temperature), ("alpha", alpha)) if v is not None}
     cfg = dataclasses.replace(config or MethodConfig(*kd_defaults(student.kind)), **overrides)
     mesh = parallel.make_mesh() if mesh is None else mesh
@@ -263,3 +276,29 @@ def distill(student, teacher, x, y, *, key: jax.Array, method: str = "kd", tempe
                               show_progress=show_progress)
     state, _ = fit(state, step_fn, arrays, fit_cfg, mesh=mesh, teacher=teacher.variables if run_teacher else None)
     return student.export(jax.device_get({"params": state.params["model"], **state.extra}))
+
+
+def _auto_settings(student, teacher, x, y, *, temperature, alpha, config, seed, **budget) -> tuple[float, float]:
+    """(T, alpha) for `distill(..., temperature="auto" or alpha="auto")`: each candidate of the grid trained on
+    `(x, y)` minus a class-stratified 10 % and scored on that 10 % (`tuning.select`, by accuracy)."""
+    if teacher is None:
+        raise ValueError('temperature/alpha="auto" compares students distilled from a teacher; pass teacher=')
+    base = config or MethodConfig(*kd_defaults(student.kind))
+    fixed_t = base.temperature if temperature is None else temperature
+    fixed_a = base.alpha if alpha is None else alpha
+    fit, held = holdout_split(y, 0.1, seed=seed)
+    teacher_logits = np.asarray(teacher.apply(teacher.variables, jnp.asarray(x[held]))[0])
+
+    def validation_logits(t: float, a: float) -> np.ndarray:
+        variables = distill(student, teacher, x[fit], y[fit], temperature=t, alpha=a, config=config, seed=seed,
+                            **budget)
+        # `distill` returns what the student's own apply takes; `Student.apply` takes {"params": ...} (a pair's
+        # params are returned bare)
+        internal = variables if isinstance(variables, dict) and "params" in variables else {"params": variables}
+        return np.asarray(student.apply(internal, jnp.asarray(x[held]))[0])
+
+    grid = candidates(fixed_t, fixed_a, (1.0, 2.0, 4.0, 8.0), (0.5, 0.9))
+    chosen = select(grid, validation_logits, teacher_logits, y[held], score="accuracy")
+    log.info("distill: chose temperature %g and alpha %g on %d held-out examples", chosen.temperature, chosen.alpha,
+             chosen.validation_images)
+    return chosen.temperature, chosen.alpha
