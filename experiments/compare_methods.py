@@ -21,6 +21,7 @@ Writes the same tables to <workdir>/compare_methods.md and every number to
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -171,7 +172,7 @@ def student_config(cs, name: str, method: str):
     assignments = method_overrides(cs, method, name)
     if not assignments:
         return cs
-    out = cs.copy_and_resolve_references()
+    out = copy.deepcopy(cs)  # keeps the FieldReferences that let a setting change type ("default" -> 0.3)
     for assignment in assignments:
         cli.apply_override(out, assignment)
     config.validate(out)

@@ -52,6 +52,7 @@ are in standardized input units (the tables give their size in [0, 1] pixels).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import functools
@@ -416,8 +417,8 @@ def teacher_at_temperature(teacher, temperature: float):
 
 
 def with_values(pc, **assignments):
-    """A resolved copy of `pc` with dotted keys set, validated."""
-    out = pc.copy_and_resolve_references()
+    """A copy of `pc` with dotted keys set, validated."""
+    out = copy.deepcopy(pc)  # keeps the FieldReferences that let a setting change type ("default" -> 4.0)
     for dotted, value in assignments.items():
         *path, last = dotted.split(".")
         group = out
