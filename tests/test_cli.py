@@ -56,6 +56,9 @@ def test_smoke_run_writes_metrics_with_the_documented_layout(smoke_run):
         s = m["models"][name]
         assert {"accuracy", "agreement", "kl", "method", "params"} <= set(s)
         assert 0 <= s["agreement"] <= 1 and s["kl"] >= 0
+        local = s["local_agreement"]  # agreement with the teacher on perturbed copies of the attack sample
+        assert set(local) == {"noise", "contrast", "brightness", "cutout", "mean"}
+        assert local["mean"] == pytest.approx(np.mean([local[k] for k in ("noise", "contrast", "brightness", "cutout")]))
         assert s["method"] == name.split("-", 1)[1]
         kind, method = name.split("-", 1)
         if method != "labels" and f"{kind}-labels" in STUDENTS:  # the paired comparison with the labels twin

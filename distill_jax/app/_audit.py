@@ -20,7 +20,10 @@ from distill_jax.audit._evaluators import (
     features_of,
     ig_completeness,
     linear_student,
+    local_agreement,
+    perturbed_views,
     quality_scores,
+    queries_of,
     randomization_scores,
     rank_methods,
     robustness_scores,
@@ -133,6 +136,9 @@ def audit_models(trained: list[Trained], prep: Prepared, c, *, show_progress: bo
     trained = [dataclasses.replace(t, variables=parallel.replicate(t.variables, mesh)) for t in trained]
     teacher = trained[0]
     maps, curves, explanations, robust = {}, {}, {}, {}
+    # local fidelity: the students against the teacher on perturbed copies of the attack sample
+    views = perturbed_views(np.asarray(xr), key=purpose_key(c.seed, "local_fidelity"))
+    teacher_views = {kind: queries_of(teacher.model, teacher.variables).logits(v) for kind, v in views.items()}
     stages = [(t, "explain") for t in trained] + [(t, "attack") for t in trained] + [(None, "analysis")]
     with progress_bar(len(stages), desc="audit", show=show_progress) as bar:
         for t, stage in stages:
@@ -143,6 +149,8 @@ def audit_models(trained: list[Trained], prep: Prepared, c, *, show_progress: bo
             elif stage == "attack":
                 robust[t.name] = robustness_scores(t.model, t.variables, xr, yr, epsilon=r.epsilon,
                                                   pgd_steps=r.pgd_steps, key=purpose_key(c.seed, "attack"))
+                if t is not teacher:
+                    robust[t.name]["local_agreement"] = local_agreement(t.model, t.variables, views, teacher_views)
             else:
                 analysis_out, linear, trees = _analysis_stage(trained, prep, x, target, xa, ya, c.seed)
             bar.update(1)

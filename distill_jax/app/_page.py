@@ -28,14 +28,14 @@ def model_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the model table (one row per model)."""
     private = any("privacy" in m for m in result["models"].values())
     compared = any("vs_labels" in m for m in result["models"].values())
-    header = ["model", "method", "T, alpha", "accuracy", "agreement", "kl", "params", "fgsm_accuracy", "pgd_accuracy",
-              "ig_completeness_error"] + (["agreement vs labels twin (95% CI)"] if compared else []) + (
+    header = ["model", "method", "T, alpha", "accuracy", "agreement", "agreement perturbed", "kl", "params",
+              "fgsm_accuracy", "pgd_accuracy", "ig_completeness_error"] + (["agreement vs labels twin (95% CI)"] if compared else []) + (
               ["privacy (epsilon, delta)"] if private else [])
     rows = []
     for name, m in result["models"].items():
         ex = result.get("explanations", {}).get(name, {})
         rows.append([name, m.get("method", "labels (teacher)"), kd_settings_text(m), _fmt(m["accuracy"]),
-                     _fmt(m.get("agreement")),
+                     _fmt(m.get("agreement")), _fmt((m.get("local_agreement") or {}).get("mean")),
                      _fmt(m.get("kl")), str(m["params"]), _fmt(m.get("fgsm_accuracy")), _fmt(m.get("pgd_accuracy")),
                      _fmt(ex.get("ig_completeness_error"))] + ([gain_text(m)] if compared else [])
                     + ([privacy_text(m)] if private else []))

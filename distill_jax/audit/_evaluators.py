@@ -36,6 +36,7 @@ from distill_jax.audit._batched import (
     smoothgrad,
 )
 from distill_jax.audit._queries import ModelQueries
+from distill_jax.data._augment import PERTURBATIONS, perturb
 from distill_jax.metrics._complexity import complexity, sparseness
 from distill_jax.metrics._randomisation import randomization_check
 from distill_jax.metrics._similarity import spearman, top_k_overlap
@@ -228,6 +229,21 @@ def robustness_scores(model: nn.Module, variables, x, labels, *, epsilon: float,
     return {"fgsm_accuracy": adversarial_accuracy(q, xh, yh, attack="fgsm", epsilon=epsilon),
             "pgd_accuracy": adversarial_accuracy(q, xh, yh, attack="pgd", epsilon=epsilon,
                                                     step_size=2.5 * epsilon / pgd_steps, steps=pgd_steps, key=key)}
+
+
+def perturbed_views(x, *, key) -> dict[str, np.ndarray]:
+    """One label-preserving perturbation of each image per kind of `data.PERTURBATIONS` (host arrays [n, ...])."""
+    keys = jax.random.split(key, len(PERTURBATIONS))
+    return {kind: np.asarray(perturb(k, jnp.asarray(x), kind)) for kind, k in zip(PERTURBATIONS, keys)}
+
+
+def local_agreement(model: nn.Module, variables, views: dict[str, np.ndarray],
+                    teacher_logits: dict[str, np.ndarray]) -> dict[str, float]:
+    """Local fidelity: per kind of perturbation, the share of perturbed images on which the model's top-1 class is
+    the teacher's on the same perturbed image, and their mean ("mean")."""
+    q = queries_of(model, variables)
+    out = {kind: float(np.mean(q.logits(v).argmax(-1) == teacher_logits[kind].argmax(-1))) for kind, v in views.items()}
+    return {**out, "mean": float(np.mean(list(out.values())))}
 
 
 def _features(model, variables, x):

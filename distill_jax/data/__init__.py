@@ -1,7 +1,7 @@
 """Inputs: loading data sets, batching, augmentation, standardization (`preprocess`) and PCA in jnp (`pca`).
 """
 from distill_jax.data import pca, preprocess
-from distill_jax.data._augment import augment, mixup
+from distill_jax.data._augment import PERTURBATIONS, augment, mixup, perturb
 from distill_jax.data._batches import (
     eval_batches,
     num_train_batches,
@@ -33,6 +33,8 @@ __all__ = [
     "process_slice",
     "stratified_indices",
     "augment",
+    "perturb",
+    "PERTURBATIONS",
     "mixup",
     "pca",
     "preprocess",

@@ -67,3 +67,51 @@ def mixup(key: jax.Array, x: jax.Array, *, alpha: float) -> tuple[jax.Array, jax
     lam = jax.random.beta(key, alpha, alpha, (x.shape[0],), dtype=jnp.float32)
     weight = lam.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
     return weight * x + (1 - weight) * jnp.roll(x, -1, axis=0), lam
+
+
+# Label-preserving perturbations of model inputs (standardized images, unit variance per channel), each with a
+# fixed strength: the views on which local fidelity compares a student with its teacher.
+def _noise(key, x):
+    return x + 0.3 * jax.random.normal(key, x.shape, x.dtype)
+
+
+def _contrast(key, x):
+    factor = jax.random.uniform(key, (x.shape[0], 1, 1, 1), x.dtype, 0.6, 1.4)
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    return mean + factor * (x - mean)
+
+
+def _brightness(key, x):
+    return x + jax.random.uniform(key, (x.shape[0], 1, 1, 1), x.dtype, -0.5, 0.5)
+
+
+def _cutout(key, x):
+    h, w = x.shape[1:3]
+    side_h, side_w = max(1, h // 3), max(1, w // 3)
+    ky, kx = jax.random.split(key)
+    top = jax.random.randint(ky, (x.shape[0], 1, 1, 1), 0, h - side_h + 1)
+    left = jax.random.randint(kx, (x.shape[0], 1, 1, 1), 0, w - side_w + 1)
+    rows = jnp.arange(h)[None, :, None, None]
+    cols = jnp.arange(w)[None, None, :, None]
+    inside = (rows >= top) & (rows < top + side_h) & (cols >= left) & (cols < left + side_w)
+    return jnp.where(inside, 0.0, x)  # 0 = the training images' mean after standardization
+
+
+PERTURBATIONS = {"noise": _noise, "contrast": _contrast, "brightness": _brightness, "cutout": _cutout}
+
+
+def perturb(key: jax.Array, x: jax.Array, kind: str) -> jax.Array:
+    """A label-preserving perturbation of standardized images x [batch, h, w, c], one draw per image.
+
+    Kinds (strengths in standardized units): "noise" x + 0.3 N(0, 1) per pixel; "contrast" m + f (x - m) with m
+    the image mean and f ~ U[0.6, 1.4]; "brightness" x + U[-0.5, 0.5]; "cutout" a square of a third of the height
+    and width at a uniform position set to 0 (DeVries & Taylor 2017).
+
+    Returns:
+      [batch, h, w, c], same dtype.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"x must be images [batch, h, w, c], got shape {tuple(x.shape)}")
+    if kind not in PERTURBATIONS:
+        raise ValueError(f"kind must be one of {sorted(PERTURBATIONS)}; got {kind!r}")
+    return PERTURBATIONS[kind](key, jnp.asarray(x))
