@@ -143,3 +143,23 @@ def test_mixup_with_dp_sgd_is_refused_in_one_line():
         config.validate(c)
     c.tree.dp_noise_multiplier = 0.0
     config.validate(c)  # mixup alone is fine
+
+
+def test_a_dp_soft_tree_with_the_balance_penalty_and_auto_under_dp_are_refused_in_one_line():
+    from distill_jax.app import config
+
+    c = config.default_config()
+    c.students = "tree-kd,cnn-kd"
+    c.tree = {**c.tree, "dp_noise_multiplier": 1.0}
+    with pytest.raises(ValueError, match=r"method.tree_balance=0.1 .*DP-SGD soft tree 'tree-kd' \(tree.dp_noise_multiplier"):
+        config.validate(c)
+    c.method.tree_balance = 0.0
+    config.validate(c)  # a private tree without the batch-level penalty trains
+    c.method.temperature = "auto"
+    with pytest.raises(ValueError, match=r"method.temperature='auto' is out of range: not for the DP-SGD student 'tree-kd'.*set numbers"):
+        config.validate(c)
+    c.tree.dp_noise_multiplier = 0.0
+    config.validate(c)  # auto without DP is fine
+    c.student.dp_noise_multiplier = 1.0  # the cnn student is private through `student` (the tree keeps its own 0)
+    with pytest.raises(ValueError, match=r"DP-SGD student 'cnn-kd' \(student.dp_noise_multiplier"):
+        config.validate(c)

@@ -201,6 +201,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(m.mixup == 0 or not private, "method.mixup", m.mixup,
              f"must be 0 with DP-SGD ({private[0] if private else ''}.dp_noise_multiplier > 0): DP-SGD takes each "
              f"example's gradient on its own, so there is no batch to mix")
+    _validate_private_students(c)
     _require(m.auto_epochs >= 0, "method.auto_epochs", m.auto_epochs, "must be >= 0 (0 = the student's epochs)")
     _require(0 < m.validation_fraction < 1, "method.validation_fraction", m.validation_fraction, "must be in (0, 1)")
     _require(c.method.cache_limit_mb >= 0, "method.cache_limit_mb", c.method.cache_limit_mb, "must be >= 0")
@@ -223,6 +224,28 @@ def validate(c: ml_collections.ConfigDict) -> None:
     parse_students(c.students)
     parse_pairs(c.method.attention_pairs, "method.attention_pairs")
     parse_pairs(c.method.hint_pairs, "method.hint_pairs")
+
+
+def _validate_private_students(c: ml_collections.ConfigDict) -> None:
+    """Settings whose privacy figure would not describe what runs, refused for DP-SGD students.
+
+    A soft tree's balance penalty is a batch-level term, while DP-SGD takes each example's gradient alone (on a
+    batch of one it would push every routing decision of that example to 1/2); and `auto` trains one private
+    model per candidate on the same images but would report only the last one's epsilon.
+    """
+    m = c.method
+    for name, kind, method in parse_students(c.students):
+        group = c.get(kind, {}).get("dp_noise_multiplier", c.student.get("dp_noise_multiplier", 0.0))
+        if not group:
+            continue
+        where = f"{kind}.dp_noise_multiplier" if "dp_noise_multiplier" in c.get(kind, {}) else "student.dp_noise_multiplier"
+        _require(kind != "tree" or m.tree_balance == 0, "method.tree_balance", m.tree_balance,
+                 f"must be 0 for the DP-SGD soft tree {name!r} ({where} > 0): the balance penalty is a batch-level "
+                 f"term and DP-SGD takes each example's gradient alone")
+        auto = [k for k in ("temperature", "alpha") if m[k] == "auto"]
+        _require(not (auto and "kd" in method.split("+")), f"method.{auto[0] if auto else 'temperature'}", "auto",
+                 f"not for the DP-SGD student {name!r} ({where} > 0): each candidate would be another private "
+                 f"training on the same images and the reported epsilon would cover only the last; set numbers")
 
 
 def _validate_run_keys(c: ml_collections.ConfigDict) -> None:
