@@ -138,7 +138,8 @@ def audit_models(trained: list[Trained], prep: Prepared, c, *, show_progress: bo
     maps, curves, explanations, robust = {}, {}, {}, {}
     # local fidelity: the students against the teacher on perturbed copies of the attack sample
     views = perturbed_views(np.asarray(xr), key=purpose_key(c.seed, "local_fidelity"))
-    teacher_views = {kind: queries_of(teacher.model, teacher.variables).logits(v) for kind, v in views.items()}
+    teacher_queries = queries_of(teacher.model, teacher.variables)
+    teacher_views = {kind: teacher_queries.logits(v) for kind, v in views.items()}
     stages = [(t, "explain") for t in trained] + [(t, "attack") for t in trained] + [(None, "analysis")]
     with progress_bar(len(stages), desc="audit", show=show_progress) as bar:
         for t, stage in stages:

@@ -57,10 +57,15 @@ def parse_students(text: str) -> list[StudentSpec]:
 ADVERSARIAL_KEYS = ("adversarial", "adversarial_epsilon", "adversarial_steps", "adversarial_step_size")
 
 
+def _kind_defaults(kind: str | None):
+    """The (temperature, alpha) a kind gets by default (`distill.kd_defaults`; without a kind, `MethodConfig`'s)."""
+    return kd_defaults(kind) if kind else MethodConfig()
+
+
 def kd_values(c, kind: str | None) -> tuple:
     """`method.temperature` and `method.alpha` for a student kind: numbers and "auto" as set, "default" as the
-    kind's default (`distill.kd_defaults`; without a kind, `MethodConfig`'s)."""
-    default = kd_defaults(kind) if kind else MethodConfig()
+    kind's default (`_kind_defaults`)."""
+    default = _kind_defaults(kind)
     m = c.method
     return (default.temperature if m.temperature == "default" else m.temperature,
             default.alpha if m.alpha == "default" else m.alpha)
@@ -78,7 +83,7 @@ def method_config(c, *, temperature: float | None = None, alpha: float | None = 
     `distill.MethodConfig`'s defaults (no adversarial training).
     """
     m = c.method
-    defaults = kd_defaults(kind) if kind else MethodConfig()
+    defaults = _kind_defaults(kind)
     set_temperature, set_alpha = kd_values(c, kind)
     if temperature is None:
         temperature = defaults.temperature if is_auto(set_temperature) else set_temperature
