@@ -221,6 +221,7 @@ RUN_CASES = [
     ("transfer-split-not-tfds", lambda f: ["--set", "transfer.split=unlabelled"],
      "transfer_split='unlabelled' names a tfds split"),
     ("set-dp-delta", lambda f: ["--set", "teacher.dp_delta=1.5"], "teacher.dp_delta=1.5"),
+    ("set-dp-sampling", lambda f: ["--set", "teacher.dp_sampling=uniform"], "teacher.dp_sampling='uniform'"),
     ("adversarial-tree-student", lambda f: ["--set", "student.adversarial=pgd", "--set", "students=tree-kd"],
      "adversarial training is supported for"),
     ("set-auto-score-unknown", lambda f: ["--set", "method.auto_score=loss"], "method.auto_score='loss'"),

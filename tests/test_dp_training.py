@@ -103,18 +103,25 @@ def test_a_dp_teacher_reports_the_accountants_epsilon_in_metrics_and_report():
     expected = privacy.dp_sgd_epsilon(steps, batch_size=c.teacher.batch_size, n=len(prep.y_train),
                                       noise_multiplier=1.1, delta=1e-5)
     assert p["epsilon"] == pytest.approx(expected, rel=1e-3) and p["delta"] == 1e-5 and p["steps"] == steps
+    # the sampling that ran is the one accounted: Poisson at q = B / n, padded to a cap that is rarely exceeded
+    n, batch = len(prep.y_train), c.teacher.batch_size
+    assert p["sampling"] == "poisson" and p["sampling_rate"] == batch / n
+    assert p["batch_cap"] == train.poisson_batch_cap(n, batch, steps) and p["truncation_probability"] <= 1e-9
+    assert p["delta_with_truncation"] == pytest.approx(1e-5 + (1 + np.exp(p["epsilon"])) * p["truncation_probability"])
     metrics = _audit.model_metrics(teacher, None, prep)
     assert metrics["privacy"]["mechanism"] == "DP-SGD"
-    assert f"epsilon {expected:.2f} (delta 1e-05)" in _fit.privacy_summary(teacher)
+    assert f"epsilon {expected:.2f} (delta 1e-05, poisson sampling)" in _fit.privacy_summary(teacher)
     header, rows = _page.model_rows({"models": {"teacher": metrics}})
-    assert header[-1] == "privacy (epsilon, delta)" and rows[0][-1] == f"DP-SGD: epsilon {expected:.2f}, delta 1e-05"
+    assert header[-1] == "privacy (epsilon, delta)"
+    assert rows[0][-1] == f"DP-SGD: epsilon {expected:.2f}, delta 1e-05 (poisson sampling)"
     plain = {"models": {"teacher": {k: v for k, v in metrics.items() if k != "privacy"}}}
     assert "privacy (epsilon, delta)" not in _page.model_rows(plain)[0]  # no column without a private model
 
 
 @pytest.mark.parametrize("key,value,needle", [("dp_delta", 1.0, "teacher.dp_delta"),
                                               ("dp_noise_multiplier", -1.0, "teacher.dp_noise_multiplier"),
-                                              ("dp_l2_clip", 0.0, "teacher.dp_l2_clip")])
+                                              ("dp_l2_clip", 0.0, "teacher.dp_l2_clip"),
+                                              ("dp_sampling", "uniform", "teacher.dp_sampling")])
 def test_bad_dp_settings_are_refused(key, value, needle):
     c = config.default_config()
     c.teacher[key] = value

@@ -22,6 +22,7 @@ from distill_jax.app import _metadata
 from distill_jax.app._prepare import Prepared, model_inputs, validation_split
 from distill_jax.app._settings import (
     build_model,
+    dp_batch_cap,
     dp_sgd_of,
     kd_values,
     method_config,
@@ -124,6 +125,9 @@ def _train(name: str, kind: str, method: str, model: nn.Module, *, extra: dict, 
         arrays.update(cache_teacher_outputs(t_model, t_vars, x_fit, y_fit, needs,
                                                     inputs=prep.inputs, mesh=parallel.local_mesh()))
     dp = dp_sgd_of(budget)
+    batch_cap = dp_batch_cap(dp, budget, steps, len(y_fit))
+    if batch_cap is not None:
+        parallel.check_batch_size(batch_cap, mesh, what=f"{name} Poisson batch cap")
     step_fn = make_train_step(loss_fn, optimizer, mesh, dp=dp)
     predict_fn = make_host_predict_fn(model, prep, mesh)
 
@@ -141,7 +145,8 @@ def _train(name: str, kind: str, method: str, model: nn.Module, *, extra: dict, 
         state = restored if restored is not None else state
         save = lambda st: checkpoint.save_state(manager, st)
     fit_cfg = FitConfig(epochs=budget.epochs, batch_size=budget.batch_size, seed=c.seed, desc=name,
-                              checkpoint_every=c.checkpoint_every, show_progress=show_progress)
+                              checkpoint_every=c.checkpoint_every, show_progress=show_progress,
+                              sampling="shuffle" if batch_cap is None else "poisson", batch_cap=batch_cap)
     history_path = (os.path.join(os.path.dirname(ckpt_dir), "history.json")
                     if ckpt_dir is not None and parallel.is_main_process() else None)
     resume = c.get("resume", False)
@@ -156,7 +161,9 @@ def _train(name: str, kind: str, method: str, model: nn.Module, *, extra: dict, 
         checkpoint.save_variables(os.path.join(ckpt_dir, name, "final"), variables)
     test_logits = predict(predict_fn, variables, prep.x_test, batch_size=c.eval_batch_size, mesh=mesh)
     # what is evaluated, explained and reported runs in float32, whatever the training compute dtype
-    settings = {} if dp is None else {"privacy": privacy_of(dp, budget, steps, len(y_fit))}
+    settings = ({} if dp is None else
+                {"privacy": {**privacy_of(dp, budget, steps, len(y_fit), batch_cap),
+                             **privacy_scope(teacher if needs.teacher else None)}})
     return Trained(name, with_compute_dtype(model, "float32"), variables, kind, method, test_logits, history,
                    time.perf_counter() - start, settings=settings, train_images=len(y_fit))
 
@@ -280,10 +287,36 @@ def record_history(path: str, name: str, history: list[dict], *, resume: bool) -
     return merged
 
 
+def privacy_scope(teacher: Trained | None) -> dict:
+    """What a DP-SGD model's epsilon bounds, given the teacher it learns from (None: it reads no teacher).
+
+    A student that reads a teacher trained on the same images is private only if the teacher is: the
+    student's steps are accounted, the teacher's are not. Two private trainings compose: (eps_s, delta_s)
+    and (eps_t, delta_t) give at most (eps_s + eps_t, delta_s + delta_t) (basic composition; Dwork and Roth,
+    "The Algorithmic Foundations of Differential Privacy", 2014, Theorem 3.16).
+
+    Returns:
+      {"covers": a sentence} and, for a student of a teacher, "teacher_private": bool.
+    """
+    if teacher is None:
+        return {"covers": "the whole training of this model"}
+    p = teacher.settings.get("privacy")
+    if p is None:
+        return {"covers": "this model's own training steps only: its teacher saw the same images without privacy, "
+                          "so the epsilon bounds nothing about them", "teacher_private": False}
+    return {"covers": f"this model's own training steps only; with its teacher's (epsilon {p['epsilon']:.2f}, delta "
+                      f"{p['delta']:g}) the two trainings are private at the sums of both (basic composition)",
+            "teacher_private": True}
+
+
 def privacy_summary(t: Trained) -> str:
-    """`", DP-SGD epsilon 2.31 (delta 1e-05)"` for a privately trained model; "" otherwise."""
+    """`", DP-SGD epsilon 2.31 (delta 1e-05, poisson sampling)"` for a privately trained model; "" otherwise."""
     p = t.settings.get("privacy")
-    return "" if not p else f", {p['mechanism']} epsilon {p['epsilon']:.2f} (delta {p['delta']:g})"
+    if not p:
+        return ""
+    how = f", {p['sampling']} sampling" if "sampling" in p else ""
+    scope = "; its own steps only: the teacher is not private" if p.get("teacher_private") is False else ""
+    return f", {p['mechanism']} epsilon {p['epsilon']:.2f} (delta {p['delta']:g}{how}{scope})"
 
 
 def kd_settings(name: str, kind: str, method: str, prep: Prepared, teacher: Trained, c, mesh) -> dict:

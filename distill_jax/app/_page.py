@@ -52,9 +52,13 @@ def gain_text(model: dict) -> str:
 
 
 def privacy_text(model: dict) -> str:
-    """`DP-SGD: epsilon 2.31, delta 1e-05` for a privately trained model's metrics; "-" otherwise."""
+    """`DP-SGD: epsilon 2.31, delta 1e-05 (poisson sampling)` for a privately trained model's metrics; "-" otherwise."""
     p = model.get("privacy")
-    return "-" if not p else f"{p['mechanism']}: epsilon {p['epsilon']:.2f}, delta {p['delta']:g}"
+    if not p:
+        return "-"
+    how = f" ({p['sampling']} sampling)" if "sampling" in p else ""
+    scope = "; its own steps only, the teacher is not private" if p.get("teacher_private") is False else ""
+    return f"{p['mechanism']}: epsilon {p['epsilon']:.2f}, delta {p['delta']:g}{how}{scope}"
 
 
 def kd_settings_text(model: dict) -> str:

@@ -4,9 +4,11 @@ settings read from an ml_collections config.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import flax.linen as nn
+import jax
 import ml_collections
 
 from distill_jax import parallel
@@ -17,6 +19,7 @@ from distill_jax.distill.tuning import is_auto
 from distill_jax.models._ensemble import Ensemble
 from distill_jax.models._students import set_pca
 from distill_jax.models._util import build, with_compute_dtype
+from distill_jax.train import poisson_batch_cap, poisson_overflow_probability
 from distill_jax.train._step import DPSGD
 
 STUDENT_KINDS = ("cnn", "mlp", "linear", "tree")
@@ -134,22 +137,50 @@ def pruning_of(budget, total_steps: int):
 
 
 def dp_sgd_of(budget) -> DPSGD | None:
-    """The DP-SGD settings of a budget group (`dp_noise_multiplier` > 0), or None."""
+    """The DP-SGD settings of a budget group (`dp_noise_multiplier` > 0), or None. With Poisson sampling
+    (`dp_sampling`, the default) the noisy sum is divided by the expected batch size."""
     if not budget.get("dp_noise_multiplier", 0.0):
         return None
-    return DPSGD(l2_clip=float(budget.dp_l2_clip), noise_multiplier=float(budget.dp_noise_multiplier))
+    poisson = budget.get("dp_sampling", "poisson") == "poisson"
+    return DPSGD(l2_clip=float(budget.dp_l2_clip), noise_multiplier=float(budget.dp_noise_multiplier),
+                 expected_batch_size=int(budget.batch_size) if poisson else None)
 
 
-def privacy_of(dp: DPSGD, budget, steps: int, n: int) -> dict:
-    """What a DP-SGD model reports: (epsilon, delta) of its `steps` steps at sampling rate batch / n
-    (`distill.privacy.dp_sgd_epsilon`, which assumes Poisson sampling; the trainer draws shuffled fixed-size
-    batches, as most DP-SGD implementations do), with the settings."""
+def dp_batch_cap(dp: DPSGD | None, budget, steps: int, n: int) -> int | None:
+    """The fixed size Poisson batches are padded to (`train.poisson_batch_cap`, a multiple of the local
+    devices); None without DP-SGD or with shuffled batches."""
+    if dp is None or dp.expected_batch_size is None:
+        return None
+    return poisson_batch_cap(n, parallel.local_batch_size(budget.batch_size), steps, multiple_of=jax.local_device_count())
+
+
+def privacy_of(dp: DPSGD, budget, steps: int, n: int, batch_cap: int | None) -> dict:
+    """What a DP-SGD model reports: (epsilon, delta) of the `steps` steps that ran, for the sampling that ran.
+
+    Poisson (`batch_cap` given): epsilon from `distill.privacy.dp_sgd_epsilon` at q = batch / n, the bound
+    p on the probability that any step sampled more than `batch_cap` examples (extra ones dropped), and
+    `delta_with_truncation` = delta + (1 + e^epsilon) p, the delta that also covers the truncation (the
+    truncated run differs from the analysed one only on that event). Shuffled batches: the per-epoch bound
+    without amplification (`dp_sgd_epsilon(sampling="shuffle")`)."""
     from distill_jax.distill.privacy import dp_sgd_epsilon  # noqa: PLC0415 - dp-accounting loads only for private training
 
-    epsilon = dp_sgd_epsilon(steps, batch_size=parallel.local_batch_size(budget.batch_size), n=n,
-                                     noise_multiplier=dp.noise_multiplier, delta=float(budget.dp_delta))
-    return {"mechanism": "DP-SGD", "epsilon": round(float(epsilon), 4), "delta": float(budget.dp_delta),
-            "noise_multiplier": dp.noise_multiplier, "l2_clip": dp.l2_clip, "steps": steps}
+    sampling = "shuffle" if batch_cap is None else "poisson"
+    local_bs = parallel.local_batch_size(budget.batch_size)
+    delta = float(budget.dp_delta)
+    epsilon = float(dp_sgd_epsilon(steps, batch_size=local_bs, n=n, noise_multiplier=dp.noise_multiplier,
+                                   delta=delta, sampling=sampling))
+    report = {"mechanism": "DP-SGD", "epsilon": round(epsilon, 4), "delta": delta, "sampling": sampling,
+              "sampling_rate": local_bs / n, "steps": steps, "noise_multiplier": dp.noise_multiplier,
+              "l2_clip": dp.l2_clip}
+    if sampling == "poisson":
+        overflow = poisson_overflow_probability(n, local_bs, steps, batch_cap)
+        report.update(batch_cap=batch_cap, truncation_probability=overflow,
+                      delta_with_truncation=delta + (1.0 + math.exp(epsilon)) * overflow,
+                      neighbours="add or remove one example")
+    else:
+        report.update(neighbours="zero out one example; no amplification by shuffling claimed",
+                      epochs=math.ceil(steps / (n // local_bs)))
+    return report
 
 
 def teacher_method_config(c) -> MethodConfig:

@@ -54,8 +54,11 @@ def default_config() -> ml_collections.ConfigDict:
     adversarial = dict(adversarial="none", adversarial_epsilon=0.25, adversarial_steps=5, adversarial_step_size=0.0)
     # DP-SGD (Abadi et al. 2016), per model: dp_noise_multiplier > 0 clips every example's gradient to L2 norm
     # dp_l2_clip and adds Gaussian noise of std dp_noise_multiplier * dp_l2_clip; the run reports the model's
-    # (epsilon, dp_delta) from dp-accounting's RDP accountant (`privacy.dp_sgd_epsilon`); 0 = off
-    adversarial.update(dp_noise_multiplier=0.0, dp_l2_clip=1.0, dp_delta=1e-5)
+    # (epsilon, dp_delta) from dp-accounting's RDP accountant (`privacy.dp_sgd_epsilon`); 0 = off.
+    # dp_sampling: "poisson" (each example enters each step with probability batch_size / n, the sampling the
+    # accountant assumes; train.poisson_epoch_batches) or "shuffle" (fixed-size shuffled batches, accounted
+    # without amplification by sampling: a far larger epsilon for the same training)
+    adversarial.update(dp_noise_multiplier=0.0, dp_l2_clip=1.0, dp_delta=1e-5, dp_sampling="poisson")
     c.teacher = ml_collections.ConfigDict(dict(
         kind="seed_cnn", optimizer="adam", learning_rate=1e-3, momentum=0.9, weight_decay=0.0,
         # 15 epochs: on digits the teacher's test accuracy is the same as after 25 (98.9 %), as are the
@@ -154,6 +157,7 @@ _TRAINING_EXTRAS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dp_noise_multiplier": (lambda v: is_number(v) and v >= 0, "must be >= 0 (0 = no DP-SGD)"),
     "dp_l2_clip": (lambda v: is_number(v) and v > 0, "must be > 0"),
     "dp_delta": (lambda v: is_number(v) and 0 < v < 1, "must be in (0, 1)"),
+    "dp_sampling": (lambda v: v in ("poisson", "shuffle"), "must be 'poisson' or 'shuffle'"),
     "adversarial_epsilon": (lambda v: is_number(v) and v >= 0, "must be >= 0 (standardized input units)"),
     "adversarial_steps": (lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
     "adversarial_step_size": (lambda v: is_number(v) and v >= 0, "must be >= 0 (0 = 2.5 * epsilon / steps)"),

@@ -1,4 +1,5 @@
-"""Jitted, data-parallel training: train states and optimizers, the train step (with DP-SGD), the fit loop.
+"""Jitted, data-parallel training: train states and optimizers, the train step (with DP-SGD), batch
+sampling (shuffled, or Poisson for DP-SGD), the fit loop.
 """
 from distill_jax.train._dpsgd import (
     clip_per_example,
@@ -17,6 +18,7 @@ from distill_jax.train._fit import (
     stream_epochs,
     total_steps,
 )
+from distill_jax.train._sampling import poisson_batch_cap, poisson_epoch_batches, poisson_overflow_probability
 from distill_jax.train._state import (
     Interrupted,
     NonFiniteError,
@@ -54,6 +56,9 @@ __all__ = [
     "array_epochs",
     "stream_epochs",
     "epoch_batch_indices",
+    "poisson_epoch_batches",
+    "poisson_batch_cap",
+    "poisson_overflow_probability",
     "steps_per_epoch",
     "total_steps",
     "progress_bar",

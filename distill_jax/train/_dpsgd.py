@@ -8,7 +8,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from distill_jax._checks import check_key, check_number
+from distill_jax._checks import check_int, check_key, check_number
 
 LossFn = Callable[[Any, Any], jax.Array]  # (params, batch) -> per-example losses [batch]
 
@@ -74,20 +74,25 @@ def clip_per_example(grads, *, l2_clip) -> tuple[Any, jax.Array]:
     return clipped, norms
 
 
-def noisy_clipped_mean(grads, *, l2_clip, noise_multiplier, key: jax.Array):
+def noisy_clipped_mean(grads, *, l2_clip, noise_multiplier, key: jax.Array, mask: jax.Array | None = None,
+                       denominator: int | None = None):
     """DP-SGD's aggregate of per-example gradients: clipped, summed, Gaussian noise added, over the batch size.
 
-    g = (sum_i clip(g_i, C) + N(0, (z * C)^2 I)) / B,   clip(g, C) = g * min(1, C / ||g||_2)
+    g = (sum_i m_i clip(g_i, C) + N(0, (z * C)^2 I)) / D,   clip(g, C) = g * min(1, C / ||g||_2)
 
-    with the norm over the whole parameter tree, z = noise_multiplier, B the number of examples (with
-    Poisson sampling, pass batches of the expected size or rescale). Same values as
-    `optax.contrib.differentially_private_aggregate`; here the key is an argument instead of optimizer state.
+    with the norm over the whole parameter tree, z = noise_multiplier, m_i the mask (1 without one) and
+    D = `denominator`, or the number of rows B when None. With Poisson sampling (a padded batch and its
+    mask) D is the expected batch size q * n, a constant, as in Abadi et al.'s analysis. Without a mask,
+    the same values as `optax.contrib.differentially_private_aggregate`; here the key is an argument
+    instead of optimizer state.
 
     Args:
       grads: per-example gradients, leaves [B, *param_shape] (e.g. from `per_example_value_and_grad`).
       l2_clip: C > 0.
       noise_multiplier: z >= 0 (z = 0: no noise, only clipping).
       key: PRNG key for the noise.
+      mask: optional [B] 0/1 weights (padding rows 0).
+      denominator: optional D >= 1 (default B).
     Returns:
       gradient pytree, leaves [*param_shape].
 
@@ -98,7 +103,9 @@ def noisy_clipped_mean(grads, *, l2_clip, noise_multiplier, key: jax.Array):
     check_key(key)
     clipped, _ = clip_per_example(grads, l2_clip=l2_clip)
     leaves, treedef = jax.tree_util.tree_flatten(clipped)
-    size = leaves[0].shape[0]
+    size = leaves[0].shape[0] if denominator is None else check_int(denominator, "denominator")
+    if mask is not None:
+        leaves = [g * mask.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype) for g in leaves]
     summed = [jnp.sum(g, axis=0) for g in leaves]
     if z != 0:
         keys = jax.random.split(key, len(summed))

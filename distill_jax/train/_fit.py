@@ -36,6 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from distill_jax import parallel
+from distill_jax.train._sampling import poisson_batch_cap, poisson_epoch_batches
 from distill_jax.train._state import Interrupted, NonFiniteError, TrainState
 
 
@@ -72,6 +73,10 @@ class FitConfig:
     `show_progress`: a progress bar with the running loss and images per second (see `progress_bar`).
     `stop_check_every`: with several processes, how often (in steps) they agree on whether any of
     them received SIGINT/SIGTERM (one tiny all-gather; a single process checks every step for free).
+    `sampling` (in-memory arrays only): "shuffle" (each epoch a permutation cut into fixed-size batches)
+    or "poisson" (each example enters each step with probability batch_size / n, the batch padded to
+    `batch_cap` rows with a `mask` entry, `poisson_epoch_batches`: the sampling DP-SGD's accounting
+    assumes). `batch_cap=None`: `poisson_batch_cap(n, batch_size, steps)`.
     """
 
     epochs: int
@@ -81,6 +86,15 @@ class FitConfig:
     checkpoint_every: int = 0  # steps; 0 = only at the end
     show_progress: bool | None = None  # None: a bar only when stderr is a terminal; True: always; False: never
     stop_check_every: int = 10
+    sampling: str = "shuffle"
+    batch_cap: int | None = None
+
+    def __post_init__(self):
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}; got {self.sampling!r}")
+
+
+SAMPLINGS = ("shuffle", "poisson")
 
 
 def progress_bar(total: int | None, *, desc: str, show: bool | None = None, initial: int = 0) -> tqdm:
@@ -144,8 +158,9 @@ Batches = Union[Mapping[str, np.ndarray], Iterable[dict], Callable[[int], Iterab
 def array_epochs(data: Mapping[str, np.ndarray], cfg: FitConfig, start: int) -> tuple[Iterator, int]:
     """The batches of in-memory arrays still to run from step `start`: (iterator of (epoch, batches), total steps).
 
-    Each epoch's order is `epoch_batch_indices(n, local batch, seed=cfg.seed, epoch)`; a resumed run
-    (`start` > 0) continues mid-epoch at the batch where it stopped.
+    Each epoch's order is `epoch_batch_indices(n, local batch, seed=cfg.seed, epoch)`, or with
+    `cfg.sampling == "poisson"` the batches of `poisson_epoch_batches` (each with a `mask` entry); a resumed
+    run (`start` > 0) continues mid-epoch at the batch where it stopped.
     Raises:
       ValueError: the batch is larger than the n examples.
     """
@@ -155,13 +170,22 @@ def array_epochs(data: Mapping[str, np.ndarray], cfg: FitConfig, start: int) -> 
     if per_epoch == 0:
         raise ValueError(f"{cfg.desc}: batch_size={cfg.batch_size} is larger than the {n} training examples")
 
+    total = per_epoch * cfg.epochs
+    poisson = cfg.sampling == "poisson"
+    cap = ((cfg.batch_cap or poisson_batch_cap(n, local_bs, total, multiple_of=jax.local_device_count()))
+           if poisson else local_bs)
+
     def epochs():
         for epoch in range(start // per_epoch, cfg.epochs):
-            order = epoch_batch_indices(n, local_bs, seed=cfg.seed, epoch=epoch)
+            if poisson:
+                order, masks = poisson_epoch_batches(n, local_bs, cap, seed=cfg.seed, epoch=epoch)
+            else:
+                order, masks = epoch_batch_indices(n, local_bs, seed=cfg.seed, epoch=epoch), None
             first = start - epoch * per_epoch if epoch == start // per_epoch else 0
-            yield epoch, ({k: v[idx] for k, v in data.items()} for idx in order[first:])
+            yield epoch, ({**{k: v[idx] for k, v in data.items()}, **({} if masks is None else {"mask": masks[i]})}
+                          for i, idx in enumerate(order[first:], start=first))
 
-    return epochs(), per_epoch * cfg.epochs
+    return epochs(), total
 
 
 def stream_epochs(data: Iterable[dict] | Callable[[int], Iterable[dict]], cfg: FitConfig,
@@ -183,8 +207,12 @@ def stream_epochs(data: Iterable[dict] | Callable[[int], Iterable[dict]], cfg: F
                 yield {"x": np.stack([r["image"] for r in records]), "y": np.array([r["label"] for r in records])}
 
     Raises:
-      ValueError: a one-shot iterator with `cfg.epochs` > 1, an epoch with no batches, a batch of the wrong size.
+      ValueError: a one-shot iterator with `cfg.epochs` > 1, an epoch with no batches, a batch of the wrong size,
+        `cfg.sampling == "poisson"` (a stream's batches are the caller's: sample them yourself, with a `mask`).
     """
+    if cfg.sampling != "shuffle":
+        raise ValueError(f"{cfg.desc}: sampling={cfg.sampling!r} draws batches from in-memory arrays; a stream gives its "
+                         f"own batches (Poisson-sample them with train.poisson_epoch_batches and add its 'mask')")
     local_bs = parallel.local_batch_size(cfg.batch_size)
     if not callable(data) and isinstance(data, collections.abc.Iterator) and cfg.epochs > 1:
         raise ValueError(f"{cfg.desc}: data is a one-shot iterator, which can feed one epoch, not epochs={cfg.epochs}; "

@@ -20,22 +20,42 @@ from distill_jax.train._state import MUTABLE, LossFn, TrainState, _all_finite, m
 class DPSGD:
     """Differentially private SGD settings (Abadi et al. 2016): every example's gradient is clipped to L2
     norm `l2_clip` and Gaussian noise of std `noise_multiplier * l2_clip` is added to their sum
-    (`dp_sgd_gradients`); the optimizer then applies that gradient as any other."""
+    (`noisy_clipped_mean`); the optimizer then applies that gradient as any other.
+
+    `expected_batch_size`: with Poisson sampling (`FitConfig(sampling="poisson")`, the batches carry a
+    `mask`), the sum is divided by this fixed number, q * n, not by the batch's random size, which would
+    itself depend on who was sampled; None divides by the batch's rows (fixed-size batches).
+    """
 
     l2_clip: float
     noise_multiplier: float
+    expected_batch_size: int | None = None
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """mean over the batch of `values` [B, ...] (leading axis), counting only rows with mask 1."""
+    if mask is None:
+        return jnp.mean(values, axis=0)
+    weights = mask.reshape((-1,) + (1,) * (values.ndim - 1)).astype(values.dtype)
+    return jnp.sum(values * weights, axis=0) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def _gradients(loss_fn: LossFn, state, batch: dict, teacher, key: jax.Array, dp: DPSGD | None):
     """(mean loss, aux, gradient) of one step: the plain gradient of the mean, or DP-SGD's.
 
-    DP-SGD: loss and aux are the means over the same per-example pass whose gradients are clipped and
-    noised; example i's loss gets `fold_in(loss_key, i)`, so random views differ between examples.
+    A batch with a `mask` entry (Poisson sampling's padding) counts only its rows with mask 1; aux then
+    comes back as means over those rows. DP-SGD: loss and aux are the means over the same per-example
+    pass whose gradients are clipped and noised; example i's loss gets `fold_in(loss_key, i)`, so random
+    views differ between examples.
     """
+    batch = dict(batch)
+    mask = batch.pop("mask", None)
 
     def mean_loss(params):
         losses, aux = loss_fn(params, state.extra, batch, teacher, key)
-        return jnp.mean(losses), aux
+        if mask is not None:
+            aux = {k: (v if k == MUTABLE else _masked_mean(v, mask)) for k, v in aux.items()}
+        return _masked_mean(losses, mask), aux
 
     if dp is None:
         (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
@@ -47,8 +67,8 @@ def _gradients(loss_fn: LossFn, state, batch: dict, teacher, key: jax.Array, dp:
     per_example = lambda params, b, k: loss_fn(params, state.extra, b, teacher, k)
     (losses, aux), per_grads = per_example_value_and_grad(per_example, state.params, batch, key=loss_key)
     grads = noisy_clipped_mean(per_grads, l2_clip=dp.l2_clip, noise_multiplier=dp.noise_multiplier,
-                                       key=noise_key)
-    return jnp.mean(losses), aux, grads
+                               key=noise_key, mask=mask, denominator=dp.expected_batch_size)
+    return _masked_mean(losses, mask), {k: _masked_mean(v, mask) for k, v in aux.items()}, grads
 
 
 def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, dp: DPSGD | None = None) -> Callable:

@@ -32,8 +32,6 @@ def get_config():
     c.tree.depth = 8
     c.tree.epochs = 15
     c.linear = ml_collections.ConfigDict(dict(epochs=8))
-    c.method.temperature = 2.0
-    c.method.alpha = 0.5
     c.explain.ig_steps = 32
     c.eval_batch_size = 1000
     c.compare = ml_collections.ConfigDict(dict(

@@ -39,24 +39,37 @@ def gnmax_epsilon(num_queries: int, *, sigma, delta) -> float:
     return float(accountant.get_epsilon(delta))
 
 
-def dp_sgd_epsilon(steps: int, *, batch_size: int, n: int, noise_multiplier, delta) -> float:
-    """(epsilon, delta) of `steps` DP-SGD steps with Poisson sampling rate q = batch_size / n.
+DP_SGD_SAMPLINGS = ("poisson", "shuffle")
 
-    Each step is the sampled Gaussian mechanism PoissonSampled(q, Gaussian(z)); `steps` of them are
-    composed by `dp_accounting`'s `RdpAccountant` (add-or-remove-one neighbours) and converted to
-    epsilon at `delta`.
+
+def dp_sgd_epsilon(steps: int, *, batch_size: int, n: int, noise_multiplier, delta, sampling: str = "poisson") -> float:
+    """(epsilon, delta) of `steps` DP-SGD steps, for the way the batches were drawn.
+
+    "poisson" (`train.poisson_epoch_batches`): each step is the sampled Gaussian mechanism
+    PoissonSampled(q, Gaussian(z)), q = batch_size / n; `steps` of them composed (add-or-remove-one
+    neighbours).
+    "shuffle" (`train.epoch_batch_indices`: each epoch a data-independent permutation cut into batches of
+    batch_size): an example is in at most one step per epoch, and zeroing its gradient moves that step's
+    sum of clipped gradients by at most C, so each epoch is one Gaussian mechanism of noise multiplier z
+    and the run is E = ceil(steps / (n // batch_size)) of them composed, with no amplification by
+    shuffling claimed. The neighbours are zero-out ones (one example's contribution replaced by nothing;
+    Kairouz et al. 2021; the adjacency under which Chua et al. compare the samplings, for which the
+    Poisson figure is the add-or-remove one); for replace-one neighbours (sensitivity 2C) pass z / 2.
+    Both via `dp_accounting`'s `RdpAccountant`, at `delta`.
 
     Args:
       steps: number of noisy steps, an int >= 1.
-      batch_size: expected batch size, 1 <= batch_size <= n.
+      batch_size: (expected) batch size, 1 <= batch_size <= n.
       n: training-set size.
       noise_multiplier: z > 0.
       delta: target delta, in (0, 1).
+      sampling: "poisson" or "shuffle".
     Returns:
       epsilon (Python float).
 
     Reference: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016; Mironov, Talwar and
-    Zhang, "Renyi Differential Privacy of the Sampled Gaussian Mechanism", 2019.
+    Zhang, "Renyi Differential Privacy of the Sampled Gaussian Mechanism", 2019; Chua et al., "How
+    Private are DP-SGD Implementations?", ICML 2024 (why shuffled batches need their own accounting).
     """
     steps = check_int(steps, "steps")
     n = check_int(n, "n")
@@ -65,9 +78,13 @@ def dp_sgd_epsilon(steps: int, *, batch_size: int, n: int, noise_multiplier, del
         raise ValueError(f"batch_size must be <= n ({n}); got {batch_size}")
     z = check_number(noise_multiplier, "noise_multiplier", low=0, low_open=True)
     delta = check_number(delta, "delta", low=0, high=1, low_open=True, high_open=True)
-    event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(batch_size / n, dp_accounting.GaussianDpEvent(z)), steps
-    )
+    if sampling not in DP_SGD_SAMPLINGS:
+        raise ValueError(f"sampling must be one of {DP_SGD_SAMPLINGS}; got {sampling!r}")
+    if sampling == "poisson":
+        event = dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(batch_size / n, dp_accounting.GaussianDpEvent(z)), steps)
+    else:
+        event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), math.ceil(steps / (n // batch_size)))
     accountant = dp_accounting.rdp.RdpAccountant()
     accountant.compose(event)
     return float(accountant.get_epsilon(delta))
