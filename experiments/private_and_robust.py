@@ -23,12 +23,11 @@ the number of teachers), and a student is trained on those labels alone (plain o
 learning on the unlabelled rest). The table gives student accuracy on the evaluation half against epsilon at
 delta = 1e-5.
 
-Epsilon here is the DATA-INDEPENDENT Renyi-DP bound (dp_accounting's RDP accountant): each answered GNMax
-query is a Gaussian mechanism of L2 sensitivity sqrt(2) (`privacy.gnmax_epsilon`), and each posed Confident
-GNMax query also pays its threshold check, a Gaussian mechanism of sensitivity 1 (`confident_gnmax_epsilon`
-below; the library has only the GNMax part). PATE 2017's moments accountant and PATE 2018's smooth-sensitivity
-analysis are data-dependent and much tighter when the teachers agree, so the published epsilons are far
-smaller than ours for the same noise: compare accuracies at equal noise, and epsilons only as upper bounds.
+Two epsilons per row, both from `privacy.pate_epsilon` over the whole run (every posed query's threshold
+check, a Gaussian mechanism of sensitivity 1, and every answered GNMax query, sensitivity sqrt(2)): the
+DATA-INDEPENDENT Renyi-DP bound, which holds whatever the votes, and PATE 2018's DATA-DEPENDENT bound
+(Theorem 6 with Proposition 7's q), much tighter when the teachers agree. The data-dependent figure depends on
+the private votes; the papers publish a noisy version of it (smooth sensitivity), which this table does not.
 Inputs are scaled with fixed constants ((x - 0.5) / 0.5), so no statistic of the private data leaves it.
 
 (b) Robustness: a SeedCNN teacher, the same teacher trained on PGD examples (teacher.adversarial="pgd",
@@ -70,7 +69,6 @@ for _path in (HERE, os.path.dirname(HERE)):  # run from a checkout: distill_jax 
     if _path not in sys.path:
         sys.path.insert(0, _path)
 import _table  # noqa: E402
-import dp_accounting  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -99,46 +97,6 @@ PUBLISHED = (
          student="semi-supervised (as PATE 2017)", teachers=250, queries=640, answered=286, epsilon=1.97,
          delta=1e-5, accuracy=0.985, baseline=0.992),
 )
-
-
-# --------------------------------------------------------------------------- privacy accounting
-
-
-def confident_gnmax_epsilon(num_queries: int, num_answered: int, *, sigma_threshold: float, sigma: float,
-                            delta: float) -> float:
-    """Data-independent (epsilon, delta) of Confident GNMax over `num_queries` posed queries.
-
-    Every posed query runs the threshold check max_c n_c + N(0, sigma_threshold^2) >= T: one teacher
-    moves the largest count by at most 1, so it is a Gaussian mechanism of L2 sensitivity 1 (RDP
-    lambda / (2 sigma_threshold^2)). Every answered query is a GNMax answer, sensitivity sqrt(2) (RDP
-    lambda / sigma^2, as `privacy.gnmax_epsilon`). Both compose in dp_accounting's RDP accountant:
-
-        RDP(lambda) = num_queries * lambda / (2 sigma_threshold^2) + num_answered * lambda / sigma^2
-
-    (The library's `privacy.gnmax_epsilon` counts the answers only.) PATE 2018 (section 4.2, Theorem 6
-    and its smooth-sensitivity analysis) bounds the same mechanism data-dependently, much more tightly.
-
-    Args:
-      num_queries: posed queries, >= 1.  num_answered: answered ones, 0 <= num_answered <= num_queries.
-      sigma_threshold, sigma: the two noise stds, > 0.  delta: in (0, 1).
-    Returns:
-      epsilon (float).
-    """
-    if not (isinstance(num_queries, (int, np.integer)) and num_queries >= 1):
-        raise ValueError(f"num_queries must be an int >= 1; got {num_queries!r}")
-    if not (isinstance(num_answered, (int, np.integer)) and 0 <= num_answered <= num_queries):
-        raise ValueError(f"num_answered must be an int in [0, num_queries={num_queries}]; got {num_answered!r}")
-    if not (sigma_threshold > 0 and sigma > 0):
-        raise ValueError(f"sigma_threshold and sigma must be > 0; got {sigma_threshold!r}, {sigma!r}")
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1); got {delta!r}")
-    events = [dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma_threshold), int(num_queries))]
-    if num_answered:
-        events.append(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma / math.sqrt(2.0)),
-                                                        int(num_answered)))
-    accountant = dp_accounting.rdp.RdpAccountant()
-    accountant.compose(dp_accounting.ComposedDpEvent(events))
-    return float(accountant.get_epsilon(delta))
 
 
 # --------------------------------------------------------------------------- small classifiers, plain optax
@@ -344,14 +302,15 @@ def run_pate(c, echo=print) -> dict:
                 if agg == "GNMax":
                     labels = np.asarray(privacy.gnmax(jnp.asarray(votes), sigma=kw["sigma"], key=key))
                     answered = np.ones(nq, bool)
-                    eps = privacy.gnmax_epsilon(nq, sigma=kw["sigma"], delta=p.delta)
+                    accounting = dict(sigma=kw["sigma"], delta=p.delta)
                     noise = f"σ={kw['sigma']:g} ({frac:g}·teachers)"
                 else:
                     lab, ans = privacy.confident_gnmax(jnp.asarray(votes), key=key, **kw)
                     labels, answered = np.asarray(lab), np.asarray(ans)
-                    eps = confident_gnmax_epsilon(nq, int(answered.sum()), sigma_threshold=kw["sigma_threshold"],
-                                                  sigma=kw["sigma"], delta=p.delta)
+                    accounting = dict(kw, delta=p.delta, answered=answered)
                     noise = f"T={kw['threshold']:g}, σ1={kw['sigma_threshold']:g}, σ2={kw['sigma']:g}"
+                eps = privacy.pate_epsilon(votes, **accounting)
+                eps_dd = privacy.pate_epsilon(votes, **accounting, data_dependent=True)
                 n_ans = int(answered.sum())
                 label_acc = accuracy(labels[answered], yq[answered]) if n_ans else float("nan")
                 s_acc, sec = None, 0.0
@@ -362,11 +321,12 @@ def run_pate(c, echo=print) -> dict:
                 rows.append(dict(teachers=int(n_teachers), aggregator=agg, noise=noise, sigma=kw["sigma"],
                                  sigma_fraction=frac, threshold=kw.get("threshold"),
                                  sigma_threshold=kw.get("sigma_threshold"), queries=nq, answered=n_ans,
-                                 label_accuracy=label_acc, epsilon=eps, delta=p.delta, student_accuracy=s_acc,
+                                 label_accuracy=label_acc, epsilon=eps, epsilon_data_dependent=eps_dd,
+                                 delta=p.delta, student_accuracy=s_acc,
                                  seconds=sec))
                 s_text = "—" if s_acc is None else f"{s_acc:.4f}"
                 echo(f"pate: {n_teachers} teachers, {agg} {noise}: {n_ans}/{nq} answered, labels {label_acc:.4f}, "
-                     f"epsilon {eps:.2f}, student {s_text} ({sec:.1f} s)")
+                     f"epsilon {eps:.2f} (data-dependent {eps_dd:.2f}), student {s_text} ({sec:.1f} s)")
     return dict(dataset=name, private=len(y_priv), public=len(y_pub), evaluation=len(y_eval), delta=p.delta,
                 teacher_model=p.teacher_model, student_model=p.student_model, rows=rows, references=refs,
                 published=[dict(d) for d in PUBLISHED], wall_s=time.perf_counter() - t0)
@@ -553,16 +513,16 @@ def pate_markdown(res: dict) -> str:
     lines = [f"#### (a) PATE on {res['dataset']}: {res['private']} private training images in disjoint shards "
              f"({res['teacher_model']} teachers); public = first {res['public']} test images, evaluation = the other "
              f"{res['evaluation']}; {res['student_model']} student trained on the answered labels only", "",
-             f"ε is the data-independent RDP bound at δ={d:g} (dp_accounting): GNMax = a Gaussian mechanism of L2 "
+             f"ε at δ={d:g} from `privacy.pate_epsilon` over the whole run (GNMax: a Gaussian mechanism of L2 "
              "sensitivity √2 per answered query; Confident GNMax adds a sensitivity-1 Gaussian threshold check per "
-             "posed query. This is NOT PATE 2017's moments accountant nor PATE 2018's data-dependent "
-             "smooth-sensitivity analysis, so our ε are much larger than the papers' at the same noise.", "",
-             f"| teachers | aggregator | noise | queries | answered | label accuracy | ε (δ={d:g}) "
-             "| student accuracy | student s |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+             "posed query): data-independent (holds whatever the votes) and data-dependent (PATE 2018, Theorem 6 "
+             "with Proposition 7; the papers' kind of figure, not released through smooth sensitivity here).", "",
+             f"| teachers | aggregator | noise | queries | answered | label accuracy | ε data-independent "
+             f"| ε data-dependent | student accuracy | student s |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in res["rows"]:
         lines.append(f"| {row['teachers']} | {row['aggregator']} | {row['noise']} | {row['queries']} "
                      f"| {row['answered']} | {_f(row['label_accuracy'])} | {row['epsilon']:.2f} "
-                     f"| {_f(row['student_accuracy'])} | {row['seconds']:.1f} |")
+                     f"| {_f(row.get('epsilon_data_dependent'), 2)} | {_f(row['student_accuracy'])} | {row['seconds']:.1f} |")
     lines += ["", "Non-private references (evaluation half):", "", "| reference | accuracy | wall s |",
               "|---|---:|---:|"]
     for ref in res["references"]:

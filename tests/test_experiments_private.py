@@ -1,4 +1,4 @@
-"""experiments/private_and_robust.py: its accounting helper (hand-checked), its configs, and --smoke end to end."""
+"""experiments/private_and_robust.py: its helpers, its configs, and --smoke end to end."""
 import importlib.util
 import json
 import math
@@ -33,23 +33,6 @@ SCRIPT = os.path.join(EXPERIMENTS, "private_and_robust.py")
 
 
 # --------------------------------------------------------------------------- accounting
-
-
-def test_confident_gnmax_epsilon_is_the_composition_of_threshold_checks_and_answers():
-
-    # no answered query: only the threshold checks, a Gaussian mechanism of sensitivity 1 (sigma1) each,
-    # equal to GNMax's bound at sigma = sqrt(2) * sigma1 (GNMax has sensitivity sqrt(2))
-    only_checks = pr.confident_gnmax_epsilon(100, 0, sigma_threshold=50.0, sigma=10.0, delta=1e-5)
-    assert only_checks == pytest.approx(privacy.gnmax_epsilon(100, sigma=50.0 * math.sqrt(2), delta=1e-5), rel=1e-9)
-    # answers on top of the checks cost more than either alone; more answers, more epsilon
-    some = pr.confident_gnmax_epsilon(100, 40, sigma_threshold=50.0, sigma=10.0, delta=1e-5)
-    more = pr.confident_gnmax_epsilon(100, 80, sigma_threshold=50.0, sigma=10.0, delta=1e-5)
-    assert some > max(only_checks, privacy.gnmax_epsilon(40, sigma=10.0, delta=1e-5))
-    assert more > some
-    for queries, answered, sigma, delta in ((0, 0, 2.0, 1e-5), (10, 11, 2.0, 1e-5), (10, 1, 0.0, 1e-5),
-                                            (10, 1, 2.0, 1.0)):
-        with pytest.raises(ValueError):
-            pr.confident_gnmax_epsilon(queries, answered, sigma_threshold=5.0, sigma=sigma, delta=delta)
 
 
 def test_unit_inputs_use_fixed_constants_and_cosine_lr_decays():

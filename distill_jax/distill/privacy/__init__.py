@@ -1,6 +1,14 @@
 """Private distillation: PATE (teacher ensembles, GNMax aggregation) and privacy accounting.
 """
-from distill_jax.distill.privacy._accounting import dp_sgd_epsilon, gnmax_epsilon
+from distill_jax.distill.privacy._accounting import (
+    PATE_ORDERS,
+    dp_sgd_epsilon,
+    gnmax_epsilon,
+    pate_epsilon,
+    pate_rdp_data_dependent,
+    pate_rdp_gnmax,
+    pate_rdp_threshold,
+)
 from distill_jax.distill.privacy._pate import (
     ShardEnsemble,
     confident_gnmax,
@@ -28,5 +36,10 @@ __all__ = [
     "train_ensemble",
     "ensemble_logits",
     "gnmax_epsilon",
+    "pate_epsilon",
+    "PATE_ORDERS",
+    "pate_rdp_gnmax",
+    "pate_rdp_threshold",
+    "pate_rdp_data_dependent",
     "dp_sgd_epsilon",
 ]

@@ -5,13 +5,15 @@ on disjoint shards of the private data and labels public student data by a noisy
 
     votes = teacher_votes(ensemble_logits(apply_fn, stacked_params, x_public))   # [B, classes]
     labels, answered = confident_gnmax(votes, threshold=..., sigma_threshold=..., sigma=..., key=key)
-    eps = gnmax_epsilon(int(answered.sum()), sigma=sigma, delta=1e-5)          # GNMax part only
+    eps = pate_epsilon(votes, sigma=..., delta=1e-5, threshold=..., sigma_threshold=..., answered=answered)
+    # the whole run: every query's threshold check and every answered GNMax query (data_dependent=True:
+    # PATE 2018's tighter bound, itself a function of the private votes)
 
 The teachers are trained together: their parameters are stacked on a leading axis [T, ...] and one
 jitted `jax.vmap` of a single-teacher step updates all of them, each on a batch of its own shard.
 
 DP-SGD (Abadi et al., CCS 2016) clips every per-example gradient and adds Gaussian noise to the sum;
-`dp_sgd_epsilon` gives its (epsilon, delta) guarantee. Every epsilon here comes from Google's
+`dp_sgd_epsilon` gives its (epsilon, delta) guarantee for the sampling that ran. Every epsilon here comes from Google's
 `dp_accounting` Renyi-DP accountant (Mironov 2017), so the numbers match the reference implementation.
 
 Loss functions take `(params, batch) -> [batch]` per-example losses (the caller -- here the step --
