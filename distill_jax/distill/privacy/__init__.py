@@ -1,4 +1,5 @@
-"""Private distillation: PATE (teacher ensembles, GNMax aggregation) and privacy accounting.
+"""Private distillation: PATE (teacher ensembles, GNMax aggregation), privacy accounting, and membership
+inference attacks that measure the leak an epsilon bounds.
 """
 from distill_jax.distill.privacy._accounting import (
     PATE_ORDERS,
@@ -8,6 +9,15 @@ from distill_jax.distill.privacy._accounting import (
     pate_rdp_data_dependent,
     pate_rdp_gnmax,
     pate_rdp_threshold,
+)
+from distill_jax.distill.privacy._membership import (
+    FPR_LEVELS,
+    attack_metrics,
+    lira_scores,
+    logit_confidence,
+    loss_attack_scores,
+    membership_inference,
+    shadow_subsets,
 )
 from distill_jax.distill.privacy._pate import (
     ShardEnsemble,
@@ -24,6 +34,13 @@ from distill_jax.distill.privacy._pate import (
 )
 
 __all__ = [
+    "membership_inference",
+    "loss_attack_scores",
+    "lira_scores",
+    "logit_confidence",
+    "attack_metrics",
+    "shadow_subsets",
+    "FPR_LEVELS",
     "teacher_votes",
     "gnmax",
     "confident_gnmax",

@@ -247,10 +247,11 @@ class ShardEnsemble(NamedTuple):
 
 def train_ensemble(init_fn: Callable[[jax.Array], Any], loss_fn: LossFn, optimizer: optax.GradientTransformation,
                    data, *, num_teachers: int, batch_size: int, steps: int, seed: int = 0,
-                   mesh: Mesh | None = None) -> ShardEnsemble:
+                   mesh: Mesh | None = None, shards: Sequence[np.ndarray] | None = None) -> ShardEnsemble:
     """Trains `num_teachers` teachers on disjoint shards of `data` with one vmapped, jitted step.
 
-    shards = ensemble_shards(n, T, seed); params = init_ensemble(init_fn, T, seed);
+    shards = ensemble_shards(n, T, seed) (or the given index sets, which may overlap: e.g. membership
+    inference's shadow models, `shadow_subsets`); params = init_ensemble(init_fn, T, seed);
     for each step: params = ensemble_step(params, opt_state, data[idx[step]]), idx from
     `ensemble_batch_indices(shards, batch_size, steps, seed)`.
 
@@ -261,6 +262,7 @@ def train_ensemble(init_fn: Callable[[jax.Array], Any], loss_fn: LossFn, optimiz
       data: pytree of host arrays with a common leading axis n (e.g. {"x": [n, ...], "y": [n]}).
       num_teachers, batch_size (per teacher), steps, seed: see above.
       mesh: optional single-process mesh; batches are split along `data` (see `make_ensemble_step`).
+      shards: optional T index arrays into `data`, one training set per model (default: disjoint shards).
     Returns:
       ShardEnsemble(params [T, ...], shards, losses [steps, T] numpy).
 
@@ -274,7 +276,10 @@ def train_ensemble(init_fn: Callable[[jax.Array], Any], loss_fn: LossFn, optimiz
         raise ValueError(f"data arrays must share their leading axis; got lengths {[len(a) for a in leaves]}")
     if mesh is not None:
         parallel.check_batch_size(batch_size, mesh)
-    shards = ensemble_shards(n, num_teachers, seed=seed)
+    if shards is None:
+        shards = ensemble_shards(n, num_teachers, seed=seed)
+    elif len(shards) != num_teachers or any(np.max(s, initial=0) >= n or np.min(s, initial=0) < 0 for s in shards):
+        raise ValueError(f"shards must be {num_teachers} index arrays into the {n} examples of data")
     idx = ensemble_batch_indices(shards, batch_size=batch_size, steps=steps, seed=seed)
     params = init_ensemble(init_fn, num_teachers, seed=seed)
     opt_state = jax.vmap(optimizer.init)(params)
