@@ -115,6 +115,7 @@ def test_smoke_runs_end_to_end(tmp_path):
     assert all(a > b for a, b in zip(eps, eps[1:])), eps  # smaller sigma, larger epsilon
     for r in pate["rows"]:
         assert math.isfinite(r["epsilon"]) and r["queries"] == 100 and 0 <= r["answered"] <= r["queries"]
+        assert r["epsilon_data_dependent"] <= r["epsilon"] + 1e-9  # never above the data-independent bound
         if r["student_accuracy"] is not None:
             assert 0.0 <= r["student_accuracy"] <= 1.0
     assert all(r["answered"] == r["queries"] for r in gnmax)
@@ -143,3 +144,26 @@ def test_smoke_runs_end_to_end(tmp_path):
         assert 0.0 <= rows[name]["attacks"]["0.5"]["pgd_rescaled"] <= 1.0
         assert rows[name]["logit_spread"] > 0 and 0.0 <= rows[name]["saturated"] <= 1.0
     assert any(line.startswith("robust: cnn-kd") for line in lines)
+
+
+def test_membership_smoke_attacks_every_target_and_reports_the_private_epsilons(tmp_path):
+    mi = _load("membership_inference")
+    lines = []
+    mi.main(["--smoke", "--out", str(tmp_path / "mi.json")], echo=lines.append)
+    res = json.loads((tmp_path / "mi.json").read_text())
+    rows = {r["model"]: r for r in res["rows"]}
+    assert list(rows) == ["teacher (not private)", "labels student", "kd student (T = 1)",
+                          "DP-SGD, teacher's architecture", "PATE student"]
+    for r in rows.values():
+        for attack in ("loss", "lira"):
+            m = r[attack]
+            assert 0.0 <= m["auc"] <= 1.0 and m["members"] == m["non_members"] == 300
+            assert 0.0 <= m["tpr_at_fpr_0.001"] <= m["tpr_at_fpr_0.01"] <= 1.0
+    s = res["settings"]
+    dp = rows["DP-SGD, teacher's architecture"]["privacy"]
+    assert dp["epsilon"] == privacy.dp_sgd_epsilon(dp["steps"], batch_size=s["batch_size"], n=300,
+                                                   noise_multiplier=s["dp_noise_multiplier"], delta=s["delta"])
+    pate = rows["PATE student"]["privacy"]
+    assert pate["epsilon_data_dependent"] <= pate["epsilon"]
+    assert rows["teacher (not private)"]["privacy"] is None
+    assert "\n| PATE student |" in "\n".join(lines)

@@ -181,3 +181,14 @@ def test_a_dp_student_of_a_non_private_teacher_says_its_epsilon_covers_its_own_s
     assert "teacher_private" not in labels.settings["privacy"]
     assert labels.settings["privacy"]["covers"] == "the whole training of this model"
     assert "teacher is not private" not in _fit.privacy_summary(labels)
+
+
+def test_a_batch_cap_the_devices_cannot_split_is_refused_in_one_line():
+    mesh = parallel.make_mesh()
+    if mesh.devices.size == 1:
+        pytest.skip("needs several devices (the suite's fake CPU devices)")
+    state = train.create_state({"w": jnp.zeros(1)}, optax.sgd(0.1), key=jax.random.PRNGKey(0))
+    cfg = train.FitConfig(epochs=1, batch_size=8, sampling="poisson", batch_cap=mesh.devices.size * 4 + 1,
+                          show_progress=False, desc="dp model")
+    with pytest.raises(ValueError, match="dp model: batch_cap"):
+        train.fit(state, lambda st, b, t: (st, {}), {"x": np.zeros((40, 1)), "y": np.zeros(40)}, cfg, mesh=mesh)

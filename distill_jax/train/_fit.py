@@ -279,6 +279,8 @@ def fit(state: TrainState, step_fn: Callable, data: Batches, cfg: FitConfig, *, 
       ValueError: bad data (see `array_epochs`, `stream_epochs`).
     """
     start = step = int(jax.device_get(state.step))  # reads back explicitly: fit runs under transfer guards
+    if cfg.sampling == "poisson" and cfg.batch_cap:  # each process pads its share to batch_cap rows
+        parallel.check_batch_size(cfg.batch_cap * jax.process_count(), mesh, what=f"{cfg.desc}: batch_cap")
     epochs, total = (array_epochs if isinstance(data, Mapping) else stream_epochs)(data, cfg, start)
     sync = _sync_every_step(mesh)
     # committed to the step's sharding (one compilation, not two), and a copy: the step donates its
