@@ -154,7 +154,7 @@ def method_overrides(c, *targets: str) -> list[str]:
     """The `KEY=VALUE` assignments `compare.method_overrides` gives to any of `targets`, in their order.
 
     Items read `<method or student>:<key>=<value>`: "fm:method.mixup=1" applies to every `*-fm`
-    student, "cnn-fm:teacher.augment_shift=2" to that student only.
+    student, "cnn-fm:method.augment_shift=2" to that student only.
     """
     out = []
     for item in c.get("compare", {}).get("method_overrides", ()):

@@ -93,12 +93,12 @@ def test_method_overrides_apply_to_that_methods_students_only():
     c = config.default_config()
     import ml_collections
 
-    c.compare = ml_collections.ConfigDict(dict(method_overrides=("fm:method.mixup=1.0", "cnn-fm:teacher.augment_shift=2",
+    c.compare = ml_collections.ConfigDict(dict(method_overrides=("fm:method.mixup=1.0", "cnn-fm:method.augment_shift=2",
                                                                  "kd:method.alpha=0.3")))
     fm = cm.student_config(c, "cnn-fm", "fm")
-    assert (fm.method.mixup, fm.teacher.augment_shift, fm.method.alpha) == (1.0, 2, "default")  # alpha: kd only
+    assert (fm.method.mixup, fm.method.augment_shift, fm.method.alpha) == (1.0, 2, "default")  # alpha: kd only
     tree_fm = cm.student_config(c, "tree-fm", "fm")
-    assert (tree_fm.method.mixup, tree_fm.teacher.augment_shift) == (1.0, 0)  # the student-named item is cnn-fm's
+    assert (tree_fm.method.mixup, tree_fm.method.augment_shift) == (1.0, 0)  # the student-named item is cnn-fm's
     assert cm.student_config(c, "cnn-labels", "labels") is c and c.method.mixup == 0.0  # the shared config stays
     assert cm.student_config(c, "tree-kd", "kd").method.alpha == 0.3
     c.compare.method_overrides = ("fm-method.mixup=1",)

@@ -96,7 +96,7 @@ def method_config(c, *, temperature: float | None = None, alpha: float | None = 
         temperature=float(temperature), alpha=float(alpha), tree_balance=m.tree_balance, attention_p=m.attention_p,
         attention_pairs=parse_pairs(m.attention_pairs, "method.attention_pairs"),
         hint_pairs=parse_pairs(m.hint_pairs, "method.hint_pairs"),
-        augment_shift=c.teacher.augment_shift, augment_flip=c.teacher.augment_flip, mixup=m.get("mixup", 0.0),
+        augment_shift=m.get("augment_shift", 0), augment_flip=m.get("augment_flip", False), mixup=m.get("mixup", 0.0),
         **adversarial_settings(group),
     )
 
@@ -184,8 +184,10 @@ def privacy_of(dp: DPSGD, budget, steps: int, n: int, batch_cap: int | None) -> 
 
 
 def teacher_method_config(c) -> MethodConfig:
-    """The teacher's training settings: its adversarial keys and training temperature, no mixup."""
+    """The teacher's training settings: its adversarial keys, augmentation (`teacher.augment_shift/flip`) and
+    training temperature, no mixup."""
     return dataclasses.replace(method_config(c, group=c.teacher), mixup=0.0,
+                               augment_shift=c.teacher.augment_shift, augment_flip=c.teacher.augment_flip,
                                label_temperature=float(c.teacher.get("train_temperature", 1.0)))
 
 

@@ -92,9 +92,11 @@ def default_config() -> ml_collections.ConfigDict:
         auto_epochs=0,  # epochs of each candidate run; 0 = the student's own
         validation_fraction=0.1,
         # function matching (Beyer et al. 2022): mix each batch's images with Beta(mixup, mixup) weights,
-        # teacher and student on the same view (with teacher.augment_shift/flip); 0 = off; only for label-free
-        # methods such as "fm"
+        # teacher and student on the same view; 0 = off; only for label-free methods such as "fm"
         mixup=0.0,
+        # the students' own augmentation (teacher and student on the same shifted/flipped view; the teacher's
+        # training has its own, teacher.augment_shift/flip): shifts of up to this many pixels, horizontal flips
+        augment_shift=0, augment_flip=False,
         tree_balance=0.1, attention_p=2.0,
         attention_pairs="conv1:conv1,conv2:conv2", hint_pairs="conv2:conv2",
         # run the frozen teacher once and keep what the terms read, up to this many MB of host memory
@@ -284,6 +286,10 @@ def _validate_run_keys(c: ml_collections.ConfigDict) -> None:
              "must be an integer >= 0 (pixels)")
     _require(isinstance(c.teacher.augment_flip, bool), "teacher.augment_flip", c.teacher.augment_flip,
              "must be True or False")
+    _require(_integer(c.method.get("augment_shift", 0), 0), "method.augment_shift", c.method.get("augment_shift"),
+             "must be an integer >= 0 (pixels)")
+    _require(isinstance(c.method.get("augment_flip", False), bool), "method.augment_flip",
+             c.method.get("augment_flip"), "must be True or False")
     _require(isinstance(c.method.cache_teacher, bool), "method.cache_teacher", c.method.cache_teacher,
              "must be True or False")
     hidden = c.mlp.hidden

@@ -49,7 +49,7 @@ def get_config():
         }),
         # function matching (Beyer et al. 2022): teacher and student on the same mixed view, T = 1; the CNN's
         # view also shifted (as in experiments/configs/fashion_mnist_experiment.py)
-        method_overrides=("fm:method.mixup=1.0", "fm:method.temperature=1.0", "cnn-fm:teacher.augment_shift=1"),
+        method_overrides=("fm:method.mixup=1.0", "fm:method.temperature=1.0", "cnn-fm:method.augment_shift=1"),
         baselines="sk-tree-d8,sk-tree,sk-logreg-pixels,sk-logreg-pca",
         pairs="tree-fm:sk-tree-d8,tree-kd:sk-tree-d8,linear-fm:sk-logreg-pixels,linear-kd:sk-logreg-pixels,"
               "linear-labels:sk-logreg-pca",
