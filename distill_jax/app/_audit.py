@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax import parallel
-from distill_jax.app._fit import Trained
+from distill_jax.app._fit import Trained, make_host_predict_fn
 from distill_jax.app._prepare import Prepared
 from distill_jax.audit._evaluators import (
     attribution_maps,
@@ -36,7 +36,7 @@ from distill_jax.metrics._fidelity import agreement, mean_kl
 from distill_jax.metrics._paired import distillation_gain
 from distill_jax.models._util import count_params
 from distill_jax.train._fit import progress_bar
-from distill_jax.train._step import accuracy_from_logits
+from distill_jax.train._step import accuracy_from_logits, predict
 
 
 @dataclasses.dataclass
@@ -174,6 +174,24 @@ def model_metrics(t: Trained, teacher: Trained | None, prep: Prepared) -> dict:
         )
     out.update(t.settings)
     return out
+
+
+def membership_attack(t: Trained, prep: Prepared, c, mesh, *, images: int = 1000) -> dict:
+    """The loss attack (`privacy.membership_inference`) on a model: `images` of its training images against as
+    many test images; the AUC and TPR at low FPR say how well its losses tell the two apart (0.5: not at all).
+
+    Members are the first training images, which every model of the run trained on (a kd student also on
+    any transfer images); no shadow models, so this is the cheap lower bound of the leak, not LiRA.
+    """
+    from distill_jax.distill.privacy import membership_inference  # noqa: PLC0415 - sklearn's metrics load here only
+
+    n = min(images, len(prep.y_train), len(prep.y_test))
+    predict_fn = make_host_predict_fn(t.model, prep, mesh)
+    members = predict(predict_fn, t.variables, prep.x_train[:n], batch_size=c.eval_batch_size, mesh=mesh)
+    logits = np.concatenate([members, t.test_logits[:n]])
+    labels = np.concatenate([prep.y_train[:n], prep.y_test[:n]])
+    result = membership_inference(logits, labels, np.arange(2 * n) < n)["loss"]
+    return {"attack": "loss", **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}}
 
 
 def distillation_comparisons(students: list[Trained], teacher: Trained, prep: Prepared) -> dict[str, dict]:

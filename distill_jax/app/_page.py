@@ -52,13 +52,17 @@ def gain_text(model: dict) -> str:
 
 
 def privacy_text(model: dict) -> str:
-    """`DP-SGD: epsilon 2.31, delta 1e-05 (poisson sampling)` for a privately trained model's metrics; "-" otherwise."""
-    p = model.get("privacy")
+    """A model's privacy cell: `DP-SGD: epsilon 2.31, delta 1e-05 (poisson sampling)` for a privately trained model,
+    then the measured leak when the run attacked it (`; membership loss attack AUC 0.512, TPR at 1% FPR 0.010`);
+    `not private; membership ...` for the others of such a run; "-" otherwise."""
+    p, attack = model.get("privacy"), model.get("membership")
+    measured = (f"; membership loss attack AUC {attack['auc']:.3f}, TPR at 1% FPR {attack['tpr_at_fpr_0.01']:.3f}"
+                if attack else "")
     if not p:
-        return "-"
+        return "-" if not attack else f"not private{measured}"
     how = f" ({p['sampling']} sampling)" if "sampling" in p else ""
     scope = "; its own steps only, the teacher is not private" if p.get("teacher_private") is False else ""
-    return f"{p['mechanism']}: epsilon {p['epsilon']:.2f}, delta {p['delta']:g}{how}{scope}"
+    return f"{p['mechanism']}: epsilon {p['epsilon']:.2f}, delta {p['delta']:g}{how}{scope}{measured}"
 
 
 def kd_settings_text(model: dict) -> str:

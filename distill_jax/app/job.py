@@ -17,7 +17,7 @@ import ml_collections
 
 from distill_jax import checkpoint, parallel
 from distill_jax.app import _metadata
-from distill_jax.app._audit import audit_models, distillation_comparisons, model_metrics
+from distill_jax.app._audit import audit_models, distillation_comparisons, membership_attack, model_metrics
 from distill_jax.app._fit import Trained, make_host_predict_fn, privacy_summary, train_student, train_teacher
 from distill_jax.app._metadata import peak_rss_mb, versions
 from distill_jax.app._prepare import Prepared, prepare_data
@@ -81,6 +81,9 @@ def run(c, workdir: str, *, show_progress: bool | None = None, echo: Callable[[s
     }
     for name, comparison in distillation_comparisons(students, teacher, prep).items():
         result["models"][name]["vs_labels"] = comparison
+    if any("privacy" in m for m in result["models"].values()):  # the measured leak beside each bound
+        for t in (teacher, *students):
+            result["models"][t.name]["membership"] = membership_attack(t, prep, c, parallel.make_mesh())
     return explain_and_report(result, [teacher, *students], prep, c, workdir, main=main, echo=echo,
                               show_progress=show_progress)
 
