@@ -4,19 +4,20 @@ Command (the run recorded in experiments/RESULTS.md):
     python experiments/fashion_mnist.py --workdir runs/fashion_mnist_students
 
 Data: the full Fashion-MNIST (60,000 training / 10,000 test images; Debian's `dataset-fashion-mnist`,
-or `--set data_dir=DIR` holding the four IDX files). Per seed: one SeedCNN teacher; a depth-8 soft
-tree, a linear model over 50 PCA components and the small CNN, each trained on labels, with Hinton
-KD (T = 2, alpha = 0.5) and with function matching (`fm`: teacher and student on the same mixed-up
-view, shifted too for the CNN, T = 1, no labels); scikit-learn's DecisionTreeClassifier (depth 8 and unlimited) and
-LogisticRegression (pixels, and the same 50 PCA components) on the same split. Prints one line per
-model, then the mean ± std table (accuracy, agreement and KL with the teacher, Spearman ρ of the
-model's integrated-gradients maps with the teacher's, IG deletion AUC) and the paired tables
-(distilled minus label-trained, readable students minus the scikit-learn baselines; paired t-test).
+or `--set data_dir=DIR` holding the four IDX files). Per seed: one SeedCNN teacher (the recipe chosen on a
+validation split by experiments/teacher_recipe.py); a depth-8 soft tree and a linear model over 50 PCA
+components, each trained on labels and with Hinton KD at its kind's default T and alpha; scikit-learn's
+DecisionTreeClassifier (depth 8) and LogisticRegression (pixels, and the same 50 PCA components) on the same
+split. `--students` adds others (the small CNN, function matching `-fm`: teacher and student on the same
+mixed-up view, T = 1, no labels). Prints one line per model, then the mean ± std table (accuracy, agreement
+and KL with the teacher, Spearman ρ of the model's integrated-gradients maps with the teacher's, IG deletion
+AUC) and the paired tables (distilled minus label-trained, readable students minus the scikit-learn
+baselines; paired t-test).
 Finished seeds are kept in --workdir/seeds and reused, so `--seeds 1` and `--seeds 0,1,2` can run
 one after another. `--smoke` runs 600 training images, 1 epoch, 1 seed (tests and CI).
 
 The protocol is experiments/compare_methods.py's (`--config`, `--set`, `--seeds`, `--students`);
-experiments/configs/fashion_mnist_experiment.py holds the budgets (about 30 min per seed on a 2-core CPU).
+experiments/configs/fashion_mnist_experiment.py holds the budgets (experiments/RESULTS.md has the times).
 """
 import os
 import sys
