@@ -51,6 +51,7 @@ def experiment_config(seed: int, quick: bool):
     c.seed = seed
     if quick:
         config_lib.apply_smoke(c)
+        c.train_limit = 600
     return c
 
 
@@ -71,7 +72,7 @@ def run_recipe(name: str, seed: int, args) -> dict:
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def main(argv=None) -> None:
+def main(argv=None, echo=print) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--seed", type=int, default=0)
@@ -79,15 +80,18 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="the smoke budgets: checks the script in seconds")
     p.add_argument("--out", default=None, help="JSON file for every row (appended to when it exists)")
     args = p.parse_args(argv)
+    rows = []
     for name in args.recipes:
         row = run_recipe(name, args.seed, args)
-        print(f"{name}: validation accuracy {row['validation_accuracy']:.4f} "
-              f"({row['epochs']} epochs, {row['seconds']} s)", flush=True)
+        rows.append(row)
+        echo(f"{name}: validation accuracy {row['validation_accuracy']:.4f} "
+             f"({row['epochs']} epochs, {row['seconds']} s)")
         if args.out:
-            rows = json.load(open(args.out)) if os.path.exists(args.out) else []
+            previous = json.load(open(args.out)) if os.path.exists(args.out) else []
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:
-                json.dump(rows + [row], f, indent=1)
+                json.dump(previous + [row], f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":
