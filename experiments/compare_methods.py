@@ -95,9 +95,7 @@ def parse_list(text: str, what: str, cast: Callable = str) -> list:
 
 def dataset_config(c, dataset: str, seed: int):
     """A copy of `c` for one dataset and seed, with that dataset's epoch budget."""
-    import ml_collections  # noqa: PLC0415
-
-    out = ml_collections.ConfigDict(c.to_dict())
+    out = copy.deepcopy(c)  # not ConfigDict(c.to_dict()): that drops the FieldReferences ("default" -> 1.0)
     out.dataset, out.seed = dataset, seed
     budgets = c.get("compare", {}).get("budgets", {})
     if dataset in budgets and not c.get("smoke", False):
