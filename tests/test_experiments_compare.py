@@ -213,10 +213,10 @@ def test_fashion_mnist_experiment_smoke(tmp_path):
     assert fashion_mnist.main(["--smoke", "--workdir", str(tmp_path), *FAST], echo=lines.append) == 0
     payload = json.loads((tmp_path / "fashion_mnist.json").read_text())
     runs = payload["datasets"]["fashion_mnist"]["runs"]
-    assert set(runs) == {"teacher", "tree-labels", "tree-fm", "linear-labels", "linear-kd", "linear-fm",
+    assert set(runs) == {"teacher", "tree-labels", "tree-kd", "linear-labels", "linear-kd", "linear-fm",
                          "sk-tree-d8", "sk-logreg-pca"}
-    assert runs["tree-fm"][0]["train_images"] == 600 and "ig_spearman" in runs["tree-fm"][0]
+    assert runs["linear-fm"][0]["train_images"] == 600 and "ig_spearman" in runs["linear-fm"][0]
     assert "ig_spearman" not in runs["sk-tree-d8"][0] and "ig_spearman" in runs["sk-logreg-pca"][0]
     paired = payload["datasets"]["fashion_mnist"]["paired"]
-    assert {"tree-fm vs tree-labels", "tree-fm vs sk-tree-d8", "linear-fm vs sk-logreg-pca"} <= set(paired)
-    assert "| tree-fm | sk-tree-d8 |" in (tmp_path / "fashion_mnist.md").read_text()
+    assert {"tree-kd vs tree-labels", "tree-kd vs sk-tree-d8", "linear-kd vs sk-logreg-pca"} <= set(paired)
+    assert "| tree-kd | sk-tree-d8 |" in (tmp_path / "fashion_mnist.md").read_text()

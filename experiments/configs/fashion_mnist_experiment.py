@@ -53,7 +53,7 @@ def get_config():
         explain_images=100,  # class-stratified test images for the integrated-gradients scores
         smoke=ml_collections.ConfigDict(dict(
             datasets="fashion_mnist", seeds="0", train_limit=600, explain_images=10,
-            students="tree-labels,tree-fm,linear-labels,linear-kd,linear-fm",
+            students="tree-labels,tree-kd,linear-labels,linear-kd,linear-fm",
             baselines="sk-tree-d8,sk-logreg-pca")),
     ))
     return c
