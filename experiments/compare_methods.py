@@ -261,10 +261,12 @@ def run_seed(c, dataset: str, seed: int, mesh, *, echo: Callable[[str], None] = 
 
 
 def _same_run(config: dict, saved: dict) -> bool:
-    """Whether a saved seed was trained with `config`; which seeds and datasets the run lists does not matter."""
+    """Whether a saved seed was trained with `config`; which seeds and datasets the run lists, and the --smoke
+    settings of a run that is not a smoke run, do not matter."""
     def trimmed(d: dict) -> dict:
         d = json.loads(json.dumps(d, default=str))
-        compare = {k: v for k, v in d.get("compare", {}).items() if k not in ("seeds", "datasets")}
+        ignored = ("seeds", "datasets") + (() if d.get("smoke") else ("smoke",))
+        compare = {k: v for k, v in d.get("compare", {}).items() if k not in ignored}
         return {**d, "compare": compare}
 
     return trimmed(config) == trimmed(saved)
