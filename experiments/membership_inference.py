@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -132,7 +133,7 @@ def pate_student(model, student, x_members, y_members, x_public, s: dict, seed: 
     p = {"teacher_model": "mlp", "teacher_hidden": s["teacher_hidden"], "teacher_epochs": s["epochs"],
          "teacher_batch_size": s["batch_size"], "teacher_learning_rate": s["learning_rate"]}
     n_t = s["pate_teachers"]
-    _, ens, _ = pr.train_pate_ensemble(type("P", (), p), n_t, x_members, y_members, int(y_members.max()) + 1, seed)
+    _, ens, _ = pr.train_pate_ensemble(types.SimpleNamespace(**p), n_t, x_members, y_members, int(y_members.max()) + 1, seed)
     apply_fn = lambda params, xb: model.apply({"params": params}, xb)  # noqa: E731
     queries = x_public[: s["pate_queries"]]
     votes, _ = pr.ensemble_votes_and_predictions(apply_fn, ens.params, queries, chunk=500)
@@ -143,11 +144,8 @@ def pate_student(model, student, x_members, y_members, x_public, s: dict, seed: 
                                   batch_size=s["batch_size"], learning_rate=s["learning_rate"], seed=seed)
     accounting = dict(kw, delta=s["delta"], answered=answered)
     return params, {"mechanism": "PATE (Confident GNMax)", "answered": int(answered.sum()),
-                    "epsilon": privacy.pate_epsilon(votes, sigma=kw["sigma"], delta=s["delta"],
-                                                    threshold=kw["threshold"], sigma_threshold=kw["sigma_threshold"],
-                                                    answered=answered),
-                    "epsilon_data_dependent": privacy.pate_epsilon(votes, **{**accounting, "sigma": kw["sigma"]},
-                                                                   data_dependent=True)}
+                    "epsilon": privacy.pate_epsilon(votes, **accounting),
+                    "epsilon_data_dependent": privacy.pate_epsilon(votes, **accounting, data_dependent=True)}
 
 
 def run(s: dict, seed: int, echo=print) -> dict:

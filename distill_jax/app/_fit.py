@@ -125,9 +125,7 @@ def _train(name: str, kind: str, method: str, model: nn.Module, *, extra: dict, 
         arrays.update(cache_teacher_outputs(t_model, t_vars, x_fit, y_fit, needs,
                                                     inputs=prep.inputs, mesh=parallel.local_mesh()))
     dp = dp_sgd_of(budget)
-    batch_cap = dp_batch_cap(dp, budget, steps, len(y_fit))
-    if batch_cap is not None:
-        parallel.check_batch_size(batch_cap, mesh, what=f"{name} Poisson batch cap")
+    batch_cap = dp_batch_cap(dp, budget, steps, len(y_fit))  # `fit` checks that the devices can split it
     step_fn = make_train_step(loss_fn, optimizer, mesh, dp=dp)
     predict_fn = make_host_predict_fn(model, prep, mesh)
 

@@ -172,8 +172,10 @@ def array_epochs(data: Mapping[str, np.ndarray], cfg: FitConfig, start: int) -> 
 
     total = per_epoch * cfg.epochs
     poisson = cfg.sampling == "poisson"
-    cap = ((cfg.batch_cap or poisson_batch_cap(n, local_bs, total, multiple_of=jax.local_device_count()))
-           if poisson else local_bs)
+    cap = (cfg.batch_cap or poisson_batch_cap(n, local_bs, total, multiple_of=jax.local_device_count())) if poisson else None
+
+    def rows(idx: np.ndarray, mask: np.ndarray | None) -> dict:
+        return {k: v[idx] for k, v in data.items()} | ({} if mask is None else {"mask": mask})
 
     def epochs():
         for epoch in range(start // per_epoch, cfg.epochs):
@@ -182,8 +184,7 @@ def array_epochs(data: Mapping[str, np.ndarray], cfg: FitConfig, start: int) -> 
             else:
                 order, masks = epoch_batch_indices(n, local_bs, seed=cfg.seed, epoch=epoch), None
             first = start - epoch * per_epoch if epoch == start // per_epoch else 0
-            yield epoch, ({**{k: v[idx] for k, v in data.items()}, **({} if masks is None else {"mask": masks[i]})}
-                          for i, idx in enumerate(order[first:], start=first))
+            yield epoch, (rows(order[i], None if masks is None else masks[i]) for i in range(first, len(order)))
 
     return epochs(), total
 
