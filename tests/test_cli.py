@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from distill_jax import audit
 from distill_jax.app import _settings, cli, job
 from distill_jax.audit import verdict
 from distill_jax.compilation import CompileCounter
@@ -95,6 +96,101 @@ def test_explain_recomputes_from_checkpoints(smoke_run, capsys):
     for name in before["explanations"]:
         assert after["explanations"][name]["ig_completeness_error"] == pytest.approx(
             before["explanations"][name]["ig_completeness_error"], rel=1e-3, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- explorer.html in a real browser
+
+# what the page shows for the chosen image, read from its elements' data-* attributes and canvases
+READ_EXPLORER = """() => {
+  const q = (sel) => [...document.querySelectorAll(sel)];
+  const pixelsG = (c) => { const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+                           return [...d].filter((_, k) => k % 4 === 1); };
+  return {
+    testIndex: Number(document.getElementById("selected").dataset.testIndex),
+    predictions: Object.fromEntries(q("#predictions tr[data-model]").map((r) => [r.dataset.model, {
+      cls: Number(r.querySelector(".pred").dataset.class), prob: Number(r.querySelector(".prob").dataset.prob),
+      accuracy: Number(r.querySelector(".accuracy").dataset.value)}])),
+    leaves: Object.fromEntries(q(".leafstrip").map((s) => [s.dataset.model,
+      [...s.querySelectorAll("rect")].map((r) => Number(r.dataset.pathProb))])),
+    path: Object.fromEntries(q(".tree-svg").map((s) => [s.dataset.model,
+      [...s.querySelectorAll(".node.on-path")].map((g) => Number(g.dataset.node))])),
+    linear: Object.fromEntries(q(".linear").map((d) => [d.dataset.model, Object.fromEntries(
+      [...d.querySelectorAll("tr.logit")].map((r) => [r.dataset.class, Number(r.dataset.value)]))])),
+    saliency: Object.fromEntries(q('canvas.map[data-method="saliency"]').map((c) => [c.dataset.model,
+      {max: Number(c.dataset.max), scale: Number(c.dataset.scale), g: pixelsG(c)}])),
+  };
+}"""
+
+
+def _chromium() -> str:
+    """The browser executable, or a one-line skip."""
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    pytest.skip("no Chromium on PATH (Debian: apt-get install chromium); the explorer's browser test needs one")
+
+
+def _read_explorer_after_a_click(path: str, image: int, screenshot: str) -> tuple[dict, list[str]]:
+    """Opens explorer.html from file:// in headless Chromium, clicks thumbnail `image`, unticks the shared scale
+    (each map on its own maximum) and returns what the page shows, and every JavaScript error raised."""
+    from playwright.sync_api import sync_playwright
+
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1300, "height": 1000})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto("file://" + os.path.abspath(path))
+        page.wait_for_selector("body[data-ready=true]", timeout=30_000)
+        page.click(f'.thumb[data-i="{image}"]')
+        page.wait_for_selector(f'#selected[data-i="{image}"]')
+        page.screenshot(path=screenshot, full_page=False)
+        page.uncheck("#shared-scale")
+        shown = page.evaluate(READ_EXPLORER)
+        browser.close()
+    return shown, errors
+
+
+def test_explorer_in_a_browser_matches_the_saved_models(smoke_run, tmp_path):
+    """Click an image in explorer.html: its predicted classes and probabilities, each soft tree's leaf path
+    probabilities and path, the linear students' logits and the saliency maps are the saved checkpoints' (1e-4)."""
+    workdir, metrics = smoke_run
+    _chromium()
+    screenshot = os.environ.get("DISTILL_JAX_EXPLORER_SCREENSHOT") or str(tmp_path / "explorer.png")
+    shown, errors = _read_explorer_after_a_click(os.path.join(workdir, "explorer.html"), 3, screenshot)
+    assert errors == []
+    assert os.path.getsize(screenshot) > 10_000
+    _, trained, prep, _ = job.load_trained(workdir)
+    index = shown["testIndex"]
+    x, label = prep.inputs(prep.x_test[index : index + 1]), int(prep.y_test[index])
+    assert set(shown["predictions"]) == {t.name for t in trained}
+    for t in trained:
+        probs = np.asarray(jax.nn.softmax(t.apply_fn(x)[0]))
+        seen = shown["predictions"][t.name]
+        assert seen["cls"] == int(probs.argmax()) and seen["prob"] == pytest.approx(float(probs.max()), abs=1e-4)
+        assert seen["accuracy"] == pytest.approx(metrics["models"][t.name]["accuracy"])
+        if t.kind == "tree":
+            routes = audit.tree_routes(t.model, t.variables, x)
+            np.testing.assert_allclose(shown["leaves"][t.name], routes["path_probs"][0], atol=1e-4)
+            node, path = 0, []
+            while node < len(routes["routing"][0]):
+                path.append(node)
+                node = 2 * node + 1 + int(routes["routing"][0][node] > 0.5)
+            assert sorted(shown["path"][t.name]) == path  # breadth-first ids grow along a path
+        if t.kind == "linear":
+            logits = np.asarray(t.apply_fn(x)[0])
+            np.testing.assert_allclose([shown["linear"][t.name][str(k)] for k in range(len(logits))], logits,
+                                       atol=1e-4)
+        saliency = np.abs(audit.attribution_maps(t.model, t.variables, x, jax.numpy.asarray([label]),
+                                                 methods=("saliency",), ig_steps=1, smoothgrad_samples=1,
+                                                 key=jax.random.PRNGKey(0))["saliency"][0]).sum(-1)
+        seen = shown["saliency"][t.name]
+        assert seen["max"] == pytest.approx(float(saliency.max()), rel=1e-3) and seen["scale"] == seen["max"]
+        expected_g = 255 - np.round(255 * np.round(255 * saliency / saliency.max()) / 255)
+        assert np.abs(np.asarray(seen["g"]) - expected_g.ravel()).max() <= 2  # the page's white-to-red scale
+    assert len(shown["leaves"]) == 2 and len(shown["linear"]) == 2  # tree-labels, tree-kd; linear-labels, -kd
 
 
 # --------------------------------------------------------------------------- bad input

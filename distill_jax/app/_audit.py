@@ -16,18 +16,20 @@ from distill_jax.app._prepare import Prepared
 from distill_jax.audit._evaluators import (
     attribution_maps,
     cka_scores,
-    faithfulness_scores,
+    faithfulness_per_image,
     features_of,
+    image_means,
     ig_completeness,
     linear_student,
     local_agreement,
     perturbed_views,
-    quality_scores,
+    quality_per_image,
     queries_of,
     randomization_scores,
     rank_methods,
     robustness_scores,
     saliency_max_sensitivity,
+    tree_routes,
     tree_student,
 )
 from distill_jax.data._batches import stratified_indices
@@ -53,6 +55,10 @@ class Audit:
     linear: dict  # linear student name -> audit.linear_student(...)
     trees: dict  # tree student name -> audit.tree_student(...)
     ranking: dict  # model -> method -> {ranks: {metric: rank}, mean_rank} (audit.rank_methods)
+    per_image: dict  # model -> method -> metric -> [n]: the explanation scores of each explained image
+    sample_index: np.ndarray  # [n] test-set index of each explained image
+    sample_logits: dict  # model -> [n, classes] logits on the explained images
+    routes: dict  # tree student name -> audit.tree_routes(...) on the explained images
 
 
 def purpose_key(seed: int, purpose: str) -> jax.Array:
@@ -65,29 +71,38 @@ def purpose_key(seed: int, purpose: str) -> jax.Array:
 
 
 def test_sample(prep: Prepared, n: int, *, seed: int) -> tuple[jax.Array, jax.Array]:
-    """`n` test images stratified by class (one per class before any repeats) as model inputs, and their labels."""
-    idx = stratified_indices(prep.y_test, n, seed=seed)
+    """`n` test images stratified by class (one per class before any repeats) as model inputs, and their labels.
+
+    The images are `prep.x_test[test_sample_indices(prep, n, seed=seed)]`."""
+    idx = test_sample_indices(prep, n, seed=seed)
     return prep.inputs(prep.x_test[idx]), jnp.asarray(prep.y_test[idx])
 
 
-def _explain_stage(t: Trained, teacher: Trained, maps: dict, x, target, e, seed: int) -> tuple[dict, dict, dict]:
-    """One model's attribution maps, their faithfulness scores and curves (teacher's maps for agreement)."""
+def test_sample_indices(prep: Prepared, n: int, *, seed: int) -> np.ndarray:
+    """The test-set indices [n] of `test_sample`'s images."""
+    return np.asarray(stratified_indices(prep.y_test, n, seed=seed))
+
+
+def _explain_stage(t: Trained, teacher: Trained, maps: dict, x, target, e, seed: int) -> tuple[dict, dict, dict, dict]:
+    """One model's attribution maps, their faithfulness scores (means), curves and per-image scores (teacher's maps
+    for agreement)."""
     model_maps = attribution_maps(t.model, t.variables, x, target, methods=tuple(e.methods),
                                         ig_steps=e.ig_steps, smoothgrad_samples=e.smoothgrad_samples,
                                         key=purpose_key(seed, "smoothgrad"))
-    scores, curves = faithfulness_scores(t.model, t.variables, x, target, model_maps,
-                                        None if t is teacher else maps[teacher.name], steps=e.faithfulness_steps)
+    per_image, curves = faithfulness_per_image(t.model, t.variables, x, target, model_maps,
+                                               None if t is teacher else maps[teacher.name], steps=e.faithfulness_steps)
+    quality = quality_per_image(t.model, t.variables, x, target, model_maps,
+                                key=purpose_key(seed, "explanation_quality"), samples=e.quality_samples)
+    for method, values in quality.items():
+        per_image[method].update(values)
     scores = {"saliency_max_sensitivity": saliency_max_sensitivity(
         t.model, t.variables, x, target, radius=e.sensitivity_radius, key=purpose_key(seed, "max_sensitivity")),
-        **scores}
-    quality = quality_scores(t.model, t.variables, x, target, model_maps,
-                                        key=purpose_key(seed, "explanation_quality"), samples=e.quality_samples)
-    for method, values in quality.items():
-        scores[method].update(values)
+        **image_means(per_image)}
     if "integrated_gradients" in model_maps:
         scores["ig_completeness_error"] = ig_completeness(t.model, t.variables, x, target,
                                                                 model_maps["integrated_gradients"])
-    return model_maps, scores, curves
+    curves = {m: {k: v.mean(0) for k, v in c.items()} for m, c in curves.items()}
+    return model_maps, scores, curves, per_image
 
 
 def _analysis_stage(trained: list[Trained], prep: Prepared, x, target, xa, ya, seed: int) -> tuple[dict, dict, dict]:
@@ -135,7 +150,7 @@ def audit_models(trained: list[Trained], prep: Prepared, c, *, show_progress: bo
                                                       *test_sample(prep, c.analysis_images, seed=c.seed)), mesh)
     trained = [dataclasses.replace(t, variables=parallel.replicate(t.variables, mesh)) for t in trained]
     teacher = trained[0]
-    maps, curves, explanations, robust = {}, {}, {}, {}
+    maps, curves, explanations, robust, per_image = {}, {}, {}, {}, {}
     # local fidelity: the students against the teacher on perturbed copies of the attack sample
     views = perturbed_views(np.asarray(xr), key=purpose_key(c.seed, "local_fidelity"))
     teacher_queries = queries_of(teacher.model, teacher.variables)
@@ -145,8 +160,8 @@ def audit_models(trained: list[Trained], prep: Prepared, c, *, show_progress: bo
         for t, stage in stages:
             bar.set_postfix_str(f"{stage} {t.name if t else 'students'}")
             if stage == "explain":
-                maps[t.name], explanations[t.name], curves[t.name] = _explain_stage(t, teacher, maps, x, target, e,
-                                                                                   c.seed)
+                maps[t.name], explanations[t.name], curves[t.name], per_image[t.name] = _explain_stage(
+                    t, teacher, maps, x, target, e, c.seed)
             elif stage == "attack":
                 robust[t.name] = robustness_scores(t.model, t.variables, xr, yr, epsilon=r.epsilon,
                                                   pgd_steps=r.pgd_steps, key=purpose_key(c.seed, "attack"))
@@ -156,8 +171,10 @@ def audit_models(trained: list[Trained], prep: Prepared, c, *, show_progress: bo
                 analysis_out, linear, trees = _analysis_stage(trained, prep, x, target, xa, ya, c.seed)
             bar.update(1)
     ranking = {name: rank_methods({m: per[m] for m in maps[name]}) for name, per in explanations.items()}
+    sample_logits = {t.name: queries_of(t.model, t.variables).logits(np.asarray(x)) for t in trained}
+    routes = {t.name: tree_routes(t.model, t.variables, x) for t in trained if t.kind == "tree"}
     return Audit(explanations, robust, analysis_out, np.asarray(x), np.asarray(target), maps, curves, linear, trees,
-                 ranking)
+                 ranking, per_image, test_sample_indices(prep, e.num_images, seed=c.seed), sample_logits, routes)
 
 
 def model_metrics(t: Trained, teacher: Trained | None, prep: Prepared) -> dict:

@@ -91,7 +91,7 @@ def run(c, workdir: str, *, show_progress: bool | None = None, echo: Callable[[s
 def explain_and_report(result: dict, everyone: list[Trained], prep: Prepared, c, workdir: str, *, main: bool = True,
                        echo: Callable[[str], None] = print, show_progress: bool | None = None) -> dict:
     """Explains every model, adds the scores and the verdict (`distill_jax.verdict`) to `result`, and writes
-    metrics.json, figures and report.html."""
+    metrics.json, figures, report.html and explorer.html."""
     timing = result["timing_s"]
     t1 = time.perf_counter()
     found = audit_models(everyone, prep, c, show_progress=show_progress if main else False)
@@ -105,7 +105,7 @@ def explain_and_report(result: dict, everyone: list[Trained], prep: Prepared, c,
     result["analysis"] = found.analysis
     result["verdict"] = decide(result)
     if main:
-        from distill_jax.app import _figures, _page  # noqa: PLC0415 - matplotlib only where a report is written
+        from distill_jax.app import _explorer, _figures, _page  # noqa: PLC0415 - matplotlib only where a report is written
 
         _metadata.write_json(os.path.join(workdir, "metrics.json"), result)  # first: a failing figure must not lose the scores
         t2 = time.perf_counter()
@@ -115,6 +115,7 @@ def explain_and_report(result: dict, everyone: list[Trained], prep: Prepared, c,
         timing["total"] = sum(v for k, v in timing.items() if k != "total")
         _metadata.write_json(os.path.join(workdir, "metrics.json"), result)
         _page.write_html(workdir, result, figures)
+        _explorer.write_explorer(workdir, _explorer.explorer_data(result, prep, everyone, found))
         echo(_page.summary_table(result))
     return result
 

@@ -122,40 +122,51 @@ def attribution_maps(model: nn.Module, variables, x: jax.Array, target: jax.Arra
     return out
 
 
-def faithfulness_scores(model: nn.Module, variables, x, target, maps: dict[str, np.ndarray], teacher_maps, *,
-                 steps: int = 16) -> tuple[dict, dict]:
-    """Deletion/insertion AUC of every map, and its rank agreement with the teacher's map of the same method.
+def faithfulness_per_image(model: nn.Module, variables, x, target, maps: dict[str, np.ndarray], teacher_maps, *,
+                           steps: int = 16) -> tuple[dict, dict]:
+    """Deletion/insertion AUC of every map on every image, and its rank agreement with the teacher's map.
 
-    Returns (scores: method -> {deletion_auc, insertion_auc, spearman_vs_teacher, top10_overlap_vs_teacher},
-    curves: method -> {"deletion": [steps+1], "insertion": [steps+1]} averaged over images).
+    Returns (scores: method -> {deletion_auc, insertion_auc, spearman_vs_teacher, top10_overlap_vs_teacher}
+    with one value per image ([batch] arrays; the teacher terms only when `teacher_maps` has the method),
+    curves: method -> {"deletion": [batch, steps+1], "insertion": [batch, steps+1]}).
     """
     q, (xh, th) = queries_of(model, variables), _host(x, target)
     scores, curves = {}, {}
     for method, m in maps.items():
         d_auc, i_auc, d_curve, i_curve = deletion_insertion(q, xh, np.asarray(m), th, steps=steps)
-        s = {"deletion_auc": float(np.mean(d_auc)), "insertion_auc": float(np.mean(i_auc))}
+        s = {"deletion_auc": np.asarray(d_auc), "insertion_auc": np.asarray(i_auc)}
         if teacher_maps is not None and method in teacher_maps:
             a, b = np.abs(np.asarray(m)).sum(-1), np.abs(np.asarray(teacher_maps[method])).sum(-1)
-            s["spearman_vs_teacher"] = float(jnp.mean(spearman(a, b)))
-            k = max(1, a[0].size // 10)
-            s["top10_overlap_vs_teacher"] = float(jnp.mean(top_k_overlap(a, b, k=k)))
+            s["spearman_vs_teacher"] = np.asarray(spearman(a, b))
+            s["top10_overlap_vs_teacher"] = np.asarray(top_k_overlap(a, b, k=max(1, a[0].size // 10)))
         scores[method] = s
-        curves[method] = {"deletion": d_curve.mean(0), "insertion": i_curve.mean(0)}
+        curves[method] = {"deletion": np.asarray(d_curve), "insertion": np.asarray(i_curve)}
     return scores, curves
 
 
+def faithfulness_scores(model: nn.Module, variables, x, target, maps: dict[str, np.ndarray], teacher_maps, *,
+                        steps: int = 16) -> tuple[dict, dict]:
+    """`faithfulness_per_image` averaged over the images: (method -> {metric: mean}, method -> {"deletion":
+    [steps+1], "insertion": [steps+1]})."""
+    scores, curves = faithfulness_per_image(model, variables, x, target, maps, teacher_maps, steps=steps)
+    return image_means(scores), {m: {k: v.mean(0) for k, v in c.items()} for m, c in curves.items()}
 
 
-def quality_scores(model: nn.Module, variables, x, target, maps: dict[str, np.ndarray], *, key,
-                        samples: int = 32) -> dict[str, dict[str, float]]:
-    """Faithfulness correlation, infidelity (optimally scaled), sparseness and complexity of every map.
+def image_means(per_image: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
+    """method -> {metric: [batch]} to method -> {metric: mean over the images}."""
+    return {method: {k: float(np.mean(v)) for k, v in s.items()} for method, s in per_image.items()}
+
+
+def quality_per_image(model: nn.Module, variables, x, target, maps: dict[str, np.ndarray], *, key,
+                      samples: int = 32) -> dict[str, dict[str, np.ndarray]]:
+    """Faithfulness correlation, infidelity (optimally scaled), sparseness and complexity of every map on every image.
 
     Faithfulness correlation removes random tenths of the input (to zero, the standardized mean);
     infidelity uses unit-variance-scaled Gaussian noise of 0.1 with Captum's optimal scaling, so
-    maps on different scales compare. Means over the images.
+    maps on different scales compare.
 
     Returns:
-      method -> {faithfulness_correlation, infidelity, sparseness, complexity}.
+      method -> {faithfulness_correlation, infidelity, sparseness, complexity}, each [batch].
     """
     q, (xh, th) = queries_of(model, variables), _host(x, target)
     subset = max(1, int(np.prod(xh.shape[1:])) // 10)
@@ -164,13 +175,20 @@ def quality_scores(model: nn.Module, variables, x, target, maps: dict[str, np.nd
     for method, m in maps.items():
         m = np.asarray(m)
         out[method] = {
-            "faithfulness_correlation": float(np.mean(faithfulness_correlation(
-                q, xh, m, th, key=keys[0], subset_size=subset, samples=samples))),
-            "infidelity": float(np.mean(infidelity(q, xh, m, th, key=keys[1], samples=samples))),
-            "sparseness": float(jnp.mean(sparseness(m))),
-            "complexity": float(jnp.mean(complexity(m))),
+            "faithfulness_correlation": np.asarray(faithfulness_correlation(
+                q, xh, m, th, key=keys[0], subset_size=subset, samples=samples)),
+            "infidelity": np.asarray(infidelity(q, xh, m, th, key=keys[1], samples=samples)),
+            "sparseness": np.asarray(sparseness(m)),
+            "complexity": np.asarray(complexity(m)),
         }
     return out
+
+
+def quality_scores(model: nn.Module, variables, x, target, maps: dict[str, np.ndarray], *, key,
+                   samples: int = 32) -> dict[str, dict[str, float]]:
+    """`quality_per_image` averaged over the images: method -> {faithfulness_correlation, infidelity, sparseness,
+    complexity}."""
+    return image_means(quality_per_image(model, variables, x, target, maps, key=key, samples=samples))
 
 
 def rank_methods(scores: dict[str, dict[str, float]]) -> dict[str, dict]:
@@ -248,6 +266,13 @@ def local_agreement(model: nn.Module, variables, views: dict[str, np.ndarray],
 
 def _features(model, variables, x):
     return model.apply(variables, x, return_features=True)
+
+
+def tree_routes(model: nn.Module, variables, x) -> dict[str, np.ndarray]:
+    """A soft tree's routing of every image of `x`: `routing` [batch, 2^depth - 1] (right-routing probabilities,
+    breadth-first) and `path_probs` [batch, 2^depth] (leaf reach probabilities; see `models.SoftDecisionTree`)."""
+    _, f = _per_model(_features, model)(variables, x)
+    return {"routing": np.asarray(f["routing"]), "path_probs": np.asarray(f["path_probs"])}
 
 
 def features_of(model: nn.Module, variables, x) -> dict[str, np.ndarray]:
