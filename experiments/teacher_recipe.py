@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from distill_jax import parallel, train  # noqa: E402
 from distill_jax.app import config as config_lib  # noqa: E402
-from distill_jax.app._fit import train_teacher  # noqa: E402
+from distill_jax.app._fit import make_host_predict_fn, train_teacher  # noqa: E402
 from distill_jax.app._prepare import prepare_data, validation_split  # noqa: E402
 
 EXPERIMENTS = os.path.dirname(os.path.abspath(__file__))
@@ -38,6 +38,8 @@ RECIPES = {
     "flip12": {"epochs": 12, "augment_flip": True},
     "aug12-wd": {"epochs": 12, "augment_shift": 2, "augment_flip": True, "optimizer": "adamw",
                  "weight_decay": 5e-4},
+    # two aug12 teachers with their own initialisations, distilled from the mean of their logits
+    "aug12-ens2": {"epochs": 12, "augment_shift": 2, "augment_flip": True, "ensemble": 2},
 }
 
 
@@ -63,13 +65,21 @@ def run_recipe(name: str, seed: int, args) -> dict:
     if args.quick:
         c.teacher.epochs = 1
     config_lib.validate(c)
-    held = validation_split(prepare_data(c), args.validation_fraction, seed)
+    prep = prepare_data(c)
+    held = validation_split(prep, args.validation_fraction, seed)
+    mesh = parallel.make_mesh()
     start = time.perf_counter()
-    teacher = train_teacher(held, c, parallel.make_mesh(), None, show_progress=False)
-    return {"recipe": name, "seed": seed, "overrides": RECIPES[name], "epochs": int(c.teacher.epochs),
+    teacher = train_teacher(held, c, mesh, None, show_progress=False)
+    seconds = round(time.perf_counter() - start, 1)
+    test = {}
+    if args.report_test:  # read after training, never used to choose: the choice reads validation_accuracy
+        logits = train.predict(make_host_predict_fn(teacher.model, prep, mesh), teacher.variables, prep.x_test,
+                               batch_size=c.eval_batch_size, mesh=mesh)
+        test = {"test_accuracy_of_fit_part_teacher": train.accuracy_from_logits(logits, prep.y_test)}
+    return {**test, "recipe": name, "seed": seed, "overrides": RECIPES[name], "epochs": int(c.teacher.epochs),
             "fit_images": int(len(held.y_train)), "validation_images": int(len(held.y_test)),
             "validation_accuracy": train.accuracy_from_logits(teacher.test_logits, held.y_test),
-            "seconds": round(time.perf_counter() - start, 1)}
+            "seconds": seconds}
 
 
 def main(argv=None, echo=print) -> list[dict]:
@@ -78,6 +88,9 @@ def main(argv=None, echo=print) -> list[dict]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--validation-fraction", type=float, default=0.1)
     p.add_argument("--quick", action="store_true", help="the smoke budgets: checks the script in seconds")
+    p.add_argument("--report-test", action="store_true",
+                   help="also record the test accuracy of the teacher trained on the fit part (read once, after "
+                        "training; the recipe is chosen by validation accuracy)")
     p.add_argument("--out", default=None, help="JSON file for every row (appended to when it exists)")
     args = p.parse_args(argv)
     rows = []
@@ -85,7 +98,8 @@ def main(argv=None, echo=print) -> list[dict]:
         row = run_recipe(name, args.seed, args)
         rows.append(row)
         echo(f"{name}: validation accuracy {row['validation_accuracy']:.4f} "
-             f"({row['epochs']} epochs, {row['seconds']} s)")
+             f"({row['epochs']} epochs, {row['seconds']} s)"
+             + (f"; test accuracy {row['test_accuracy_of_fit_part_teacher']:.4f}" if args.report_test else ""))
         if args.out:
             previous = json.load(open(args.out)) if os.path.exists(args.out) else []
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
