@@ -47,3 +47,37 @@ def test_local_agreement_is_one_for_the_teacher_itself_and_drops_for_another_mod
     expected = np.mean([np.mean(np.asarray(net.apply(other_vars, v)).argmax(-1) == teacher_logits[k].argmax(-1))
                         for k, v in views.items()])
     assert other["mean"] == pytest.approx(expected) and other["mean"] < 1.0
+
+
+def test_perturb_some_replaces_about_the_fraction_each_by_one_kinds_view():
+    x = jax.random.normal(jax.random.PRNGKey(5), (400, 6, 6, 1))
+    kinds = ("noise", "cutout")
+    out = np.asarray(data.perturb_some(KEY, x, kinds, 0.25))
+    views = [np.asarray(data.perturb(jax.random.fold_in(KEY, 2 + i), x, k)) for i, k in enumerate(kinds)]
+    kept = np.all(out == np.asarray(x), axis=(1, 2, 3))
+    by_kind = [np.all(out == v, axis=(1, 2, 3)) for v in views]
+    assert np.all(kept | by_kind[0] | by_kind[1])  # every image is itself or exactly one kind's view of it
+    assert 0.18 < 1 - kept.mean() < 0.32 and by_kind[0].sum() > 20 and by_kind[1].sum() > 20
+    np.testing.assert_array_equal(data.perturb_some(KEY, x, kinds, 0.0), x)
+    with pytest.raises(ValueError, match="fraction must be in"):
+        data.perturb_some(KEY, x, kinds, 1.5)
+
+
+def test_students_perturbed_views_are_labelled_by_the_teacher_and_never_reach_the_teachers_training():
+    from distill_jax import distill
+    from distill_jax.app import config as config_lib
+    from distill_jax.app._settings import method_config, teacher_method_config
+    from distill_jax.distill._views import training_view
+
+    c = config_lib.default_config()
+    c.method.perturb = "all"
+    student, teacher = method_config(c, kind="tree"), teacher_method_config(c)
+    assert student.perturb == tuple(data.PERTURBATIONS) and student.changes_inputs and teacher.perturb == ()
+    x = jax.random.normal(jax.random.PRNGKey(6), (16, 4, 4, 1))
+    np.testing.assert_array_equal(training_view(KEY, x, student),
+                                  data.perturb_some(jax.random.fold_in(KEY, 3), x, student.perturb, 0.5))
+    with pytest.raises(ValueError, match="'blur' is not a perturbation"):
+        distill.MethodConfig(perturb=("blur",))
+    c.method.perturb = "noise,blur"
+    with pytest.raises(ValueError, match="method.perturb"):
+        config_lib.validate(c)

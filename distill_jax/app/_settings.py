@@ -12,6 +12,7 @@ import jax
 import ml_collections
 
 from distill_jax import parallel
+from distill_jax.data._augment import PERTURBATIONS
 from distill_jax.distill._defaults import kd_defaults
 from distill_jax.distill._method import MethodConfig
 from distill_jax.distill.prune import magnitude_pruning
@@ -97,8 +98,16 @@ def method_config(c, *, temperature: float | None = None, alpha: float | None = 
         attention_pairs=parse_pairs(m.attention_pairs, "method.attention_pairs"),
         hint_pairs=parse_pairs(m.hint_pairs, "method.hint_pairs"),
         augment_shift=m.get("augment_shift", 0), augment_flip=m.get("augment_flip", False), mixup=m.get("mixup", 0.0),
+        perturb=perturbation_kinds(m.get("perturb", "")), perturb_fraction=float(m.get("perturb_fraction", 0.5)),
         **adversarial_settings(group),
     )
+
+
+def perturbation_kinds(text: str) -> tuple[str, ...]:
+    """`method.perturb`'s comma-separated kinds ("" = none; "all" = every kind of `data.PERTURBATIONS`)."""
+    if str(text).strip() == "all":
+        return tuple(PERTURBATIONS)
+    return tuple(k.strip() for k in str(text).split(",") if k.strip())
 
 
 def adversarial_settings(group) -> dict:
@@ -185,8 +194,8 @@ def privacy_of(dp: DPSGD, budget, steps: int, n: int, batch_cap: int | None) -> 
 
 def teacher_method_config(c) -> MethodConfig:
     """The teacher's training settings: its adversarial keys, augmentation (`teacher.augment_shift/flip`) and
-    training temperature, no mixup."""
-    return dataclasses.replace(method_config(c, group=c.teacher), mixup=0.0,
+    training temperature, no mixup and no teacher-labelled perturbations."""
+    return dataclasses.replace(method_config(c, group=c.teacher), mixup=0.0, perturb=(),
                                augment_shift=c.teacher.augment_shift, augment_flip=c.teacher.augment_flip,
                                label_temperature=float(c.teacher.get("train_temperature", 1.0)))
 

@@ -17,10 +17,12 @@ from distill_jax.app._settings import (
     method_config,
     parse_pairs,
     parse_students,
+    perturbation_kinds,
     student_budget,
     teacher_method_config,
 )
 from distill_jax.audit._evaluators import ATTRIBUTION_METHODS
+from distill_jax.data._augment import PERTURBATIONS
 from distill_jax.distill._views import ADVERSARIAL, check_adversarial, check_mixup
 from distill_jax.distill.tuning import SCORES
 from distill_jax.models._util import MODEL_KINDS
@@ -97,6 +99,10 @@ def default_config() -> ml_collections.ConfigDict:
         # the students' own augmentation (teacher and student on the same shifted/flipped view; the teacher's
         # training has its own, teacher.augment_shift/flip): shifts of up to this many pixels, horizontal flips
         augment_shift=0, augment_flip=False,
+        # teacher-labelled perturbations for the students (data.perturb_some): comma-separated kinds of
+        # data.PERTURBATIONS (noise, contrast, brightness, cutout) or "all"; perturb_fraction of each batch's
+        # images is replaced by one of them, labelled by the teacher on that view; "" = off
+        perturb="", perturb_fraction=0.5,
         tree_balance=0.1, attention_p=2.0,
         attention_pairs="conv1:conv1,conv2:conv2", hint_pairs="conv2:conv2",
         # run the frozen teacher once and keep what the terms read, up to this many MB of host memory
@@ -202,6 +208,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
              "method.auto_alphas", m.auto_alphas, "must list numbers in [0, 1]")
     _require(m.auto_score in SCORES, "method.auto_score", m.auto_score, f"must be one of {list(SCORES)}")
     _require(m.mixup >= 0, "method.mixup", m.mixup, "must be >= 0 (0 = off)")
+    kinds = perturbation_kinds(m.get("perturb", ""))
+    _require(isinstance(m.get("perturb", ""), str) and all(k in PERTURBATIONS for k in kinds), "method.perturb",
+             m.get("perturb"), f"must be \"\", \"all\" or comma-separated kinds of {sorted(PERTURBATIONS)}")
+    _require(is_number(m.get("perturb_fraction", 0.5)) and 0 <= m.get("perturb_fraction", 0.5) <= 1,
+             "method.perturb_fraction", m.get("perturb_fraction"), "must be in [0, 1]")
     # DP-SGD takes each example's gradient on its own (a batch of one), where mixup would mix it with itself
     private = [g for g in ("student",) + STUDENT_KINDS if c.get(g, {}).get("dp_noise_multiplier", 0) > 0]
     _require(m.mixup == 0 or not private, "method.mixup", m.mixup,

@@ -1,7 +1,7 @@
 """Inputs: loading data sets, batching, augmentation, standardization (`preprocess`) and PCA in jnp (`pca`).
 """
 from distill_jax.data import pca, preprocess
-from distill_jax.data._augment import PERTURBATIONS, augment, mixup, perturb
+from distill_jax.data._augment import PERTURBATIONS, augment, mixup, perturb, perturb_some
 from distill_jax.data._batches import (
     eval_batches,
     num_train_batches,
@@ -34,6 +34,7 @@ __all__ = [
     "stratified_indices",
     "augment",
     "perturb",
+    "perturb_some",
     "PERTURBATIONS",
     "mixup",
     "pca",

@@ -115,3 +115,26 @@ def perturb(key: jax.Array, x: jax.Array, kind: str) -> jax.Array:
     if kind not in PERTURBATIONS:
         raise ValueError(f"kind must be one of {sorted(PERTURBATIONS)}; got {kind!r}")
     return PERTURBATIONS[kind](key, jnp.asarray(x))
+
+
+def perturb_some(key: jax.Array, x: jax.Array, kinds: tuple[str, ...], fraction: float) -> jax.Array:
+    """Each image of x [batch, h, w, c] replaced, with probability `fraction`, by one perturbation of a kind drawn
+    uniformly from `kinds` (`perturb`'s kinds and strengths); the others kept.
+
+    Keys: which images `fold_in(key, 0)`, which kind `fold_in(key, 1)`, kind i's draw `fold_in(key, 2 + i)` (each
+    kind is drawn for the whole batch, then selected per image: one compiled program whatever the choice).
+    Returns:
+      [batch, h, w, c], same dtype.
+    """
+    if not kinds:
+        raise ValueError("kinds must name at least one perturbation")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1]; got {fraction!r}")
+    x = jnp.asarray(x)
+    chosen = jax.random.bernoulli(jax.random.fold_in(key, 0), fraction, (x.shape[0],))
+    which = jax.random.randint(jax.random.fold_in(key, 1), (x.shape[0],), 0, len(kinds))
+    out = x
+    for i, kind in enumerate(kinds):
+        view = perturb(jax.random.fold_in(key, 2 + i), x, kind)
+        out = jnp.where((chosen & (which == i))[:, None, None, None], view, out)
+    return out

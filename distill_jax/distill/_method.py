@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 
+from distill_jax.data._augment import PERTURBATIONS
 from distill_jax.distill._terms import TERMS
 
 Pair = tuple[str, str]  # (student layer, teacher layer)
@@ -31,6 +32,10 @@ class MethodConfig:
     augment_shift: int = 0
     augment_flip: bool = False
     mixup: float = 0.0  # Beta(mixup, mixup) weights of `data.mixup` on every batch; 0 = off
+    # label-preserving perturbations the teacher labels (`data.perturb_some`): kinds of `data.PERTURBATIONS`, and
+    # the share of each batch's images replaced by one of them; () = off
+    perturb: tuple[str, ...] = ()
+    perturb_fraction: float = 0.5
     # adversarial training (`ADVERSARIAL_METHODS`): "none" or "pgd"; budget and step in standardized input units
     adversarial: str = "none"
     adversarial_epsilon: float = 0.25
@@ -46,6 +51,11 @@ class MethodConfig:
             raise ValueError(f"tree_balance must be >= 0; got {self.tree_balance}")
         if not self.label_temperature > 0:
             raise ValueError(f"label_temperature must be > 0; got {self.label_temperature}")
+        unknown = [k for k in self.perturb if k not in PERTURBATIONS]
+        if unknown:
+            raise ValueError(f"perturb: {unknown[0]!r} is not a perturbation; use any of {sorted(PERTURBATIONS)}")
+        if not 0.0 <= self.perturb_fraction <= 1.0:
+            raise ValueError(f"perturb_fraction must be in [0, 1]; got {self.perturb_fraction}")
         if self.mixup < 0:
             raise ValueError(f"mixup must be >= 0 (0 = off); got {self.mixup}")
         if self.adversarial not in ADVERSARIAL_METHODS:
@@ -71,7 +81,7 @@ class MethodConfig:
     def changes_inputs(self) -> bool:
         """Whether each step sees new inputs (augmentation, mixup or adversarial examples): then no teacher
         output can be cached."""
-        return bool(self.augment_shift or self.augment_flip or self.mixup or self.adversarial_on)
+        return bool(self.augment_shift or self.augment_flip or self.perturb or self.mixup or self.adversarial_on)
 
 
 _TERM_RE = re.compile(r"^\s*(?:(?P<w>[0-9.eE+-]+)\s*\*\s*)?(?P<name>[a-z_]+)\s*$")

@@ -7,7 +7,7 @@ from typing import Callable
 
 import jax
 
-from distill_jax.data._augment import augment, mixup
+from distill_jax.data._augment import augment, mixup, perturb_some
 from distill_jax.distill._method import ADVERSARIAL_METHODS, MethodConfig, Pair, parse_method
 from distill_jax.distill._terms import TERMS
 from distill_jax.models._adapters import NETWORK
@@ -101,13 +101,16 @@ def adversarial_view(apply_fn: Callable[[jax.Array], jax.Array], x: jax.Array, l
 
 def training_view(key: jax.Array, x: jax.Array, cfg: MethodConfig, *, labels: jax.Array | None = None,
                   apply_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
-    """The view of a batch that student and teacher both see: `data.augment`, then `data.mixup`, then
-    `adversarial_view` against `apply_fn` (the model being trained) with `labels`, each when on.
+    """The view of a batch that student and teacher both see: `data.augment`, then `data.perturb_some`, then
+    `data.mixup`, then `adversarial_view` against `apply_fn` (the model being trained) with `labels`, each when on.
 
-    Keys: the augmentation reads `key`, mixup `fold_in(key, 1)`, the attack's random start `fold_in(key, 2)`.
+    Keys: the augmentation reads `key`, mixup `fold_in(key, 1)`, the attack's random start `fold_in(key, 2)`, the
+    perturbations `fold_in(key, 3)`.
     """
     if cfg.augment_shift or cfg.augment_flip:
         x = augment(key, x, max_shift=cfg.augment_shift, flip=cfg.augment_flip)
+    if cfg.perturb:
+        x = perturb_some(jax.random.fold_in(key, 3), x, tuple(cfg.perturb), cfg.perturb_fraction)
     if cfg.mixup:
         x, _ = mixup(jax.random.fold_in(key, 1), x, alpha=cfg.mixup)
     if cfg.adversarial_on:
