@@ -57,7 +57,7 @@ def dataset_config(name: str, *, fashion_images: int, seed: int, quick: bool):
         c.dataset = name
     c.seed = seed
     if quick:
-        config_lib.apply_smoke(c)
+        c = config_lib.apply_smoke(c)  # it returns a new config
     config_lib.validate(c)
     return c
 

@@ -52,7 +52,7 @@ def experiment_config(seed: int, quick: bool):
     c = module.get_config()
     c.seed = seed
     if quick:
-        config_lib.apply_smoke(c)
+        c = config_lib.apply_smoke(c)  # it returns a new config
         c.train_limit = 600
     return c
 
