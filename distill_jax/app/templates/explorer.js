@@ -297,6 +297,10 @@
     g.append(svg("text", { x: x - 37, y: y + 74 }, `P ${reach[n.j].toFixed(3)}`));
     return g;
   }
+  function leafSummary(probs) {  // the leaf's three most likely classes
+    return probs.map((p, c) => [p, c]).sort((a, b) => b[0] - a[0]).slice(0, 3)
+      .map(([p, c]) => `${CLASSES[c]} ${p.toFixed(3)}`).join(", ");
+  }
   function leafStrip(name, i) {
     const tree = TREES[name];
     const { p, reach } = reachOf(tree, i);
@@ -309,7 +313,7 @@
       if (v > reach[tree.inner + best]) best = l;
       strip.append(svg("rect", { x: 1 + l * w, y: 2, width: w - 0.5, height: 22, "data-leaf": String(l),
         "data-path-prob": String(v), class: l === onPath ? "on-path" : "", fill: `rgb(${heat(Math.sqrt(v)).join(",")})` },
-      svg("title", {}, `leaf ${l}: ${v.toFixed(4)}`)));
+      svg("title", {}, `leaf ${l}: path probability ${v.toFixed(4)}; ` + leafSummary(tree.leafProbs[l]))));
     }
     return { strip, best, bestProb: reach[tree.inner + best] };
   }
