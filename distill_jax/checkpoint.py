@@ -80,7 +80,7 @@ def save_state(manager: ocp.CheckpointManager, state) -> None:
     if step in manager.all_steps():
         _check_saved_state_is(manager, step, state)
         return
-    manager.save(step, args=ocp.args.StandardSave(state))
+    manager.save(step, args=ocp.args.StandardSave(_one_copy(state)))
     manager.wait_until_finished()
 
 
@@ -236,6 +236,22 @@ def _host(leaf) -> np.ndarray:
             leaf = jax.random.key_data(leaf)
         return np.asarray(leaf if leaf.is_fully_addressable else leaf.addressable_data(0))
     return np.asarray(leaf)
+
+
+def _one_copy(tree):
+    """With one process, each array replicated over several devices as its copy on the first: orbax would
+    otherwise split the writing of a replicated array between its replicas, compiling a slicing program per
+    array shape (XLA:CPU's fake devices, TPUs). The files are the same; restoring reads them into the shardings
+    of the template."""
+    if jax.process_count() > 1:
+        return tree
+
+    def one(leaf):
+        if isinstance(leaf, jax.Array) and len(leaf.sharding.device_set) > 1 and leaf.is_fully_replicated:
+            return leaf.addressable_data(0)
+        return leaf
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 def _abstract(template):

@@ -31,6 +31,8 @@ __all__ = [
     "CompileCounter",
     "jit",
     "run_once",
+    "shared",
+    "split_keys",
 ]
 
 
@@ -90,7 +92,7 @@ class _LazyJit:
         picked = backend.choices()
         if picked not in self._jitted:
             wanted = picked.compiler_options + (picked.run_once_compiler_options if self._run_once else ())
-            options = {name: value for name, value in wanted if _supported(name, value)}
+            options = dict(_supported_options(wanted))
             self._jitted[picked] = jax.jit(self._fun, compiler_options=options or None, **self._jit_kwargs)
         return self._jitted[picked]
 
@@ -107,6 +109,37 @@ class _LazyJit:
         return getattr(self._current(), name)
 
 
+def shared(builder: Callable) -> Callable:
+    """`builder` memoised on its arguments: equal arguments give the very same object back.
+
+    For functions that build what a jitted program closes over (a loss, an optimizer, a step): JAX
+    caches a compiled program per Python function object, so a builder that returned a new closure
+    on every call would compile a new program for every model, even an identical one. Arguments hash
+    by value where they can (linen modules, dataclasses, tuples, numbers) and by identity otherwise
+    (functions); a call with an argument that cannot be hashed (a dict, an array) is built afresh.
+    The cache holds at most 256 results (least recently used dropped).
+    """
+    cached = functools.lru_cache(maxsize=256, typed=True)(builder)
+
+    @functools.wraps(builder)
+    def build(*args, **kwargs):
+        try:
+            hash((args, tuple(sorted(kwargs.items()))))
+        except TypeError:
+            return builder(*args, **kwargs)
+        return cached(*args, **kwargs)
+
+    build.cache_clear = cached.cache_clear
+    return build
+
+
+@functools.partial(run_once, static_argnums=1)
+def split_keys(key: jax.Array, n: int) -> tuple[jax.Array, ...]:
+    """`tuple(jax.random.split(key, n))`, the same keys, from one compiled program per `n` (eagerly, the split
+    and the indexing compile a program each, per shape)."""
+    return tuple(jax.random.split(key, n))
+
+
 def _tracing(args, kwargs) -> bool:
     """Whether this call happens inside a JAX transformation (a traced argument, or an active trace)."""
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((args, kwargs))):
@@ -117,6 +150,31 @@ def _tracing(args, kwargs) -> bool:
         return False
     clean = getattr(core, "trace_state_clean", None)
     return clean is not None and not clean()
+
+
+@functools.lru_cache(maxsize=None)
+def _supported_options(options: tuple[tuple[str, object], ...]) -> tuple[tuple[str, object], ...]:
+    """The options the installed XLA accepts: all of them when one probe compiled with all of them works (one
+    program, not one per option), else those `_supported` accepts one by one."""
+    if _supported_all(options):
+        return options
+    return tuple((name, value) for name, value in options if _supported(name, value))
+
+
+def _supported_all(options: tuple[tuple[str, object], ...]) -> bool:
+    if not options:
+        return True
+    if all((name, value) in _KNOWN for name, value in options):
+        return True
+    try:
+        jax.jit(lambda: jax.numpy.zeros(()), compiler_options=dict(options)).lower().compile()
+    except Exception:  # noqa: BLE001 - XLA reports an unknown option as a runtime error of its own type
+        return False
+    _KNOWN.update(options)
+    return True
+
+
+_KNOWN: set[tuple[str, object]] = set()  # options that compiled in a probe
 
 
 @functools.lru_cache(maxsize=None)

@@ -330,3 +330,67 @@ def test_function_matching_trains_a_student_towards_the_teacher_and_mixup_refuse
     cache = {"teacher_logits": teacher.apply(t_vars, x)}  # of the stored images: wrong for a changed view
     with pytest.raises(ValueError, match="cached teacher outputs of the stored images"):
         loss_fn(state.params, {}, {"x": x, "y": y, **cache}, t_vars, jax.random.PRNGKey(0))
+
+
+class _CompiledNames:
+    """The names of the XLA programs compiled inside a `with` block (`jit(step)` for a train step)."""
+
+    def __enter__(self):
+        from distill_jax.compilation import BACKEND_COMPILE_EVENT
+
+        self.names = []
+        self._listen = lambda event, duration, fun_name="?", **_: (
+            self.names.append(fun_name) if event == BACKEND_COMPILE_EVENT else None)
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+        return False
+
+
+def test_students_of_one_architecture_share_one_compiled_train_step(setup):
+    """`distill` twice with a new student of the same architecture and other temperature and alpha: the second
+    run compiles no train step (T, alpha and the term weights are arguments of the step, not constants) and
+    nothing else either, and the two students differ (the new numbers are used)."""
+    x, y, teacher, t_vars = setup
+    x, y = np.asarray(x), np.asarray(y)
+    # a width no other test trains: the first run compiles its step here
+    run = lambda t, a: distill.distill(models.SmallCNN(N_CLASSES, conv_features=(5, 7)), teacher, x, y,  # noqa: E731
+                                       teacher_variables=t_vars, key=jax.random.PRNGKey(0), method="kd",
+                                       temperature=t, alpha=a, epochs=2, batch_size=8)
+    with _CompiledNames() as first:
+        one = run(4.0, 0.5)
+    with _CompiledNames() as second:
+        two = run(2.0, 0.9)
+    assert "jit(step)" in first.names
+    assert second.names == [], second.names
+    differ = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(two))]
+    assert any(differ)
+
+
+def test_a_loss_over_more_terms_gives_the_others_weight_zero(setup):
+    """`make_loss_fn(..., terms=...)`: a labels student's loss computed by the program of labels+kd+attention (what
+    the job shares between the students of one architecture) is its labels loss, to the bit, with its gradient;
+    the terms of the method must be among `terms`."""
+    x, y, teacher, t_vars = setup
+    cfg = distill.MethodConfig()
+    student = models.SmallCNN(N_CLASSES)
+    union = "labels+kd+attention"
+    params = distill.init_trainable(student, union, cfg, jax.random.PRNGKey(1), x[:2], teacher, t_vars)
+    cache = distill.cache_teacher_outputs(teacher, t_vars, np.asarray(x), np.asarray(y),
+                                          distill.method_needs(union, cfg), batch_size=8)
+    batch = {"x": x, "y": y, **cache}
+
+    def value_and_grad(loss_fn):
+        return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, {}, batch, None, None)[0].mean()))(params)
+
+    own = value_and_grad(distill.make_loss_fn(student, "cnn", "labels", cfg, N_CLASSES))
+    shared = distill.make_loss_fn(student, "cnn", "labels", cfg, N_CLASSES, teacher, terms=union)
+    assert shared.settings["weights"].tolist() == [1.0, 0.0, 0.0]
+    for a, b in zip(jax.tree_util.tree_leaves(own), jax.tree_util.tree_leaves(value_and_grad(shared))):
+        np.testing.assert_array_equal(a, b)
+    kd = distill.make_loss_fn(student, "cnn", "kd", cfg, N_CLASSES, teacher, terms=union)
+    assert kd.fn is shared.fn  # one program: the students differ only in their settings
+    with pytest.raises(ValueError, match="lacks its terms"):
+        distill.make_loss_fn(student, "cnn", "kd+hint", cfg, N_CLASSES, teacher, terms=union)

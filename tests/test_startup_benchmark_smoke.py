@@ -18,6 +18,6 @@ def test_warm_cache_serves_most_programs(tmp_path):
                          "--append", str(results)], log=lambda _: None)
     cold, warm = rows
     assert (cold["cache"], warm["cache"]) == ("cold", "warm")
-    assert cold["compiles"] > 50 and warm["compiles"] == cold["compiles"], rows  # the same programs...
+    assert cold["compiles"] > 25 and warm["compiles"] == cold["compiles"], rows  # the same programs (36 when written)...
     assert warm["compile_s"] < cold["compile_s"] / 4, rows  # ...loaded, not compiled
     assert "| smoke | warm |" in results.read_text()

@@ -4,15 +4,14 @@ evaluators of `distill_jax.audit` compute them.
 from __future__ import annotations
 
 import dataclasses
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax import parallel
-from distill_jax.app._fit import Trained, make_host_predict_fn
-from distill_jax.app._prepare import Prepared
+from distill_jax import compilation, parallel
+from distill_jax.app._fit import Trained, make_host_predict_fn, salted_keys
+from distill_jax.app._prepare import Prepared, model_inputs
 from distill_jax.audit._evaluators import (
     attribution_maps,
     cka_scores,
@@ -65,9 +64,9 @@ def purpose_key(seed: int, purpose: str) -> jax.Array:
     """An independent PRNG key per use (SmoothGrad noise, sensitivity noise, randomisation, attack starts).
 
     One key shared by several uses would give them the same noise bits; `fold_in` of a hash of the
-    purpose's name gives each its own stream, the same in every run with the same seed.
+    purpose's name gives each its own stream, the same in every run with the same seed (`salted_keys`).
     """
-    return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(purpose.encode()) % (2**31))
+    return salted_keys(seed, purpose)[0]
 
 
 def test_sample(prep: Prepared, n: int, *, seed: int) -> tuple[jax.Array, jax.Array]:
@@ -76,6 +75,18 @@ def test_sample(prep: Prepared, n: int, *, seed: int) -> tuple[jax.Array, jax.Ar
     The images are `prep.x_test[test_sample_indices(prep, n, seed=seed)]`."""
     idx = test_sample_indices(prep, n, seed=seed)
     return prep.inputs(prep.x_test[idx]), jnp.asarray(prep.y_test[idx])
+
+
+def test_samples(prep: Prepared, sizes: tuple[int, ...], *, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`test_sample` of each size in `sizes` as host arrays: (model inputs, labels) per size, the inputs of all
+    of them made by one call of one compiled program (op by op, each size compiled programs of its own)."""
+    idx = [test_sample_indices(prep, n, seed=seed) for n in sizes]
+    x = np.asarray(_model_inputs(prep.scaler, prep.x_test[np.concatenate(idx)]))
+    bounds = np.cumsum([0, *(len(i) for i in idx)])
+    return [(x[lo:hi], np.asarray(prep.y_test[i])) for lo, hi, i in zip(bounds[:-1], bounds[1:], idx)]
+
+
+_model_inputs = compilation.run_once(model_inputs)
 
 
 def test_sample_indices(prep: Prepared, n: int, *, seed: int) -> np.ndarray:
@@ -145,9 +156,8 @@ def audit_models(trained: list[Trained], prep: Prepared, c, *, show_progress: bo
     e, r = c.explain, c.robustness
     # each process audits the same samples on its own devices: batches split over them, variables placed once
     mesh = parallel.local_mesh()
-    x, target, xr, yr, xa, ya = parallel.place_batch((*test_sample(prep, e.num_images, seed=c.seed),
-                                                      *test_sample(prep, r.num_images, seed=c.seed),
-                                                      *test_sample(prep, c.analysis_images, seed=c.seed)), mesh)
+    samples = test_samples(prep, (e.num_images, r.num_images, c.analysis_images), seed=c.seed)
+    x, target, xr, yr, xa, ya = parallel.place_batch(tuple(a for pair in samples for a in pair), mesh)
     trained = [dataclasses.replace(t, variables=parallel.replicate(t.variables, mesh)) for t in trained]
     teacher = trained[0]
     maps, curves, explanations, robust, per_image = {}, {}, {}, {}, {}
@@ -184,13 +194,14 @@ def model_metrics(t: Trained, teacher: Trained | None, prep: Prepared) -> dict:
            "sparsity": round(sparsity(t.variables["params"]), 4),
            "train_seconds": round(t.seconds, 2), "train_images": t.train_images}
     if teacher is not None:
-        out.update(
-            agreement=float(agreement(jnp.asarray(t.test_logits), jnp.asarray(teacher.test_logits))),
-            kl=float(mean_kl(jnp.asarray(t.test_logits), jnp.asarray(teacher.test_logits))),
-            method=t.method,
-        )
+        agree, kl = _fidelity(t.test_logits, teacher.test_logits)
+        out.update(agreement=float(agree), kl=float(kl), method=t.method)
     out.update(t.settings)
     return out
+
+
+# agreement and KL of one student, host logits in: one compiled program for both
+_fidelity = compilation.run_once(lambda student, teacher: (agreement(student, teacher), mean_kl(student, teacher)))
 
 
 def membership_attack(t: Trained, prep: Prepared, c, mesh, *, images: int = 1000) -> dict:

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import optax
 
-from distill_jax import checkpoint, parallel, train
+from distill_jax import checkpoint, compilation, parallel, train
 from distill_jax.app import _metadata
 from distill_jax.app._prepare import Prepared, model_inputs, validation_split
 from distill_jax.app._settings import (
@@ -26,6 +26,7 @@ from distill_jax.app._settings import (
     dp_sgd_of,
     kd_values,
     method_config,
+    parse_students,
     privacy_of,
     pruning_of,
     student_budget,
@@ -100,29 +101,36 @@ def training_set(needs: Needs, prep: Prepared, teacher: Trained | None, c, mesh)
 
 def _train(name: str, kind: str, method: str, model: nn.Module, *, extra: dict, budget, prep: Prepared,
            mcfg: MethodConfig, c, mesh, ckpt_dir: str | None = None, teacher: Trained | None = None,
-           cache_teacher: bool = True, show_progress: bool | None = None) -> Trained:
+           cache_teacher: bool = True, show_progress: bool | None = None, terms: str | None = None) -> Trained:
+    """Trains one model. `terms`: the terms its compiled loss holds (`shared_terms`; None: its method's own);
+    used only where the teacher's outputs for all of them can be cached, else the method's own."""
     start = time.perf_counter()
     parallel.check_batch_size(budget.batch_size, mesh, what=f"{name} batch_size")
-    key = jax.random.PRNGKey(c.seed)
-    init_key, state_key = jax.random.split(jax.random.fold_in(key, zlib.crc32(name.encode()) % (2**31)))
-    sample = prep.inputs(prep.x_train[:2])
+    _, init_key, state_key = salted_keys(c.seed, name)
+    sample = np.zeros((2, *prep.x_train.shape[1:]), np.float32)  # shapes only: initial parameters depend on the keys
     t_model, t_vars = (teacher.model, teacher.variables) if teacher else (None, None)
-    params = init_trainable(model, method, mcfg, init_key, sample, t_model, t_vars, extra=extra)
     needs = method_needs(method, mcfg)
     x_fit, y_fit = training_set(needs, prep, teacher, c, mesh)
+    if terms is not None and method_needs(terms, mcfg) != needs and not (
+            cache_teacher and teacher is not None and
+            _teacher_cache_fits(name, method_needs(terms, mcfg), mcfg, t_model, t_vars, x_fit, prep, c, quiet=True)):
+        terms = None  # the other terms would need the teacher inside every step: not worth a shared program
+    program = method if terms is None else terms
+    program_needs = method_needs(program, mcfg)
+    params = init_trainable(model, program, mcfg, init_key, sample, t_model, t_vars, extra=extra)
     steps = train.total_steps(len(y_fit), parallel.local_batch_size(budget.batch_size), budget.epochs)
     # a tree trained by Adam on leaf logits read at T: leaf steps x T (distill.tree_leaf_step_scale), then pruning
     extras = [t for t in (tree_leaf_step(tree_leaf_step_scale(kind, method, mcfg, budget.optimizer)),
                           pruning_of(budget, steps)) if t is not None]
     optimizer = make_optimizer(budget.optimizer, learning_rate=budget.learning_rate, total_steps=steps,
                                momentum=budget.momentum, weight_decay=budget.weight_decay, schedule=budget.schedule,
-                               extra=optax.chain(*extras) if extras else None)
+                               extra=_chain(*extras) if extras else None)
     state = create_state(params, optimizer, key=state_key, extra=extra)
-    loss_fn = with_inputs(make_loss_fn(model, kind, method, mcfg, prep.num_classes, t_model), prep.inputs)
+    loss_fn = with_inputs(make_loss_fn(model, kind, method, mcfg, prep.num_classes, t_model, terms=terms), prep.inputs)
     arrays = {"x": x_fit, "y": y_fit}
-    use_cache = cache_teacher and _teacher_cache_fits(name, needs, mcfg, t_model, t_vars, x_fit, prep, c)
+    use_cache = cache_teacher and _teacher_cache_fits(name, program_needs, mcfg, t_model, t_vars, x_fit, prep, c)
     if use_cache:
-        arrays.update(cache_teacher_outputs(t_model, t_vars, x_fit, y_fit, needs,
+        arrays.update(cache_teacher_outputs(t_model, t_vars, x_fit, y_fit, program_needs,
                                                     inputs=prep.inputs, mesh=parallel.local_mesh()))
     dp = dp_sgd_of(budget)
     batch_cap = dp_batch_cap(dp, budget, steps, len(y_fit))  # `fit` checks that the devices can split it
@@ -150,7 +158,7 @@ def _train(name: str, kind: str, method: str, model: nn.Module, *, extra: dict, 
     resume = c.get("resume", False)
     record = (lambda h: record_history(history_path, name, h, resume=resume)) if history_path else None
     state, history = train.fit(state, step_fn, arrays, fit_cfg, mesh=mesh,
-                               teacher=t_vars if (needs.teacher and not use_cache) else None,
+                               teacher=t_vars if (program_needs.teacher and not use_cache) else None,
                                evaluate=evaluate, save=save, on_epoch=record)
     if record is not None:  # a finished model resumed runs no epoch: its history comes from the file
         history = record(history)
@@ -166,8 +174,43 @@ def _train(name: str, kind: str, method: str, model: nn.Module, *, extra: dict, 
                    time.perf_counter() - start, settings=settings, train_images=len(y_fit))
 
 
+@compilation.shared
+def _chain(*transforms: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`optax.chain`, the same object for the same transformations (one optimizer, one compiled step)."""
+    return optax.chain(*transforms)
+
+
+def shared_terms(kind: str, method: str, c, prep: Prepared) -> str | None:
+    """The terms of every student of `kind` in `c.students`, as one method (`"labels+kd+attention"`), for the
+    compiled loss of a student of that kind with `method`: each student weighs its own terms and gives the
+    others weight 0, so students of one architecture share one train step whatever their methods. None when
+    there is nothing to share (one method, or `method` is not among them) or their budgets differ (a transfer
+    set: students that read the teacher train on more images)."""
+    methods = [m for _, k, m in parse_students(c.students) if k == kind]
+    has_transfer = prep.x_transfer is not None and len(prep.x_transfer)
+    if len(set(methods)) < 2 or method not in methods or has_transfer:
+        return None
+    return "+".join(dict.fromkeys(term for method in methods for term, _ in parse_method(method)))
+
+
+def salted_keys(seed: int, purpose: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`fold_in(PRNGKey(seed), crc32(purpose))` and the two halves of its split, from one compiled program.
+
+    A model's initialisation and step keys are the halves for its name; the audit's draws use the key itself
+    (`purpose_key`), an independent stream per use, the same in every run with the same seed.
+    """
+    return _salted_keys(seed, zlib.crc32(purpose.encode()) % (2**31))
+
+
+@compilation.run_once
+def _salted_keys(seed, salt):
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), salt)
+    first, second = jax.random.split(key)
+    return key, first, second
+
+
 def _teacher_cache_fits(name: str, needs: Needs, mcfg: MethodConfig, t_model, t_vars,
-                        x: np.ndarray, prep: Prepared, c) -> bool:
+                        x: np.ndarray, prep: Prepared, c, *, quiet: bool = False) -> bool:
     """Whether to run the teacher once and cache its outputs, rather than inside every step.
 
     Only when a term reads the teacher, nothing (augmentation, mixup, adversarial examples) changes the
@@ -178,6 +221,8 @@ def _teacher_cache_fits(name: str, needs: Needs, mcfg: MethodConfig, t_model, t_
         return False
     size = teacher_cache_bytes(t_model, t_vars, x[:1], needs, len(x), inputs=prep.inputs)
     if size > c.method.cache_limit_mb * 2**20:
+        if quiet:
+            return False
         log.info("%s: the teacher's outputs would take %.0f MB (> method.cache_limit_mb=%s): running the teacher "
                  "inside each step instead", name, size / 2**20, c.method.cache_limit_mb)
         return False
@@ -226,7 +271,8 @@ def train_student(name: str, kind: str, method: str, prep: Prepared, teacher: Tr
                          kind=kind)
     model, extra = build_model(kind, c, prep.num_classes, prep.pca)
     trained = _train(name, kind, method, model, extra=extra, budget=budget, prep=prep, mcfg=mcfg, c=c, mesh=mesh,
-                     ckpt_dir=ckpt_dir, teacher=teacher, cache_teacher=c.method.cache_teacher, **kw)
+                     ckpt_dir=ckpt_dir, teacher=teacher, cache_teacher=c.method.cache_teacher,
+                     terms=shared_terms(kind, method, c, prep), **kw)
     if "selection" in settings:
         settings["selection"]["seconds"] = round(time.perf_counter() - start - trained.seconds, 2)
     return dataclasses.replace(trained, settings={**trained.settings, **settings}, seconds=time.perf_counter() - start)
@@ -255,7 +301,8 @@ def select_kd_settings(name: str, kind: str, method: str, prep: Prepared, teache
         candidate = _train(f"{name}@T={temperature:g},alpha={alpha:g}", kind, method, model, extra=extra,
                            budget=budget, prep=held,
                            mcfg=method_config(c, temperature=temperature, alpha=alpha, group=budget), c=c, mesh=mesh,
-                           teacher=teacher, cache_teacher=m.cache_teacher, show_progress=False)
+                           teacher=teacher, cache_teacher=m.cache_teacher, show_progress=False,
+                           terms=shared_terms(kind, method, c, prep))
         return candidate.test_logits
 
     grid = candidates(*kd_values(c, kind), m.auto_temperatures, m.auto_alphas)

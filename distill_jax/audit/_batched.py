@@ -28,27 +28,33 @@ from distill_jax.metrics._faithfulness import _random_subset
 from distill_jax.metrics._similarity import pearson
 
 
-def _keys(key: jax.Array, samples: int) -> jax.Array:
-    """jax.random.split(key, samples): the reference's per-sample keys."""
-    return jax.random.split(key, samples)
+def _keys(key: jax.Array, samples: int | None) -> jax.Array:
+    """jax.random.split(key, samples): the reference's per-sample keys ([1] holding `key` itself when None).
+    Traced inside the draws below, so a draw is one compiled program with its split."""
+    return key[None] if samples is None else jax.random.split(key, samples)
 
 
-@compilation.run_once(static_argnums=1)
-def _normal(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """[S, *shape]: jax.random.normal(k, shape) for each of the S keys."""
-    return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+@compilation.run_once(static_argnums=(1, 2))
+def _normal(key: jax.Array, samples: int, shape: tuple[int, ...]) -> jax.Array:
+    """[S, *shape]: jax.random.normal(k, shape) for each of the S keys of `_keys(key, samples)`."""
+    return jax.vmap(lambda k: jax.random.normal(k, shape))(_keys(key, samples))
 
 
-@compilation.run_once(static_argnums=1)
-def _uniform(keys: jax.Array, shape: tuple[int, ...], radius: jax.Array) -> jax.Array:
-    """[S, *shape]: jax.random.uniform(k, shape, minval=-radius, maxval=radius) for each of the S keys."""
-    return jax.vmap(lambda k: jax.random.uniform(k, shape, jnp.float32, -radius, radius))(keys)
+@compilation.run_once(static_argnums=(1, 2))
+def _uniform(key: jax.Array, samples: int | None, shape: tuple[int, ...], radius: jax.Array) -> jax.Array:
+    """[S, *shape]: jax.random.uniform(k, shape, minval=-radius, maxval=radius) for each of the S keys of
+    `_keys(key, samples)`."""
+    return jax.vmap(lambda k: jax.random.uniform(k, shape, jnp.float32, -radius, radius))(_keys(key, samples))
 
 
-@compilation.run_once(static_argnums=(1, 2, 3))
-def _subsets(keys: jax.Array, batch: int, features: int, size: int) -> jax.Array:
+@compilation.run_once(static_argnums=(1, 2, 3, 4))
+def _subsets(key: jax.Array, samples: int, batch: int, features: int, size: int) -> jax.Array:
     """[S, batch, features] bool: `faithfulness._random_subset` of `size` features for each of the S keys."""
-    return jax.vmap(lambda k: _random_subset(k, batch, features, size, size))(keys)
+    return jax.vmap(lambda k: _random_subset(k, batch, features, size, size))(_keys(key, samples))
+
+
+# p_target after softmax, as one program (eagerly, each of softmax's five operations compiles one)
+_softmax = compilation.run_once(jax.nn.softmax)
 
 
 _blur = compilation.run_once(gaussian_blur, static_argnames=("sigma", "truncate"))
@@ -96,7 +102,8 @@ def smoothgrad(q: ModelQueries, x: np.ndarray, target: np.ndarray, *, key: jax.A
     """
     flat = x.reshape(len(x), -1)
     sigma = (noise * (flat.max(1) - flat.min(1))).astype(np.float32).reshape((-1,) + (1,) * (x.ndim - 1))
-    eps = np.asarray(_normal(_keys(key, samples), (1,) + x.shape))[:, 0] * sigma[None]
+    # normal(k, [1, *x.shape]) draws the same numbers as normal(k, x.shape): one program with infidelity's draws
+    eps = np.asarray(_normal(key, samples, x.shape)) * sigma[None]
     noisy = x[None] + eps
     grads = q.gradients(_stacked(noisy), np.tile(target, samples)).reshape(noisy.shape)
     return np.abs(grads).sum(0) / samples
@@ -127,11 +134,11 @@ def deletion_insertion(q: ModelQueries, x: np.ndarray, attribution: np.ndarray, 
     ranks = np.argsort(np.argsort(-score, axis=1, kind="stable"), axis=1, kind="stable")
     counts = np.round(np.linspace(0, height * width, steps + 1)).astype(np.int64)
     changed = (ranks[None] < counts[:, None, None]).reshape(steps + 1, batch, height, width, 1)
-    blurred = np.asarray(_blur(jnp.asarray(x), sigma=blur_sigma))
+    blurred = np.asarray(_blur(x, sigma=blur_sigma))
     out = []
     for images in (np.where(changed, 0.0, x[None]), np.where(changed, x[None], blurred[None])):
         logits = q.logits(_stacked(images.astype(x.dtype)))
-        p = np.asarray(jax.nn.softmax(logits, axis=-1))
+        p = np.asarray(_softmax(logits))
         curve = _picked(p, np.tile(target, steps + 1)).reshape(steps + 1, batch).T
         out.append((np.sum((curve[:, 1:] + curve[:, :-1]) / 2, axis=1) / steps, curve))
     (d_auc, d_curve), (i_auc, i_curve) = out
@@ -144,7 +151,7 @@ def faithfulness_correlation(q: ModelQueries, x: np.ndarray, attribution: np.nda
     entry-wise features, baseline 0.0), the same random subsets."""
     batch = len(x)
     features = int(np.prod(x.shape[1:]))
-    selected = np.asarray(_subsets(_keys(key, samples), batch, features, subset_size))  # [S, B, n]
+    selected = np.asarray(_subsets(key, samples, batch, features, subset_size))  # [S, B, n]
     scores = attribution.reshape(batch, -1)
     atts = np.where(selected, scores[None], 0.0).sum(-1)  # [S, B]
     removed = np.where(selected.reshape((samples,) + x.shape), 0.0, x[None]).astype(x.dtype)
@@ -158,7 +165,7 @@ def infidelity(q: ModelQueries, x: np.ndarray, attribution: np.ndarray, target: 
     """E_I[(I . A - (f(x) - f(x - I)))^2], I ~ N(0, noise^2), optionally with the optimal scale of A
     (`metrics.infidelity`), the same draws."""
     batch = len(x)
-    perturbation = noise * np.asarray(_normal(_keys(key, samples), x.shape))  # [S, B, ...]
+    perturbation = noise * np.asarray(_normal(key, samples, x.shape))  # [S, B, ...]
     explained = (perturbation.reshape(samples, batch, -1) * attribution.reshape(1, batch, -1)).sum(-1)
     full = _picked(q.logits(x), target)
     delta = full[None] - _target_logits(q, _stacked(x[None] - perturbation), target).reshape(samples, batch)
@@ -174,7 +181,7 @@ def max_sensitivity(q: ModelQueries, x: np.ndarray, target: np.ndarray, *, key: 
     (`metrics.max_sensitivity` of `attr.saliency`), the same draws."""
     batch = len(x)
     ref = saliency(q, x, target).reshape(batch, -1)
-    noisy = x[None] + np.asarray(_uniform(_keys(key, samples), x.shape, radius))
+    noisy = x[None] + np.asarray(_uniform(key, samples, x.shape, radius))
     maps = saliency(q, _stacked(noisy), np.tile(target, samples)).reshape(samples, batch, -1)
     dist = np.linalg.norm(maps - ref[None], axis=-1)
     return (dist / np.maximum(np.linalg.norm(ref, axis=-1), np.finfo(np.float32).tiny)).max(0)
@@ -199,7 +206,7 @@ def adversarial_accuracy(q: ModelQueries, x: np.ndarray, labels: np.ndarray, *, 
     if attack == "fgsm":
         adv = x + epsilon * np.sign(q.gradients(x, labels, cross_entropy=True))
     elif attack == "pgd":
-        adv = x + np.asarray(_uniform(key[None], x.shape, epsilon))[0]
+        adv = x + np.asarray(_uniform(key, None, x.shape, epsilon))[0]
         for _ in range(steps):
             adv = adv + step_size * np.sign(q.gradients(adv, labels, cross_entropy=True))
             adv = np.clip(adv, x - epsilon, x + epsilon)

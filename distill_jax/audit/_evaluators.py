@@ -20,7 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax import backend, compilation
-from distill_jax.analysis import cka_matrix, class_templates, linear_contributions, node_filters, tree_usage
+from distill_jax.analysis import (
+    _class_templates,
+    _linear_contributions,
+    _node_filters,
+    _tree_usage,
+    cka_matrix,
+)
 from distill_jax.attr._layer import grad_cam
 from distill_jax.audit._batched import (
     adversarial_accuracy,
@@ -36,6 +42,7 @@ from distill_jax.audit._batched import (
     smoothgrad,
 )
 from distill_jax.audit._queries import ModelQueries
+from distill_jax.compilation import split_keys
 from distill_jax.data._augment import PERTURBATIONS, perturb
 from distill_jax.metrics._complexity import complexity, sparseness
 from distill_jax.metrics._randomisation import randomization_check
@@ -76,7 +83,7 @@ def _host(*arrays):
 
 def spatial_layer(model: nn.Module, variables, sample_x: jax.Array) -> str | None:
     """The deepest 4-D feature map whose grid is at least 4x4 (or the largest one), for Grad-CAM; None if none."""
-    _, feats = jax.eval_shape(lambda v: model.apply(v, sample_x, return_features=True), variables)
+    _, feats = jax.eval_shape(lambda v, z: model.apply(v, z, return_features=True), variables, sample_x)
     maps = [(name, f.shape) for name, f in feats.items() if len(f.shape) == 4]
     if not maps:
         return None
@@ -116,7 +123,7 @@ def attribution_maps(model: nn.Module, variables, x: jax.Array, target: jax.Arra
         if method != "grad_cam":
             out[method] = registry[method]()
             continue
-        layer = spatial_layer(model, variables, x[:1])
+        layer = spatial_layer(model, variables, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
         if layer is not None:
             out[method] = np.asarray(_per_model(_grad_cam, model, layer)(variables, x, target))
     return out
@@ -137,11 +144,17 @@ def faithfulness_per_image(model: nn.Module, variables, x, target, maps: dict[st
         s = {"deletion_auc": np.asarray(d_auc), "insertion_auc": np.asarray(i_auc)}
         if teacher_maps is not None and method in teacher_maps:
             a, b = np.abs(np.asarray(m)).sum(-1), np.abs(np.asarray(teacher_maps[method])).sum(-1)
-            s["spearman_vs_teacher"] = np.asarray(spearman(a, b))
-            s["top10_overlap_vs_teacher"] = np.asarray(top_k_overlap(a, b, k=max(1, a[0].size // 10)))
+            rho, overlap = _agreement_with_teacher(a, b, max(1, a[0].size // 10))
+            s["spearman_vs_teacher"], s["top10_overlap_vs_teacher"] = np.asarray(rho), np.asarray(overlap)
         scores[method] = s
         curves[method] = {"deletion": np.asarray(d_curve), "insertion": np.asarray(i_curve)}
     return scores, curves
+
+
+@compilation.run_once(static_argnums=2)
+def _agreement_with_teacher(a, b, k: int):
+    """(Spearman rho, top-k overlap) of two [batch, h, w] maps, one program for both."""
+    return spearman(a, b), top_k_overlap(a, b, k=k)
 
 
 def faithfulness_scores(model: nn.Module, variables, x, target, maps: dict[str, np.ndarray], teacher_maps, *,
@@ -170,7 +183,7 @@ def quality_per_image(model: nn.Module, variables, x, target, maps: dict[str, np
     """
     q, (xh, th) = queries_of(model, variables), _host(x, target)
     subset = max(1, int(np.prod(xh.shape[1:])) // 10)
-    keys = jax.random.split(key, 2)
+    keys = split_keys(key, 2)
     out = {}
     for method, m in maps.items():
         m = np.asarray(m)
@@ -178,10 +191,13 @@ def quality_per_image(model: nn.Module, variables, x, target, maps: dict[str, np
             "faithfulness_correlation": np.asarray(faithfulness_correlation(
                 q, xh, m, th, key=keys[0], subset_size=subset, samples=samples)),
             "infidelity": np.asarray(infidelity(q, xh, m, th, key=keys[1], samples=samples)),
-            "sparseness": np.asarray(sparseness(m)),
-            "complexity": np.asarray(complexity(m)),
         }
+        out[method]["sparseness"], out[method]["complexity"] = map(np.asarray, _map_scores(m.reshape(len(m), -1)))
     return out
+
+
+# sparseness and complexity of [batch, n] maps, one program for both
+_map_scores = compilation.run_once(lambda m: (sparseness(m), complexity(m)))
 
 
 def quality_scores(model: nn.Module, variables, x, target, maps: dict[str, np.ndarray], *, key,
@@ -227,7 +243,8 @@ def randomization_scores(model: nn.Module, variables, x, target, *, key) -> dict
     Returns method -> [(layer, mean Spearman rho), ...] from the output layer down.
     """
     params = variables["params"]
-    order = list(reversed(layer_order(model, variables, x[:1])))  # top-down: the output layer first
+    sample = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
+    order = list(reversed(layer_order(model, variables, sample)))  # top-down: the output layer first
     extra = {k: v for k, v in variables.items() if k != "params"}
     mesh = _mesh_of(variables)
     xh, th = _host(x, target)
@@ -251,8 +268,13 @@ def robustness_scores(model: nn.Module, variables, x, labels, *, epsilon: float,
 
 def perturbed_views(x, *, key) -> dict[str, np.ndarray]:
     """One label-preserving perturbation of each image per kind of `data.PERTURBATIONS` (host arrays [n, ...])."""
-    keys = jax.random.split(key, len(PERTURBATIONS))
-    return {kind: np.asarray(perturb(k, jnp.asarray(x), kind)) for kind, k in zip(PERTURBATIONS, keys)}
+    return {kind: np.asarray(v) for kind, v in _perturbed_views(key, x).items()}
+
+
+@compilation.run_once
+def _perturbed_views(key, x):
+    keys = jax.random.split(key, len(PERTURBATIONS))  # one program for every draw (eagerly, about twenty)
+    return {kind: perturb(k, x, kind) for kind, k in zip(PERTURBATIONS, keys)}
 
 
 def local_agreement(model: nn.Module, variables, views: dict[str, np.ndarray],
@@ -289,28 +311,41 @@ def cka_scores(teacher_feats: dict, student_feats: dict) -> dict:
 
 def linear_student(variables, x, image_shape) -> dict:
     """Class templates in pixel space and the exact per-component contributions for the images `x`."""
-    w = variables["params"]["linear"]["kernel"]
-    b = variables["params"]["linear"]["bias"]
-    comps, mean = variables["pca"]["components"], variables["pca"]["mean"]
-    flat = jnp.asarray(x).reshape(len(x), -1)
-    z = jnp.matmul(flat - mean, comps.T, precision=backend.HIGHEST)
-    contrib = linear_contributions(w, b, z, comps, x=flat, mean=mean)
+    templates, contrib = _linear_readout(variables["params"]["linear"], variables["pca"], x)
     return {
-        "templates": np.asarray(class_templates(w, comps)).reshape(-1, *image_shape),
+        "templates": np.asarray(templates).reshape(-1, *image_shape),
         "component_contributions": np.asarray(contrib["components"]),  # [B, C, k]
         "logits": np.asarray(contrib["logits"]),
-        "bias": np.asarray(b),
+        "bias": np.asarray(variables["params"]["linear"]["bias"]),
     }
+
+
+@compilation.run_once
+def _linear_readout(linear, pca, x):
+    """(class templates, `analysis.linear_contributions`) of a linear student as one program."""
+    w, b = linear["kernel"], linear["bias"]
+    comps, mean = pca["components"], pca["mean"]
+    flat = x.reshape(len(x), -1)
+    z = jnp.matmul(flat - mean, comps.T, precision=backend.HIGHEST)
+    return _class_templates(w, comps), _linear_contributions(w, b, z, comps, flat, mean)
 
 
 def tree_student(model: nn.Module, variables, x, labels, num_classes: int, image_shape) -> dict:
     """Node filters as images, leaf class distributions, and per-class leaf usage on `x`."""
-    _, f = _per_model(_features, model)(variables, x)
-    leaf, _ = tree_hard_predict(f["routing"], f["leaf_logits"], model.depth)
-    usage = tree_usage(f["path_probs"], np.asarray(labels), num_classes, hard_leaf=leaf)
+    filters, leaf_probs, usage = _per_model(_tree_readout, model, num_classes, tuple(image_shape))(
+        variables, x, np.asarray(labels, np.int32))  # a host array: placed as the program needs it, no reshard
     return {
-        "filters": np.asarray(node_filters(variables["params"]["nodes"]["kernel"], tuple(image_shape))),
-        "leaf_probs": np.asarray(jax.nn.softmax(f["leaf_logits"], -1)),
+        "filters": np.asarray(filters),
+        "leaf_probs": np.asarray(leaf_probs),
         "usage": {k: np.asarray(v) for k, v in usage.items()},
         "depth": model.depth,
     }
+
+
+def _tree_readout(model, num_classes, image_shape, variables, x, labels):
+    """(node filters, leaf class distributions, `analysis.tree_usage`) of a soft tree as one program."""
+    _, f = _features(model, variables, x)
+    leaf, _ = tree_hard_predict(f["routing"], f["leaf_logits"], model.depth)
+    usage = _tree_usage(f["path_probs"], labels, leaf, num_classes=num_classes)
+    return (_node_filters(variables["params"]["nodes"]["kernel"], image_shape),
+            jax.nn.softmax(f["leaf_logits"], -1), usage)

@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from distill_jax import parallel
+from distill_jax import compilation, parallel
 from distill_jax.distill._defaults import kd_defaults
 from distill_jax.distill._leaf_step import tree_leaf_step, tree_leaf_step_scale
 from distill_jax.distill._method import MethodConfig, method_needs, parse_method
@@ -77,7 +77,7 @@ from distill_jax.models._adapters import as_student, as_teacher
 from distill_jax.models._networks import HintRegressor
 from distill_jax.train._fit import FitConfig, fit, total_steps
 from distill_jax.train._state import MUTABLE, create_state, make_optimizer
-from distill_jax.train._step import make_train_step
+from distill_jax.train._step import LossWithSettings, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def init_student(student, method: str, cfg: MethodConfig, key: jax.Array, sample
     The collections (e.g. "batch_stats", a "pca") are the `extra` of `train.create_state`.
     """
     needs = method_needs(method, cfg)
-    model_key, aux_key = jax.random.split(key)
+    model_key, aux_key = compilation.split_keys(key, 2)
     student = as_student(student)
     variables = dict(flax.core.unfreeze(student.init(model_key, sample_x)))
     if "params" not in variables:
@@ -138,8 +138,14 @@ def init_student(student, method: str, cfg: MethodConfig, key: jax.Array, sample
     return {"model": params, "aux": aux}, variables
 
 
+# The MethodConfig fields a loss reads at run time (its `train.LossWithSettings` settings, with the terms' weights
+# and `label_weight`, 1 - alpha computed on the host): students of one architecture share one compiled train step
+# whatever their values. A term reads them, and any property derived from them, from its `ctx.cfg`.
+RUNTIME_FIELDS = ("temperature", "alpha", "label_temperature", "tree_balance")
+
+
 def make_loss_fn(student, student_kind: str | None, method: str, cfg: MethodConfig, num_classes: int,
-                 teacher=None) -> Callable:
+                 teacher=None, *, terms: str | None = None) -> LossWithSettings:
     """The per-example loss `loss_fn(params, extra, batch, teacher_vars, key) -> (losses [B], aux)` for `train`.
 
     `student`: anything `as_student` takes; `student_kind` overrides its kind (None: the model's own,
@@ -153,16 +159,61 @@ def make_loss_fn(student, student_kind: str | None, method: str, cfg: MethodConf
     their updated values under `train.MUTABLE` ("mutable"), which the train step writes into
     `state.extra`. For a tree student the balance penalty (a batch-level scalar) is spread evenly
     over the examples.
+
+    The result is a `train.LossWithSettings`: the weight of each term and the config's `RUNTIME_FIELDS`
+    (temperature, alpha, label_temperature, tree_balance) are its settings, arguments of the compiled
+    step rather than constants, and its program is shared by every call with the same student, teacher,
+    terms and other settings, so `train.make_train_step` compiles one step for students of one
+    architecture whatever their temperature and alpha. A term reads them as `ctx.cfg.temperature` etc.
+    (traced values: usable in arithmetic, not in Python `if`s).
+    `terms`: the terms the compiled loss holds (a method string; None: the method's own). The method's
+    terms must be among them and the others get weight 0 (their value times 0 is added: it must be
+    finite), so students whose methods differ share one step too; the batch must then carry what every
+    one of `terms` reads from the teacher.
+    Raises:
+      ValueError: a method or config that cannot be trained (mixup with terms that read labels, adversarial
+        training of a readable student), or a term of `method` missing from `terms`.
     """
-    terms = parse_method(method)
-    needs = method_needs(method, cfg)
+    own = parse_method(method)
+    program = own if terms is None else parse_method(terms)
+    names = tuple(dict.fromkeys(name for name, _ in program))
+    missing = [name for name, _ in own if name not in names]
+    if missing:
+        raise ValueError(f"method {method!r}: terms={terms!r} lacks its terms {missing}")
     student = as_student(student, kind=student_kind)
-    teacher = None if teacher is None else as_teacher(teacher)
-    check_mixup(method, cfg)
+    teacher = None if teacher is None else dataclasses.replace(as_teacher(teacher), variables=None)
+    for checked in dict.fromkeys((method, "+".join(names))):
+        check_mixup(checked, cfg)
     check_adversarial(student.kind, cfg)
+    weights = np.zeros(len(names), np.float32)
+    for name, weight in own:
+        weights[names.index(name)] += weight
+    settings = {"weights": weights, **{f: np.asarray(getattr(cfg, f), np.float32)
+                                       for f in (*RUNTIME_FIELDS, "label_weight")}}
+    static = dataclasses.replace(cfg, temperature=1.0, alpha=1.0, label_temperature=1.0,
+                                 tree_balance=float(cfg.tree_balance > 0))
+    return LossWithSettings(_loss_program(student, names, static, num_classes, teacher), settings)
+
+
+class _RunTimeConfig:
+    """A `MethodConfig` whose `RUNTIME_FIELDS` are read from a loss's (traced) settings."""
+
+    def __init__(self, cfg: MethodConfig, settings: dict):
+        self._cfg, self._settings = cfg, settings
+
+    def __getattr__(self, name: str):
+        return self._settings[name] if name in (*RUNTIME_FIELDS, "label_weight") else getattr(self._cfg, name)
+
+
+@compilation.shared
+def _loss_program(student, names: tuple[str, ...], cfg: MethodConfig, num_classes: int, teacher) -> Callable:
+    """`make_loss_fn`'s loss as `fn(params, extra, batch, teacher_vars, key, settings)`; `cfg` holds no number
+    of `RUNTIME_FIELDS` (they come from `settings`), so equal arguments share the function and its step."""
+    method = "+".join(names)
+    needs = method_needs(method, cfg)
     is_tree = student.kind == "tree"
 
-    def loss_fn(params, extra, batch, teacher_vars, key):
+    def loss_fn(params, extra, batch, teacher_vars, key, settings):
         x, y = batch["x"], batch["y"]
         if cfg.changes_inputs:
             frozen = {"params": jax.lax.stop_gradient(params["model"]), **extra}
@@ -186,11 +237,11 @@ def make_loss_fn(student, student_kind: str | None, method: str, cfg: MethodConf
             teacher_logits=t_out.get("teacher_logits"),
             teacher_features={k.split("/", 1)[1]: v for k, v in t_out.items() if k.startswith("teacher_feat/")},
             teacher_attention={k.split("/", 1)[1]: v for k, v in t_out.items() if k.startswith("teacher_attention/")},
-            teacher_saliency=t_out.get("teacher_saliency"), cfg=cfg,
+            teacher_saliency=t_out.get("teacher_saliency"), cfg=_RunTimeConfig(cfg, settings),
         )
-        total = sum(weight * TERMS[name].loss(ctx) for name, weight in terms)
+        total = sum(settings["weights"][i] * TERMS[name].loss(ctx) for i, name in enumerate(names))
         if is_tree and cfg.tree_balance > 0:
-            penalty = tree_balance_penalty(feats["node_reach"], feats["routing"], strength=cfg.tree_balance)
+            penalty = tree_balance_penalty(feats["node_reach"], feats["routing"], strength=settings["tree_balance"])
             total = total + penalty
         accuracy = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
         aux = {"accuracy": accuracy}
@@ -256,15 +307,17 @@ def distill(student, teacher, x, y, *, key: jax.Array, method: str = "kd", tempe
     cfg = dataclasses.replace(config or MethodConfig(*kd_defaults(student.kind)), **overrides)
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.check_batch_size(batch_size, mesh)
-    init_key, state_key = jax.random.split(key)
-    sample = jnp.asarray(x[:2])
+    init_key, state_key = compilation.split_keys(key, 2)
+    sample = x[:2]
     params, collections = init_student(student, method, cfg, init_key, sample, teacher)
     num_classes = jax.eval_shape(student.apply, {"params": params["model"], **collections}, sample)[0].shape[-1]
     needs = method_needs(method, cfg)
     arrays = {"x": x, "y": y}
     if needs.teacher and not cfg.changes_inputs and cache_limit_mb > 0 and \
             teacher_cache_bytes(teacher, teacher.variables, x[:1], needs, len(x)) <= cache_limit_mb * 2**20:
-        arrays.update(cache_teacher_outputs(teacher, teacher.variables, x, y, needs, mesh=parallel.local_mesh()))
+        # the teacher without its variables (they are an argument): hashable, so its compiled pass is kept
+        arrays.update(cache_teacher_outputs(dataclasses.replace(teacher, variables=None), teacher.variables, x, y, needs,
+                                            mesh=parallel.local_mesh()))
     run_teacher = needs.teacher and len(arrays) == 2
     if isinstance(optimizer, str):
         steps = total_steps(len(y), parallel.local_batch_size(batch_size), epochs)

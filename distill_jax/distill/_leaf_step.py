@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import optax
 
+from distill_jax import compilation
 from distill_jax.distill._method import MethodConfig, parse_method
 from distill_jax.distill._terms import TERMS
 
@@ -38,9 +39,11 @@ def tree_leaf_step_scale(student_kind: str, method: str, cfg: MethodConfig, opti
     return float(cfg.temperature)
 
 
+@compilation.shared
 def tree_leaf_step(scale: float) -> optax.GradientTransformation | None:
     """Multiplies the updates of every parameter named `leaf_logits` by `scale`; chain it after the optimizer
-    (and before pruning). None when `scale` is 1."""
+    (and before pruning). None when `scale` is 1. The same scale gives the same transformation (so the same
+    optimizer and compiled step)."""
     if scale == 1.0:
         return None
 

@@ -69,6 +69,11 @@ class MethodConfig:
                              f"got {self.adversarial_step_size}")
 
     @property
+    def label_weight(self) -> float:
+        """1 - alpha: the weight of the label cross entropy in the `kd` term."""
+        return 1.0 - self.alpha
+
+    @property
     def adversarial_on(self) -> bool:
         return self.adversarial != "none"
 

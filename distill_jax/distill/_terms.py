@@ -17,7 +17,6 @@ from distill_jax.distill.losses._features import (
 from distill_jax.distill.losses._logits import (
     cross_entropy,
     defensive_distillation_loss,
-    distillation_loss,
     kd_loss,
     logit_matching_loss,
 )
@@ -94,10 +93,13 @@ def kd_term(ctx: Context) -> jax.Array:
     For a soft tree the soft part is `losses.soft_tree_kd_loss` (leaf logits divided by T, as a
     network's logits are) and the hard part Frosst & Hinton's leaf cross entropy with the labels.
     """
-    t, alpha = ctx.cfg.temperature, ctx.cfg.alpha
+    t, alpha, label_weight = ctx.cfg.temperature, ctx.cfg.alpha, ctx.cfg.label_weight
     if _is_tree(ctx):
-        return alpha * fm_term(ctx) + (1 - alpha) * labels_term(ctx)
-    return distillation_loss(ctx.student_logits, ctx.teacher_logits, ctx.labels, temperature=t, alpha=alpha)
+        return alpha * fm_term(ctx) + label_weight * labels_term(ctx)
+    # `losses.distillation_loss` (in its order of operations) with its 1 - alpha read from the config: computed
+    # once on the host, also when alpha is a run-time setting of the step
+    ce = cross_entropy(ctx.student_logits, ctx.labels)
+    return alpha * kd_loss(ctx.student_logits, ctx.teacher_logits, temperature=t) + label_weight * ce
 
 
 def fm_term(ctx: Context) -> jax.Array:

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from distill_jax import compilation
+
 __all__ = [
     "PruningState",
     "sparsity_schedule",
@@ -60,9 +62,12 @@ def magnitude_mask(weights: jax.Array, sparsity) -> jax.Array:
     return (jnp.abs(weights) > threshold).astype(weights.dtype)
 
 
+@compilation.shared
 def magnitude_pruning(*, final_sparsity: float, begin_step: int, end_step: int, frequency: int = 1,
                       initial_sparsity: float = 0.0) -> optax.GradientTransformation:
     """Gradual magnitude pruning of every kernel (ndim >= 2) towards `final_sparsity`.
+
+    The same arguments give the same transformation (so the same optimizer and compiled step).
 
     Raises:
       ValueError: a sparsity outside [0, 1), end before begin, or frequency < 1.

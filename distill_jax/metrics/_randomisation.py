@@ -340,10 +340,25 @@ def randomization_check(
     layer_order = check_layer_order(params, layer_order)
     fn = jax.jit(attr_fn) if jit else attr_fn
     current = as_dicts(params)
-    trained = jnp.abs(fn(current, x, target))
+    trained = fn(current, x, target)
+    randomized = _randomized_layers(current, key, layer_order, randomize)
     results = []
-    for name, k in zip(layer_order, jax.random.split(key, len(layer_order))):
-        current = randomize_layer(current, k, name=name, randomize=randomize)
-        rho = spearman(jnp.abs(fn(current, x, target)), trained)
-        results.append((name, float(jnp.mean(rho))))
+    for name in layer_order:
+        current = set_path(current, name, randomized[name])
+        results.append((name, float(_mean_abs_spearman(fn(current, x, target), trained))))
     return results
+
+
+@compilation.run_once(static_argnums=(2, 3))
+def _randomized_layers(params, key, layer_order: tuple[str, ...], randomize: Callable) -> dict:
+    """name -> the new weights of that layer: `randomize_layer` with the i-th key of `split(key, len(layer_order))`
+    on the trained weights, which the cascade has not changed when it reaches layer i. One program for every
+    layer (op by op, one per leaf shape and key operation)."""
+    keys = jax.random.split(key, len(layer_order))
+    return {name: get_path(randomize_layer(params, k, name=name, randomize=randomize), name)
+            for name, k in zip(layer_order, keys)}
+
+
+@compilation.run_once
+def _mean_abs_spearman(maps, trained_maps):
+    return jnp.mean(spearman(jnp.abs(maps), jnp.abs(trained_maps)))

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from distill_jax._checks import check_choice, check_int, check_number
 from distill_jax.attr._core import check_x, sample_chunk
@@ -60,7 +61,8 @@ def _check_maps(out: Any, batch: int, what: str) -> None:
 
 
 def _check_attribution_batch(attribution: Any, name: str = "attribution") -> jax.Array:
-    a = jnp.asarray(attribution)
+    # a host array is flattened on the host: eagerly, a reshape compiles a program per shape
+    a = attribution if isinstance(attribution, jax.Array) else np.asarray(attribution)
     if a.ndim < 2 or not (jnp.issubdtype(a.dtype, jnp.floating) or jnp.issubdtype(a.dtype, jnp.integer)):
         raise ValueError(f"{name} must be a real array [batch, ...]; got shape {a.shape} dtype {a.dtype}")
     return a.reshape(a.shape[0], -1).astype(jnp.result_type(a.dtype, jnp.float32))

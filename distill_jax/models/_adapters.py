@@ -104,27 +104,42 @@ def as_teacher(teacher, variables=None) -> Teacher:
     if not callable(teacher):
         raise ValueError(f"teacher must be a flax linen module, a function x -> logits (or (variables, x) -> logits "
                          f"with variables=...) or a distill.Teacher; got {type(teacher).__name__}")
+    return _with_variables(_function_teacher(teacher, variables is not None), variables)
+
+
+# The adapters of one model are built once (`compilation.shared`): the same module or function gives the same
+# `Teacher` / `Student` functions, so the losses and train steps built from them are shared, not compiled again.
+@compilation.shared
+def _function_teacher(teacher: Callable, takes_variables: bool) -> Teacher:
     name = getattr(teacher, "__name__", type(teacher).__name__)
     role = f"teacher {name}"
-    if variables is None:
+    if not takes_variables:
         def apply(_, x):
             return model_outputs(teacher(x), role=role)
     else:
         def apply(v, x):
             return model_outputs(teacher(v, x), role=role)
-    return Teacher(apply=apply, forward=apply, variables=variables, name=name)
+    return Teacher(apply=apply, forward=apply, name=name)
+
+
+def _with_variables(teacher: Teacher, variables) -> Teacher:
+    return teacher if variables is None else dataclasses.replace(teacher, variables=variables)
 
 
 @as_teacher.register(Teacher)
 def _(teacher, variables=None) -> Teacher:
-    return teacher if variables is None else dataclasses.replace(teacher, variables=variables)
+    return _with_variables(teacher, variables)
 
 
 @as_teacher.register(nn.Module)
 def _(teacher, variables=None) -> Teacher:
+    return _with_variables(_linen_teacher(teacher), variables)
+
+
+@compilation.shared
+def _linen_teacher(teacher: nn.Module) -> Teacher:
     name = type(teacher).__name__
-    return Teacher(apply=_linen_apply(teacher, name), forward=_linen_apply(forward_only(teacher), name),
-                   variables=variables, name=name)
+    return Teacher(apply=_linen_apply(teacher, name), forward=_linen_apply(forward_only(teacher), name), name=name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +202,11 @@ def as_student(student, *, kind: str | None = None, mutable=(), train_kwargs=Non
     if mutable:
         raise ValueError(f"mutable={tuple(mutable)!r} is for linen modules; a pair (init_fn, apply_fn) has no "
                          f"collections besides its params (all trained)")
-    init_fn, apply_fn = student
+    return _pair_student(*student, kind or NETWORK)
+
+
+@compilation.shared
+def _pair_student(init_fn: Callable, apply_fn: Callable, kind: str) -> Student:
     name = getattr(apply_fn, "__name__", "apply_fn")
 
     def init(key, x):
@@ -197,8 +216,7 @@ def as_student(student, *, kind: str | None = None, mutable=(), train_kwargs=Non
         return model_outputs(apply_fn(variables["params"], x), role=f"student {name}")
 
     return Student(init=init, apply=apply, train_apply=lambda v, x: (apply(v, x), {}),
-                   loop_apply=lambda v, x: apply(v, x)[0], export=lambda v: v["params"], kind=kind or NETWORK,
-                   name=name)
+                   loop_apply=lambda v, x: apply(v, x)[0], export=lambda v: v["params"], kind=kind, name=name)
 
 
 @as_student.register(Student)
@@ -209,7 +227,12 @@ def _(student, *, kind: str | None = None, mutable=(), train_kwargs=None) -> Stu
 
 @as_student.register(nn.Module)
 def _(student, *, kind: str | None = None, mutable=(), train_kwargs=None) -> Student:
-    name, mutable, train_kwargs = type(student).__name__, tuple(mutable), dict(train_kwargs or {})
+    return _linen_student(student, kind or _kind_of(student), tuple(mutable), tuple(dict(train_kwargs or {}).items()))
+
+
+@compilation.shared
+def _linen_student(student: nn.Module, kind: str, mutable: tuple, train_items: tuple) -> Student:
+    name, train_kwargs = type(student).__name__, dict(train_items)
     apply = _linen_apply(student, name)
     # the attack runs the model in a loop: the backend's attribution impl (see `models.for_attribution`)
     loop = _linen_apply(for_attribution(student), name)
@@ -223,7 +246,7 @@ def _(student, *, kind: str | None = None, mutable=(), train_kwargs=None) -> Stu
 
     return Student(init=_jitted_init(student, tuple(sorted(train_kwargs.items()))), apply=apply,
                    train_apply=train_apply, loop_apply=lambda v, x: loop(v, x)[0], export=lambda v: v,
-                   kind=kind or _kind_of(student), name=name)
+                   kind=kind, name=name)
 
 
 @functools.lru_cache(maxsize=None)  # linen modules hash by their fields: one compiled init per architecture

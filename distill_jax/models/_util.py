@@ -68,7 +68,7 @@ def layer_order(model: nn.Module, variables, sample_x: jax.Array) -> list[str]:
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda v: model.apply(v, sample_x), variables)
+        jax.eval_shape(lambda v, z: model.apply(v, z), variables, sample_x)
     params = list(variables["params"])
     return [name for name in order if name in params] + [name for name in params if name not in order]
 

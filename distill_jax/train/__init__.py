@@ -29,6 +29,7 @@ from distill_jax.train._state import (
 )
 from distill_jax.train._step import (
     DPSGD,
+    LossWithSettings,
     accuracy_from_logits,
     make_predict_fn,
     make_train_step,
@@ -45,6 +46,7 @@ __all__ = [
     "NonFiniteError",
     "Interrupted",
     "DPSGD",
+    "LossWithSettings",
     "train_step_fn",
     "with_inputs",
     "make_train_step",

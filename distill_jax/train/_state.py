@@ -85,12 +85,15 @@ SCHEDULES = {
 }
 
 
+@compilation.shared
 def make_optimizer(name: str, *, learning_rate: float, total_steps: int, momentum: float = 0.9,
                    weight_decay: float = 0.0, schedule: str = "constant",
                    extra: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
     """An optax optimizer by name (`sgd`, `adam`) with a learning-rate schedule (`constant`, `cosine`).
 
-    `extra` (e.g. a pruning mask transformation) is chained after the update.
+    `extra` (e.g. a pruning mask transformation) is chained after the update. The same arguments give
+    the same object (`compilation.shared`), so models trained with the same budget share their compiled
+    train step and state initialisation.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r} is not known; use one of {sorted(OPTIMIZERS)}")

@@ -1,10 +1,15 @@
 """The jitted, data-parallel train step (with DP-SGD when asked) and batched prediction.
+
+A loss whose numbers (a distillation temperature, term weights) are run-time arguments is a
+`LossWithSettings`: `make_train_step` compiles one program per (loss program, optimizer, mesh, DP-SGD)
+and passes each model's settings to it, so models of one architecture trained with different numbers
+share one compiled step.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +35,25 @@ class DPSGD:
     l2_clip: float
     noise_multiplier: float
     expected_batch_size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LossWithSettings:
+    """A per-example loss whose numbers are an argument: `fn(params, extra, batch, teacher, key, settings)`.
+
+    `settings` is a pytree of arrays (e.g. float32 scalars: a temperature, the weight of each term).
+    `make_train_step` compiles one program per `fn` (with the optimizer, mesh and DP-SGD settings) and
+    passes `settings` to it at run time, so two losses with the same `fn` and different settings
+    share one compiled step; `fn` must therefore read its numbers from `settings`, never from
+    constants it closes over. Called as a plain `LossFn` (`loss(params, extra, batch, teacher, key)`),
+    it uses its own settings.
+    """
+
+    fn: Callable
+    settings: Any
+
+    def __call__(self, params, extra, batch, teacher, key):
+        return self.fn(params, extra, batch, teacher, key, self.settings)
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -72,9 +96,10 @@ def _gradients(loss_fn: LossFn, state, batch: dict, teacher, key: jax.Array, dp:
 
 
 def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, dp: DPSGD | None = None) -> Callable:
-    """The un-jitted train step: (state, batch, teacher) -> (state, metrics).
+    """The un-jitted train step: (state, batch, teacher[, settings]) -> (state, metrics).
 
     `dp`: train with DP-SGD's clipped, noised gradient (`DPSGD`) instead of the gradient of the mean loss.
+    `settings` (for a `LossWithSettings`): the loss's numbers for this call, in place of its own.
 
     metrics: `loss` (batch mean) and the batch mean of every aux entry but `aux["mutable"]`, whose
     collections are written into `state.extra` (`merge_mutable`). A step whose loss or gradient is
@@ -83,9 +108,12 @@ def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, d
     good state and stop.
     """
 
-    def step(state: TrainState, batch: dict, teacher) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch: dict, teacher, settings=None) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state.key, state.step)
-        loss, aux, grads = _gradients(loss_fn, state, batch, teacher, key, dp)
+        if settings is not None and not isinstance(loss_fn, LossWithSettings):
+            raise TypeError(f"settings are for a LossWithSettings; this loss is a {type(loss_fn).__name__}")
+        loss_now = loss_fn if settings is None else LossWithSettings(loss_fn.fn, settings)
+        loss, aux, grads = _gradients(loss_now, state, batch, teacher, key, dp)
         aux = dict(aux)
         new_extra = merge_mutable(state.extra, aux.pop(MUTABLE, None))
         finite = jnp.isfinite(loss) & _all_finite(grads)
@@ -121,8 +149,11 @@ def with_inputs(loss_fn: LossFn, inputs: Callable[[jax.Array], jax.Array]) -> Lo
     """`loss_fn` that reads `inputs(batch["x"])` as its `x`.
 
     Host batches stay as stored (e.g. uint8, a quarter of float32's bytes) until they are on the
-    device; the conversion (e.g. `app._prepare.model_inputs`) runs inside the jitted step.
+    device; the conversion (e.g. `app._prepare.model_inputs`) runs inside the jitted step. A
+    `LossWithSettings` stays one, its program shared by equal `(loss_fn.fn, inputs)`.
     """
+    if isinstance(loss_fn, LossWithSettings):
+        return LossWithSettings(_settings_on_inputs(loss_fn.fn, inputs), loss_fn.settings)
 
     def loss_on_inputs(params, extra, batch, teacher, key):
         return loss_fn(params, extra, {**batch, "x": inputs(batch["x"])}, teacher, key)
@@ -130,9 +161,26 @@ def with_inputs(loss_fn: LossFn, inputs: Callable[[jax.Array], jax.Array]) -> Lo
     return loss_on_inputs
 
 
+@compilation.shared
+def _settings_on_inputs(fn: Callable, inputs: Callable) -> Callable:
+    def loss_on_inputs(params, extra, batch, teacher, key, settings):
+        return fn(params, extra, {**batch, "x": inputs(batch["x"])}, teacher, key, settings)
+
+    return loss_on_inputs
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh, *,
                     dp: DPSGD | None = None) -> Callable:
-    """`train_step_fn` jitted with explicit shardings over `mesh` and the old state donated."""
+    """`train_step_fn` jitted with explicit shardings over `mesh` and the old state donated: `(state, batch,
+    teacher) -> (state, metrics)`.
+
+    A `LossWithSettings` gets the program of its `fn` (one per `fn`, optimizer, mesh and `dp`, shared by every
+    call that passes the same ones; `make_optimizer` gives equal budgets the same optimizer) with its
+    settings placed on the mesh once and passed at every call.
+    """
+    if isinstance(loss_fn, LossWithSettings):
+        return _SettingsStep(_shared_step(loss_fn.fn, optimizer, mesh, dp),
+                             parallel.replicate(loss_fn.settings, mesh))
     repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
     return compilation.jit(
         train_step_fn(loss_fn, optimizer, dp=dp),
@@ -140,6 +188,31 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
         out_shardings=(repl, repl),
         donate_argnums=0,
     )
+
+
+@compilation.shared
+def _shared_step(fn: Callable, optimizer: optax.GradientTransformation, mesh, dp: DPSGD | None) -> Callable:
+    """The jitted `(state, batch, teacher, settings)` step of `LossWithSettings(fn, ...)`."""
+    repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    return compilation.jit(
+        train_step_fn(LossWithSettings(fn, None), optimizer, dp=dp),
+        in_shardings=(repl, data, repl, repl),
+        out_shardings=(repl, repl),
+        donate_argnums=0,
+    )
+
+
+class _SettingsStep:
+    """A shared step program with one loss's settings bound: called as `(state, batch, teacher)`."""
+
+    def __init__(self, program: Callable, settings):
+        self.program, self.settings = program, settings
+
+    def __call__(self, state, batch, teacher):
+        return self.program(state, batch, teacher, self.settings)
+
+    def lower(self, state, batch, teacher):
+        return self.program.lower(state, batch, teacher, self.settings)
 
 
 def make_predict_fn(apply_fn: Callable, mesh) -> Callable:
