@@ -111,10 +111,12 @@ def _train(name: str, kind: str, method: str, model: nn.Module, *, extra: dict, 
     t_model, t_vars = (teacher.model, teacher.variables) if teacher else (None, None)
     needs = method_needs(method, mcfg)
     x_fit, y_fit = training_set(needs, prep, teacher, c, mesh)
-    if terms is not None and method_needs(terms, mcfg) != needs and not (
+    if terms is not None and (mcfg.changes_inputs or method_needs(terms, mcfg) != needs and not (
             cache_teacher and teacher is not None and
-            _teacher_cache_fits(name, method_needs(terms, mcfg), mcfg, t_model, t_vars, x_fit, prep, c, quiet=True)):
-        terms = None  # the other terms would need the teacher inside every step: not worth a shared program
+            _teacher_cache_fits(name, method_needs(terms, mcfg), mcfg, t_model, t_vars, x_fit, prep, c, quiet=True))):
+        # new views every step (augmentation, perturbations, mixup: which label terms cannot read, attacks), or the
+        # other terms would need the teacher inside every step: not worth a shared program
+        terms = None
     program = method if terms is None else terms
     program_needs = method_needs(program, mcfg)
     params = init_trainable(model, program, mcfg, init_key, sample, t_model, t_vars, extra=extra)
