@@ -166,3 +166,24 @@ def test_bad_models_and_arguments_are_refused_in_one_line(setup):
         with pytest.raises(ValueError) as err:
             call()
         assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_linear_student_distils_over_the_pca_it_is_given(setup):
+    x, y, teacher, t_vars = setup
+    from distill_jax.data import pca
+
+    flat = x.reshape(len(x), -1)
+    fitted = pca.fit(flat, 5)
+    linear = models.Linear(N_CLASSES, n_components=5)
+    out = distill.distill(linear, teacher, x, y, teacher_variables=t_vars, key=jax.random.PRNGKey(0), epochs=2,
+                          batch_size=8, collections=models.set_pca({}, fitted))
+    np.testing.assert_array_equal(out["pca"]["components"], fitted.components)  # kept, not trained
+    z = (flat - fitted.mean) @ fitted.components.T
+    np.testing.assert_allclose(linear.apply(out, x), z @ out["params"]["linear"]["kernel"]
+                               + out["params"]["linear"]["bias"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="has no collection 'stats'"):
+        distill.distill(linear, None, x, y, method="labels", key=jax.random.PRNGKey(0), epochs=1, batch_size=8,
+                        collections={"stats": {}})
+    with pytest.raises(ValueError, match=r"collections\['pca'\]: shapes"):
+        distill.distill(linear, None, x, y, method="labels", key=jax.random.PRNGKey(0), epochs=1, batch_size=8,
+                        collections=models.set_pca({}, pca.fit(flat, 3)))

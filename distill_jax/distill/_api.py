@@ -252,11 +252,29 @@ def _loss_program(student, names: tuple[str, ...], cfg: MethodConfig, num_classe
     return loss_fn
 
 
+def _with_given_collections(initial: dict, given: dict | None) -> dict:
+    """A student's non-trained collections from its init, each replaced by the one `given` (same names, shapes).
+
+    Raises:
+      ValueError: naming a given collection the student does not have, or an array whose shape differs.
+    """
+    if not given:
+        return initial
+    for name, tree in given.items():
+        if name not in initial:
+            raise ValueError(f"collections: the student has no collection {name!r} (it has {sorted(initial) or 'none'})")
+        want = jax.tree_util.tree_map(np.shape, initial[name])
+        got = jax.tree_util.tree_map(np.shape, tree)
+        if want != got:
+            raise ValueError(f"collections[{name!r}]: shapes {got} differ from the student's {want}")
+    return {**initial, **{name: jax.tree_util.tree_map(jnp.asarray, tree) for name, tree in given.items()}}
+
+
 def distill(student, teacher, x, y, *, key: jax.Array, method: str = "kd", temperature: float | None = None,
             alpha: float | None = None, config: MethodConfig | None = None, teacher_variables=None,
             epochs: int = 10, batch_size: int = 64, learning_rate: float = 1e-3,
             optimizer: str | optax.GradientTransformation = "adam", seed: int = 0, mesh=None,
-            cache_limit_mb: float = 1024.0, show_progress: bool | None = False):
+            cache_limit_mb: float = 1024.0, show_progress: bool | None = False, collections: dict | None = None):
     """Distils `teacher` into `student` on `(x, y)` with the library's train step and fit loop.
 
     The loss is the method's (e.g. "kd": alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y),
@@ -285,6 +303,9 @@ def distill(student, teacher, x, y, *, key: jax.Array, method: str = "kd", tempe
       cache_limit_mb: when no setting changes the inputs, the teacher runs once over `x` and its outputs are
         kept on the host if they take at most this many MB; otherwise (or 0) it runs inside every step.
       show_progress: a progress bar (`train.progress_bar`).
+      collections: non-trained variable collections of a linen student to use in place of its init's, e.g. a
+        `models.Linear`'s PCA: `models.set_pca({}, pca.fit(...))`; each must be one the student's init makes,
+        with the same shapes.
     Returns:
       The student's trained variables, as its own apply takes them: a linen module's
       `{"params": ..., **collections}` (BatchNorm statistics, a PCA), a pair's params.
@@ -309,7 +330,8 @@ def distill(student, teacher, x, y, *, key: jax.Array, method: str = "kd", tempe
     parallel.check_batch_size(batch_size, mesh)
     init_key, state_key = compilation.split_keys(key, 2)
     sample = x[:2]
-    params, collections = init_student(student, method, cfg, init_key, sample, teacher)
+    params, initial = init_student(student, method, cfg, init_key, sample, teacher)
+    collections = _with_given_collections(initial, collections)
     num_classes = jax.eval_shape(student.apply, {"params": params["model"], **collections}, sample)[0].shape[-1]
     needs = method_needs(method, cfg)
     arrays = {"x": x, "y": y}
