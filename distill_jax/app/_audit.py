@@ -15,6 +15,7 @@ from distill_jax.app._prepare import Prepared, model_inputs
 from distill_jax.audit._evaluators import (
     attribution_maps,
     cka_scores,
+    curve_means,
     faithfulness_per_image,
     features_of,
     image_means,
@@ -112,8 +113,7 @@ def _explain_stage(t: Trained, teacher: Trained, maps: dict, x, target, e, seed:
     if "integrated_gradients" in model_maps:
         scores["ig_completeness_error"] = ig_completeness(t.model, t.variables, x, target,
                                                                 model_maps["integrated_gradients"])
-    curves = {m: {k: v.mean(0) for k, v in c.items()} for m, c in curves.items()}
-    return model_maps, scores, curves, per_image
+    return model_maps, scores, curve_means(curves), per_image
 
 
 def _analysis_stage(trained: list[Trained], prep: Prepared, x, target, xa, ya, seed: int) -> tuple[dict, dict, dict]:

@@ -162,12 +162,17 @@ def faithfulness_scores(model: nn.Module, variables, x, target, maps: dict[str, 
     """`faithfulness_per_image` averaged over the images: (method -> {metric: mean}, method -> {"deletion":
     [steps+1], "insertion": [steps+1]})."""
     scores, curves = faithfulness_per_image(model, variables, x, target, maps, teacher_maps, steps=steps)
-    return image_means(scores), {m: {k: v.mean(0) for k, v in c.items()} for m, c in curves.items()}
+    return image_means(scores), curve_means(curves)
 
 
 def image_means(per_image: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
     """method -> {metric: [batch]} to method -> {metric: mean over the images}."""
     return {method: {k: float(np.mean(v)) for k, v in s.items()} for method, s in per_image.items()}
+
+
+def curve_means(curves: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+    """method -> {"deletion"/"insertion": [batch, steps+1]} to the mean curve over the images ([steps+1])."""
+    return {method: {k: v.mean(0) for k, v in c.items()} for method, c in curves.items()}
 
 
 def quality_per_image(model: nn.Module, variables, x, target, maps: dict[str, np.ndarray], *, key,
