@@ -10,7 +10,8 @@ Two steps, each at every (input shape, batch):
            (`distill.make_loss_fn(..., "labels")` + `train.make_train_step`, what `distill-jax` runs).
   distill  SeedCNN teacher forward under stop_gradient + SmallCNN student train step, Hinton KD
            (method "kd": alpha * T^2 KL + (1 - alpha) CE, T = 4, alpha = 0.9), SGD momentum 0.9.
-Variants: `jax lax_conv` / `jax patches` / `jax lax` (models.SeedCNN impl; the teacher forward of the
+Variants: `jax lax_conv` / `jax patches` / `jax lax` (models.SeedCNN impl; `jax lax_conv-xla-grad` is
+`lax_conv` with XLA's own filter gradient instead of the backend's `conv_filter_grad_chunk`; the teacher forward of the
 distill step always runs as `impl="lax"`, see `models.forward_only`), `torch eager` (NCHW), `torch channels_last`,
 `torch compile` (torch.compile of the models; skipped with a note when a compile exceeds
 --compile-budget). Every variant starts from the same weights and images, and the first-step
@@ -40,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from distill_jax import parallel
+from distill_jax import backend, parallel
 from distill_jax import distill
 from distill_jax import models
 from distill_jax import train
@@ -56,7 +57,10 @@ ARCHS = {  # conv widths, dense widths: must match models.SeedCNN / models.Small
     "seed": (tuple(models.SeedCNN.conv_features), tuple(models.SeedCNN.dense_features)),
     "small": (tuple(models.SmallCNN.conv_features), tuple(models.SmallCNN.dense_features)),
 }
-JAX_IMPLS = ("lax_conv", "patches", "lax")
+# "lax_conv-xla-grad": the lax_conv model with XLA's own filter gradient (the backend's grouped patch
+# products switched off), to measure that choice in the same run
+JAX_IMPLS = ("lax_conv", "lax_conv-xla-grad", "patches", "lax")
+XLA_GRAD = "-xla-grad"
 TORCH_MODES = ("eager", "channels_last", "compile")
 BASELINES = ("torch eager", "torch channels_last")
 
@@ -136,6 +140,11 @@ def jax_case(step: str, impl: str, x: np.ndarray, y: np.ndarray, params: dict, i
              dtype: str = "float32", mesh=None) -> Case:
     """The library's jitted train step (`train.make_train_step`) for `step` and `impl`, computing in `dtype`,
     on `mesh` (default: one device)."""
+    if impl.endswith(XLA_GRAD):
+        own_grad = dataclasses.replace(backend.choices(), conv_filter_grad_chunk=None)
+        with backend.override(own_grad):  # the step is traced on its first call, inside jax_case
+            case = jax_case(step, impl[: -len(XLA_GRAD)], x, y, params, inner, dtype=dtype, mesh=mesh)
+        return dataclasses.replace(case, name=f"jax {impl}")
     mesh = parallel.make_mesh(jax.devices()[:1]) if mesh is None else mesh
     optimizer = train.make_optimizer("sgd", learning_rate=LEARNING_RATE, total_steps=1, momentum=MOMENTUM)
     cfg = distill.MethodConfig(temperature=TEMPERATURE, alpha=ALPHA)

@@ -36,6 +36,7 @@ __all__ = [
     "choices",
     "bytes_of",
     "override",
+    "override_key",
 ]
 
 
@@ -67,6 +68,9 @@ class Choices:
       run_once_compiler_options: added for programs a job runs only a few times (`compilation.run_once`).
       pca_split_scatter_from: PCA's covariance scatter X^T X is computed as two block rows (3/4 of
         the multiply-adds) from this many features on; None: one matrix product.
+      conv_filter_grad_chunk: the `"lax_conv"` convolution's filter gradient is a sum of patch matrix
+        products over groups of at least this many images (`models.conv3x3_filter_grad`); None: XLA's
+        own convolution gradient.
     """
 
     name: str
@@ -82,6 +86,7 @@ class Choices:
     compiler_options: tuple[tuple[str, object], ...]
     run_once_compiler_options: tuple[tuple[str, object], ...]
     pca_split_scatter_from: int | None
+    conv_filter_grad_chunk: int | None
 
     def attribution_impl(self, impl: str) -> str:
         """The impl attributions run a model of impl `impl` with."""
@@ -140,6 +145,10 @@ _CPU = Choices(
     # "PCA": the two-block-row scatter (XLA has no syrk) made the covariance fit of 10000x784 0.65x
     # scikit-learn's time; below 256 features the split is not worth its concatenate.
     pca_split_scatter_from=256,
+    # "Train-step ops": XLA:CPU's own filter gradient of SeedCNN's 14x14x64->64 conv ran at 15 % of the
+    # matmul peak (5x PyTorch's time); patch products over groups of 32 images ran 4-5x faster, and
+    # 6x on the 1-channel first layer (groups of 8-32 within the noise of each other).
+    conv_filter_grad_chunk=32,
 )
 
 
@@ -160,6 +169,7 @@ _ACCELERATOR = dict(
     compiler_options=(),  # not measured: XLA's defaults
     run_once_compiler_options=(),
     pca_split_scatter_from=None,  # one product runs at the MXU's / cuBLAS's full rate
+    conv_filter_grad_chunk=None,  # XLA's own convolution gradient (cuDNN's / the TPU's)
 )
 
 
@@ -196,6 +206,12 @@ def choices(name: str | None = None) -> Choices:
     if name in CHOICES:
         return CHOICES[name]
     return dataclasses.replace(CHOICES["gpu"], name=name)
+
+
+def override_key() -> tuple:
+    """What `override` blocks are open now, hashable: a cache of anything traced (`compilation.shared`) keys
+    on it, so a program built under an override is not handed out outside it (or the reverse)."""
+    return tuple(_overrides)
 
 
 def bytes_of(x, copies: int = 1) -> int:

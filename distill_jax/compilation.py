@@ -117,17 +117,23 @@ def shared(builder: Callable) -> Callable:
     on every call would compile a new program for every model, even an identical one. Arguments hash
     by value where they can (linen modules, dataclasses, tuples, numbers) and by identity otherwise
     (functions); a call with an argument that cannot be hashed (a dict, an array) is built afresh.
-    The cache holds at most 256 results (least recently used dropped).
+    The cache holds at most 256 results (least recently used dropped). Results built inside a
+    `backend.override` block are kept apart from those built outside it (what they trace may differ).
     """
-    cached = functools.lru_cache(maxsize=256, typed=True)(builder)
+
+    @functools.lru_cache(maxsize=256, typed=True)
+    def cached(overrides, *args, **kwargs):
+        del overrides  # only part of the key
+        return builder(*args, **kwargs)
 
     @functools.wraps(builder)
     def build(*args, **kwargs):
+        key = backend.override_key()
         try:
-            hash((args, tuple(sorted(kwargs.items()))))
+            hash((key, args, tuple(sorted(kwargs.items()))))
         except TypeError:
             return builder(*args, **kwargs)
-        return cached(*args, **kwargs)
+        return cached(key, *args, **kwargs)
 
     build.cache_clear = cached.cache_clear
     return build

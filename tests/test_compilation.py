@@ -47,3 +47,22 @@ def test_library_jits_use_the_backends_options_and_skip_unknown_ones():
     outer = jax.jit(lambda v: f(v) + g(v))
     np.testing.assert_allclose(outer(a), np.sin(np.linspace(0.0, 1.0, 5)) * 2.0 + np.cos(np.linspace(0.0, 1.0, 5)),
                                rtol=1e-6)
+
+
+def test_shared_builders_give_the_same_object_back_but_not_across_a_backend_override():
+    from distill_jax import backend, compilation
+
+    calls = []
+
+    @compilation.shared
+    def build(width: int):
+        calls.append(width)
+        return lambda x: x * width
+
+    assert build(2) is build(2) and build(3) is not build(2)
+    with backend.override("gpu"):  # what a builder traces may depend on the backend's choices
+        under_gpu = build(2)
+        assert under_gpu is build(2)
+    assert build(2) is not under_gpu
+    assert calls == [2, 3, 2]
+    assert build({"unhashable": 1}) is not build({"unhashable": 1})  # built afresh

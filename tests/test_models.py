@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from distill_jax import models
+from distill_jax.models import _layers
 
 
 def _init(model, x, key=0):
@@ -36,6 +37,65 @@ def test_patch_conv_matches_lax_in_float64():
         f = lambda fn: jax.grad(lambda x, k: jnp.sum(jnp.sin(fn(x, k))), argnums=(0, 1))(x, k)
         for a, b in zip(f(models.conv3x3_patches), f(models.conv3x3_lax)):
             np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("batch,chunk", [(6, 2), (5, 2), (7, 32)])  # groups of 2, of 5 (5 is prime), one group
+def test_grouped_filter_gradient_equals_xlas_in_float64(batch, chunk):
+    with jax.enable_x64(True):
+        key1, key2 = jax.random.split(jax.random.PRNGKey(3))
+        x = jax.random.normal(key1, (batch, 7, 6, 5), jnp.float64)
+        k = jax.random.normal(key2, (3, 3, 5, 4), jnp.float64)
+        loss = lambda conv: jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k))), argnums=(0, 1))(x, k)
+        grouped = lambda x, k: _layers.conv3x3_grouped_filter_grad(x, k, chunk)
+        np.testing.assert_allclose(grouped(x, k), models.conv3x3_lax(x, k), rtol=1e-12, atol=1e-12)
+        for a, b in zip(loss(grouped), loss(models.conv3x3_lax)):
+            np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
+        # the gradient of an input gradient (saliency matching differentiates through the backward)
+        saliency = lambda conv: jax.grad(lambda k: jnp.sum(jax.grad(lambda x: jnp.sum(jnp.sin(conv(x, k))))(x) ** 2))(k)
+        np.testing.assert_allclose(saliency(grouped), saliency(models.conv3x3_lax), rtol=1e-11, atol=1e-11)
+
+
+def test_chunk_size_is_the_smallest_divisor_at_least_the_target():
+    from distill_jax.models._layers import chunk_size
+
+    assert [chunk_size(n, 32) for n in (256, 100, 37, 8)] == [32, 50, 37, 8]
+
+
+def test_the_lax_conv_impl_takes_its_filter_gradient_from_the_backend():
+    import dataclasses
+
+    from distill_jax import backend
+
+    x = jax.random.normal(jax.random.PRNGKey(4), (4, 6, 6, 3))
+    k = jax.random.normal(jax.random.PRNGKey(5), (3, 3, 3, 2))
+
+    def primitives(conv):
+        jaxpr = jax.make_jaxpr(jax.grad(lambda k: jnp.sum(conv(x, k))))(k)
+        return {str(e.primitive) for e in jaxpr.jaxpr.eqns}
+
+    with backend.override(dataclasses.replace(backend.choices("cpu"), conv_filter_grad_chunk=2)):
+        assert "scan" in primitives(models.conv3x3_xla)  # the loop over groups of images
+    with backend.override("gpu"):  # XLA's own gradient: convolutions only
+        assert "scan" not in primitives(models.conv3x3_xla)
+
+
+def test_pooling_before_the_relu_gives_the_same_logits_and_gradients_as_after():
+    # without features asked for, ConvNet pools first (cheaper); with them it keeps the ReLU's unpooled output
+    x = jax.random.normal(jax.random.PRNGKey(6), (3, 13, 12, 2))
+    model = models.SeedCNN(10)
+    v = _init(model, x)
+
+    def grads(features):
+        def loss(p):
+            out = model.apply({"params": p}, x, return_features=features)
+            return jnp.sum(jax.nn.log_softmax(out[0] if features else out)[:, 1])
+
+        return jax.value_and_grad(loss)(v["params"])
+
+    (a, ga), (b, gb) = grads(False), grads(True)
+    np.testing.assert_array_equal(a, b)
+    for u, w in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+        np.testing.assert_allclose(u, w, rtol=1e-6, atol=1e-7)
 
 
 def test_slice_pool_matches_reduce_window():

@@ -4,8 +4,10 @@ from distill_jax.models._adapters import Student, Teacher, as_student, as_teache
 from distill_jax.models._ensemble import Ensemble
 from distill_jax.models._layers import (
     Conv3x3,
+    conv3x3_filter_grad,
     conv3x3_lax,
     conv3x3_patches,
+    conv3x3_xla,
     for_attribution,
     for_queries,
     forward_only,
@@ -44,6 +46,8 @@ __all__ = [
     "Conv3x3",
     "conv3x3_patches",
     "conv3x3_lax",
+    "conv3x3_xla",
+    "conv3x3_filter_grad",
     "max_pool_slices",
     "max_pool_lax",
     "forward_only",

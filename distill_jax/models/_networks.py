@@ -30,11 +30,20 @@ class ConvNet(nn.Module):
         _check_images(x, type(self).__name__)
         _check_impl(self.impl)
         features: Features = {}
+        pool = POOL_IMPLS[self.impl]
+        # max-pool and ReLU commute (both monotone), and their gradients agree wherever the maximum is
+        # unique or positive. Pooling first runs the ReLU and its backward on a quarter of the
+        # elements (the first block's ReLU+pool backward took 27 ms instead of 49 ms on XLA:CPU,
+        # benchmarks/RESULTS.md "Train-step ops"); the features need the ReLU's output unpooled.
+        pool_first = not return_features and deltas is None
         h = x.astype(self.dtype)
         for i, width in enumerate(self.conv_features, start=1):
-            h = nn.relu(Conv3x3(width, impl=self.impl, dtype=self.dtype, name=f"conv{i}")(h))
-            h = _with_delta(f"conv{i}", h, deltas, features)
-            h = POOL_IMPLS[self.impl](h)
+            h = Conv3x3(width, impl=self.impl, dtype=self.dtype, name=f"conv{i}")(h)
+            if pool_first:
+                h = nn.relu(pool(h))
+            else:
+                h = _with_delta(f"conv{i}", nn.relu(h), deltas, features)
+                h = pool(h)
         h = h.reshape(h.shape[0], -1)
         for i, width in enumerate(self.dense_features, start=1):
             h = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"dense{i}")(h))
