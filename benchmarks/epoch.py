@@ -9,6 +9,8 @@ Variants, each one whole epoch from the same initial weights on the same standar
                        batch_size=128, optimizer="adam", learning_rate=1e-3)`: what `distill-jax` runs for the
                        teacher (jitted step, `train.fit`'s shuffled batches, ragged tail dropped). Its XLA compile
                        seconds (`compilation.CompileCounter`) are reported and subtracted ("steady").
+  jax fit, XLA's filter gradient   the same with XLA's own convolution filter gradient (the backend's grouped
+                       patch products switched off), to measure that choice.
   torch eager          the same network (`common.torch_convnet`), `torch.optim.Adam(lr=1e-3)`, NCHW, a plain loop
                        over a random permutation in batches of 128 of tensors already in memory (no DataLoader).
   torch channels_last  the same with the images and the model in channels_last memory format.
@@ -19,6 +21,7 @@ FLOPs per image: 3x the forward's (2 per multiply-add of the convs and dense lay
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -34,7 +37,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.train_step import NUM_CLASSES, step_flops  # noqa: E402
-from distill_jax import data, distill, models  # noqa: E402
+from distill_jax import backend, data, distill, models  # noqa: E402
 from distill_jax.compilation import CompileCounter  # noqa: E402
 from distill_jax.data import preprocess  # noqa: E402
 
@@ -48,8 +51,12 @@ def fashion_images(limit: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(preprocess.apply(preprocess.standardize_fit(x), x), np.float32), np.asarray(y, np.int32)
 
 
-def jax_epoch(x: np.ndarray, y: np.ndarray, seed: int) -> dict:
-    """One epoch of the library's fit loop: wall seconds, compile seconds and the variables' first leaf sum."""
+def jax_epoch(x: np.ndarray, y: np.ndarray, seed: int, *, xla_filter_grad: bool = False) -> dict:
+    """One epoch of the library's fit loop: wall seconds and compile seconds. `xla_filter_grad`: with XLA's own
+    convolution filter gradient instead of the backend's (`backend.Choices.conv_filter_grad_chunk`)."""
+    if xla_filter_grad:
+        with backend.override(dataclasses.replace(backend.choices(), conv_filter_grad_chunk=None)):
+            return jax_epoch(x, y, seed)
     with CompileCounter() as compiles:
         t0 = time.perf_counter()
         variables = distill.distill(models.SeedCNN(NUM_CLASSES), None, x, y, key=jax.random.PRNGKey(seed),
@@ -98,6 +105,8 @@ def main(argv=None, log=print) -> list[dict]:
     x, y = fashion_images(args.images)
     params = models.SeedCNN(NUM_CLASSES).init(jax.random.PRNGKey(0), x[:1])["params"]
     variants = {"jax fit": lambda r: jax_epoch(x, y, r)}
+    if not args.quick:
+        variants["jax fit, XLA's filter gradient"] = lambda r: jax_epoch(x, y, r, xla_filter_grad=True)
     try:
         import torch
 

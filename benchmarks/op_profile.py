@@ -11,8 +11,17 @@ SeedCNN (convs 64, 64, 128, 128, 3x3 SAME; ReLU; 2x2 SAME max-pool) and the dens
   relu+pool fwd      p = maxpool(relu(y))
   relu+pool bwd      the vjp of maxpool(relu(.)) at y
 (the dense layers, under 1 % of the step's FLOPs, are in the whole step only).
-JAX: each op jitted alone with `lax.conv_general_dilated` (NHWC/HWIO, XLA's convolution: the `lax_conv` impl) and
-its `jax.vjp`; PyTorch: `F.conv2d` / `torch.nn.grad.conv2d_input` / `conv2d_weight`, NCHW and channels_last.
+Variants, each op jitted alone:
+  jax XLA       `lax.conv_general_dilated` (NHWC/HWIO) and its `jax.vjp` (XLA's own gradients); ReLU then
+                `reduce_window` max-pool and its vjp (select-and-scatter).
+  jax library   what `models.SeedCNN` (impl "lax_conv") runs on this backend: `models.conv3x3_xla`, whose
+                filter gradient on CPU is patch products over groups of images (`backend.choices()
+                .conv_filter_grad_chunk`); the pool as the max of four strided views, before the ReLU.
+  torch         `F.conv2d` / `torch.nn.grad.conv2d_input` / `conv2d_weight`, ReLU + `max_pool2d`, NCHW
+                (eager) and channels_last.
+The first layer's input gradient is timed but left out of the sums: a train step takes no gradient in the
+images. The whole-step rows run `benchmarks/train_step.py`'s cases: "jax library" is the library's step,
+"jax XLA" the same step with XLA's own filter gradient (`lax_conv-xla-grad`; its pooling is the library's).
 The cases run round-robin (`common.interleave`) with a jitted float32 matmul between them, whose rate is the
 peak; FLOPs are 2 per multiply-add (convs: 2 h w 9 c_in c_out per image per direction). The last rows time the
 whole step (`benchmarks/train_step.py`'s cases) so that the sum of the ops can be compared with it.
@@ -58,20 +67,27 @@ def _relu_pool(y):
     return jax.lax.reduce_window(jax.nn.relu(y), -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
 
 
-def jax_ops(batch: int, h: int, w: int, cin: int, cout: int) -> dict[str, Callable[[], None]]:
-    """Each op of one conv layer, jitted alone and compiled, as blocking calls."""
+def _library_relu_pool(y):
+    return jax.nn.relu(models.max_pool_slices(y))  # what ConvNet runs when no features are asked for
+
+
+def jax_ops(batch: int, h: int, w: int, cin: int, cout: int, *, library: bool) -> dict[str, Callable[[], None]]:
+    """Each op of one conv layer, jitted alone and compiled, as blocking calls: XLA's own ops, or (`library`)
+    the ones `models.SeedCNN` runs on this backend."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, h, w, cin), dtype=np.float32))
     k = jnp.asarray(rng.standard_normal((3, 3, cin, cout), dtype=np.float32) / np.sqrt(9 * cin))
     dy = jnp.asarray(rng.standard_normal((batch, h, w, cout), dtype=np.float32))
     y = _conv(x, k)
     dp = jnp.asarray(rng.standard_normal(_relu_pool(y).shape, dtype=np.float32))
+    conv = models.conv3x3_xla if library else _conv
+    relu_pool = _library_relu_pool if library else _relu_pool
     fns = {
-        "conv fwd": (jax.jit(_conv), (x, k)),
-        "conv input grad": (jax.jit(lambda k, g: jax.vjp(lambda z: _conv(z, k), x)[1](g)[0]), (k, dy)),
-        "conv filter grad": (jax.jit(lambda x, g: jax.vjp(lambda kk: _conv(x, kk), k)[1](g)[0]), (x, dy)),
-        "relu+pool fwd": (jax.jit(_relu_pool), (y,)),
-        "relu+pool bwd": (jax.jit(lambda y, g: jax.vjp(_relu_pool, y)[1](g)[0]), (y, dp)),
+        "conv fwd": (jax.jit(conv), (x, k)),
+        "conv input grad": (jax.jit(lambda k, g: jax.vjp(lambda z: conv(z, k), x)[1](g)[0]), (k, dy)),
+        "conv filter grad": (jax.jit(lambda x, g: jax.vjp(lambda kk: conv(x, kk), k)[1](g)[0]), (x, dy)),
+        "relu+pool fwd": (jax.jit(relu_pool), (y,)),
+        "relu+pool bwd": (jax.jit(lambda y, g: jax.vjp(relu_pool, y)[1](g)[0]), (y, dp)),
     }
     out = {}
     for name, (fn, args) in fns.items():
@@ -130,7 +146,8 @@ def profile(shape, batch: int, repeats: int, with_torch: bool) -> list[list[str]
     run_matmul, mm_flops = common.matmul_case(2048)
     rows, totals = [], {}
     for i, (h, w, cin, cout) in enumerate(layer_shapes(shape), start=1):
-        variants = {"jax": jax_ops(batch, h, w, cin, cout)}
+        variants = {"jax XLA": jax_ops(batch, h, w, cin, cout, library=False),
+                    "jax library": jax_ops(batch, h, w, cin, cout, library=True)}
         if with_torch:
             variants["torch eager"] = torch_ops(batch, h, w, cin, cout, channels_last=False)
             variants["torch channels_last"] = torch_ops(batch, h, w, cin, cout, channels_last=True)
@@ -138,17 +155,19 @@ def profile(shape, batch: int, repeats: int, with_torch: bool) -> list[list[str]
         cases["matmul"] = run_matmul
         times = common.interleave(cases, repeats)
         peak = mm_flops / times["matmul"]
-        for op in variants["jax"]:
+        for op in variants["jax XLA"]:
             flops = op_flops(op, batch, h, w, cin, cout)
+            in_step = not (i == 1 and op == "conv input grad")
             cells = []
             for v in variants:
                 t = times[f"{v}|{op}"]
-                totals[v] = totals.get(v, 0.0) + t
+                totals[v] = totals.get(v, 0.0) + (t if in_step else 0.0)
                 cells.append(f"{1e3 * t:.2f}" + (f" ({100 * flops / t / peak:.0f}%)" if flops else ""))
-            rows.append([f"conv{i} {h}x{w}x{cin}->{cout}", op, *cells])
+            rows.append([f"conv{i} {h}x{w}x{cin}->{cout}", op if in_step else f"{op} (not in a train step)", *cells])
     x, y = make_inputs(shape, batch)
     params = step_params(shape)
-    whole = {"jax": jax_case("seed", "lax_conv", x, y, params, 1)}
+    whole = {"jax XLA": jax_case("seed", "lax_conv-xla-grad", x, y, params, 1),
+             "jax library": jax_case("seed", "lax_conv", x, y, params, 1)}
     if with_torch:
         whole["torch eager"] = torch_case("seed", "eager", x, y, params, 1)
         whole["torch channels_last"] = torch_case("seed", "channels_last", x, y, params, 1)
@@ -156,7 +175,7 @@ def profile(shape, batch: int, repeats: int, with_torch: bool) -> list[list[str]
     cases["matmul"] = run_matmul
     times = common.interleave(cases, repeats)
     peak = mm_flops / times["matmul"]
-    rows.append(["all convs", "sum of the ops above", *[f"{1e3 * totals[v]:.1f}" for v in whole]])
+    rows.append(["all convs", "sum of the ops above (in a train step)", *[f"{1e3 * totals[v]:.1f}" for v in whole]])
     rows.append(["whole step", "forward, backward, SGD (train_step.py)",
                  *[f"{1e3 * times[v]:.1f} ({100 * step_flops('seed', shape) * batch / times[v] / peak:.0f}%)"
                    for v in whole]])

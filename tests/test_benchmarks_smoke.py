@@ -106,3 +106,26 @@ def test_queries_benchmark_runs_every_chunk_and_option_set():
     assert "8x8, chunk 16" in text and "8x8, chunk 32" in text
     for label in queries.OPTION_SETS:  # both programs under every option set
         assert text.count(f"| {label} |") == 2
+
+
+def test_op_profile_times_every_op_of_every_layer_for_xla_and_the_library():
+    from benchmarks import op_profile
+
+    lines = []
+    op_profile.main(["--shape", "8x8x1", "--batch", "4", "--repeats", "1", "--no-torch"], log=lines.append)
+    text = "\n".join(lines)
+    assert "| layer | op | jax XLA ms (share of peak) | jax library ms (share of peak) |" in text
+    for i in range(1, 5):
+        for op in ("conv fwd", "conv filter grad", "relu+pool bwd"):
+            assert f"| conv{i} " in text and f"| {op} |" in text
+    assert "conv input grad (not in a train step)" in text and "| whole step |" in text
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="Fashion-MNIST not installed")
+def test_epoch_benchmark_runs_the_librarys_fit_loop():
+    from benchmarks import epoch
+
+    rows = epoch.main(["--images", "512", "--quick"], log=lambda *_: None)
+    jax_row = next(r for r in rows if r["variant"] == "jax fit")
+    assert jax_row["images_per_s"] > 0 and 0 < jax_row["share_of_peak"] < 1.5
+    assert jax_row["compile_s"] >= 0
