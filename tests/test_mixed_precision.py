@@ -9,8 +9,19 @@ from distill_jax import data, distill, models, parallel, train
 from distill_jax.app import _fit, _prepare, _settings, config
 
 
+def _equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside it (custom rules, scans, pjit calls)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    yield from _equations(inner)
+
+
 def _dtypes_of(jaxpr, primitive: str) -> set:
-    return {str(v.aval.dtype) for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == primitive for v in eqn.invars}
+    return {str(v.aval.dtype) for eqn in _equations(jaxpr.jaxpr) if eqn.primitive.name == primitive for v in eqn.invars}
 
 
 def test_bf16_model_computes_in_bf16_with_float32_parameters_and_logits():
