@@ -145,9 +145,9 @@ _CPU = Choices(
     # "PCA": the two-block-row scatter (XLA has no syrk) made the covariance fit of 10000x784 0.65x
     # scikit-learn's time; below 256 features the split is not worth its concatenate.
     pca_split_scatter_from=256,
-    # "Train-step ops": XLA:CPU's own filter gradient of SeedCNN's 14x14x64->64 conv ran at 15 % of the
-    # matmul peak (5x PyTorch's time); patch products over groups of 32 images ran 4-5x faster, and
-    # 6x on the 1-channel first layer (groups of 8-32 within the noise of each other).
+    # "Train step: where XLA:CPU lost to PyTorch": XLA:CPU's own filter gradient of SeedCNN's 14x14x64->64
+    # conv ran at 9 % of the matmul peak (7x PyTorch's time); patch products over groups of 32 images were
+    # 3.2x faster and made the whole gradient 1.6-1.8x faster (groups of 8 were as fast in a pilot).
     conv_filter_grad_chunk=32,
 )
 

@@ -96,7 +96,7 @@ def conv3x3_grouped_filter_grad(x: jax.Array, kernel: jax.Array, chunk: int) -> 
     Same values as `conv3x3_lax` and its gradients to float32 rounding. Reverse mode only (a custom
     VJP: `jax.jvp` is not defined); its backward is itself differentiable, so gradients of input
     gradients (saliency matching) work. XLA:CPU ran the 14x14x64->64 filter gradient of SeedCNN
-    4.7x faster this way at batch 256 (benchmarks/RESULTS.md, "Train-step ops").
+    3.2x faster this way at batch 256, and SeedCNN's whole gradient 1.6-1.8x faster (benchmarks/RESULTS.md, "Train step: where XLA:CPU lost to PyTorch").
     """
     return conv3x3_lax(x, kernel)
 
