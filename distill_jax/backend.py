@@ -7,7 +7,9 @@ would start XLA before `jax.distributed.initialize` could run):
 - CPU: the values measured on XLA:CPU (2-core AMD EPYC; benchmarks/RESULTS.md, each field below
   says which section). XLA:CPU runs `lax.conv` about 2x slower inside loop bodies
   (jax-ml/jax#12868), so attributions swap in the patch (im2col) convolution, and samples or path
-  points go through the network a few copies of the batch at a time.
+  points go through the network a few copies of the batch at a time. The convolution's filter gradient
+  is computed as patch matrix products over groups of images (`conv_filter_grad_chunk`): XLA:CPU's own
+  ran at under a tenth of the matmul peak.
 - GPU and TPU (and any other accelerator): XLA's own convolution, and chunks as large as a memory
   budget allows, so that one step keeps the device busy. These were not measured (no accelerator
   was available); see docs/multi-device.md.
