@@ -15,6 +15,13 @@ from distill_jax import backend
 Features = dict[str, jax.Array]
 
 
+def _patches(x: jax.Array) -> jax.Array:
+    """[batch, h, w, c] -> [batch, h, w, 9 c]: the 3x3 SAME neighbourhood of every pixel, (dy, dx, c) order."""
+    _, h, w, _ = x.shape
+    x_pad = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return jnp.concatenate([x_pad[:, dy : dy + h, dx : dx + w, :] for dy in range(3) for dx in range(3)], axis=-1)
+
+
 def conv3x3_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """3x3 SAME convolution as one matrix product over shifted-slice patches.
 
@@ -26,12 +33,7 @@ def conv3x3_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
     Returns:
       [batch, h, w, c_out].
     """
-    _, h, w, c_in = x.shape
-    x_pad = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    patches = jnp.concatenate(
-        [x_pad[:, dy : dy + h, dx : dx + w, :] for dy in range(3) for dx in range(3)], axis=-1
-    )
-    return patches @ kernel.reshape(9 * c_in, -1)
+    return _patches(x) @ kernel.reshape(9 * x.shape[-1], -1)
 
 
 def conv3x3_lax(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -39,13 +41,6 @@ def conv3x3_lax(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(
         x, kernel, window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
-
-
-def _patches(x: jax.Array) -> jax.Array:
-    """[batch, h, w, c] -> [batch, h, w, 9 c]: the 3x3 SAME neighbourhood of every pixel, (dy, dx, c) order."""
-    _, h, w, _ = x.shape
-    x_pad = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return jnp.concatenate([x_pad[:, dy : dy + h, dx : dx + w, :] for dy in range(3) for dx in range(3)], axis=-1)
 
 
 def chunk_size(batch: int, target: int) -> int:
@@ -60,8 +55,8 @@ def conv3x3_filter_grad(x: jax.Array, grad_y: jax.Array, chunk: int) -> jax.Arra
                           = sum over groups G of  patches(x_G)^T @ grad_y_G
 
     Each group holds `chunk_size(batch, chunk)` images, so one group's patches ([group h w, 9 c_in])
-    stay small; the sum runs in at least float32 whatever the compute dtype. Group g takes images g, g + s,
-    g + 2s, ... (s groups): an image-sharded batch keeps every device busy in every group.
+    stay small; the sum runs in at least float32 whatever the compute dtype. Group g takes images g,
+    g + s, g + 2s, ... (s groups): an image-sharded batch keeps every device busy in every group.
 
     Args:
       x: [batch, h, w, c_in]; grad_y: [batch, h, w, c_out]; chunk: images per group at least.
@@ -96,7 +91,8 @@ def conv3x3_grouped_filter_grad(x: jax.Array, kernel: jax.Array, chunk: int) -> 
     Same values as `conv3x3_lax` and its gradients to float32 rounding. Reverse mode only (a custom
     VJP: `jax.jvp` is not defined); its backward is itself differentiable, so gradients of input
     gradients (saliency matching) work. XLA:CPU ran the 14x14x64->64 filter gradient of SeedCNN
-    3.2x faster this way at batch 256, and SeedCNN's whole gradient 1.6-1.8x faster (benchmarks/RESULTS.md, "Train step: where XLA:CPU lost to PyTorch").
+    3.2x faster this way at batch 256, and SeedCNN's whole gradient 1.6-1.8x faster
+    (benchmarks/RESULTS.md, "Train step: where XLA:CPU lost to PyTorch").
     """
     return conv3x3_lax(x, kernel)
 

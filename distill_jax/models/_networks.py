@@ -33,8 +33,8 @@ class ConvNet(nn.Module):
         pool = POOL_IMPLS[self.impl]
         # max-pool and ReLU commute (both monotone), and their gradients agree wherever the maximum is
         # unique or positive. Pooling first runs the ReLU and its backward on a quarter of the
-        # elements (SeedCNN's gradient 1.2x faster on XLA:CPU, benchmarks/RESULTS.md, "Train step: where XLA:CPU lost to PyTorch");
-        # the features need the ReLU's output unpooled.
+        # elements (SeedCNN's gradient 1.2x faster on XLA:CPU; benchmarks/RESULTS.md, "Train step: where
+        # XLA:CPU lost to PyTorch"); the features need the ReLU's output unpooled.
         pool_first = not return_features and deltas is None
         h = x.astype(self.dtype)
         for i, width in enumerate(self.conv_features, start=1):
