@@ -60,6 +60,8 @@ def test_linear_student_is_the_exact_component_decomposition(linear, batch):
     np.testing.assert_allclose(templates.reshape(K, -1), w.T @ comps, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(centred @ templates.reshape(K, -1).T + b, out["logits"], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out["bias"], b.astype(np.float32))
+    np.testing.assert_allclose(out["z"], z, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["centred"], centred, rtol=1e-6, atol=1e-6)
 
 
 def test_features_of_equals_the_models_features_and_drops_non_batch_entries(cnn, batch):

@@ -99,18 +99,14 @@ def linear_entries(found, everyone) -> dict:
     logit_c = sum_j W_jc z_j + b_c (component contributions) = sum_i T_ci (x_i - mean_i) + b_c (pixel
     contributions, T = W^T P the class templates): sent are W [k, C], b [C], z [n, k], T [C, d] and x - mean [n, d].
     """
-    by_name = {t.name: t for t in everyone}
+    everyone_by_name = {t.name: t for t in everyone}
     out = {}
     for name, lin in found.linear.items():
-        v = by_name[name].variables
-        w, comps, mean = (np.asarray(a, np.float64) for a in
-                          (v["params"]["linear"]["kernel"], v["pca"]["components"], v["pca"]["mean"]))
-        flat = np.asarray(found.images, np.float64).reshape(len(found.images), -1)
-        centered = flat - mean
-        out[name] = {"k": int(w.shape[0]), "weights": _b64(w, np.float32), "bias": _rounded(lin["bias"]),
-                     "z": _b64(centered @ comps.T, np.float32),
+        weights = everyone_by_name[name].variables["params"]["linear"]["kernel"]
+        out[name] = {"k": int(np.shape(weights)[0]), "weights": _b64(np.asarray(weights), np.float32),
+                     "bias": _rounded(lin["bias"]), "z": _b64(lin["z"], np.float32),
                      "templates": _b64(np.asarray(lin["templates"]).reshape(len(lin["bias"]), -1), np.float32),
-                     "centered": _b64(centered, np.float32)}
+                     "centered": _b64(lin["centred"], np.float32)}
     return out
 
 

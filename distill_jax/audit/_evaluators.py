@@ -315,24 +315,32 @@ def cka_scores(teacher_feats: dict, student_feats: dict) -> dict:
 
 
 def linear_student(variables, x, image_shape) -> dict:
-    """Class templates in pixel space and the exact per-component contributions for the images `x`."""
-    templates, contrib = _linear_readout(variables["params"]["linear"], variables["pca"], x)
+    """Class templates in pixel space and the exact per-component contributions for the images `x` [B, ...].
+
+    Returns "templates" [C, *image_shape] (T = W^T P), "component_contributions" [B, C, k] (W_jc z_bj),
+    "logits" [B, C], "bias" [C], "z" [B, k] (the components z = (x - mean) P^T) and "centred" [B, d] (x - mean),
+    so that logits = z W + b = centred T^T + b.
+    """
+    templates, contrib, z, centred = _linear_readout(variables["params"]["linear"], variables["pca"], x)
     return {
         "templates": np.asarray(templates).reshape(-1, *image_shape),
         "component_contributions": np.asarray(contrib["components"]),  # [B, C, k]
         "logits": np.asarray(contrib["logits"]),
         "bias": np.asarray(variables["params"]["linear"]["bias"]),
+        "z": np.asarray(z),
+        "centred": np.asarray(centred),
     }
 
 
 @compilation.run_once
 def _linear_readout(linear, pca, x):
-    """(class templates, `analysis.linear_contributions`) of a linear student as one program."""
+    """(class templates, `analysis.linear_contributions`, z, x - mean) of a linear student as one program."""
     w, b = linear["kernel"], linear["bias"]
     comps, mean = pca["components"], pca["mean"]
     flat = x.reshape(len(x), -1)
-    z = jnp.matmul(flat - mean, comps.T, precision=backend.HIGHEST)
-    return _class_templates(w, comps), _linear_contributions(w, b, z, comps, flat, mean)
+    centred = flat - mean
+    z = jnp.matmul(centred, comps.T, precision=backend.HIGHEST)
+    return _class_templates(w, comps), _linear_contributions(w, b, z, comps, flat, mean), z, centred
 
 
 def tree_student(model: nn.Module, variables, x, labels, num_classes: int, image_shape) -> dict:
