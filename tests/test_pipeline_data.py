@@ -62,6 +62,16 @@ def test_test_sample_is_stratified_by_class(idx_dir):
     assert x.dtype == jnp.float32 and x.shape == (10, 12, 12, 1)
 
 
+def test_test_samples_are_test_sample_of_each_size_with_their_indices(idx_dir):
+    prep = _prepare.prepare_data(_config(f"idx:{idx_dir}"))
+    for n, (x, y, index) in zip((10, 3, 17), _audit.test_samples(prep, (10, 3, 17), seed=4)):
+        want_x, want_y = _audit.test_sample(prep, n, seed=4)
+        np.testing.assert_array_equal(index, _audit.test_sample_indices(prep, n, seed=4))
+        np.testing.assert_array_equal(y, prep.y_test[index])
+        np.testing.assert_array_equal(y, np.asarray(want_y))
+        np.testing.assert_allclose(x, np.asarray(want_x), rtol=1e-6, atol=1e-6)
+
+
 def test_purpose_keys_differ_and_repeat():
     a, b = _audit.purpose_key(0, "smoothgrad"), _audit.purpose_key(0, "attack")
     assert not np.array_equal(np.asarray(a), np.asarray(b))

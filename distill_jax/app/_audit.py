@@ -78,13 +78,15 @@ def test_sample(prep: Prepared, n: int, *, seed: int) -> tuple[jax.Array, jax.Ar
     return prep.inputs(prep.x_test[idx]), jnp.asarray(prep.y_test[idx])
 
 
-def test_samples(prep: Prepared, sizes: tuple[int, ...], *, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`test_sample` of each size in `sizes` as host arrays: (model inputs, labels) per size, the inputs of all
-    of them made by one call of one compiled program (op by op, each size compiled programs of its own)."""
+def test_samples(prep: Prepared, sizes: tuple[int, ...], *,
+                 seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`test_sample` of each size in `sizes` as host arrays: (model inputs, labels, test-set indices) per size, the
+    inputs of all of them made by one call of one compiled program (op by op, each size compiled programs of its
+    own)."""
     idx = [test_sample_indices(prep, n, seed=seed) for n in sizes]
     x = np.asarray(_model_inputs(prep.scaler, prep.x_test[np.concatenate(idx)]))
     bounds = np.cumsum([0, *(len(i) for i in idx)])
-    return [(x[lo:hi], np.asarray(prep.y_test[i])) for lo, hi, i in zip(bounds[:-1], bounds[1:], idx)]
+    return [(x[lo:hi], np.asarray(prep.y_test[i]), i) for lo, hi, i in zip(bounds[:-1], bounds[1:], idx)]
 
 
 _model_inputs = compilation.run_once(model_inputs)
@@ -157,7 +159,8 @@ def audit_models(trained: list[Trained], prep: Prepared, c, *, show_progress: bo
     # each process audits the same samples on its own devices: batches split over them, variables placed once
     mesh = parallel.local_mesh()
     samples = test_samples(prep, (e.num_images, r.num_images, c.analysis_images), seed=c.seed)
-    x, target, xr, yr, xa, ya = parallel.place_batch(tuple(a for pair in samples for a in pair), mesh)
+    sample_index = samples[0][2]
+    x, target, xr, yr, xa, ya = parallel.place_batch(tuple(a for x_y_i in samples for a in x_y_i[:2]), mesh)
     trained = [dataclasses.replace(t, variables=parallel.replicate(t.variables, mesh)) for t in trained]
     teacher = trained[0]
     maps, curves, explanations, robust, per_image = {}, {}, {}, {}, {}
@@ -184,7 +187,7 @@ def audit_models(trained: list[Trained], prep: Prepared, c, *, show_progress: bo
     sample_logits = {t.name: queries_of(t.model, t.variables).logits(np.asarray(x)) for t in trained}
     routes = {t.name: tree_routes(t.model, t.variables, x) for t in trained if t.kind == "tree"}
     return Audit(explanations, robust, analysis_out, np.asarray(x), np.asarray(target), maps, curves, linear, trees,
-                 ranking, per_image, test_sample_indices(prep, e.num_images, seed=c.seed), sample_logits, routes)
+                 ranking, per_image, sample_index, sample_logits, routes)
 
 
 def model_metrics(t: Trained, teacher: Trained | None, prep: Prepared) -> dict:
