@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from distill_jax import audit
-from distill_jax.app import _settings, cli, job
+from distill_jax.app import _explorer, _settings, cli, job
 from distill_jax.audit import verdict
 from distill_jax.compilation import CompileCounter
 
@@ -111,6 +111,7 @@ READ_EXPLORER = """() => {
                            return [...d].filter((_, k) => k % 4 === 1); };
   return {
     testIndex: Number(document.getElementById("selected").dataset.testIndex),
+    image: pixelsG(document.getElementById("selected-image")),
     predictions: Object.fromEntries(q("#predictions tr[data-model]").map((r) => [r.dataset.model, {
       cls: Number(r.querySelector(".pred").dataset.class), prob: Number(r.querySelector(".prob").dataset.prob),
       accuracy: Number(r.querySelector(".accuracy").dataset.value)}])),
@@ -169,6 +170,7 @@ def test_explorer_in_a_browser_matches_the_saved_models(smoke_run, tmp_path):
     _, trained, prep, _ = job.load_trained(workdir)
     index = shown["testIndex"]
     x, label = prep.inputs(prep.x_test[index : index + 1]), int(prep.y_test[index])
+    np.testing.assert_array_equal(shown["image"], _explorer.display_pixels(np.asarray(x))[..., 0].ravel())
     assert set(shown["predictions"]) == {t.name for t in trained}
     for t in trained:
         probs = np.asarray(jax.nn.softmax(t.apply_fn(x)[0]))

@@ -113,7 +113,7 @@ def test_a_dp_teacher_reports_the_accountants_epsilon_in_metrics_and_report():
     assert f"epsilon {expected:.2f} (delta 1e-05, poisson sampling)" in _fit.privacy_summary(teacher)
     header, rows = _page.model_rows({"models": {"teacher": metrics}})
     assert header[-1] == "privacy (epsilon, delta)"
-    assert rows[0][-1] == f"DP-SGD: epsilon {expected:.2f}, delta 1e-05 (poisson sampling)"
+    assert rows[0][-1] == f"DP-SGD epsilon {expected:.2f} (delta 1e-05, poisson sampling)"
     plain = {"models": {"teacher": {k: v for k, v in metrics.items() if k != "privacy"}}}
     assert "privacy (epsilon, delta)" not in _page.model_rows(plain)[0]  # no column without a private model
 

@@ -36,6 +36,6 @@ def test_the_privacy_cell_puts_the_measured_leak_beside_the_bound(smoke_teacher)
     _, _, teacher = smoke_teacher
     attack = {"attack": "loss", "auc": 0.5123, "tpr_at_fpr_0.01": 0.012}
     cell = _page.privacy_text({"privacy": teacher.settings["privacy"], "membership": attack})
-    assert cell.startswith("DP-SGD: epsilon") and cell.endswith("membership loss attack AUC 0.512, TPR at 1% FPR 0.012")
+    assert cell.startswith("DP-SGD epsilon") and cell.endswith("membership loss attack AUC 0.512, TPR at 1% FPR 0.012")
     assert _page.privacy_text({"membership": attack}) == "not private; membership loss attack AUC 0.512, TPR at 1% FPR 0.012"
     assert _page.privacy_text({}) == "-"

@@ -5,8 +5,10 @@ The page (template `app/templates/explorer.html` with its script and style inlin
 model's prediction, every attribution method's map per model, the explanation scores of that image, each soft
 tree drawn in SVG with the image's routing, and each linear student's per-class contributions.
 
-Arrays travel as base64 of little-endian bytes (`_b64`): uint8 images and maps (each map scaled to its own
-maximum, which is sent beside it so that the page can put every model's map of a method on one scale), int8
+Arrays travel as base64 of little-endian bytes (`_b64`): uint8 images and maps, zlib-compressed first
+(`_deflated_b64`, inflated by the browser's DecompressionStream; they are most of the page's bytes; each map is
+scaled to its own maximum, which is sent beside it so that the page can put every model's map of a method on one
+scale), int8
 tree filters, float32 routing probabilities and linear read-outs (exact to float32, so that what the page shows
 can be checked against the saved models).
 """
@@ -16,6 +18,7 @@ import base64
 import functools
 import json
 import os
+import zlib
 
 import jinja2
 import numpy as np
@@ -31,6 +34,12 @@ def _b64(a: np.ndarray, dtype) -> str:
     return base64.b64encode(np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()).decode()
 
 
+def _deflated_b64(a: np.ndarray, dtype) -> str:
+    """`_b64`'s bytes zlib-compressed (RFC 1950, what the browser's `DecompressionStream("deflate")` reads)."""
+    raw = np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+    return base64.b64encode(zlib.compress(raw, 9)).decode()
+
+
 def display_pixels(images: np.ndarray) -> np.ndarray:
     """Model inputs [n, h, w, c] to uint8 for display, each image min-max scaled to 0..255."""
     x = np.asarray(images, np.float64)
@@ -42,13 +51,13 @@ def display_pixels(images: np.ndarray) -> np.ndarray:
 def encode_maps(maps: np.ndarray) -> dict:
     """Attribution maps [n, h, w, c] as |a| summed over channels, each scaled to 0..255 by its own maximum.
 
-    Returns {"data": base64 uint8 [n, h, w], "max": [n] the maxima (0 for an all-zero map)}; the page draws
+    Returns {"data": zlib-compressed base64 uint8 [n, h, w], "max": [n] the maxima (0 for an all-zero map)}; the page draws
     value * max_i / scale with the scale it chooses (one per method and image, or the map's own).
     """
     m = np.nan_to_num(np.abs(np.asarray(maps, np.float64)).sum(-1), nan=0.0, posinf=0.0)
     peak = m.max(axis=(1, 2))
     scaled = np.where(peak[:, None, None] > 0, m / np.where(peak > 0, peak, 1)[:, None, None], 0.0)
-    return {"data": _b64(np.round(255 * scaled), np.uint8), "max": [float(v) for v in peak]}
+    return {"data": _deflated_b64(np.round(255 * scaled), np.uint8), "max": [float(v) for v in peak]}
 
 
 def encode_filters(filters: np.ndarray) -> dict:
@@ -125,7 +134,7 @@ def explorer_data(result: dict, prep, everyone, found) -> dict:
         "dataset": result["dataset"], "classes": list(prep.class_names), "image_shape": [h, w, c], "count": n,
         "verdict": verdict_paragraphs(of(result)),
         "images": {"test_index": np.asarray(found.sample_index).tolist(), "labels": np.asarray(found.labels).tolist(),
-                   "pixels": _b64(display_pixels(found.images), np.uint8)},
+                   "pixels": _deflated_b64(display_pixels(found.images), np.uint8)},
         "models": model_entries(result, everyone, found),
         "methods": methods,
         "maps": {name: {m: encode_maps(a) for m, a in per.items()} for name, per in found.maps.items()},

@@ -356,14 +356,18 @@ def privacy_scope(teacher: Trained | None) -> dict:
             "teacher_private": True}
 
 
+def privacy_statement(privacy: dict) -> str:
+    """A model's privacy record (`Trained.settings["privacy"]`) in words, the same in the CLI's lines and the report:
+    `"DP-SGD epsilon 2.31 (delta 1e-05, poisson sampling; its own steps only: the teacher is not private)"`."""
+    how = f", {privacy['sampling']} sampling" if "sampling" in privacy else ""
+    scope = "; its own steps only: the teacher is not private" if privacy.get("teacher_private") is False else ""
+    return f"{privacy['mechanism']} epsilon {privacy['epsilon']:.2f} (delta {privacy['delta']:g}{how}{scope})"
+
+
 def privacy_summary(t: Trained) -> str:
-    """`", DP-SGD epsilon 2.31 (delta 1e-05, poisson sampling)"` for a privately trained model; "" otherwise."""
+    """`", " + privacy_statement(...)` for a privately trained model (the CLI's line); "" otherwise."""
     p = t.settings.get("privacy")
-    if not p:
-        return ""
-    how = f", {p['sampling']} sampling" if "sampling" in p else ""
-    scope = "; its own steps only: the teacher is not private" if p.get("teacher_private") is False else ""
-    return f", {p['mechanism']} epsilon {p['epsilon']:.2f} (delta {p['delta']:g}{how}{scope})"
+    return f", {privacy_statement(p)}" if p else ""
 
 
 def kd_settings(name: str, kind: str, method: str, prep: Prepared, teacher: Trained, c, mesh) -> dict:

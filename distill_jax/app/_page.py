@@ -14,6 +14,7 @@ from distill_jax.app._figures import (
     figure_caption,
     summary_figures,
 )
+from distill_jax.app._fit import privacy_statement
 from distill_jax.audit.verdict import FAITHFULNESS_KEYS, QUALITY_KEYS, as_text, of
 from distill_jax.metrics._specs import METRICS, metric_names
 
@@ -52,7 +53,7 @@ def gain_text(model: dict) -> str:
 
 
 def privacy_text(model: dict) -> str:
-    """A model's privacy cell: `DP-SGD: epsilon 2.31, delta 1e-05 (poisson sampling)` for a privately trained model,
+    """A model's privacy cell: `DP-SGD epsilon 2.31 (delta 1e-05, poisson sampling)` for a privately trained model,
     then the measured leak when the run attacked it (`; membership loss attack AUC 0.512, TPR at 1% FPR 0.010`);
     `not private; membership ...` for the others of such a run; "-" otherwise."""
     p, attack = model.get("privacy"), model.get("membership")
@@ -60,9 +61,7 @@ def privacy_text(model: dict) -> str:
                 if attack else "")
     if not p:
         return "-" if not attack else f"not private{measured}"
-    how = f" ({p['sampling']} sampling)" if "sampling" in p else ""
-    scope = "; its own steps only, the teacher is not private" if p.get("teacher_private") is False else ""
-    return f"{p['mechanism']}: epsilon {p['epsilon']:.2f}, delta {p['delta']:g}{how}{scope}{measured}"
+    return privacy_statement(p) + measured
 
 
 def kd_settings_text(model: dict) -> str:

@@ -1,7 +1,7 @@
 // explorer.html's script: reads the JSON embedded by distill_jax.app._explorer and draws the page.
 // No library, no network. Elements carry data-* attributes with the exact values shown (tests read them).
 "use strict";
-(function () {
+(async function () {
   const DATA = JSON.parse(document.getElementById("explorer-data").textContent);
   const [H, W, C] = DATA.image_shape;
   const N = DATA.count;
@@ -15,6 +15,11 @@
     const out = new Uint8Array(s.length);
     for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
     return out;
+  }
+  // zlib-compressed base64 (the images and maps: most of the page's bytes) -> Uint8Array
+  async function inflated(b64) {
+    const stream = new Blob([bytes(b64)]).stream().pipeThrough(new DecompressionStream("deflate"));
+    return new Uint8Array(await new Response(stream).arrayBuffer());
   }
   const floats = (b64) => { const b = bytes(b64); return new Float32Array(b.buffer, 0, b.length / 4); };
   const int8s = (b64) => { const b = bytes(b64); return new Int8Array(b.buffer, 0, b.length); };
@@ -58,7 +63,7 @@
   const channelSum = (arr, base, p) => { let s = 0; for (let c = 0; c < C; c++) s += arr[base + p * C + c]; return s; };
 
   // ---- the images ----
-  const PIXELS = bytes(DATA.images.pixels);
+  const PIXELS = await inflated(DATA.images.pixels);
   function drawImage(canvas, i) {
     canvas.width = W; canvas.height = H;
     const ctx = canvas.getContext("2d");
@@ -157,7 +162,7 @@
   const MAPS = {};
   for (const [name, per] of Object.entries(DATA.maps)) {
     MAPS[name] = {};
-    for (const [method, m] of Object.entries(per)) MAPS[name][method] = { data: bytes(m.data), max: m.max };
+    for (const [method, m] of Object.entries(per)) MAPS[name][method] = { data: await inflated(m.data), max: m.max };
   }
   function drawMaps(i) {
     const shared = document.getElementById("shared-scale").checked;
