@@ -29,15 +29,19 @@ from distill_jax.audit.verdict import of
 TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), "templates")
 
 
+def _le_bytes(a: np.ndarray, dtype) -> bytes:
+    """`a` cast to `dtype`, C order, little-endian."""
+    return np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+
+
 def _b64(a: np.ndarray, dtype) -> str:
-    """`a` cast to `dtype`, C order, little-endian, as base64 text."""
-    return base64.b64encode(np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()).decode()
+    """`_le_bytes` as base64 text."""
+    return base64.b64encode(_le_bytes(a, dtype)).decode()
 
 
 def _deflated_b64(a: np.ndarray, dtype) -> str:
-    """`_b64`'s bytes zlib-compressed (RFC 1950, what the browser's `DecompressionStream("deflate")` reads)."""
-    raw = np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
-    return base64.b64encode(zlib.compress(raw, 9)).decode()
+    """`_le_bytes` zlib-compressed (RFC 1950, what the browser's `DecompressionStream("deflate")` reads), as base64."""
+    return base64.b64encode(zlib.compress(_le_bytes(a, dtype), 9)).decode()
 
 
 def display_pixels(images: np.ndarray) -> np.ndarray:

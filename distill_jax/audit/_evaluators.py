@@ -337,10 +337,9 @@ def _linear_readout(linear, pca, x):
     """(class templates, `analysis.linear_contributions`, z, x - mean) of a linear student as one program."""
     w, b = linear["kernel"], linear["bias"]
     comps, mean = pca["components"], pca["mean"]
-    flat = x.reshape(len(x), -1)
-    centred = flat - mean
+    centred = x.reshape(len(x), -1) - mean
     z = jnp.matmul(centred, comps.T, precision=backend.HIGHEST)
-    return _class_templates(w, comps), _linear_contributions(w, b, z, comps, flat, mean), z, centred
+    return _class_templates(w, comps), _linear_contributions(w, b, z, comps, centred, None), z, centred
 
 
 def tree_student(model: nn.Module, variables, x, labels, num_classes: int, image_shape) -> dict:
